@@ -1,0 +1,52 @@
+"""Fit one linear mixed model with lme4 and PyMC, align, compare, report."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from harness import datasets
+from harness.spec import ModelSpec, Prior, build_design
+
+__version__ = "0.1.0"
+logging.getLogger("harness").addHandler(logging.NullHandler())
+
+__all__ = [
+    "ModelSpec",
+    "Prior",
+    "__version__",
+    "build_design",
+    "compare",
+    "datasets",
+    "fit_lme4",
+    "fit_pymc",
+    "same_model",
+]
+
+
+def fit_lme4(*args: Any, **kwargs: Any):  # noqa: ANN201 - re-exported lazily
+    """Fit with lme4 (see :func:`harness.engines.lme4.fit_lme4`)."""
+    from harness.engines.lme4 import fit_lme4 as _fit
+
+    return _fit(*args, **kwargs)
+
+
+def fit_pymc(*args: Any, **kwargs: Any):  # noqa: ANN201
+    """Fit with PyMC (see :func:`harness.engines.pymc.fit_pymc`)."""
+    from harness.engines.pymc import fit_pymc as _fit
+
+    return _fit(*args, **kwargs)
+
+
+def compare(*args: Any, **kwargs: Any):  # noqa: ANN201
+    """Compare a FreqFit with a BayesFit (see :func:`harness.compare.compare`)."""
+    from harness.compare import compare as _compare
+
+    return _compare(*args, **kwargs)
+
+
+def same_model(*args: Any, **kwargs: Any):  # noqa: ANN201
+    """Likelihood identity check (see :func:`harness.same_model.same_model`)."""
+    from harness.same_model import same_model as _same
+
+    return _same(*args, **kwargs)
