@@ -301,7 +301,7 @@ def compare_offsets(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> pd.Da
     lme4 = freq.ranef.rename(columns={"mode": "lme4_mode", "condsd": "lme4_condsd"}).copy()
     for column in ("group", "term", "group_factor"):
         lme4[column] = lme4[column].astype(str)
-    table = lme4.merge(pymc, on=["group_factor", "group", "term"], how="outer", validate="1:1")
+    table = lme4.merge(pymc, on=["group_factor", "group", "term"], how="left", validate="1:1")
     if freq.ranef_sims is not None:
         sims = freq.ranef_sims.rename(columns={"sim_sd": "lme4_sim_sd", "sim_mean": "lme4_sim_mean"})
         sims = sims[["group_factor", "group", "term", "lme4_sim_mean", "lme4_sim_sd"]].astype(

@@ -1,0 +1,117 @@
+"""The ``harness`` command: doctor, report, compare, study.
+
+Each subcommand's work lives in its own module, imported only when that
+subcommand runs, so ``harness doctor`` answers quickly and works without R.
+A failure prints one readable line and exits non-zero; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("harness")
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from harness.doctor import doctor, format_doctor
+
+    rows = doctor()
+    print(format_doctor(rows))
+    return 0 if all(row["ok"] for row in rows) else 1
+
+
+# --- report (owner: report engineer) -----------------------------------------
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="fit a shipped design with both engines and write its report")
+    p.add_argument("design", help="a shipped design name, or 'all' for every design plus the index")
+    p.add_argument("--out", type=Path, default=None, help="output HTML file (one design)")
+    p.add_argument("--out-dir", type=Path, default=Path("reports"), help="folder for 'all'")
+    p.add_argument("--seed", type=int, default=1, help="PyMC seed")
+    p.add_argument("--refit", action="store_true", help="ignore the fit cache")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from harness.runner import run_report_command
+
+    return run_report_command(args)
+
+
+# --- compare (owner: user-data engineer) -------------------------------------
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="compare lme4 and PyMC on your own CSV")
+    p.add_argument("csv", type=Path, help="data file (CSV with a header row)")
+    p.add_argument("--formula", required=True, help='lme4 formula, e.g. "y ~ x + (x | g)"')
+    p.add_argument("--sigma-by", default=None, help="column with one residual SD per level")
+    p.add_argument("--priors", default="weak", help="prior profile: weak, m14.1 or flat")
+    p.add_argument("--out", type=Path, default=None, help="report file (HTML)")
+    p.add_argument("--json", type=Path, default=None, help="write the tables as JSON here")
+    p.add_argument("--seed", type=int, default=1, help="PyMC seed")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from harness.user_data import run_compare_command
+
+    return run_compare_command(args)
+
+
+# --- study (owner: study engineer) -------------------------------------------
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="run a simulation study (coverage, Type I error, SBC)")
+    p.add_argument("name", help="study name")
+    p.add_argument("--reps", type=int, default=None, help="replicates per condition")
+    p.add_argument("--scheduler", default=None, help="Dask scheduler address (default: local)")
+    p.add_argument("--out-dir", type=Path, default=Path("reports/studies"))
+    p.add_argument("--seed", type=int, default=20261121, help="root seed")
+    p.add_argument("--workers", type=int, default=None, help="local worker processes")
+    p.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from harness.study import run_study_command
+
+    return run_study_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harness", description="Fit one mixed model with lme4 and PyMC and compare them."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+    doctor = sub.add_parser("doctor", help="check R, lme4, rpy2, PyMC and the sampler")
+    doctor.set_defaults(func=_cmd_doctor)
+    _add_report(sub)
+    _add_compare(sub)
+    _add_study(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``harness`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"harness {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
