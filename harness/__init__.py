@@ -8,10 +8,15 @@ from typing import Any
 from harness import datasets
 from harness.spec import ModelSpec, Prior, build_design
 
+# Bound eagerly: a lazily imported submodule of the same name would replace the
+# function attribute (``harness.compare`` the module vs ``hz.compare`` the function).
+from harness.compare import Comparison, compare  # noqa: E402
+
 __version__ = "0.1.0"
 logging.getLogger("harness").addHandler(logging.NullHandler())
 
 __all__ = [
+    "Comparison",
     "ModelSpec",
     "Prior",
     "__version__",
@@ -36,13 +41,6 @@ def fit_pymc(*args: Any, **kwargs: Any):  # noqa: ANN201
     from harness.engines.pymc import fit_pymc as _fit
 
     return _fit(*args, **kwargs)
-
-
-def compare(*args: Any, **kwargs: Any):  # noqa: ANN201
-    """Compare a FreqFit with a BayesFit (see :func:`harness.compare.compare`)."""
-    from harness.compare import compare as _compare
-
-    return _compare(*args, **kwargs)
 
 
 def same_model(*args: Any, **kwargs: Any):  # noqa: ANN201

@@ -18,11 +18,11 @@ log = logging.getLogger("harness")
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from harness.doctor import doctor, format_doctor
+    from harness.doctor import doctor, doctor_ok, format_doctor
 
     rows = doctor()
     print(format_doctor(rows))
-    return 0 if all(row["ok"] for row in rows) else 1
+    return 0 if doctor_ok(rows) else 1
 
 
 # --- report (owner: report engineer) -----------------------------------------
