@@ -6,11 +6,11 @@ import logging
 from typing import Any
 
 from harness import datasets
-from harness.spec import ModelSpec, Prior, build_design
 
 # Bound eagerly: a lazily imported submodule of the same name would replace the
 # function attribute (``harness.compare`` the module vs ``hz.compare`` the function).
-from harness.compare import Comparison, compare  # noqa: E402
+from harness.compare import Comparison, compare
+from harness.spec import ModelSpec, Prior, build_design
 
 __version__ = "0.1.0"
 logging.getLogger("harness").addHandler(logging.NullHandler())
@@ -29,21 +29,21 @@ __all__ = [
 ]
 
 
-def fit_lme4(*args: Any, **kwargs: Any):  # noqa: ANN201 - re-exported lazily
+def fit_lme4(*args: Any, **kwargs: Any):
     """Fit with lme4 (see :func:`harness.engines.lme4.fit_lme4`)."""
     from harness.engines.lme4 import fit_lme4 as _fit
 
     return _fit(*args, **kwargs)
 
 
-def fit_pymc(*args: Any, **kwargs: Any):  # noqa: ANN201
+def fit_pymc(*args: Any, **kwargs: Any):
     """Fit with PyMC (see :func:`harness.engines.pymc.fit_pymc`)."""
     from harness.engines.pymc import fit_pymc as _fit
 
     return _fit(*args, **kwargs)
 
 
-def same_model(*args: Any, **kwargs: Any):  # noqa: ANN201
+def same_model(*args: Any, **kwargs: Any):
     """Likelihood identity check (see :func:`harness.same_model.same_model`)."""
     from harness.same_model import same_model as _same
 

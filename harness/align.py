@@ -44,7 +44,8 @@ def block_offsets(posterior: xr.Dataset, block: RandomBlock, parameterization: s
         fixed_terms = [str(t) for t in beta["fixed_term"].values]
         centre = xr.concat(
             [
-                beta.sel(fixed_term=t).drop_vars("fixed_term") if t in fixed_terms
+                beta.sel(fixed_term=t).drop_vars("fixed_term")
+                if t in fixed_terms
                 else xr.zeros_like(beta.isel(fixed_term=0).drop_vars("fixed_term"))
                 for t in block.terms
             ],

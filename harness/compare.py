@@ -303,7 +303,9 @@ def compare_offsets(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> pd.Da
         lme4[column] = lme4[column].astype(str)
     table = lme4.merge(pymc, on=["group_factor", "group", "term"], how="left", validate="1:1")
     if freq.ranef_sims is not None:
-        sims = freq.ranef_sims.rename(columns={"sim_sd": "lme4_sim_sd", "sim_mean": "lme4_sim_mean"})
+        sims = freq.ranef_sims.rename(
+            columns={"sim_sd": "lme4_sim_sd", "sim_mean": "lme4_sim_mean"}
+        )
         sims = sims[["group_factor", "group", "term", "lme4_sim_mean", "lme4_sim_sd"]].astype(
             {"group_factor": str, "group": str, "term": str}
         )
@@ -313,8 +315,18 @@ def compare_offsets(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> pd.Da
     table["diff"] = table["pymc_mean"] - table["lme4_mode"]
     table["sd_ratio"] = table["pymc_sd"] / table["lme4_condsd"]
     columns = [
-        "group_factor", "group", "term", "lme4_mode", "lme4_condsd", "pymc_mean", "pymc_sd",
-        "pymc_lower", "pymc_upper", "diff", "sd_ratio", "n_obs",
+        "group_factor",
+        "group",
+        "term",
+        "lme4_mode",
+        "lme4_condsd",
+        "pymc_mean",
+        "pymc_sd",
+        "pymc_lower",
+        "pymc_upper",
+        "diff",
+        "sd_ratio",
+        "n_obs",
     ]
     extra = [c for c in table.columns if c not in columns]
     return table[columns + extra]
@@ -333,7 +345,11 @@ def offset_agreement(offsets: pd.DataFrame) -> pd.DataFrame:
         else:
             correlation = slope = float("nan")
         rmse = float(np.sqrt(np.mean((y - x) ** 2))) if len(x) else float("nan")
-        sd_ratio = float(np.mean(informed["pymc_sd"] / informed["lme4_condsd"])) if len(x) else float("nan")
+        sd_ratio = (
+            float(np.mean(informed["pymc_sd"] / informed["lme4_condsd"]))
+            if len(x)
+            else float("nan")
+        )
         if np.isnan(correlation):
             verdict = "look"
         elif correlation >= TOLERANCES["offset_corr_pass"]:
@@ -346,8 +362,8 @@ def offset_agreement(offsets: pd.DataFrame) -> pd.DataFrame:
             {
                 "group_factor": factor,
                 "term": term,
-                "n_groups": int(len(part)),
-                "n_informed": int(len(informed)),
+                "n_groups": len(part),
+                "n_informed": len(informed),
                 "correlation": correlation,
                 "rmse": rmse,
                 "slope": slope,
@@ -369,7 +385,9 @@ def sampler_diagnostics(bayes: BayesFit) -> tuple[pd.DataFrame, dict[str, Any]]:
     summary = summary.reset_index().rename(columns={"index": "parameter"})
     stats = bayes.idata.sample_stats
     depth_name = next((n for n in ("depth", "tree_depth") if n in stats), None)
-    max_hits_name = next((n for n in ("maxdepth_reached", "reached_max_treedepth") if n in stats), None)
+    max_hits_name = next(
+        (n for n in ("maxdepth_reached", "reached_max_treedepth") if n in stats), None
+    )
     sampler_stats = {
         "divergences": bayes.n_divergent,
         "max_tree_depth": int(stats[depth_name].max()) if depth_name else None,

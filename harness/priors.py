@@ -75,7 +75,9 @@ def resolve_priors(design: Design) -> ResolvedPriors:
             if term == "(Intercept)":
                 fixed[term] = Prior("Normal", {"mu": ybar, "sigma": 5.0 * sy})
             else:
-                fixed[term] = Prior("Normal", {"mu": 0.0, "sigma": 2.5 * sy / _column_scale(column)})
+                fixed[term] = Prior(
+                    "Normal", {"mu": 0.0, "sigma": 2.5 * sy / _column_scale(column)}
+                )
         for block in design.blocks:
             for j, term in enumerate(block.terms):
                 scale = 2.5 * sy / _column_scale(block.values[:, j])
@@ -115,7 +117,9 @@ def resolve_priors(design: Design) -> ResolvedPriors:
             eta = float(value)
             continue
         if not isinstance(value, Prior):
-            raise ValueError(f"prior for {key!r} must be a harness.Prior, not {type(value).__name__}")
+            raise ValueError(
+                f"prior for {key!r} must be a harness.Prior, not {type(value).__name__}"
+            )
         if key in fixed:
             fixed[key] = value
         elif key == "sigma":
@@ -125,8 +129,10 @@ def resolve_priors(design: Design) -> ResolvedPriors:
         elif key.startswith("sd:"):
             _, label, term = key.split(":", 2)
             if (label, term) not in sd:
-                raise ValueError(f"prior {key!r}: no random-effect term {term!r} for {label!r}; "
-                                 f"known: {[f'sd:{a}:{b}' for a, b in sd]}")
+                raise ValueError(
+                    f"prior {key!r}: no random-effect term {term!r} for {label!r}; "
+                    f"known: {[f'sd:{a}:{b}' for a, b in sd]}"
+                )
             sd[(label, term)] = value
         else:
             raise ValueError(

@@ -58,8 +58,11 @@ def _bayes(parameterization: str, beta=(10.0, 2.0), offsets_sd=0.3) -> tuple[Bay
     else:
         posterior["coef_g"] = u + b[:, :, None, :]  # group coefficient = fixed + offset, per draw
     dims = {
-        "beta": ["fixed_term"], "sd_g": ["g__term"], "corr_g": ["g__term", "g__term_b"],
-        "u_g": ["g__level", "g__term"], "coef_g": ["g__level", "g__term"],
+        "beta": ["fixed_term"],
+        "sd_g": ["g__term"],
+        "corr_g": ["g__term", "g__term_b"],
+        "u_g": ["g__level", "g__term"],
+        "coef_g": ["g__level", "g__term"],
     }
     coords = {"fixed_term": TERMS, "g__term": TERMS, "g__term_b": TERMS, "g__level": LEVELS}
     idata = az.from_dict(
@@ -68,9 +71,20 @@ def _bayes(parameterization: str, beta=(10.0, 2.0), offsets_sd=0.3) -> tuple[Bay
         coords=coords,
         dims={k: v for k, v in dims.items() if k in posterior},
     )
-    fit = BayesFit(spec=spec, design=design, idata=idata, sampler="constructed", seed=0,
-                   draws=DRAWS, tune=0, chains=CHAINS, priors=resolve_priors(design),
-                   compile_seconds=0.0, sample_seconds=0.0, model_code="")
+    fit = BayesFit(
+        spec=spec,
+        design=design,
+        idata=idata,
+        sampler="constructed",
+        seed=0,
+        draws=DRAWS,
+        tune=0,
+        chains=CHAINS,
+        priors=resolve_priors(design),
+        compile_seconds=0.0,
+        sample_seconds=0.0,
+        model_code="",
+    )
     return fit, u
 
 
@@ -84,26 +98,81 @@ def _freq(design, modes=None, condsd=0.25) -> FreqFit:
         ]
     )
     fixed = pd.DataFrame(
-        {"term": TERMS, "estimate": [10.05, 2.0], "se": [0.2, 0.1], "df": [4.0, 4.0],
-         "statistic": [50.0, 20.0], "p_value": [0.0, 0.0], "lower": [9.6, 1.8],
-         "upper": [10.5, 2.2], "ci_method": "Wald"}
+        {
+            "term": TERMS,
+            "estimate": [10.05, 2.0],
+            "se": [0.2, 0.1],
+            "df": [4.0, 4.0],
+            "statistic": [50.0, 20.0],
+            "p_value": [0.0, 0.0],
+            "lower": [9.6, 1.8],
+            "upper": [10.5, 2.2],
+            "ci_method": "Wald",
+        }
     )
     variance = pd.DataFrame(
         [
-            {"component": "g: sd((Intercept))", "group_factor": "g", "kind": "sd",
-             "term": "(Intercept)", "term2": None, "estimate": 1.5, "lower": 1.0, "upper": 2.0},
-            {"component": "g: cor((Intercept),x)", "group_factor": "g", "kind": "cor",
-             "term": "(Intercept)", "term2": "x", "estimate": 0.0, "lower": -0.5, "upper": 0.5},
-            {"component": "g: sd(x)", "group_factor": "g", "kind": "sd", "term": "x",
-             "term2": None, "estimate": 5.0, "lower": 4.0, "upper": 6.0},
-            {"component": "sigma", "group_factor": None, "kind": "sigma", "term": None,
-             "term2": None, "estimate": 1.0, "lower": 0.9, "upper": 1.1},
+            {
+                "component": "g: sd((Intercept))",
+                "group_factor": "g",
+                "kind": "sd",
+                "term": "(Intercept)",
+                "term2": None,
+                "estimate": 1.5,
+                "lower": 1.0,
+                "upper": 2.0,
+            },
+            {
+                "component": "g: cor((Intercept),x)",
+                "group_factor": "g",
+                "kind": "cor",
+                "term": "(Intercept)",
+                "term2": "x",
+                "estimate": 0.0,
+                "lower": -0.5,
+                "upper": 0.5,
+            },
+            {
+                "component": "g: sd(x)",
+                "group_factor": "g",
+                "kind": "sd",
+                "term": "x",
+                "term2": None,
+                "estimate": 5.0,
+                "lower": 4.0,
+                "upper": 6.0,
+            },
+            {
+                "component": "sigma",
+                "group_factor": None,
+                "kind": "sigma",
+                "term": None,
+                "term2": None,
+                "estimate": 1.0,
+                "lower": 0.9,
+                "upper": 1.1,
+            },
         ]
     )
-    return FreqFit(spec=design.spec, design=design, engine="lme4", method="REML", fixed=fixed,
-                   variance=variance, ranef=ranef, ranef_sims=None, loglik=0.0, loglik_ml=0.0,
-                   reml_criterion=0.0, singular=False, converged=True, messages=[],
-                   versions={}, r_call="", fit_seconds=0.0)
+    return FreqFit(
+        spec=design.spec,
+        design=design,
+        engine="lme4",
+        method="REML",
+        fixed=fixed,
+        variance=variance,
+        ranef=ranef,
+        ranef_sims=None,
+        loglik=0.0,
+        loglik_ml=0.0,
+        reml_criterion=0.0,
+        singular=False,
+        converged=True,
+        messages=[],
+        versions={},
+        r_call="",
+        fit_seconds=0.0,
+    )
 
 
 @pytest.mark.parametrize("parameterization", ["offsets", "baked_in"])
@@ -145,9 +214,16 @@ def test_compare_tables_have_known_values():
 
 def test_agreement_metrics_on_a_known_linear_relation():
     offsets = pd.DataFrame(
-        {"group_factor": "g", "term": "t", "group": list("abcd"),
-         "lme4_mode": [0.0, 1.0, 2.0, 3.0], "pymc_mean": [1.0, 3.0, 5.0, 7.0],
-         "lme4_condsd": 1.0, "pymc_sd": [2.0, 2.0, 2.0, 2.0], "n_obs": [3, 3, 3, 0]}
+        {
+            "group_factor": "g",
+            "term": "t",
+            "group": list("abcd"),
+            "lme4_mode": [0.0, 1.0, 2.0, 3.0],
+            "pymc_mean": [1.0, 3.0, 5.0, 7.0],
+            "lme4_condsd": 1.0,
+            "pymc_sd": [2.0, 2.0, 2.0, 2.0],
+            "n_obs": [3, 3, 3, 0],
+        }
     )
     row = offset_agreement(offsets).iloc[0]
     # Only informed groups (n_obs > 0) count: pymc = 1 + 2 * lme4 over a, b, c.
@@ -168,7 +244,9 @@ def test_alignment_names_the_mismatch():
     bayes, _ = _bayes("offsets")
     freq = _freq(bayes.design)
     freq.ranef.loc[freq.ranef["group"] == "e", "group"] = "E"
-    with pytest.raises(AlignmentError, match=r"'g' groups differ: only in lme4 \['E'\], only in PyMC \['e'\]"):
+    with pytest.raises(
+        AlignmentError, match=r"'g' groups differ: only in lme4 \['E'\], only in PyMC \['e'\]"
+    ):
         check_alignment(freq, bayes)
     freq = _freq(bayes.design)
     freq.fixed.loc[1, "term"] = "x1"

@@ -24,11 +24,25 @@ def test_sleepstudy_lme4_and_pymc_agree(sleepstudy_freq, sleepstudy_bayes):
     cmp = hz.compare(sleepstudy_freq, sleepstudy_bayes)
     _assert_equivalent(cmp)
     assert list(cmp.fixed.columns[:13]) == [
-        "term", "lme4_estimate", "lme4_se", "lme4_lower", "lme4_upper", "pymc_mean", "pymc_sd",
-        "pymc_lower", "pymc_upper", "mcse", "diff", "diff_in_se", "diff_in_mcse",
+        "term",
+        "lme4_estimate",
+        "lme4_se",
+        "lme4_lower",
+        "lme4_upper",
+        "pymc_mean",
+        "pymc_sd",
+        "pymc_lower",
+        "pymc_upper",
+        "mcse",
+        "diff",
+        "diff_in_se",
+        "diff_in_mcse",
     ]
     assert set(cmp.variance["component"]) == {
-        "Subject: sd((Intercept))", "Subject: sd(Days)", "Subject: cor((Intercept),Days)", "sigma"
+        "Subject: sd((Intercept))",
+        "Subject: sd(Days)",
+        "Subject: cor((Intercept),Days)",
+        "sigma",
     }
     # Group labels and term names are lme4's, on both sides.
     assert set(cmp.offsets["group"]) == set(sleepstudy_freq.ranef["group"])

@@ -54,7 +54,14 @@ def test_sleepstudy_reml_matches_reference(sleepstudy_freq, reference):
 def test_sleepstudy_tables_are_tidy_and_complete(sleepstudy_freq):
     fit = sleepstudy_freq
     assert list(fit.fixed.columns[:8]) == [
-        "term", "estimate", "se", "df", "statistic", "p_value", "lower", "upper"
+        "term",
+        "estimate",
+        "se",
+        "df",
+        "statistic",
+        "p_value",
+        "lower",
+        "upper",
     ]
     assert set(fit.ranef["group"]) == {str(s) for s in fit.design.factor_levels["Subject"]}
     assert len(fit.ranef) == 18 * 2

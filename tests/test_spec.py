@@ -56,7 +56,9 @@ def test_sleepstudy_design():
     assert Z.shape == (180, 36)
     # lme4 orders Z level-major: (308, Intercept), (308, Days), (309, Intercept), ...
     assert design.Z_column_names()[:3] == [
-        "Subject:308:(Intercept)", "Subject:308:Days", "Subject:309:(Intercept)"
+        "Subject:308:(Intercept)",
+        "Subject:308:Days",
+        "Subject:309:(Intercept)",
     ]
     row = data.index[(data["Subject"] == "309") & (data["Days"] == 4)][0]
     dense = Z.toarray()
@@ -68,8 +70,14 @@ def _toy(n_groups=4, per=5, seed=0):
     rng = np.random.default_rng(seed)
     g = np.repeat([f"g{i}" for i in range(n_groups)], per)
     x = rng.normal(size=g.size)
-    return pd.DataFrame({"y": 1 + x + rng.normal(size=g.size), "x": x, "g": g,
-                         "f": rng.choice(["lo", "mid", "hi"], size=g.size)})
+    return pd.DataFrame(
+        {
+            "y": 1 + x + rng.normal(size=g.size),
+            "x": x,
+            "g": g,
+            "f": rng.choice(["lo", "mid", "hi"], size=g.size),
+        }
+    )
 
 
 def test_missing_column_lists_the_columns():
@@ -137,7 +145,9 @@ def test_weak_priors_scale_with_the_data():
     priors = resolve_priors(build_design(spec, data))
     sy = data["Reaction"].std(ddof=0)
     assert priors.fixed["(Intercept)"].params["mu"] == pytest.approx(data["Reaction"].mean())
-    assert priors.fixed["Days"].params["sigma"] == pytest.approx(2.5 * sy / data["Days"].std(ddof=0))
+    assert priors.fixed["Days"].params["sigma"] == pytest.approx(
+        2.5 * sy / data["Days"].std(ddof=0)
+    )
     assert priors.sigma.params["lam"] == pytest.approx(1 / sy)
 
 

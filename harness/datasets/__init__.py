@@ -39,9 +39,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "cafe": DatasetInfo(
         name="cafe",
         loader=simulate_cafe,
-        spec=ModelSpec(
-            "wait ~ 1 + afternoon + (1 + afternoon | cafe)", priors="weak", name="cafe"
-        ),
+        spec=ModelSpec("wait ~ 1 + afternoon + (1 + afternoon | cafe)", priors="weak", name="cafe"),
         description=(
             "Statistical Rethinking's robot-in-the-cafes simulation (model m14.1): 20 cafes, "
             "10 visits each alternating morning and afternoon. Each cafe has its own morning "

@@ -40,12 +40,17 @@ def simulate_partially_clustered(
         ``y``, ``tx`` (0/1), ``arm`` ("control"/"treatment"), ``group``
         (categorical: "t01".. for treatment groups, "c001".. for controls).
     """
-    for name, value in {"group_sd": group_sd, "sigma_control": sigma_control,
-                        "sigma_treatment": sigma_treatment}.items():
+    for name, value in {
+        "group_sd": group_sd,
+        "sigma_control": sigma_control,
+        "sigma_treatment": sigma_treatment,
+    }.items():
         if value < 0:
             raise ValueError(f"{name} must be non-negative, got {value}")
     if n_groups < 2 or group_size < 1:
-        raise ValueError(f"need at least 2 treatment groups of size >= 1, got {n_groups} x {group_size}")
+        raise ValueError(
+            f"need at least 2 treatment groups of size >= 1, got {n_groups} x {group_size}"
+        )
     rng = np.random.default_rng(seed)
     n_treated = n_groups * group_size
     n_control = n_treated if n_control is None else n_control

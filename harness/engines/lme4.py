@@ -258,8 +258,10 @@ def _lme_pieces(design: Design) -> dict[str, Any]:
             f"formula {design.spec.formula!r}: with sigma_by the random part must be one "
             "(expr | g) or one (expr || g) term"
         )
-    random_rhs = exprs[0] if len(exprs) == 1 else " + ".join(
-        e.replace("0 + ", "") if e.startswith("0 + ") else e for e in exprs
+    random_rhs = (
+        exprs[0]
+        if len(exprs) == 1
+        else " + ".join(e.replace("0 + ", "") if e.startswith("0 + ") else e for e in exprs)
     )
     if not correlated and len(exprs) > 1:
         random_rhs = ("1 + " if "1" in exprs else "0 + ") + " + ".join(
@@ -281,7 +283,7 @@ def _r_call_text(design: Design, reml: bool, pieces: dict[str, Any] | None) -> s
         f"nlme::lme(fixed = {pieces['fixed']},\n"
         f"          random = list({pieces['group']} = {pd_class}(~ {pieces['random_rhs']})),\n"
         f"          weights = varIdent(form = ~ 1 | {design.spec.sigma_by}),\n"
-        f"          data = data, method = \"{'REML' if reml else 'ML'}\")"
+        f'          data = data, method = "{"REML" if reml else "ML"}")'
     )
 
 
@@ -415,6 +417,3 @@ def r_versions() -> dict[str, str]:
     """Versions of R and the R packages the harness uses."""
     frame = _from_r(_call("harness_versions"))
     return dict(zip(frame["package"], frame["version"], strict=True))
-
-
-
