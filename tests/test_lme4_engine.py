@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,8 @@ import pytest
 
 import harness as hz
 from harness.engines.lme4 import lformula
-from tests.conftest import REFERENCE
+
+REFERENCE = Path(__file__).resolve().parent / "reference"
 
 pytestmark = pytest.mark.r
 
