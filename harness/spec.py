@@ -1,16 +1,21 @@
 """Model specification: one lme4 formula, turned into the design both engines use.
 
 The formula string is the single source of truth.  lme4 receives it verbatim;
-the PyMC side receives the design built here, whose fixed-effects matrix is
-parsed by ``formulae`` (Bambi's parser) and whose random-effects blocks follow
-lme4's own rules (``findbars``, ``||`` splitting, ``a/b`` nesting).  Column
-names and group levels are spelled the way lme4 spells them so that the two
-engines' tables join on plain strings.
+the PyMC side receives the design built here.  Its fixed-effects matrix and
+each random-effects block come from :mod:`harness.rformula`, which follows R's
+``terms.formula`` and ``model.matrix`` (treatment contrasts, R's margin rule
+for interactions, R's column names), and the blocks follow lme4's own rules
+(``findbars``, ``||`` splitting, ``a/b`` nesting, ``a:b`` levels, block order
+by decreasing number of levels).  ``formulae``'s full-rank coding differs from
+R's for interactions without their margins (``f:h``), hence a parser of our
+own.  Column names and group levels are spelled the way lme4 spells them so
+that the two engines' tables join on plain strings.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import re
 from collections.abc import Mapping
@@ -21,31 +26,33 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from harness.rformula import (
+    FORMULA_FUNCTIONS,
+    UNSUPPORTED_CALLS,
+    Terms,
+    collinear_columns,
+    model_matrix,
+    parse_terms,
+    r_level_labels,
+    uncorrelated_exprs,
+)
+
 log = logging.getLogger("harness")
 
+__all__ = [
+    "FORMULA_FUNCTIONS",
+    "UNSUPPORTED_CALLS",
+    "BarTerm",
+    "Design",
+    "ModelSpec",
+    "ParsedFormula",
+    "Prior",
+    "RandomBlock",
+    "build_design",
+    "parse_formula",
+]
+
 Parameterization = Literal["offsets", "baked_in"]
-
-#: Functions a formula may call on numeric columns (formulae needs them in its env).
-FORMULA_FUNCTIONS: dict[str, Any] = {
-    "log": np.log,
-    "exp": np.exp,
-    "sqrt": np.sqrt,
-    "abs": np.abs,
-    "log1p": np.log1p,
-    "log2": np.log2,
-    "log10": np.log10,
-}
-
-#: Formula features that lme4 accepts but this harness does not fit (refused up front).
-UNSUPPORTED_CALLS = {
-    "offset": "offset() terms are not supported; subtract the offset from the response instead",
-    "bs": "spline bases (bs) are not supported",
-    "ns": "spline bases (ns) are not supported",
-    "s": "smooth terms (s) are not supported; use mgcv/brms for GAMMs",
-    "poly": "poly() is not supported; add explicit polynomial columns",
-    "weights": "prior weights are not supported",
-    "scale": "scale() inside the formula is not supported; standardise the column first",
-}
 
 
 @dataclass(frozen=True)
@@ -142,7 +149,9 @@ class ParsedFormula:
 
 
 def _split_top_level(text: str, sep: str = "+") -> list[str]:
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text:
         if ch == "(":
             depth += 1
@@ -162,30 +171,74 @@ def _split_top_level(text: str, sep: str = "+") -> list[str]:
 
 
 _BAR = re.compile(r"^\((?P<expr>[^|]*?)(?P<bar>\|\|?)(?P<factor>[^|]+)\)$")
+_NAME = re.compile(r"[A-Za-z.][A-Za-z0-9._]*")
 
 
-def _expand_factor(factor: str) -> list[str]:
+def _expand_factor(factor: str, formula: str) -> list[str]:
     """lme4's ``expandSlash``: ``a/b`` means ``b:a`` and ``a``, in that order."""
     factor = re.sub(r"\s+", "", factor)
+    for piece in re.split(r"[/:]", factor):
+        if not _NAME.fullmatch(piece):
+            raise ValueError(
+                f"formula {formula!r}: grouping factor {factor!r} must be column names joined "
+                "by ':' or '/' (e.g. g, a:b, a/b)"
+            )
     if "/" not in factor:
         return [factor]
     pieces = factor.split("/")
-    # lme4 spells the nested factor innermost first: (1 | a/b) is (1 | b:a) + (1 | a).
-    return [":".join(reversed(pieces[:i])) for i in range(len(pieces), 0, -1)]
+    # lme4 spells nested factors innermost first, as R deparses them:
+    # (1 | a/b) is (1 | b:a) + (1 | a); (1 | a/b/c) adds (1 | c:(b:a)).
+    names = [pieces[0]]
+    for piece in pieces[1:]:
+        inner = names[-1]
+        names.append(f"{piece}:({inner})" if ":" in inner else f"{piece}:{inner}")
+    return list(reversed(names))
 
 
-def _split_uncorrelated(expr: str) -> list[str]:
-    """``(1 + x || g)`` is ``(1 | g) + (0 + x | g)`` in lme4."""
-    terms = [t for t in _split_top_level(expr) if t]
-    has_zero = any(t in ("0", "-1") for t in terms)
-    slopes = [t for t in terms if t not in ("0", "1", "-1")]
-    out = [] if has_zero else ["1"]
-    out.extend(f"0 + {t}" for t in slopes)
-    return out
+def factor_columns(factor: str) -> list[str]:
+    """The data columns of a grouping factor: ``"h:(b:a)"`` -> ``["h", "b", "a"]``."""
+    return [p for p in re.split(r"[:()]+", factor) if p]
+
+
+def make_names(names: list[str]) -> list[str]:
+    """R's ``make.names(names, unique = TRUE)`` for the names lme4 gives ``VarCorr`` terms."""
+    out: list[str] = []
+    for name in names:
+        valid = re.sub(r"[^A-Za-z0-9._]", ".", name)
+        if not re.match(r"[A-Za-z]|\.(?![0-9])", valid):
+            valid = "X" + valid
+        out.append(valid)
+    # make.unique: later duplicates get .1, .2, ... skipping names already taken.
+    seen = set(out)
+    counts: dict[str, int] = {}
+    unique: list[str] = []
+    for name in out:
+        if name in counts:
+            k = counts[name]
+            while f"{name}.{k}" in seen:
+                k += 1
+            counts[name] = k + 1
+            candidate = f"{name}.{k}"
+            seen.add(candidate)
+            unique.append(candidate)
+        else:
+            counts[name] = 1
+            unique.append(name)
+    return unique
+
+
+def _refuse_unsupported(formula: str, rhs: str) -> None:
+    for call, why in UNSUPPORTED_CALLS.items():
+        if re.search(rf"(?<![A-Za-z0-9_.]){re.escape(call)}\s*\(", rhs):
+            raise ValueError(f"formula {formula!r}: {why}")
 
 
 def parse_formula(formula: str) -> ParsedFormula:
     """Split an lme4 formula into response, fixed part and random-effect bars.
+
+    ``(1 + x || g)`` becomes lme4's ``(1 | g) + (0 + x | g)`` and ``(1 | a/b)``
+    becomes ``(1 | b:a) + (1 | a)``.  Every part is parsed with R's formula
+    algebra, so syntax errors and unsupported features are refused here.
 
     Raises
     ------
@@ -198,17 +251,22 @@ def parse_formula(formula: str) -> ParsedFormula:
     response = lhs.strip()
     if not response:
         raise ValueError(f"formula {formula!r} has no response on the left of '~'")
-    if not re.fullmatch(r"[A-Za-z_.][A-Za-z0-9_.]*", response):
+    if re.match(r"cbind\s*\(", response):
+        raise ValueError(
+            f"formula {formula!r}: a cbind(successes, failures) response is a binomial model; "
+            "the harness fits gaussian (linear) mixed models only"
+        )
+    if not _NAME.fullmatch(response):
         raise ValueError(
             f"response {response!r} in formula {formula!r} must be a plain column name "
             "(transform the column before fitting)"
         )
-    for call, why in UNSUPPORTED_CALLS.items():
-        if re.search(rf"(?<![A-Za-z0-9_.]){call}\s*\(", rhs):
-            raise ValueError(f"formula {formula!r}: {why}")
+    _refuse_unsupported(formula, rhs)
     rhs = rhs.strip()
     if not rhs:
         raise ValueError(f"formula {formula!r} has nothing on the right of '~'")
+    if "~" in rhs:
+        raise ValueError(f"formula {formula!r} has more than one '~'")
     try:
         parts = _split_top_level(rhs)
     except ValueError as err:
@@ -230,13 +288,15 @@ def parse_formula(formula: str) -> ParsedFormula:
         expr = match["expr"].strip()
         if not expr:
             raise ValueError(f"formula {formula!r}: random-effect term {part!r} has no terms")
+        context = f"formula {formula!r}, random-effect term {part!r}"
         correlated = match["bar"] == "|"
-        for factor in _expand_factor(match["factor"]):
-            if not factor:
-                raise ValueError(f"formula {formula!r}: random-effect term {part!r} has no factor")
-            exprs = [expr] if correlated else _split_uncorrelated(expr)
+        exprs = [expr] if correlated else uncorrelated_exprs(expr, context)
+        for e in exprs:
+            parse_terms(e, context)
+        for factor in _expand_factor(match["factor"], formula):
             bars.extend(BarTerm(e, factor, correlated) for e in exprs)
     fixed_rhs = " + ".join(fixed) if fixed else "1"
+    parse_terms(fixed_rhs, f"formula {formula!r}, fixed part")
     return ParsedFormula(response=response, fixed_rhs=fixed_rhs, bars=tuple(bars))
 
 
@@ -245,7 +305,13 @@ def parse_formula(formula: str) -> ParsedFormula:
 
 @dataclass
 class RandomBlock:
-    """One random-effects term: a grouping factor and the columns varying by it."""
+    """One random-effects term: a grouping factor and the columns varying by it.
+
+    ``values`` is the block's own model matrix (n x terms) and ``group_index``
+    each row's level; ``label`` is lme4's name for the block in ``VarCorr``
+    (the factor, then ``g.1``, ``g.2`` for further blocks of the same factor,
+    counted in lme4's block order).
+    """
 
     factor: str
     terms: list[str]
@@ -266,7 +332,14 @@ class RandomBlock:
 
 @dataclass
 class Design:
-    """Everything both engines need, built once from (spec, data)."""
+    """Everything both engines need, built once from (spec, data).
+
+    ``blocks`` are in lme4's order (``reTrms``): by decreasing number of
+    levels, as ``lme4::mkReTrms`` reorders them.  ``notes`` are what the
+    reader must be told (rows dropped, columns dropped, thin groups);
+    ``n_dropped`` counts rows removed for missing values and
+    ``dropped_columns`` the fixed-effect columns removed for collinearity.
+    """
 
     spec: ModelSpec
     data: pd.DataFrame
@@ -279,6 +352,7 @@ class Design:
     sigma_index: np.ndarray | None = None
     factor_levels: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    dropped_columns: list[str] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -289,11 +363,15 @@ class Design:
         return list(self.X.columns)
 
     def lme4_block_order(self) -> list[RandomBlock]:
-        """Blocks in lme4's order (decreasing number of levels, ties keep formula order)."""
-        return sorted(self.blocks, key=lambda b: -b.n_levels)
+        """Blocks in lme4's order (``build_design`` already stores them so)."""
+        return list(self.blocks)
 
     def Z(self) -> sp.csc_matrix:
-        """Random-effects model matrix with lme4's column order (``t(reTrms$Zt)``)."""
+        """Random-effects model matrix with lme4's column order (``t(reTrms$Zt)``).
+
+        Blocks in lme4's order; within a block, columns are level-major
+        (level 1: all terms, level 2: all terms, ...).
+        """
         cols = []
         for block in self.lme4_block_order():
             k, j = block.n_terms, block.n_levels
@@ -307,10 +385,17 @@ class Design:
         return sp.hstack(cols, format="csc")
 
     def Z_column_names(self) -> list[str]:
-        names = []
-        for block in self.lme4_block_order():
-            names.extend(f"{block.factor}:{lvl}:{t}" for lvl in block.levels for t in block.terms)
-        return names
+        """``"<factor>:<level>:<term>"`` for every column of :meth:`Z`."""
+        return [f"{block.factor}:{level}:{term}" for block, level, term in self.Z_columns()]
+
+    def Z_columns(self) -> list[tuple[RandomBlock, str, str]]:
+        """(block, level, term) for every column of :meth:`Z`, in order."""
+        return [
+            (block, level, term)
+            for block in self.lme4_block_order()
+            for level in block.levels
+            for term in block.terms
+        ]
 
     def data_hash(self) -> str:
         h = hashlib.sha256()
@@ -319,88 +404,71 @@ class Design:
         return h.hexdigest()[:16]
 
 
-def _r_level_labels(values: pd.Series) -> tuple[list[str], pd.Series]:
-    """Levels as R's ``factor()`` would make them: sorted, printed as R prints them."""
-    if isinstance(values.dtype, pd.CategoricalDtype):
-        present = [c for c in values.cat.categories if c in set(values.dropna())]
-        labels = [_r_label(c) for c in present]
-        mapping = dict(zip(present, labels, strict=True))
-        return labels, values.map(mapping).astype(str)
-    if pd.api.types.is_bool_dtype(values):
-        mapping = {False: "FALSE", True: "TRUE"}
-        labels = [mapping[v] for v in sorted(values.unique())]
-        return labels, values.map(mapping)
-    if pd.api.types.is_numeric_dtype(values):
-        uniq = np.sort(values.unique())
-        labels = [_r_label(v) for v in uniq]
-        mapping = dict(zip(uniq, labels, strict=True))
-        return labels, values.map(mapping)
-    as_text = values.astype(str)
-    labels = sorted(as_text.unique())
-    return labels, as_text
-
-
-def _r_label(value: Any) -> str:
-    if isinstance(value, (float, np.floating)):
-        if float(value).is_integer():
-            return str(int(value))
-        return repr(float(value))
-    return str(value)
-
-
-def _formulae_name_to_lme4(name: str) -> str:
-    if name == "Intercept":
-        return "(Intercept)"
-    # formulae writes a treatment-coded level as f[b]; R writes fb.
-    name = re.sub(r"([A-Za-z0-9_.]+)\[(.*?)\]", r"\1\2", name)
-    name = name.replace(" ** ", "^").replace("**", "^")
-    return name
-
-
-def _model_matrix(rhs: str, data: pd.DataFrame, response: str, context: str) -> pd.DataFrame:
-    import formulae
-    from formulae.environment import Environment
-
-    env = Environment([FORMULA_FUNCTIONS])
-    try:
-        dm = formulae.design_matrices(f"{response} ~ {rhs}", data, na_action="error", env=env)
-    except KeyError as err:
-        raise ValueError(
-            f"{context}: column {err.args[0]!r} is not in the data; "
-            f"columns are {sorted(map(str, data.columns))}"
-        ) from None
-    except Exception as err:
-        raise ValueError(f"could not parse {context} {rhs!r}: {err}") from None
-    if dm.common is None:
-        return pd.DataFrame(index=data.index)
-    frame = dm.common.as_dataframe()
-    frame.columns = [_formulae_name_to_lme4(c) for c in frame.columns]
-    frame.index = data.index
-    return frame.astype(float)
-
-
-_IDENT = re.compile(r"[A-Za-z_.][A-Za-z0-9_.]*")
-
-
 def _referenced_columns(parsed: ParsedFormula) -> list[str]:
-    """Names used in the formula that must be data columns (calls and keywords excluded)."""
-    text = " + ".join([parsed.fixed_rhs] + [f"{b.expr} + {b.factor}" for b in parsed.bars])
-    names = []
-    for match in _IDENT.finditer(text):
-        token = match.group(0)
-        following = text[match.end() :].lstrip()[:1]
-        if following == "(" or token in ("I", "C"):
-            continue
-        if token not in names:
-            names.append(token)
-    return [parsed.response, *names]
+    """Data columns the formula reads: response, predictors, grouping factors."""
+    names = [parsed.response]
+    for terms in [parse_terms(parsed.fixed_rhs)] + [parse_terms(b.expr) for b in parsed.bars]:
+        names.extend(c for c in terms.columns if c not in names)
+    for bar in parsed.bars:
+        names.extend(c for c in factor_columns(bar.factor) if c not in names)
+    return names
+
+
+def _grouping_factor(frame: pd.DataFrame, parts: list[str]) -> tuple[list[str], np.ndarray]:
+    """Levels and codes of ``a`` or ``a:b:...`` as lme4's ``%i%`` builds them.
+
+    The interaction keeps only combinations present, ordered by the first
+    factor's level, then the second's (``b:a`` is b-major).
+    """
+    codes = frame[parts[0]].cat.codes.to_numpy().astype(np.int64)
+    labels = [str(c) for c in frame[parts[0]].cat.categories]
+    for part in parts[1:]:
+        other = frame[part].cat.codes.to_numpy().astype(np.int64)
+        other_labels = [str(c) for c in frame[part].cat.categories]
+        rank = codes * len(other_labels) + other
+        present, codes = np.unique(rank, return_inverse=True)
+        labels = [
+            f"{labels[r // len(other_labels)]}:{other_labels[r % len(other_labels)]}"
+            for r in present
+        ]
+    present, codes = np.unique(codes, return_inverse=True)
+    return [labels[i] for i in present], codes.astype(np.int64)
+
+
+def _lme4_order(blocks: list[RandomBlock]) -> list[RandomBlock]:
+    """``mkReTrms``: reorder only if some block has more levels than the one before it;
+    then ``rev(order(nl))``, which puts ties in reverse formula order."""
+    nl = [b.n_levels for b in blocks]
+    if not any(b > a for a, b in itertools.pairwise(nl)):
+        return list(blocks)
+    ascending = sorted(range(len(blocks)), key=lambda i: nl[i])  # stable, as R's order()
+    return [blocks[i] for i in reversed(ascending)]
+
+
+def _check_response(frame: pd.DataFrame, response: str) -> None:
+    values = frame[response]
+    if isinstance(values.dtype, pd.CategoricalDtype) or pd.api.types.is_bool_dtype(values):
+        kind = "logical (TRUE/FALSE)" if pd.api.types.is_bool_dtype(values) else "categorical"
+        raise ValueError(
+            f"response {response!r} must be numeric; it is {kind}. A binary or categorical "
+            "response needs a non-gaussian family (glmer), which the harness does not fit"
+        )
+    if not pd.api.types.is_numeric_dtype(values):
+        examples = [str(v) for v in values.dropna().unique()[:3]]
+        raise ValueError(
+            f"response {response!r} must be numeric; it has dtype {values.dtype} "
+            f"(values such as {examples}). The harness fits gaussian models only; a "
+            "categorical response needs a non-gaussian family"
+        )
 
 
 def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     """Validate ``data`` against ``spec`` and build the design both engines use.
 
     Rows with a missing value in any used column are dropped, as lme4's
-    default ``na.action = na.omit`` does, and the count is reported.
+    default ``na.action = na.omit`` does, and the count is reported in
+    ``Design.notes``.  Fixed-effect columns that are linear combinations of
+    earlier ones are dropped as lme4 drops them (and named in the notes).
 
     Raises
     ------
@@ -412,8 +480,13 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     if data.empty:
         raise ValueError("data has no rows")
     parsed = parse_formula(spec.formula)
+    if not parsed.bars:
+        raise ValueError(
+            f"formula {spec.formula!r} has no random-effect term such as (1 | g); the harness "
+            "compares mixed models (for a plain linear model use lm and a Bayesian regression)"
+        )
     used = _referenced_columns(parsed)
-    if spec.sigma_by is not None:
+    if spec.sigma_by is not None and spec.sigma_by not in used:
         used.append(spec.sigma_by)
     missing = [c for c in used if c not in data.columns]
     if missing:
@@ -427,86 +500,68 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         if frame[column].isna().all():
             raise ValueError(f"column {column!r} has no non-missing values")
     response = parsed.response
-    if not pd.api.types.is_numeric_dtype(frame[response]) or pd.api.types.is_bool_dtype(
-        frame[response]
-    ):
-        raise ValueError(
-            f"response {response!r} must be numeric; it has dtype {frame[response].dtype} "
-            "(a gaussian model needs a numeric response)"
-        )
+    _check_response(frame, response)
     complete = frame.notna().all(axis=1)
     n_dropped = int((~complete).sum())
-    notes = []
+    notes: list[str] = []
     if n_dropped:
         per_column = {c: int(frame[c].isna().sum()) for c in frame.columns if frame[c].isna().any()}
-        note = f"{n_dropped} row(s) with missing values dropped (na.omit), by column: {per_column}"
+        note = (
+            f"{n_dropped} row(s) with missing values dropped (na.omit, as lme4 does; "
+            f"{len(frame) - n_dropped} of {len(frame)} rows remain), by column: {per_column}"
+        )
         log.warning(note)
         notes.append(note)
         frame = frame.loc[complete].copy()
+    if frame.empty:
+        raise ValueError(
+            f"no complete rows: every row has a missing value in one of the used columns {used}"
+        )
     frame = frame.reset_index(drop=True)
     if not np.all(np.isfinite(frame[response].to_numpy(float))):
         raise ValueError(f"response {response!r} has infinite values")
+    if frame[response].nunique() == 2:
+        notes.append(
+            f"response {response!r} takes only two values: a gaussian (linear probability) "
+            "model is fitted; a binomial model is outside the harness's scope"
+        )
 
-    # Grouping factors and categorical predictors become R-style factors.
-    factor_columns = set()
-    for bar in parsed.bars:
-        factor_columns.update(bar.factor.split(":"))
+    # Grouping factors, text and logical predictors become R-style factors.
+    grouping = {p for bar in parsed.bars for p in factor_columns(bar.factor)}
     if spec.sigma_by:
-        factor_columns.add(spec.sigma_by)
+        grouping.add(spec.sigma_by)
     factor_levels: dict[str, list[str]] = {}
-    for column in factor_columns:
-        labels, as_text = _r_level_labels(frame[column])
-        factor_levels[column] = labels
-        frame[column] = pd.Categorical(as_text, categories=labels)
     for column in frame.columns:
-        if column in factor_columns or column == response:
+        if column == response:
             continue
         values = frame[column]
-        if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
-            labels, as_text = _r_level_labels(values)
+        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+        if column in grouping or not numeric:
+            labels, as_text = r_level_labels(values)
             factor_levels[column] = labels
             frame[column] = pd.Categorical(as_text, categories=labels)
 
-    X = _model_matrix(parsed.fixed_rhs, frame, response, "fixed part of the formula")
-    _check_rank(X)
+    fixed_terms = parse_terms(parsed.fixed_rhs, f"formula {spec.formula!r}, fixed part")
+    X = _fixed_matrix(fixed_terms, frame, spec.formula)
+    dropped = collinear_columns(X)
+    if dropped:
+        note = (
+            f"fixed-effect model matrix is rank deficient: column(s) {dropped} are linear "
+            "combinations of the columns before them and are dropped, as lme4 drops them "
+            "(both engines fit the model without them)"
+        )
+        log.warning(note)
+        notes.append(note)
+        X = X.drop(columns=dropped)
     y = frame[response].to_numpy(dtype=float)
 
-    blocks: list[RandomBlock] = []
-    seen: dict[str, int] = {}
-    for bar in parsed.bars:
-        parts = bar.factor.split(":")
-        if len(parts) == 1:
-            labels = factor_levels[parts[0]]
-            codes = frame[parts[0]].cat.codes.to_numpy()
-        else:
-            combined = frame[parts].astype(str).agg(":".join, axis=1)
-            # lme4 builds a:b with interaction(drop = TRUE); level order does not
-            # matter for alignment (we join on names) but we keep it sorted.
-            labels = sorted(combined.unique())
-            codes = pd.Categorical(combined, categories=labels).codes
-        if len(labels) < 2:
-            raise ValueError(
-                f"grouping factor {bar.factor!r} has only one level ({labels[0]!r}); "
-                "a random effect needs at least two groups"
-            )
-        Zb = _model_matrix(bar.expr, frame, response, f"random-effect term ({bar.expr} | {bar.factor})")
-        if Zb.shape[1] == 0:
-            raise ValueError(f"random-effect term ({bar.expr} | {bar.factor}) has no columns")
-        count = seen.get(bar.factor, 0)
-        seen[bar.factor] = count + 1
-        label = bar.factor if count == 0 else f"{bar.factor}.{count}"
-        blocks.append(
-            RandomBlock(
-                factor=bar.factor,
-                terms=list(Zb.columns),
-                levels=list(labels),
-                group_index=np.asarray(codes, dtype=np.int64),
-                values=Zb.to_numpy(dtype=float),
-                correlated=bar.correlated,
-                label=label,
-            )
-        )
-    n_re = sum(b.n_levels * b.n_terms for b in blocks)
+    blocks = [_random_block(bar, frame, spec.formula) for bar in parsed.bars]
+    blocks = _lme4_order(blocks)
+    # VarCorr names blocks by factor; with a repeated factor lme4 applies make.names(unique=TRUE).
+    factors = [b.factor for b in blocks]
+    labels = make_names(factors) if len(set(factors)) < len(factors) else factors
+    for block, label in zip(blocks, labels, strict=True):
+        block.label = label
     for block in blocks:
         if block.n_levels * block.n_terms >= len(y):
             raise ValueError(
@@ -514,7 +569,13 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
                 f"term(s) is not fewer than the {len(y)} observations; the random effects "
                 "and the residual are unidentifiable (lme4 refuses this too)"
             )
-    log.debug("design: n=%d, p=%d, random effects=%d", len(y), X.shape[1], n_re)
+    notes.extend(_thin_group_notes(blocks))
+    log.debug(
+        "design: n=%d, p=%d, random effects=%d",
+        len(y),
+        X.shape[1],
+        sum(b.n_levels * b.n_terms for b in blocks),
+    )
 
     sigma_levels = sigma_index = None
     if spec.sigma_by:
@@ -537,23 +598,55 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         sigma_index=sigma_index,
         factor_levels=factor_levels,
         notes=notes,
+        dropped_columns=dropped,
     )
 
 
-def _check_rank(X: pd.DataFrame) -> None:
+def _fixed_matrix(terms: Terms, frame: pd.DataFrame, formula: str) -> pd.DataFrame:
+    X = model_matrix(terms, frame, f"formula {formula!r}, fixed part")
     if X.shape[1] == 0:
-        return
-    rank = np.linalg.matrix_rank(X.to_numpy())
-    if rank < X.shape[1]:
-        # Find the columns lme4 would drop (it keeps the first linearly independent set).
-        keep: list[int] = []
-        for j in range(X.shape[1]):
-            trial = keep + [j]
-            if np.linalg.matrix_rank(X.iloc[:, trial].to_numpy()) == len(trial):
-                keep.append(j)
-        dropped = [c for j, c in enumerate(X.columns) if j not in keep]
         raise ValueError(
-            f"fixed-effect model matrix is rank deficient: column(s) {dropped} are linear "
-            "combinations of the others (lme4 would drop them silently); remove them from "
-            "the formula"
+            f"formula {formula!r} has no fixed effects; the harness needs at least an intercept "
+            "or one fixed term"
         )
+    return X.astype(float)
+
+
+def _random_block(bar: BarTerm, frame: pd.DataFrame, formula: str) -> RandomBlock:
+    context = f"formula {formula!r}, random-effect term ({bar.expr} | {bar.factor})"
+    labels, codes = _grouping_factor(frame, factor_columns(bar.factor))
+    if len(labels) < 2:
+        raise ValueError(
+            f"grouping factor {bar.factor!r} has only one level ({labels[0]!r}); "
+            "a random effect needs at least two groups (lme4 refuses this too)"
+        )
+    Zb = model_matrix(parse_terms(bar.expr, context), frame, context)
+    if Zb.shape[1] == 0:
+        raise ValueError(f"{context} has no columns")
+    return RandomBlock(
+        factor=bar.factor,
+        terms=list(Zb.columns),
+        levels=labels,
+        group_index=codes,
+        values=Zb.to_numpy(dtype=float),
+        correlated=bar.correlated,
+    )
+
+
+def _thin_group_notes(blocks: list[RandomBlock]) -> list[str]:
+    """Say when a group cannot inform all of its block's terms (one row, or no variation)."""
+    notes = []
+    for block in blocks:
+        if block.n_terms < 2:
+            continue
+        counts = np.bincount(block.group_index, minlength=block.n_levels)
+        single = [lvl for lvl, c in zip(block.levels, counts, strict=True) if c == 1]
+        if single:
+            shown = ", ".join(single[:5]) + (", ..." if len(single) > 5 else "")
+            notes.append(
+                f"{len(single)} group(s) of {block.factor!r} have a single observation "
+                f"({shown}) but {block.n_terms} random-effect terms {block.terms}: their "
+                "data cannot separate those terms, so both engines shrink them to the "
+                "population values (lme4 fits this; so does PyMC)"
+            )
+    return notes

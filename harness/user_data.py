@@ -1,0 +1,419 @@
+"""Your own data: ``harness compare data.csv --formula ...`` and :func:`compare_data`.
+
+The command reads a CSV, checks it against the formula before anything is
+fitted (clear errors naming the file, column or level at fault), fits both
+engines through :func:`harness.runner.fit_design` (so fits are cached like
+the shipped designs'), runs the likelihood-identity check, and writes the
+HTML report and, with ``--json``, the comparison tables and the same-model
+result as JSON.  Outputs appear all together or not at all: each is written
+to a temporary file and renamed only once every stage has succeeded.
+
+Sampler settings default to :class:`harness.runner.FitSettings` (4 chains of
+1000 draws after 1000 tuning steps).  The environment variables
+``HARNESS_DRAWS``, ``HARNESS_TUNE`` and ``HARNESS_CHAINS`` override them,
+for quick looks and for the test suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from harness.spec import ModelSpec, build_design
+
+if TYPE_CHECKING:
+    import argparse
+
+    from harness.runner import DesignResult, FitSettings
+
+log = logging.getLogger("harness")
+
+#: Environment variables that override the sampler settings (name -> FitSettings field).
+SETTINGS_ENV = {"HARNESS_DRAWS": "draws", "HARNESS_TUNE": "tune", "HARNESS_CHAINS": "chains"}
+
+JSON_FORMAT = "harness.compare/1"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_data(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a comma-separated file with a header row.
+
+    Missing values are empty cells or ``NA`` (as R's ``read.csv`` reads them;
+    pandas also takes ``NaN``, ``null``, ``N/A``).  Text columns become factors
+    later, with R's level order.
+
+    Raises
+    ------
+    ValueError
+        When the file is missing, not a file, unreadable, not UTF-8 text,
+        empty, has a header but no rows, or cannot be parsed as CSV.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"data file '{path}' does not exist")
+    if path.is_dir():
+        raise ValueError(f"data file '{path}' is a directory, not a CSV file")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read data file '{path}': {err.strerror or err}") from None
+    if not raw.strip():
+        raise ValueError(f"data file '{path}' is empty")
+    if b"\x00" in raw[:4096]:
+        raise ValueError(f"data file '{path}' is not text (it contains NUL bytes); save it as CSV")
+    try:
+        raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"data file '{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8 CSV"
+        ) from None
+    try:
+        data = pd.read_csv(path, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"data file '{path}' is empty") from None
+    except pd.errors.ParserError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"data file '{path}' is not valid CSV: {first}") from None
+    if data.shape[0] == 0:
+        raise ValueError(
+            f"data file '{path}' has a header ({', '.join(map(str, data.columns))}) but no rows"
+        )
+    unnamed = [c for c in data.columns if str(c).startswith("Unnamed: ")]
+    if unnamed and len(unnamed) == 1 and data.columns[0] == unnamed[0]:
+        # R's write.csv with row names leaves an empty first header cell.
+        data = data.drop(columns=unnamed)
+    if data.shape[1] == 1 and any(sep in str(data.columns[0]) for sep in (";", "\t", "|")):
+        raise ValueError(
+            f"data file '{path}' has one column {str(data.columns[0])!r}; the harness reads "
+            "comma-separated files (is it separated by ';' or tabs?)"
+        )
+    log.info("read %s: %d rows, %d columns", path, data.shape[0], data.shape[1])
+    return data
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def settings_from_env(base: FitSettings | None = None) -> FitSettings:
+    """FitSettings with ``HARNESS_DRAWS``/``HARNESS_TUNE``/``HARNESS_CHAINS`` applied."""
+    from harness.runner import FitSettings
+
+    settings = base or FitSettings()
+    changes: dict[str, Any] = {}
+    for variable, name in SETTINGS_ENV.items():
+        text = os.environ.get(variable)
+        if text is None or not text.strip():
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{variable}={text!r} must be a whole number") from None
+        if value < 1:
+            raise ValueError(f"{variable}={text!r} must be at least 1")
+        changes[name] = value
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
+def compare_data(
+    data: pd.DataFrame,
+    formula: str,
+    *,
+    sigma_by: str | None = None,
+    priors: str | Mapping[str, Any] = "weak",
+    seed: int = 1,
+    name: str | None = None,
+    settings: FitSettings | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    refit: bool = False,
+    figures: bool = True,
+) -> DesignResult:
+    """Fit your own data with lme4 and PyMC, compare them and run the same-model check.
+
+    Parameters
+    ----------
+    data : DataFrame
+        One row per observation.  Rows with a missing value in a used column
+        are dropped (lme4's ``na.omit``) and counted in the notes.
+    formula : str
+        A gaussian lme4 formula, e.g. ``"y ~ x + (x | g)"``.
+    sigma_by : str, optional
+        Column with one residual SD per level (nlme stands in for lme4).
+    priors : str or mapping
+        Prior profile (``"weak"``, ``"m14.1"``, ``"flat"``) or overrides.
+    seed : int
+        PyMC seed.
+    name : str, optional
+        Title of the report.
+    settings : FitSettings, optional
+        Sampler and lme4 settings; default from :func:`settings_from_env`.
+    cache_dir : path, optional
+        Fit cache (default ``$HARNESS_CACHE_DIR`` or ``.cache/harness``).
+    refit : bool
+        Ignore cached fits.
+    figures : bool
+        Render the report's figures too.
+
+    Returns
+    -------
+    DesignResult
+        Pass it to :func:`harness.report.write_report` or :func:`comparison_json`.
+
+    Raises
+    ------
+    ValueError
+        For a formula, column or value the harness cannot fit, before any fit.
+    """
+    from harness.engines.lme4 import _r_env
+    from harness.runner import fit_design
+
+    spec = ModelSpec(formula, sigma_by=sigma_by, priors=priors, name=name)
+    # Fail on bad input, and on a missing R (with how to install it), before any sampling.
+    design = build_design(spec, data)
+    _r_env()
+    result = fit_design(
+        (spec, data),
+        seed=seed,
+        settings=settings if settings is not None else settings_from_env(),
+        cache_dir=cache_dir,
+        refit=refit,
+        figures=figures,
+    )
+    # Fits are cached by the cleaned data, so a cached comparison may predate this file's
+    # dropped rows: the reader must still be told what was dropped.
+    missing = [n for n in design.notes if n not in result.comparison.notes]
+    if missing:
+        result.comparison = dataclasses.replace(
+            result.comparison, notes=[*missing, *result.comparison.notes]
+        )
+    return result
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def _table(frame: pd.DataFrame | None) -> list[dict[str, Any]]:
+    if frame is None:
+        return []
+    # pandas writes NaN as null and numpy scalars as plain numbers.
+    return json.loads(frame.to_json(orient="records", double_precision=15, date_format="iso"))
+
+
+def _plain(value: Any) -> Any:
+    """Make a value JSON-safe (NaN and infinities become null)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, pd.DataFrame):
+        return _table(value)
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(float(value)) else None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def _same_model_json(result: DesignResult) -> dict[str, Any]:
+    sm = result.same_model
+    payload: dict[str, Any] = {"status": result.same_model_status, "available": sm is not None}
+    if sm is not None:
+        details = sm.to_dict() if hasattr(sm, "to_dict") else dataclasses.asdict(sm)
+        payload.update(_plain(details))
+        payload["ok"] = bool(getattr(sm, "ok", False))
+    return payload
+
+
+def comparison_json(
+    result: DesignResult, *, source: str | None = None, rows_read: int | None = None
+) -> dict[str, Any]:
+    """The comparison tables, the same-model result and what shaped them, as plain JSON values.
+
+    Parameters
+    ----------
+    result : DesignResult
+    source : str, optional
+        Where the data came from (the CSV path).
+    rows_read : int, optional
+        Rows in the file before missing values were dropped.
+    """
+    cmp, freq, design = result.comparison, result.freq, result.design
+    bayes = result.bayes_info
+    notes = list(dict.fromkeys([*design.notes, *cmp.notes]))
+    return _plain(
+        {
+            "format": JSON_FORMAT,
+            "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "name": result.name,
+            "data": {
+                "source": source,
+                "rows_read": rows_read if rows_read is not None else len(result.data),
+                "rows_used": design.n,
+                "rows_dropped": design.n_dropped,
+                "columns_dropped": list(design.dropped_columns),
+                "data_hash": design.data_hash(),
+            },
+            "spec": {
+                "formula": result.spec.formula,
+                "sigma_by": result.spec.sigma_by,
+                "priors": result.spec.priors if isinstance(result.spec.priors, str) else "custom",
+                "parameterization": result.spec.parameterization,
+                "reml": result.spec.reml,
+            },
+            "verdict": result.verdict,
+            "notes": notes,
+            "lme4": {
+                "engine": freq.engine,
+                "method": freq.method,
+                "stand_in": freq.stand_in,
+                "singular": freq.singular,
+                "converged": freq.converged,
+                "loglik": freq.loglik,
+                "loglik_ml": freq.loglik_ml,
+                "reml_criterion": freq.reml_criterion,
+                "df_method": freq.df_method,
+                "messages": list(freq.messages),
+                "r_call": freq.r_call,
+            },
+            "pymc": {
+                "sampler": bayes.sampler,
+                "seed": result.seed,
+                "chains": bayes.chains,
+                "draws": bayes.draws,
+                "tune": bayes.tune,
+                "sampler_stats": cmp.sampler_stats,
+                "priors": bayes.priors.table(),
+            },
+            "same_model": _same_model_json(result),
+            "tables": {name: _table(frame) for name, frame in cmp.tables().items()},
+            "versions": result.versions,
+            "cached": result.cached,
+        }
+    )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _temporary_next_to(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_outputs(
+    result: DesignResult,
+    report: str | os.PathLike[str] | None,
+    json_path: str | os.PathLike[str] | None = None,
+    *,
+    source: str | None = None,
+    rows_read: int | None = None,
+) -> list[Path]:
+    """Write the report and the JSON together: both appear, or neither does.
+
+    Everything is rendered to temporary files next to the targets first; the
+    renames happen only when both are complete.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
+    from harness.report import write_report
+
+    targets: list[tuple[Path, Path]] = []
+    try:
+        if json_path is not None:
+            payload = json.dumps(
+                comparison_json(result, source=source, rows_read=rows_read),
+                indent=2,
+                allow_nan=False,
+            )
+            tmp = _temporary_next_to(Path(json_path))
+            targets.append((tmp, Path(json_path)))
+            tmp.write_text(payload + "\n", encoding="utf-8")
+        if report is not None:
+            tmp = _temporary_next_to(Path(report))
+            targets.append((tmp, Path(report)))
+            write_report(result, tmp)
+        for tmp, final in targets:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in targets:
+            tmp.unlink(missing_ok=True)
+        raise
+    return [final for _, final in targets]
+
+
+def _check_target(path: Path | None, what: str) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"{what} '{path}' is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{what} '{path}' cannot be written: '{parent}' is not writable")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def run_compare_command(args: argparse.Namespace) -> int:
+    """``harness compare CSV --formula F``: fit, compare, check and write the report (and JSON).
+
+    Returns
+    -------
+    int
+        0 when the report (and JSON) were written.  Any failure raises, and
+        :func:`harness.cli.main` turns it into one line and exit status 1;
+        no output file is left behind.
+    """
+    csv = Path(args.csv)
+    out = Path(args.out) if args.out is not None else Path("reports") / f"{csv.stem}.html"
+    json_path = Path(args.json) if getattr(args, "json", None) is not None else None
+    _check_target(out, "--out")
+    _check_target(json_path, "--json")
+    if json_path is not None and json_path.resolve() == out.resolve():
+        raise ValueError(f"--out and --json name the same file '{out}'")
+    data = read_data(csv)
+    result = compare_data(
+        data,
+        args.formula,
+        sigma_by=args.sigma_by,
+        priors=args.priors,
+        seed=args.seed,
+        name=csv.stem,
+    )
+    written = write_outputs(result, out, json_path, source=str(csv), rows_read=len(data))
+    same = result.same_model_status or "not run"
+    stats = result.comparison.sampler_stats
+    print(
+        f"{csv.name}: verdict {result.verdict}; same-model check: {same}; "
+        f"{result.design.n} rows used ({result.design.n_dropped} dropped); "
+        f"divergences {stats.get('divergences')}"
+    )
+    for path in written:
+        print(f"  -> {path}")
+    return 0
