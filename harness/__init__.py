@@ -10,6 +10,7 @@ from harness import datasets
 # Bound eagerly: a lazily imported submodule of the same name would replace the
 # function attribute (``harness.compare`` the module vs ``hz.compare`` the function).
 from harness.compare import Comparison, compare
+from harness.same_model import SameModel, same_model
 from harness.spec import ModelSpec, Prior, build_design
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "Comparison",
     "ModelSpec",
     "Prior",
+    "SameModel",
     "__version__",
     "build_design",
     "compare",
@@ -41,10 +43,3 @@ def fit_pymc(*args: Any, **kwargs: Any):
     from harness.engines.pymc import fit_pymc as _fit
 
     return _fit(*args, **kwargs)
-
-
-def same_model(*args: Any, **kwargs: Any):
-    """Likelihood identity check (see :func:`harness.same_model.same_model`)."""
-    from harness.same_model import same_model as _same
-
-    return _same(*args, **kwargs)
