@@ -1,30 +1,47 @@
-"""R's formula algebra and ``model.matrix``, for the right-hand sides lme4 sees.
+"""R's formula terms and ``model.matrix``, for the right-hand sides lme4 sees.
 
 lme4 builds its fixed-effects matrix with ``model.matrix(nobars(formula))`` and
-each random-effects block with ``model.matrix(~ expr)``.  Matching those
-matrices column for column needs R's rules, which differ from the full-rank
-coding of ``formulae``/patsy when an interaction appears without its margins
-(``f:h``, ``x:f`` without ``x``).  So this module re-implements the parts of
-R's ``terms.formula`` (``+ - * / : ^ %in%``, ``0``/``1``/``-1``, term ordering
-by degree) and ``model.matrix`` (treatment contrasts, the margin rule that
-picks contrasts or indicator coding per factor, column order and names) that
-gaussian lme4 formulas use.  Everything is checked against ``lme4::lFormula``
-in ``tests/test_formula_features.py``.
+each random-effects block with ``model.matrix(~ expr)``.  ``formulae``
+(Bambi's parser) scans and parses the text and evaluates calls such as
+``I(x^2)``; this module keeps only what formulae does not do R's way:
+
+* spellings formulae's scanner lacks or misreads are translated or refused
+  first: R's ``^`` (formulae's ``**``), exponents in numbers (``1e5``),
+  ``%in%`` (formulae's parser stops silently at ``%``), ``.``, back-quotes;
+* R's term algebra (``terms.formula``), because formulae's expansion gives
+  other terms for some formulas (see :class:`_Expander`);
+* call names as R's ``deparse`` writes them (``I(x * 2.5)``, ``I(x^2)``);
+* ``model.matrix``'s coding, which differs from formulae's full-rank coding
+  when an interaction appears without its margins (``f:h``, ``x:f`` without
+  ``x``): treatment contrasts, the margin rule and R's column names;
+* factor levels sorted and printed as R sorts and prints them.
+
+Everything is checked against ``lme4::lFormula`` in ``tests/test_formula_features.py``.
 """
 
 from __future__ import annotations
 
-import ast
 import itertools
 import re
 import unicodedata
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from formulae import expr as fx
+from formulae.environment import Environment
+from formulae.parser import ParseError, Parser
+from formulae.scanner import ScanError, Scanner
+from formulae.terms.call_resolver import (
+    CallResolver,
+    CallResolverError,
+    LazyCall,
+    LazyVariable,
+)
+from formulae.token import Token
 
 #: Element-wise functions a formula may call on numeric columns (R name -> numpy).
 FORMULA_FUNCTIONS: dict[str, Callable[[Any], Any]] = {
@@ -56,61 +73,8 @@ UNSUPPORTED_CALLS = {
     "dummy": "lme4's dummy() is not supported",
 }
 
-_TOKEN = re.compile(
-    r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)(?![A-Za-z_.])"
-    r"|(?P<name>[A-Za-z.][A-Za-z0-9._]*)"
-    r"|(?P<tick>`[^`]*`)"
-    r"|(?P<op>%in%|%[^%\s]*%|\*\*|==|!=|<=|>=|&&|\|\||[-+*/:^(),<>!&|~=$@\[\]{}]))"
-)
-
-
-@dataclass(frozen=True)
-class _Token:
-    kind: str  # "num", "name", "op", "call"
-    text: str
-    pos: int
-    inner: str = ""  # the argument text of a call
-
-
-def _tokenize(text: str, context: str) -> list[_Token]:
-    tokens: list[_Token] = []
-    pos = 0
-    while pos < len(text):
-        if text[pos:].strip() == "":
-            break
-        match = _TOKEN.match(text, pos)
-        if match is None:
-            bad = text[pos:].lstrip()[:1]
-            raise ValueError(f"{context}: unexpected character {bad!r} in {text!r}")
-        kind = match.lastgroup or "op"
-        value = match.group(kind)
-        start = match.start(kind)
-        pos = match.end()
-        if kind == "tick":
-            raise ValueError(
-                f"{context}: back-quoted name {value} is not supported; rename the column to a "
-                "syntactic R name (letters, digits, '.' and '_')"
-            )
-        if kind == "name" and text[pos:].lstrip().startswith("("):
-            open_at = text.index("(", pos)
-            close_at = _matching_paren(text, open_at, context)
-            tokens.append(_Token("call", value, start, inner=text[open_at + 1 : close_at]))
-            pos = close_at + 1
-            continue
-        tokens.append(_Token(kind, value, start))
-    return tokens
-
-
-def _matching_paren(text: str, open_at: int, context: str) -> int:
-    depth = 0
-    for i in range(open_at, len(text)):
-        if text[i] == "(":
-            depth += 1
-        elif text[i] == ")":
-            depth -= 1
-            if depth == 0:
-                return i
-    raise ValueError(f"{context}: unbalanced '(' in {text!r}")
+# The namespace formulae evaluates calls in: nothing but I() and the functions above.
+_CALL_ENV = Environment([{"I": lambda value: value, **FORMULA_FUNCTIONS}])
 
 
 # --------------------------------------------------------------------------- numbers and names
@@ -135,34 +99,25 @@ def r_number(value: float) -> str:
     return ("-" if value < 0 else "") + text
 
 
-_SPACED = {"+", "-", "*", "==", "!=", "<", ">", "<=", ">=", "&", "|", "&&", "||"}
+def _r_deparse(node: Any) -> str:
+    """A call as R's ``deparse`` writes it (``I(x * 2.5)``, ``I(x/2 - z)``, ``I(x^2)``, ``-x``).
 
-
-def _deparse(tokens: list[_Token]) -> str:
-    """Re-emit tokens with R's ``deparse`` spacing (``x * 2``, ``x/2``, ``x^2``, ``-x``)."""
-    out: list[str] = []
-    previous: _Token | None = None
-    for token in tokens:
-        if token.kind == "num":
-            out.append(r_number(float(token.text)))
-        elif token.kind == "name":
-            out.append(token.text)
-        elif token.kind == "call":
-            inner = _deparse(_tokenize(token.inner, "formula")) if token.inner.strip() else ""
-            out.append(f"{token.text}({inner})")
-        else:
-            op = "^" if token.text == "**" else token.text
-            unary = op in ("-", "+") and (
-                previous is None or (previous.kind == "op" and previous.text not in (")",))
-            )
-            if op == ",":
-                out.append(", ")
-            elif op in _SPACED and not unary:
-                out.append(f" {op} ")
-            else:
-                out.append(op)
-        previous = token
-    return "".join(out)
+    Works on formulae's parse tree, which still holds the parentheses as
+    written (R keeps them in the name too).
+    """
+    if isinstance(node, fx.Call):
+        return f"{node.callee.name.lexeme}({', '.join(map(_r_deparse, node.args))})"
+    if isinstance(node, fx.Grouping):
+        return f"({_r_deparse(node.expression)})"
+    if isinstance(node, fx.Binary):
+        op = "^" if node.operator.kind == "STAR_STAR" else node.operator.lexeme
+        op = f" {op} " if op in ("+", "-", "*") else op
+        return f"{_r_deparse(node.left)}{op}{_r_deparse(node.right)}"
+    if isinstance(node, fx.Unary):
+        return node.operator.lexeme + _r_deparse(node.right)
+    if isinstance(node, fx.Literal):
+        return r_number(node.value)
+    return str(node.name.lexeme)
 
 
 # --------------------------------------------------------------------------- variables
@@ -173,100 +128,44 @@ class Variable:
     """One variable of a formula: a data column or a call on numeric columns.
 
     ``name`` is R's deparsed name (``x``, ``I(x^2)``, ``log(x)``), which is how
-    R names model-matrix columns; ``expression`` is the Python expression
-    evaluating a call (``None`` for a plain column).
+    R names model-matrix columns; ``call`` is formulae's lazy call that
+    evaluates it (``None`` for a plain column).
     """
 
     name: str
     columns: tuple[str, ...]
-    expression: str | None = None
+    call: LazyCall | None = field(default=None, compare=False, repr=False)
 
 
-def _call_variable(token: _Token, context: str) -> Variable:
-    fn = token.text
-    if fn in UNSUPPORTED_CALLS:
-        raise ValueError(f"{context}: {UNSUPPORTED_CALLS[fn]}")
-    if fn != "I" and fn not in FORMULA_FUNCTIONS:
-        raise ValueError(
-            f"{context}: function {fn}() is not supported in formulas; supported are I() and "
-            f"{', '.join(f'{f}()' for f in FORMULA_FUNCTIONS)} on numeric columns"
-        )
-    inner_tokens = _tokenize(token.inner, context)
-    if not inner_tokens:
-        raise ValueError(f"{context}: {fn}() has no argument")
-    name = f"{fn}({_deparse(inner_tokens)})"
-    python = _python_expression(inner_tokens, context, name)
-    expression = python if fn == "I" else f"{fn}({python})"
-    tree = ast.parse(expression, mode="eval")
-    columns = tuple(
-        dict.fromkeys(
-            node.id.replace("__dot__", ".")
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Name) and node.id not in FORMULA_FUNCTIONS
-        )
-    )
-    _check_ast(tree, name)
-    return Variable(name=name, columns=columns, expression=expression)
+def _lazy_nodes(node: Any) -> Iterator[Any]:
+    yield node
+    for child in getattr(node, "args", ()):
+        yield from _lazy_nodes(child)
 
 
-def _python_expression(tokens: list[_Token], context: str, name: str) -> str:
-    parts = []
-    for token in tokens:
-        if token.kind == "call":
-            inner = _call_variable(token, context)
-            parts.append(f"({inner.expression})")
-        elif token.kind == "op":
-            if token.text in ("^", "**"):
-                parts.append("**")
-            elif token.text in ("+", "-", "*", "/", "(", ")"):
-                parts.append(token.text)
-            else:
-                raise ValueError(
-                    f"{context}: operator {token.text!r} inside {name} is not supported; "
-                    "only arithmetic (+ - * / ^) on numeric columns"
-                )
-        elif token.kind == "name" and "." in token.text:
-            # R names may contain dots; Python identifiers may not, so map them.
-            parts.append(_py_name(token.text))
-        else:
-            parts.append(token.text)
-    return " ".join(parts)
-
-
-def _py_name(name: str) -> str:
-    return "__dot__".join(name.split(".")) if "." in name else name
-
-
-def _check_ast(tree: ast.AST, name: str) -> None:
-    allowed = (
-        ast.Expression,
-        ast.BinOp,
-        ast.UnaryOp,
-        ast.Name,
-        ast.Constant,
-        ast.Call,
-        ast.Load,
-        ast.Add,
-        ast.Sub,
-        ast.Mult,
-        ast.Div,
-        ast.Pow,
-        ast.USub,
-        ast.UAdd,
-    )
-    for node in ast.walk(tree):
-        if not isinstance(node, allowed):
-            raise ValueError(f"cannot evaluate {name}: {type(node).__name__} is not supported")
-        if isinstance(node, ast.Call):
-            if not isinstance(node.func, ast.Name) or node.func.id not in FORMULA_FUNCTIONS:
-                raise ValueError(f"cannot evaluate {name}: only {sorted(FORMULA_FUNCTIONS)} calls")
-            if len(node.args) != 1 or node.keywords:
-                raise ValueError(f"cannot evaluate {name}: functions take one argument here")
+def _call_variable(node: fx.Call, context: str) -> Variable:
+    name = _r_deparse(node)
+    call = CallResolver(node).resolve()
+    for part in _lazy_nodes(call):
+        if not isinstance(part, LazyCall):
+            continue
+        fn = part.callee
+        if fn in UNSUPPORTED_CALLS:
+            raise ValueError(f"{context}: {UNSUPPORTED_CALLS[fn]}")
+        if fn != "I" and fn not in FORMULA_FUNCTIONS:
+            raise ValueError(
+                f"{context}: function {fn}() is not supported in formulas; supported are I() "
+                f"and {', '.join(f'{f}()' for f in FORMULA_FUNCTIONS)} on numeric columns"
+            )
+        if len(part.args) != 1 or part.kwargs:
+            raise ValueError(f"{context}: {fn}() takes exactly one argument here, in {name}")
+    columns = [p.name for p in _lazy_nodes(call) if isinstance(p, LazyVariable)]
+    return Variable(name=name, columns=tuple(dict.fromkeys(columns)), call=call)
 
 
 def evaluate_variable(variable: Variable, frame: pd.DataFrame) -> pd.Series:
     """Values of one variable on ``frame`` (a column, or a call evaluated element-wise)."""
-    if variable.expression is None:
+    if variable.call is None:
         values = frame[variable.name]
         numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
         if numeric or isinstance(values.dtype, pd.CategoricalDtype):
@@ -274,7 +173,6 @@ def evaluate_variable(variable: Variable, frame: pd.DataFrame) -> pd.Series:
         # Text and logical columns are factors in R's model.matrix.
         labels, as_text = r_level_labels(values)
         return pd.Series(pd.Categorical(as_text, categories=labels), index=frame.index)
-    names: dict[str, Any] = dict(FORMULA_FUNCTIONS)
     for column in variable.columns:
         values = frame[column]
         if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
@@ -282,12 +180,9 @@ def evaluate_variable(variable: Variable, frame: pd.DataFrame) -> pd.Series:
                 f"{variable.name} uses column {column!r}, which is not numeric; "
                 "arithmetic in a formula needs numeric columns"
             )
-        names[_py_name(column)] = values.to_numpy(dtype=float)
-    tree = ast.parse(variable.expression, mode="eval")
+    numbers = frame.loc[:, list(variable.columns)].astype(float)
     with np.errstate(all="ignore"):
-        result = eval(
-            compile(tree, variable.name, "eval"), {"__builtins__": {}}, names
-        )  # the AST was checked above
+        result = variable.call.eval(numbers, _CALL_ENV)
     result = np.broadcast_to(np.asarray(result, dtype=float), (len(frame),)).copy()
     if not np.all(np.isfinite(result)):
         bad = int((~np.isfinite(result)).sum())
@@ -326,144 +221,150 @@ class Terms:
         return names
 
 
-class _Parser:
-    """Recursive descent over R's formula operators, evaluated with R's term algebra."""
+# formulae's scanner has no exponent in numbers: 1e5 would be 1 followed by a name e5.
+_EXPONENT = re.compile(r"(?<![\w.])(?:\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+_KINDS = {"IDENTIFIER", "NUMBER", "PLUS", "MINUS", "STAR", "STAR_STAR", "SLASH", "COLON"}
+_KINDS |= {"LEFT_PAREN", "RIGHT_PAREN", "COMMA", "EOF"}
 
-    def __init__(self, tokens: list[_Token], context: str, text: str) -> None:
-        self.tokens = tokens
-        self.i = 0
-        self.context = context
-        self.text = text
-        self.variables: list[Variable] = []
+
+def _scan(rhs: str, context: str) -> list[Token]:
+    """formulae's tokens for an R right-hand side, R's spellings translated or refused."""
+    if "`" in rhs:  # formulae would read `a b` as a column; its scanner loops on a lone `
+        raise ValueError(
+            f"{context}: back-quoted names are not supported in {rhs!r}; rename the column to "
+            "a syntactic R name (letters, digits, '.' and '_')"
+        )
+    text = _EXPONENT.sub(lambda m: format(Decimal(m[0]), "f"), rhs.replace("^", "**"))
+    try:
+        scanned = Scanner(text).scan(add_intercept=False)
+    except ScanError as err:
+        raise ValueError(f"{context}: {err} in {rhs!r}") from None
+    tokens: list[Token] = []
+    while scanned:
+        token = scanned.pop(0)
+        if token.kind == "MODULO":  # formulae scans %in% as three tokens and parses none
+            op = "%" + "".join(t.lexeme for t in scanned[:2])
+            if op != "%in%":
+                raise ValueError(f"{context}: operator {op} is not supported in {rhs!r}")
+            token = Token("IN", op)
+            del scanned[:2]
+        elif token.kind == "PERIOD":
+            raise ValueError(f"{context}: '.' (all other columns) is not supported; name them")
+        elif token.kind == "PIPE":
+            raise ValueError(f"{context}: '|' outside a random-effect term '(expr | factor)'")
+        elif token.kind not in _KINDS:
+            raise ValueError(f"{context}: {token.lexeme!r} is not supported in {rhs!r}")
+        tokens.append(token)
+    return tokens
+
+
+class _RParser(Parser):
+    """formulae's parser plus R's ``%in%``, which binds between ``*`` and ``:``."""
+
+    def multiplication(self) -> Any:
+        expr = self._nesting()
+        while self.match(["STAR", "SLASH"]):
+            operator = self.previous()
+            expr = fx.Binary(expr, operator, self._nesting())
+        return expr
+
+    def _nesting(self) -> Any:
+        expr = self.interaction()
+        while self.match("IN"):
+            operator = self.previous()
+            expr = fx.Binary(expr, operator, self.interaction())
+        return expr
+
+
+def _trim(terms: list[frozenset[int]]) -> list[frozenset[int]]:
+    return list(dict.fromkeys(t for t in terms if t))
+
+
+class _Expander:
+    """R's term algebra (``TermCode`` in R's ``model.c``) over formulae's parse tree.
+
+    formulae's own expansion (its ``Resolver``) gives other models than R for
+    some formulas, so it is not used: its terms are ordered lists (``x*z -
+    z:x`` keeps ``x:z``; ``((a + b:c)^2)^2`` has both ``a:b:c`` and
+    ``b:c:a``), ``(x + z)*(x + z)`` lacks ``x:z``, ``0``/``1`` inside
+    parentheses are ignored (``(x + z + 0)`` keeps the intercept) or fail
+    (``x - 0``, ``(1 + x):z``), and calls with numbers fail in ``*``
+    (``(I(x*2) + z)*(I(x*2) + z)``).  Here a term is a set of variable
+    indices and the intercept is R's single flag, set by the last ``0``/``1``
+    read (flipped on the right of ``-``).
+    """
+
+    def __init__(self, context: str, rhs: str) -> None:
+        self.context, self.rhs = context, rhs
+        self.variables: dict[str, Variable] = {}  # by R name, in order of appearance
         self.intercept = True
+        self.parity = True
 
-    # R's term algebra on lists of frozensets of variable indices.
-    @staticmethod
-    def _trim(terms: list[frozenset[int]]) -> list[frozenset[int]]:
-        return list(dict.fromkeys(t for t in terms if t))
+    def _variable(self, variable: Variable) -> list[frozenset[int]]:
+        self.variables.setdefault(variable.name, variable)
+        return [frozenset({list(self.variables).index(variable.name)})]
 
-    def _peek(self) -> _Token | None:
-        return self.tokens[self.i] if self.i < len(self.tokens) else None
+    def _deleted(self, node: Any) -> list[frozenset[int]]:
+        self.parity = not self.parity
+        try:
+            return self.expand(node)
+        finally:
+            self.parity = not self.parity
 
-    def _fail(self, what: str) -> ValueError:
-        return ValueError(f"{self.context}: {what} in {self.text!r}")
-
-    def parse(self) -> list[frozenset[int]]:
-        terms = self._sum()
-        if self._peek() is not None:
-            raise self._fail(f"unexpected {self._peek().text!r}")  # type: ignore[union-attr]
-        return terms
-
-    def _sum(self) -> list[frozenset[int]]:
-        terms: list[frozenset[int]] = []
-        sign = "+"
-        token = self._peek()
-        if token is not None and token.kind == "op" and token.text in ("+", "-"):
-            sign = token.text
-            self.i += 1
-        while True:
-            token = self._peek()
-            if token is not None and token.kind == "num":
-                self.i += 1
-                if token.text not in ("0", "1"):
-                    raise self._fail(f"number {token.text} cannot be a term (only 0, 1 and -1)")
-                # R's global intercept flag: +1/-0 keep it, +0/-1 remove it.
-                self.intercept = (token.text == "1") == (sign == "+")
-            else:
-                part = self._product()
-                if sign == "+":
-                    terms = self._trim(terms + part)
-                else:
-                    terms = [t for t in terms if t not in set(part)]
-            token = self._peek()
-            if token is None or token.kind != "op" or token.text not in ("+", "-"):
-                return terms
-            sign = token.text
-            self.i += 1
-
-    def _product(self) -> list[frozenset[int]]:
-        left = self._in()
-        while (
-            (token := self._peek()) is not None and token.kind == "op" and token.text in ("*", "/")
-        ):
-            self.i += 1
-            right = self._in()
-            if token.text == "*":
-                left = self._trim(left + right + [a | b for a in left for b in right])
-            else:
-                # a/b is a + (all variables of a):b
-                whole = frozenset().union(*left) if left else frozenset()
-                left = self._trim(left + [whole | b for b in right])
-        return left
-
-    def _in(self) -> list[frozenset[int]]:
-        left = self._interaction()
-        while (
-            (token := self._peek()) is not None
-            and token.kind == "op"
-            and token.text.startswith("%")
-        ):
-            if token.text != "%in%":
-                raise self._fail(f"operator {token.text} is not supported")
-            self.i += 1
-            right = self._interaction()
-            whole = frozenset().union(*right) if right else frozenset()
-            left = self._trim([a | whole for a in left])
-        return left
-
-    def _interaction(self) -> list[frozenset[int]]:
-        left = self._power()
-        while (token := self._peek()) is not None and token.kind == "op" and token.text == ":":
-            self.i += 1
-            right = self._power()
-            left = self._trim([a | b for a in left for b in right])
-        return left
-
-    def _power(self) -> list[frozenset[int]]:
-        base = self._atom()
-        token = self._peek()
-        if token is not None and token.kind == "op" and token.text in ("^", "**"):
-            self.i += 1
-            exponent = self._peek()
-            if exponent is None or exponent.kind != "num" or not float(exponent.text).is_integer():
-                raise self._fail("'^' in a formula needs a whole number, as in (a + b)^2")
-            self.i += 1
-            result = base
-            for _ in range(int(float(exponent.text)) - 1):
-                result = self._trim([a | b for a in base for b in result])
+    def expand(self, node: Any) -> list[frozenset[int]]:
+        if isinstance(node, fx.Grouping):
+            return self.expand(node.expression)
+        if isinstance(node, fx.Variable):
+            return self._variable(Variable(node.name.lexeme, (node.name.lexeme,)))
+        if isinstance(node, fx.Call):
+            return self._variable(_call_variable(node, self.context))
+        if isinstance(node, fx.Literal):
+            if node.value not in (0, 1):
+                raise ValueError(
+                    f"{self.context}: number {node.lexeme or node.value} cannot be a term "
+                    f"(only 0, 1 and -1) in {self.rhs!r}"
+                )
+            self.intercept = (node.value == 1) == self.parity
+            return []
+        if isinstance(node, fx.Unary):
+            if node.operator.kind == "MINUS":
+                self._deleted(node.right)
+                return []
+            return self.expand(node.right)
+        op = node.operator.kind
+        if op == "MINUS":
+            left = self.expand(node.left)
+            removed = set(self._deleted(node.right))
+            return [t for t in left if t not in removed]
+        if op == "STAR_STAR":
+            power = node.right.value if isinstance(node.right, fx.Literal) else None
+            if not isinstance(power, int) or power < 1:
+                raise ValueError(
+                    f"{self.context}: '^' in a formula needs a whole number, as in (a + b)^2"
+                )
+            base = result = self.expand(node.left)
+            for _ in range(power - 1):
+                result, previous = _trim([a | b for a in base for b in result]), result
+                if result == previous:  # all interactions reached; ends (a + b)^1e50 too
+                    break
             return result
-        return base
-
-    def _install(self, variable: Variable) -> int:
-        for j, known in enumerate(self.variables):
-            if known.name == variable.name:
-                return j
-        self.variables.append(variable)
-        return len(self.variables) - 1
-
-    def _atom(self) -> list[frozenset[int]]:
-        token = self._peek()
-        if token is None:
-            raise self._fail("a term is missing")
-        self.i += 1
-        if token.kind == "name":
-            if token.text == ".":
-                raise self._fail("'.' (all other columns) is not supported; name the columns")
-            return [frozenset({self._install(Variable(token.text, (token.text,)))})]
-        if token.kind == "call":
-            return [frozenset({self._install(_call_variable(token, self.context))})]
-        if token.kind == "op" and token.text == "(":
-            inner = self._sum()
-            closing = self._peek()
-            if closing is None or closing.text != ")":
-                raise self._fail("unbalanced '('")
-            self.i += 1
-            return inner
-        if token.kind == "num":
-            raise self._fail(f"number {token.text} inside an interaction or power")
-        if token.text == "|":
-            raise self._fail("'|' outside a random-effect term '(expr | factor)'")
-        raise self._fail(f"unexpected {token.text!r}")
+        left, right = self.expand(node.left), self.expand(node.right)
+        if op in ("STAR", "SLASH") and not left:
+            return []  # R's CrossTerms/NestTerms drop the right side too (model.c)
+        crossed = [a | b for a in left for b in right]
+        if op == "PLUS":
+            return _trim(left + right)
+        if op == "COLON":
+            return _trim(crossed)
+        if op == "STAR":
+            return _trim(left + right + crossed)
+        if op == "SLASH":  # a/b is a + (all variables of a):b
+            return _trim(left + [frozenset().union(*left) | b for b in right])
+        if op == "IN":  # a %in% b is a:(all variables of b)
+            return _trim([a | frozenset().union(*right) for a in left])
+        raise ValueError(
+            f"{self.context}: {node.operator.lexeme!r} is not supported in {self.rhs!r}"
+        )
 
 
 def parse_terms(rhs: str, context: str = "formula") -> Terms:
@@ -485,15 +386,22 @@ def parse_terms(rhs: str, context: str = "formula") -> Terms:
     ValueError
         On syntax R would reject or features the harness does not fit.
     """
-    parser = _Parser(_tokenize(rhs, context), context, rhs)
-    if not parser.tokens:
+    if not rhs.strip():
         raise ValueError(f"{context}: empty right-hand side")
-    found = parser.parse()
-    # Variables in a term follow their order of first appearance; terms sort by degree.
-    ordered = [tuple(sorted(term)) for term in found]
-    ordered.sort(key=len)
+    parser = _RParser(_scan(rhs, context))
+    expander = _Expander(context, rhs)
+    try:
+        tree = parser.parse()
+        if not parser.at_end():  # formulae's parser stops quietly at what it cannot read
+            raise ParseError(f"unexpected {parser.peek().lexeme!r}")
+        found = expander.expand(tree)
+    except (ParseError, CallResolverError, AttributeError) as err:
+        raise ValueError(f"{context}: cannot read {rhs!r} as an R formula ({err})") from None
     return Terms(
-        intercept=parser.intercept, variables=tuple(parser.variables), terms=tuple(ordered)
+        intercept=expander.intercept,
+        variables=tuple(expander.variables.values()),
+        # A term's variables in order of appearance; terms sorted by degree, stably.
+        terms=tuple(sorted((tuple(sorted(t)) for t in found), key=len)),
     )
 
 

@@ -2,14 +2,13 @@
 
 The formula string is the single source of truth.  lme4 receives it verbatim;
 the PyMC side receives the design built here.  Its fixed-effects matrix and
-each random-effects block come from :mod:`harness.rformula`, which follows R's
-``terms.formula`` and ``model.matrix`` (treatment contrasts, R's margin rule
-for interactions, R's column names), and the blocks follow lme4's own rules
+each random-effects block come from :mod:`harness.rformula` (``formulae``
+parses; R's term algebra, ``model.matrix`` coding and column names are kept
+there because formulae's differ), and the blocks follow lme4's own rules
 (``findbars``, ``||`` splitting, ``a/b`` nesting, ``a:b`` levels, block order
-by decreasing number of levels).  ``formulae``'s full-rank coding differs from
-R's for interactions without their margins (``f:h``), hence a parser of our
-own.  Column names and group levels are spelled the way lme4 spells them so
-that the two engines' tables join on plain strings.
+by decreasing number of levels), which formulae's ``(x | g)`` terms do not.
+Column names and group levels are spelled the way lme4 spells them so that
+the two engines' tables join on plain strings.
 """
 
 from __future__ import annotations
@@ -228,6 +227,7 @@ def make_names(names: list[str]) -> list[str]:
 
 
 def _refuse_unsupported(formula: str, rhs: str) -> None:
+    # Before parsing, so that poly(x, degree = 2) is named, not refused for its '='.
     for call, why in UNSUPPORTED_CALLS.items():
         if re.search(rf"(?<![A-Za-z0-9_.]){re.escape(call)}\s*\(", rhs):
             raise ValueError(f"formula {formula!r}: {why}")
