@@ -1,0 +1,167 @@
+"""The runner's disk cache: a warm run refits nothing; a new seed refits PyMC only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from importlib import import_module
+from pathlib import Path
+
+import pytest
+
+import harness.runner as runner
+from harness.runner import FitSettings, fit_design
+
+#: The default test run's one small fit (shared with test_report/test_plots/test_browser
+#: through the runner's disk cache in the session's temp folder).
+REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.getbasetemp() / "harness-cache"
+    fit_design(
+        "sleepstudy", seed=1, cache_dir=path, settings=REPORT_SETTINGS
+    )  # cold, or already warm
+    return path
+
+
+def _forbid(monkeypatch: pytest.MonkeyPatch, *targets: tuple[object, str]) -> None:
+    """Make fitting functions fail loudly if anything calls them."""
+    for module, name in targets:
+
+        def refuse(*args: object, _name: str = name, **kwargs: object) -> None:
+            raise AssertionError(f"{_name} was called on a warm cache")
+
+        monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.mark.r
+@pytest.mark.sampling
+def test_warm_run_refits_nothing(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # By module object: the package re-exports functions under the submodules' names.
+    targets = [
+        (import_module("harness.engines.lme4"), "fit_lme4"),
+        (import_module("harness.engines.pymc"), "fit_pymc"),
+        (import_module("harness.compare"), "compare"),
+        (import_module("harness.report"), "render_figures"),
+    ]
+    if (ROOT / "harness" / "same_model.py").is_file():
+        targets.append((import_module("harness.same_model"), "same_model"))
+    _forbid(monkeypatch, *targets)
+    result = fit_design("sleepstudy", seed=1, cache_dir=cache, settings=REPORT_SETTINGS)
+    assert all(result.cached.values()), result.cached
+    assert result.figures is not None
+    # The draws are read back intact.
+    assert result.bayes.idata.posterior.sizes["draw"] == 500
+    assert result.bayes.idata.posterior.sizes["chain"] == 2
+
+
+@pytest.mark.r
+@pytest.mark.sampling
+def test_new_seed_refits_pymc_only(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid(monkeypatch, (import_module("harness.engines.lme4"), "fit_lme4"))
+    first = fit_design(
+        "sleepstudy", seed=1, cache_dir=cache, settings=REPORT_SETTINGS, figures=False
+    )
+    second = fit_design(
+        "sleepstudy", seed=2, cache_dir=cache, settings=REPORT_SETTINGS, figures=False
+    )
+    assert second.cached["lme4"] and not second.cached["pymc"] and not second.cached["compare"]
+    assert second.keys["lme4"] == first.keys["lme4"] and second.keys["pymc"] != first.keys["pymc"]
+    if "same_model" in first.keys:  # it checks the lme4 fit's likelihood: the seed does not enter
+        assert second.cached["same_model"] and second.keys["same_model"] == first.keys["same_model"]
+    draws = [r.bayes.idata.posterior["beta"].values for r in (first, second)]
+    assert not (draws[0] == draws[1]).all()
+
+
+def test_keys_follow_what_changed() -> None:
+    import harness as hz
+    from harness.spec import build_design
+
+    data, spec = hz.datasets.load("sleepstudy")
+    design = build_design(spec, data)
+    settings = FitSettings()
+    lme4 = runner._lme4_key_parts(design, spec, settings)
+    pymc = runner._pymc_key_parts(design, spec, settings, seed=1)
+    assert runner._pymc_key_parts(design, spec, settings, seed=2) != pymc
+    # seed and sampler settings never enter the lme4 key
+    assert "seed" not in lme4 and "draws" not in json.dumps(lme4)
+    assert runner._lme4_key_parts(design, spec, FitSettings(draws=10, chains=1)) == lme4
+    ml_spec = spec.with_(reml=False)
+    assert runner._lme4_key_parts(design, ml_spec, settings) != lme4
+    assert runner._pymc_key_parts(design, ml_spec, settings, seed=1) != pymc
+    changed = data.copy()
+    changed.loc[0, "Reaction"] += 1.0
+    other = build_design(spec, changed)
+    assert runner._lme4_key_parts(other, spec, settings)["data"] != lme4["data"]
+    assert runner._pymc_key_parts(other, spec, settings, seed=1)["data"] != pymc["data"]
+
+
+def test_cache_folder_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / "c"))
+    assert runner.resolve_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("HARNESS_CACHE_DIR")
+    monkeypatch.chdir(tmp_path)
+    assert runner.resolve_cache_dir() == tmp_path / ".cache" / "harness"
+    assert runner.resolve_cache_dir(tmp_path / "x") == tmp_path / "x"
+
+
+def test_unknown_design_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown dataset 'nope'"):
+        fit_design("nope")
+    with pytest.raises(ValueError, match="design name or a \\(ModelSpec, DataFrame\\) pair"):
+        fit_design(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.r
+@pytest.mark.sampling
+def test_warm_report_starts_no_r_and_no_compiler(cache: Path, tmp_path: Path) -> None:
+    """In a fresh process, a cached design renders without rpy2, PyMC, PyTensor or nutpie."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        started = time.perf_counter()
+        from harness.runner import FitSettings, fit_design
+        from harness.report import write_report
+        result = fit_design("sleepstudy", seed=1, cache_dir={str(cache)!r},
+                            settings=FitSettings(draws=500, tune=500, chains=2, n_sims=200))
+        write_report(result, {str(tmp_path / "warm.html")!r})
+        loaded = sorted(m for m in ("rpy2", "pymc", "pytensor", "nutpie", "numba") if m in sys.modules)
+        print(loaded, all(result.cached.values()), round(time.perf_counter() - started, 2))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    elapsed = time.perf_counter() - started
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded, all_cached, _seconds = out.stdout.strip().splitlines()[-1].rsplit(" ", 2)
+    assert loaded == "[]" and all_cached == "True", out.stdout
+    assert (tmp_path / "warm.html").stat().st_size > 100_000
+    # Interpreter start, imports, unpickling and one page take a few seconds; a refit would
+    # take a minute or more (and would have loaded rpy2 and PyMC, caught above).
+    assert elapsed < 60, f"warm render took {elapsed:.1f} s"
+
+
+@pytest.mark.r
+@pytest.mark.sampling
+def test_cached_lme4_fit_serves_a_machine_without_r(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without Rscript the lme4 key cannot name R's versions: the newest matching fit is used."""
+    _forbid(monkeypatch, (import_module("harness.engines.lme4"), "fit_lme4"))
+    monkeypatch.setattr(runner, "r_versions_cheap", lambda: None)
+    result = fit_design("sleepstudy", seed=1, cache_dir=cache, settings=REPORT_SETTINGS)
+    assert result.cached["lme4"] and result.cached["pymc"]
+    assert result.freq.versions["lme4"]  # the versions recorded when it was fitted
