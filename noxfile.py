@@ -12,6 +12,7 @@ finds it relative to the package source, which only an editable install keeps.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -78,10 +79,22 @@ def _setup(
     """
     script = [str(ROOT / "r_scripts" / "install_r.sh")] + (["--with-browser"] if browser else [])
     session.run("bash", *script, external=True)
+    # The install is editable, so only a change of pyproject.toml (or of the groups and
+    # extras asked for) needs pip again; a stamp in the venv records what was installed.
+    key = hashlib.sha256(
+        (ROOT / "pyproject.toml").read_bytes() + repr((groups, extras)).encode()
+    ).hexdigest()
+    venv = getattr(session.virtualenv, "location", None)
+    stamp = Path(venv) / ".harness-install-stamp" if venv else None
+    if stamp is not None and stamp.is_file() and stamp.read_text() == key:
+        session.log("harness and its dependencies already installed (pyproject.toml unchanged)")
+        return
     session.install("-e", f".{extras}")
     deps = nox.project.dependency_groups(PYPROJECT, *groups) if groups else ()
     if deps:
         session.install(*deps)
+    if stamp is not None:
+        stamp.write_text(key)
 
 
 @nox.session(python=PYTHON)
