@@ -164,8 +164,7 @@ harness_fit_lmer <- function(data, formula, REML = TRUE, profile = FALSE, n_sims
     theta = getME(fit, "theta"),
     ml_theta = getME(ml_fit, "theta"),
     ml_beta = fixef(ml_fit),
-    ml_sigma = sigma(ml_fit),
-    versions = harness_versions()
+    ml_sigma = sigma(ml_fit)
   )
 }
 
@@ -318,8 +317,7 @@ harness_fit_lme <- function(data, fixed, random_rhs, group, sigma_by, REML = TRU
     notes = unique(notes),
     ml_beta = nlme::fixef(ml_fit),
     ml_G = as.matrix(nlme::getVarCov(ml_fit)),
-    ml_sigma = ml_fit$sigma * ml_ratios[sigma_levels],
-    versions = harness_versions()
+    ml_sigma = ml_fit$sigma * ml_ratios[sigma_levels]
   )
 }
 

@@ -106,10 +106,16 @@ def r_scripts_dir() -> Path:
 @cache
 def _r_env() -> Any:
     """Import rpy2, start R, and source fit.R into a private environment (once)."""
+    # Starting R prepends R's library folders to LD_LIBRARY_PATH in this process's
+    # environment; child processes started later (Dask workers, subprocesses) would
+    # then load R's copies of system libraries.  R itself needs it only at start-up.
+    library_path = os.environ.get("LD_LIBRARY_PATH")
     try:
         import rpy2.robjects as ro
     except Exception as err:  # ImportError, or R shared library missing / wrong
         raise RUnavailableError(f"rpy2 cannot start R ({err}); {INSTALL_HINT}") from None
+    finally:
+        _restore_library_path(library_path)
     missing = list(
         ro.r(
             'c("lme4", "nlme", "merTools", "lmerTest", "MASS")'
@@ -124,7 +130,15 @@ def _r_env() -> Any:
     env = ro.r("new.env()")
     with _quiet_console():
         ro.r["source"](str(r_scripts_dir() / "fit.R"), local=env)
+    _restore_library_path(library_path)
     return env
+
+
+def _restore_library_path(value: str | None) -> None:
+    if value is None:
+        os.environ.pop("LD_LIBRARY_PATH", None)
+    else:
+        os.environ["LD_LIBRARY_PATH"] = value
 
 
 @contextlib.contextmanager
@@ -173,6 +187,7 @@ def _call(function: str, *args: Any, **kwargs: Any) -> Any:
 
 def to_r_frame(data: pd.DataFrame) -> Any:
     """A pandas DataFrame as an R data.frame, categoricals as factors with their levels."""
+    _r_env()  # R starts there (clear error if it cannot, environment kept clean)
     import rpy2.robjects as ro
 
     columns: dict[str, Any] = {}
@@ -364,8 +379,7 @@ def fit_lme4(
     notes = result["notes"]
     messages = [] if notes is None else [str(n) for n in np.atleast_1d(notes)]
     messages = design.notes + messages
-    versions_frame = result["versions"]
-    versions = dict(zip(versions_frame["package"], versions_frame["version"], strict=True))
+    versions = r_versions()
     fixed = result["fixed"]
     variance = result["variance"]
     for frame_ in (fixed, variance):
@@ -413,7 +427,8 @@ def simulate_cafe_in_r(n_cafes: int, n_visits: int, **values: float) -> pd.DataF
     return result
 
 
+@cache
 def r_versions() -> dict[str, str]:
-    """Versions of R and the R packages the harness uses."""
+    """Versions of R and the R packages the harness uses (asked once per process)."""
     frame = _from_r(_call("harness_versions"))
     return dict(zip(frame["package"], frame["version"], strict=True))
