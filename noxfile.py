@@ -70,9 +70,7 @@ def _env() -> dict[str, str]:
     }
 
 
-def _setup(
-    session: nox.Session, *groups: str, extras: str = "", browser: bool = False
-) -> None:
+def _setup(session: nox.Session, *groups: str, extras: str = "", browser: bool = False) -> None:
     """System setup (R and packages), then the package (editable) and dependency groups.
 
     ``browser=True`` also installs Debian's Chromium for the report browser tests.

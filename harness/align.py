@@ -83,7 +83,7 @@ def informed_counts(bayes_or_design: object) -> pd.DataFrame:
     is informed by the prior alone on both sides; agreement metrics skip it.
     """
     design = getattr(bayes_or_design, "design", bayes_or_design)
-    rows = []
+    rows: list[dict[str, object]] = []
     for block in design.blocks:  # type: ignore[attr-defined]
         for j, term in enumerate(block.terms):
             nonzero = block.values[:, j] != 0

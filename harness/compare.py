@@ -381,7 +381,9 @@ def sampler_diagnostics(bayes: BayesFit) -> tuple[pd.DataFrame, dict[str, Any]]:
 
     posterior = bayes.idata.posterior
     names = [v for v in posterior.data_vars if not v.startswith(("z_", "chol_")) and "__" not in v]
-    summary = az.summary(bayes.idata, var_names=names, kind="diagnostics", round_to="none")
+    summary: pd.DataFrame = az.summary(
+        bayes.idata, var_names=names, kind="diagnostics", round_to="none"
+    )  # type: ignore[assignment]
     summary = summary.reset_index().rename(columns={"index": "parameter"})
     stats = bayes.idata.sample_stats
     depth_name = next((n for n in ("depth", "tree_depth") if n in stats), None)

@@ -48,8 +48,17 @@ def toy(n_groups: int = 6, per: int = 5, seed: int = 0) -> pd.DataFrame:
 def fails(csv: Path | str, formula: str, outputs, tmp_path, *extra: str) -> str:
     """Run the command expecting failure; return its one-line message."""
     report, js = outputs
-    argv = ["compare", str(csv), "--formula", formula, "--out", str(report), "--json", str(js),
-            *extra]
+    argv = [
+        "compare",
+        str(csv),
+        "--formula",
+        formula,
+        "--out",
+        str(report),
+        "--json",
+        str(js),
+        *extra,
+    ]
     rc, stdout, stderr = run_cli(argv, tmp_path / "cache")
     assert rc == 1
     lines = stderr.strip().splitlines()
@@ -182,9 +191,25 @@ def test_r_missing_says_how_to_install(outputs, tmp_path):
     )
     env = {**os.environ, "HARNESS_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-c", code, "compare", str(DATA / "dyestuff.csv"), "--formula", DYESTUFF,
-         "--out", str(report), "--json", str(js)],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300, check=False,
+        [
+            sys.executable,
+            "-c",
+            code,
+            "compare",
+            str(DATA / "dyestuff.csv"),
+            "--formula",
+            DYESTUFF,
+            "--out",
+            str(report),
+            "--json",
+            str(js),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
@@ -241,8 +266,18 @@ def nan_run(tmp_path_factory):
     extra = pd.DataFrame({"Batch": ["A", "C", "F"], "Yield": [np.nan, np.nan, np.nan]})
     csv = write_csv(folder / "dyestuff_na.csv", pd.concat([data, extra], ignore_index=True))
     report, js = folder / "na.html", folder / "na.json"
-    argv = ["compare", str(csv), "--formula", DYESTUFF, "--out", str(report), "--json", str(js),
-            "--seed", "3"]
+    argv = [
+        "compare",
+        str(csv),
+        "--formula",
+        DYESTUFF,
+        "--out",
+        str(report),
+        "--json",
+        str(js),
+        "--seed",
+        "3",
+    ]
     rc, stdout, stderr = run_cli(argv, shared_cache(tmp_path_factory), **QUICK)
     return rc, stdout, stderr, report, js
 
@@ -268,8 +303,18 @@ def test_missing_values_are_dropped_and_counted(nan_run):
 def test_too_few_draws_are_flagged_unreliable(tmp_path, tmp_path_factory):
     """20 draws per chain: the ESS cannot reach the threshold, so no verdict may pass."""
     report, js = tmp_path / "few.html", tmp_path / "few.json"
-    argv = ["compare", str(DATA / "dyestuff.csv"), "--formula", DYESTUFF, "--out", str(report),
-            "--json", str(js), "--seed", "3"]
+    argv = [
+        "compare",
+        str(DATA / "dyestuff.csv"),
+        "--formula",
+        DYESTUFF,
+        "--out",
+        str(report),
+        "--json",
+        str(js),
+        "--seed",
+        "3",
+    ]
     env = {**QUICK, "HARNESS_DRAWS": "20", "HARNESS_TUNE": "50"}
     rc, _, stderr = run_cli(argv, shared_cache(tmp_path_factory), **env)
     assert rc == 0, stderr
@@ -299,8 +344,18 @@ def test_singular_fit_is_reported_by_lme4():
 def test_singular_fit_is_reported_on_both_sides(tmp_path, tmp_path_factory):
     """Dyestuff2 end to end: the JSON and the report say the fit is singular."""
     report, js = tmp_path / "d2.html", tmp_path / "d2.json"
-    argv = ["compare", str(DATA / "dyestuff2.csv"), "--formula", DYESTUFF, "--out", str(report),
-            "--json", str(js), "--seed", "3"]
+    argv = [
+        "compare",
+        str(DATA / "dyestuff2.csv"),
+        "--formula",
+        DYESTUFF,
+        "--out",
+        str(report),
+        "--json",
+        str(js),
+        "--seed",
+        "3",
+    ]
     rc, _, stderr = run_cli(argv, shared_cache(tmp_path_factory), **QUICK)
     assert rc == 0, stderr
     payload = json.loads(js.read_text())

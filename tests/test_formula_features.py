@@ -68,8 +68,14 @@ R_TERM_LABELS = [
         "I(x^2) + log(x) + I(x*2.5) + I(x/2 - z) + I(-x) + I(x*0.0001) + I(x*1e5) + I(x*123456)",
         1,
         [
-            "I(x^2)", "log(x)", "I(x * 2.5)", "I(x/2 - z)", "I(-x)", "I(x * 1e-04)",
-            "I(x * 1e+05)", "I(x * 123456)",
+            "I(x^2)",
+            "log(x)",
+            "I(x * 2.5)",
+            "I(x/2 - z)",
+            "I(-x)",
+            "I(x * 1e-04)",
+            "I(x * 1e+05)",
+            "I(x * 123456)",
         ],
     ),
 ]
@@ -103,19 +109,81 @@ def test_varcorr_names_follow_make_names():
 
 
 def test_numbers_print_as_r_prints_them():
-    cases = {2.0: "2", 2.5: "2.5", 1e-4: "1e-04", 1e5: "1e+05", 123456.0: "123456",
-             0.1 + 0.2: "0.3", -3.0: "-3", 1000.0: "1000"}
+    cases = {
+        2.0: "2",
+        2.5: "2.5",
+        1e-4: "1e-04",
+        1e5: "1e+05",
+        123456.0: "123456",
+        0.1 + 0.2: "0.3",
+        -3.0: "-3",
+        1000.0: "1000",
+    }
     assert {v: r_number(v) for v in cases} == cases
 
 
 def test_text_levels_sort_as_r_sorts_them():
-    values = ["a_1", "a1", "a.1", "A1", "a-1", "10", "9", "Z", "z", "b", "B2", "b1", "Ab", "aB",
-              "ab", "AB", "x y", "x_y", "xy", "x.y", "_a", "é", "e", "f", "ctl", "Control",
-              "trt2", "trt10"]
+    values = [
+        "a_1",
+        "a1",
+        "a.1",
+        "A1",
+        "a-1",
+        "10",
+        "9",
+        "Z",
+        "z",
+        "b",
+        "B2",
+        "b1",
+        "Ab",
+        "aB",
+        "ab",
+        "AB",
+        "x y",
+        "x_y",
+        "xy",
+        "x.y",
+        "_a",
+        "é",
+        "e",
+        "f",
+        "ctl",
+        "Control",
+        "trt2",
+        "trt10",
+    ]
     # sort(values) in R 4.2.2 (ICU root collation, LC_COLLATE=C.UTF-8).
-    r_sorted = ["_a", "10", "9", "a_1", "a-1", "a.1", "a1", "A1", "ab", "aB", "Ab", "AB", "b",
-                "b1", "B2", "Control", "ctl", "e", "é", "f", "trt10", "trt2", "x y", "x_y",
-                "x.y", "xy", "z", "Z"]
+    r_sorted = [
+        "_a",
+        "10",
+        "9",
+        "a_1",
+        "a-1",
+        "a.1",
+        "a1",
+        "A1",
+        "ab",
+        "aB",
+        "Ab",
+        "AB",
+        "b",
+        "b1",
+        "B2",
+        "Control",
+        "ctl",
+        "e",
+        "é",
+        "f",
+        "trt10",
+        "trt2",
+        "x y",
+        "x_y",
+        "x.y",
+        "xy",
+        "z",
+        "Z",
+    ]
     assert sorted(values, key=r_sort_key) == r_sorted
     labels, _ = r_level_labels(pd.Series(["B", "a", "c", "a"]))
     assert labels == ["a", "B", "c"]
@@ -152,7 +220,9 @@ def test_lme4_block_order_and_labels():
     # and VarCorr calls the first 'g' block (0 + x) "g" and the intercept block "g.1".
     design = build_design(ModelSpec("y ~ x + (1 | a) + (1 | g) + (0 + x | g)"), data)
     assert [(b.label, b.terms) for b in design.blocks] == [
-        ("g", ["x"]), ("g.1", ["(Intercept)"]), ("a", ["(Intercept)"])
+        ("g", ["x"]),
+        ("g.1", ["(Intercept)"]),
+        ("a", ["(Intercept)"]),
     ]
     # Already non-increasing: no reordering, labels in formula order.
     design = build_design(ModelSpec("y ~ x + (1 | g) + (0 + x | g) + (1 | a)"), data)
@@ -267,7 +337,9 @@ def test_design_equals_lformula(formula, data):
     np.testing.assert_allclose(np.asarray(lf["X"]).reshape(design.X.shape), design.X.to_numpy())
     Z = design.Z().toarray()
     np.testing.assert_allclose(np.asarray(lf["Z"]).reshape(Z.shape), Z)
-    assert [str(n) for n in np.atleast_1d(lf["Z_names"])] == [lvl for _, lvl, _ in design.Z_columns()]
+    assert [str(n) for n in np.atleast_1d(lf["Z_names"])] == [
+        lvl for _, lvl, _ in design.Z_columns()
+    ]
     flist = [str(n) for n in np.atleast_1d(lf["flist_names"])]
     assert flist == list(dict.fromkeys(b.factor for b in design.blocks))
     # cnms comes back as a dict, so a factor's last block wins (R's list keeps them all).

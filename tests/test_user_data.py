@@ -135,8 +135,18 @@ def dyestuff_run(tmp_path_factory):
     """``harness compare`` on Dyestuff: report and JSON (2 chains x 300 draws)."""
     out = tmp_path_factory.mktemp("dyestuff")
     report, js = out / "dyestuff.html", out / "dyestuff.json"
-    argv = ["compare", str(DATA / "dyestuff.csv"), "--formula", MODELS["dyestuff"]["formula"],
-            "--out", str(report), "--json", str(js), "--seed", "3"]
+    argv = [
+        "compare",
+        str(DATA / "dyestuff.csv"),
+        "--formula",
+        MODELS["dyestuff"]["formula"],
+        "--out",
+        str(report),
+        "--json",
+        str(js),
+        "--seed",
+        "3",
+    ]
     rc, stdout, stderr = run_cli(argv, shared_cache(tmp_path_factory), **QUICK)
     return rc, stdout, stderr, report, js
 
@@ -177,8 +187,12 @@ def test_failed_write_leaves_neither_file(dyestuff_run, tmp_path, tmp_path_facto
     assert dyestuff_run[0] == 0
     # The module's run cached every stage: this only loads them.
     result = compare_data(
-        read_data(DATA / "dyestuff.csv"), MODELS["dyestuff"]["formula"], name="dyestuff", seed=3,
-        settings=quick_settings(), cache_dir=shared_cache(tmp_path_factory),
+        read_data(DATA / "dyestuff.csv"),
+        MODELS["dyestuff"]["formula"],
+        name="dyestuff",
+        seed=3,
+        settings=quick_settings(),
+        cache_dir=shared_cache(tmp_path_factory),
     )
     assert all(result.cached.values())
 
@@ -199,8 +213,16 @@ def test_failed_write_leaves_neither_file(dyestuff_run, tmp_path, tmp_path_facto
 def test_cli_crossed_and_nested_designs(name, tmp_path, tmp_path_factory):
     ref = MODELS[name]
     report, js = tmp_path / f"{name}.html", tmp_path / f"{name}.json"
-    argv = ["compare", str(ROOT / ref["csv"]), "--formula", ref["formula"], "--out", str(report),
-            "--json", str(js)]
+    argv = [
+        "compare",
+        str(ROOT / ref["csv"]),
+        "--formula",
+        ref["formula"],
+        "--out",
+        str(report),
+        "--json",
+        str(js),
+    ]
     rc, stdout, stderr = run_cli(argv, shared_cache(tmp_path_factory), HARNESS_CHAINS="2")
     assert rc == 0, stderr
     assert "same-model check: ok" in stdout

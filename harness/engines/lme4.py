@@ -243,7 +243,7 @@ def _vector(column: Any) -> np.ndarray:
     if isinstance(column, ro.vectors.FactorVector):
         levels = np.asarray(list(column.levels), dtype=object)
         codes = np.asarray(list(column), dtype=int)
-        return np.where(codes > 0, levels[np.clip(codes - 1, 0, None)], None)
+        return np.asarray(np.where(codes > 0, levels[np.clip(codes - 1, 0, None)], None))
     if isinstance(column, ro.vectors.StrVector):
         return np.asarray([None if v is ro.NA_Character else str(v) for v in column], dtype=object)
     if isinstance(column, ro.vectors.BoolVector):
