@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,12 +20,28 @@ import numpy as np
 import pandas as pd
 
 from harness.priors import ResolvedPriors, resolve_priors
-from harness.spec import Design, ModelSpec, RandomBlock, build_design
+from harness.samplers import (
+    COMPILED,
+    SAMPLERS,
+    compiled_nutpie,
+    require_sampler,
+    sample_nutpie,
+    sample_pymc,
+)
+from harness.spec import Design, ModelSpec, Prior, RandomBlock, build_design
 
 log = logging.getLogger("harness")
 
 Sampler = Literal["nutpie", "pymc", "numpyro"]
-SAMPLERS: tuple[str, ...] = ("nutpie", "pymc", "numpyro")
+__all__ = [
+    "SAMPLERS",
+    "BayesFit",
+    "build_model",
+    "fit_pymc",
+    "model_data",
+    "refit",
+    "structure_key",
+]
 
 
 def level_dim(block: RandomBlock) -> str:
@@ -93,16 +108,189 @@ class BayesFit:
         return int(stats[name].sum()) if name else 0
 
 
+# --------------------------------------------------------------------------- priors as data
+
+#: Bumped when the graph build_model makes changes, so cached structures are not reused.
+GRAPH_VERSION = "2"
+
+
+@dataclass(frozen=True)
+class _PriorGroup:
+    """Priors of one family that enter the model as data vectors, one value per entry."""
+
+    dist: str
+    params: dict[str, np.ndarray]  # parameter name -> values (one per term or level)
+
+    def data_names(self, stem: str) -> dict[str, str]:
+        return {param: f"{stem}_{param}" for param in self.params}
+
+    def signature(self) -> str:
+        return f"{self.dist}({','.join(self.params)})"
+
+
+def _prior_group(priors: list[Prior], what: str) -> _PriorGroup:
+    first = priors[0]
+    for prior in priors[1:]:
+        if prior.dist != first.dist or set(prior.params) != set(first.params):
+            raise ValueError(
+                f"{what}: priors {first.describe()} and {prior.describe()} must share a family "
+                "and its parameter names"
+            )
+    params = {
+        name: np.array([float(p.params[name]) for p in priors], dtype=float)
+        for name in first.params
+    }
+    return _PriorGroup(first.dist, params)
+
+
+def _fixed_groups(design: Design, priors: ResolvedPriors) -> list[_PriorGroup]:
+    """One group for all fixed effects when they share a family, else one per term."""
+    fixed = [priors.fixed[t] for t in design.fixed_terms]
+    try:
+        return [_prior_group(fixed, "fixed effects")]
+    except ValueError:
+        return [
+            _prior_group([p], f"fixed effect {t!r}")
+            for t, p in zip(design.fixed_terms, fixed, strict=True)
+        ]
+
+
+def _sd_group(block: RandomBlock, priors: ResolvedPriors) -> _PriorGroup:
+    return _prior_group(
+        [priors.sd[(block.label, t)] for t in block.terms], f"SD priors of block {block.label!r}"
+    )
+
+
+def _sigma_group(design: Design, priors: ResolvedPriors) -> _PriorGroup:
+    n_sigma = len(design.sigma_levels) if design.sigma_levels is not None else 1
+    return _prior_group([priors.sigma] * n_sigma, "residual SD prior")
+
+
+def _fixed_stems(groups: list[_PriorGroup]) -> list[str]:
+    return ["prior_beta"] if len(groups) == 1 else [f"prior_beta{j}" for j in range(len(groups))]
+
+
+def _has_slope(block: RandomBlock) -> bool:
+    return any(t != INTERCEPT for t in block.terms)
+
+
+def model_data(design: Design, priors: ResolvedPriors) -> dict[str, np.ndarray]:
+    """Every data value :func:`build_model`'s model reads, by name.
+
+    :func:`pack_data` packs them into the model's ``pm.Data`` containers;
+    swapping packed new values into a compiled model of the same structure
+    refits it to new data without recompiling.
+    """
+    values: dict[str, np.ndarray] = {
+        "X": np.ascontiguousarray(design.X.to_numpy(dtype=float)),
+        "y": np.asarray(design.y, dtype=float),
+    }
+    groups = _fixed_groups(design, priors)
+    for stem, group in zip(_fixed_stems(groups), groups, strict=True):
+        for param, name in group.data_names(stem).items():
+            values[name] = group.params[param]
+    for block in design.blocks:
+        values[f"idx_{block.label}"] = np.asarray(block.group_index, dtype=np.int64)
+        if _has_slope(block):
+            values[f"Z_{block.label}"] = np.ascontiguousarray(block.values, dtype=float)
+        group = _sd_group(block, priors)
+        for param, name in group.data_names(f"prior_sd_{block.label}").items():
+            values[name] = group.params[param]
+    group = _sigma_group(design, priors)
+    for param, name in group.data_names("prior_sigma").items():
+        values[name] = group.params[param]
+    if design.sigma_index is not None:
+        values["idx_sigma"] = np.asarray(design.sigma_index, dtype=np.int64)
+    return values
+
+
+#: Names of the (at most two) ``pm.Data`` containers that hold all of a model's data.
+PACKED = {"float": "data_float", "int": "data_int"}
+
+
+def pack_data(values: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Pack named data into one float64 and one int64 vector, and say where each piece lies.
+
+    nutpie's compiled wrapper costs about half a second of compilation per
+    ``pm.Data`` container, in every new process; two containers instead of
+    eight or more save seconds per structure.
+
+    Returns
+    -------
+    packed : dict
+        ``{"data_float": ..., "data_int": ...}`` (the latter only if there are integers).
+    layout : dict
+        name -> (container, start, shape).
+    """
+    parts: dict[str, list[np.ndarray]] = {"float": [], "int": []}
+    layout: dict[str, Any] = {}
+    offsets = {"float": 0, "int": 0}
+    for name, value in values.items():
+        kind = "int" if np.issubdtype(value.dtype, np.integer) else "float"
+        flat = np.ravel(value).astype(np.int64 if kind == "int" else np.float64)
+        layout[name] = (PACKED[kind], offsets[kind], tuple(value.shape))
+        parts[kind].append(flat)
+        offsets[kind] += flat.size
+    packed = {PACKED[k]: np.concatenate(v) for k, v in parts.items() if v}
+    return packed, layout
+
+
+def data_containers(pm: Any, values: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The model's data as named tensors: views into the packed ``pm.Data`` containers.
+
+    Static shapes let shape checks fold away and make the compiled graph (and
+    so its key in PyTensor's on-disk numba cache) the same in every process.
+    """
+    packed, layout = pack_data(values)
+    shared = {name: pm.Data(name, value, shape=value.shape) for name, value in packed.items()}
+    views = {}
+    for name, (container, start, shape) in layout.items():
+        size = int(np.prod(shape, dtype=np.int64))
+        views[name] = shared[container][start : start + size].reshape(shape)
+    return views
+
+
+def structure(design: Design, priors: ResolvedPriors) -> dict[str, str]:
+    """What fixes the model's graph (data values excluded), item by item."""
+    parts = {
+        "graph version": GRAPH_VERSION,
+        "formula": design.spec.formula,
+        "sigma_by": str(design.spec.sigma_by),
+        "parameterization": design.spec.parameterization,
+        "rows": str(design.n),
+        "fixed terms": ",".join(design.fixed_terms),
+        "fixed-effect priors": ";".join(g.signature() for g in _fixed_groups(design, priors)),
+        "residual SD prior": _sigma_group(design, priors).signature(),
+        "lkj_eta": repr(float(priors.lkj_eta)),
+        "residual SD levels": str(len(design.sigma_levels or [])),
+    }
+    for block in design.blocks:
+        parts[f"block {block.label}"] = (
+            f"{block.n_levels} levels; terms {','.join(block.terms)}; "
+            f"{'correlated' if block.correlated else 'uncorrelated'}; "
+            f"SD prior {_sd_group(block, priors).signature()}"
+        )
+    return parts
+
+
+def structure_key(design: Design, priors: ResolvedPriors) -> str:
+    """Identifies a model structure: same key, same compiled model (data may differ)."""
+    text = "|".join(f"{k}={v}" for k, v in structure(design, priors).items())
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
 # --------------------------------------------------------------------------- model
 
-
-def _prior_rv(pm: Any, name: str, prior: Any, **kwargs: Any) -> Any:
-    dist = getattr(pm, prior.dist)
-    return dist(name, **{**dict(prior.params), **kwargs})
+INTERCEPT = "(Intercept)"
 
 
 def build_model(design: Design, priors: ResolvedPriors | None = None) -> Any:
     """Build the PyMC model for a design.
+
+    Every data value (response, design columns, group indices and the
+    data-scaled prior parameters, named as in :func:`model_data`) lives in
+    ``pm.Data`` containers, so the model compiled once serves any data set of
+    the same :func:`structure`.
 
     Parameters
     ----------
@@ -120,6 +308,7 @@ def build_model(design: Design, priors: ResolvedPriors | None = None) -> Any:
 
     spec = design.spec
     priors = priors if priors is not None else resolve_priors(design)
+    values = model_data(design, priors)
     coords: dict[str, Any] = {
         "fixed_term": design.fixed_terms,
         "obs": np.arange(design.n),
@@ -136,10 +325,10 @@ def build_model(design: Design, priors: ResolvedPriors | None = None) -> Any:
     absorbed = _absorbed_terms(design) if baked else {}
 
     with pm.Model(coords=coords) as model:
-        X = pm.Data("X", design.X.to_numpy(dtype=float), dims=("obs", "fixed_term"))
-        y = pm.Data("y", design.y, dims="obs")
-        beta = _fixed_effects(pm, pt, design, priors)
+        data = data_containers(pm, values)
+        beta = _fixed_effects(pm, pt, design, priors, data)
         keep = [j for j, t in enumerate(design.fixed_terms) if t not in absorbed]
+        X = data["X"]
         if len(keep) == len(design.fixed_terms):
             mu = pt.dot(X, beta)
         elif keep:
@@ -147,62 +336,76 @@ def build_model(design: Design, priors: ResolvedPriors | None = None) -> Any:
         else:
             mu = pt.zeros(design.n)
         for block in design.blocks:
-            index = pm.Data(f"idx_{block.label}", block.group_index, dims="obs")
-            values = pm.Data(f"Z_{block.label}", block.values, dims=("obs", term_dim(block)))
-            effects = _block_effects(pm, pt, block, priors, beta, design, baked)
-            mu = mu + (values * effects[index]).sum(axis=1)
+            effects = _block_effects(pm, pt, block, priors, beta, design, baked, data)
+            index = data[f"idx_{block.label}"]
+            # One gathered column per term: its gradient is a length-n scatter-add,
+            # several times cheaper in numba than gathering whole rows of `effects`.
+            for k, term in enumerate(block.terms):
+                column = effects[index, k]
+                mu = mu + (column if term == INTERCEPT else data[f"Z_{block.label}"][:, k] * column)
+        sigma_group = _sigma_group(design, priors)
+        sigma_params = {p: data[n] for p, n in sigma_group.data_names("prior_sigma").items()}
         if design.sigma_levels is not None:
-            sigma = _prior_rv(pm, "sigma", priors.sigma, dims="sigma_level")
-            sigma_index = pm.Data("idx_sigma", design.sigma_index, dims="obs")
-            sigma_obs = sigma[sigma_index]
+            sigma = getattr(pm, sigma_group.dist)("sigma", **sigma_params, dims="sigma_level")
+            sigma_obs = sigma[data["idx_sigma"]]
         else:
-            sigma_obs = _prior_rv(pm, "sigma", priors.sigma)
-        pm.Normal("y_obs", mu=mu, sigma=sigma_obs, observed=y, dims="obs")
+            scalar = {p: v[0] for p, v in sigma_params.items()}
+            sigma_obs = getattr(pm, sigma_group.dist)("sigma", **scalar)
+        pm.Normal("y_obs", mu=mu, sigma=sigma_obs, observed=data["y"], dims="obs")
     return model
 
 
-def _fixed_effects(pm: Any, pt: Any, design: Design, priors: ResolvedPriors) -> Any:
-    terms = design.fixed_terms
-    fixed = [priors.fixed[t] for t in terms]
-    if all(p.dist == "Normal" for p in fixed):
-        mus = pm.Data("prior_beta_mu", np.array([p.params["mu"] for p in fixed], float))
-        sds = pm.Data("prior_beta_sigma", np.array([p.params["sigma"] for p in fixed], float))
-        return pm.Normal("beta", mu=mus, sigma=sds, dims="fixed_term")
-    parts = [_prior_rv(pm, f"beta_{j}", p) for j, p in enumerate(fixed)]
+def _fixed_effects(
+    pm: Any, pt: Any, design: Design, priors: ResolvedPriors, data: dict[str, Any]
+) -> Any:
+    groups = _fixed_groups(design, priors)
+    stems = _fixed_stems(groups)
+    if len(groups) == 1:
+        params = {p: data[n] for p, n in groups[0].data_names(stems[0]).items()}
+        return getattr(pm, groups[0].dist)("beta", **params, dims="fixed_term")
+    parts = []
+    for j, (stem, group) in enumerate(zip(stems, groups, strict=True)):
+        params = {p: data[n][0] for p, n in group.data_names(stem).items()}
+        parts.append(getattr(pm, group.dist)(f"beta_{j}", **params))
     return pm.Deterministic("beta", pt.stack(parts), dims="fixed_term")
 
 
 def _block_effects(
-    pm: Any, pt: Any, block: RandomBlock, priors: ResolvedPriors, beta: Any, design: Design,
+    pm: Any,
+    pt: Any,
+    block: RandomBlock,
+    priors: ResolvedPriors,
+    beta: Any,
+    design: Design,
     baked: bool,
+    data: dict[str, Any],
 ) -> Any:
     """Group-level effects of one block, shape (levels, terms): offsets or coefficients."""
     dims = (level_dim(block), term_dim(block))
-    sd_priors = [priors.sd[(block.label, t)] for t in block.terms]
-    scales = np.array([p.params.get("sigma", p.params.get("lam", 1.0)) for p in sd_priors], float)
-    dist_name = sd_priors[0].dist
-    if any(p.dist != dist_name for p in sd_priors):
-        raise ValueError(f"block {block.label!r}: all SD priors of one block must share a family")
-    key = "sigma" if "sigma" in sd_priors[0].params else "lam"
-    scale = pm.Data(f"prior_sd_{block.label}", scales)
-    sd_dist_cls = getattr(pm, dist_name)
+    group = _sd_group(block, priors)
+    params = {p: data[n] for p, n in group.data_names(f"prior_sd_{block.label}").items()}
+    sd_family = getattr(pm, group.dist)
     centre = None
     if baked:
-        positions = [design.fixed_terms.index(t) if t in design.fixed_terms else -1 for t in block.terms]
+        positions = [
+            design.fixed_terms.index(t) if t in design.fixed_terms else -1 for t in block.terms
+        ]
         centre = pt.stack([beta[p] if p >= 0 else pt.constant(0.0) for p in positions])
     k = block.n_terms
     if k == 1 or not block.correlated:
-        sd = sd_dist_cls(sd_var(block), **{key: scale}, dims=term_dim(block))
+        sd = sd_family(sd_var(block), **params, dims=term_dim(block))
         if baked:
             return pm.Normal(coef_var(block), mu=centre, sigma=sd, dims=dims)
         z = pm.Normal(f"z_{block.label}", 0.0, 1.0, dims=dims)
         return pm.Deterministic(offsets_var(block), z * sd, dims=dims)
+    # store_in_trace=False: the SDs and correlations are stored once, under harness names.
     chol, corr, stds = pm.LKJCholeskyCov(
         f"chol_{block.label}",
         n=k,
         eta=priors.lkj_eta,
-        sd_dist=sd_dist_cls.dist(**{key: scale}, shape=k),
+        sd_dist=sd_family.dist(**params, shape=k),
         compute_corr=True,
+        store_in_trace=False,
     )
     pm.Deterministic(sd_var(block), stds, dims=term_dim(block))
     pm.Deterministic(corr_var(block), corr, dims=(term_dim(block), term_b_dim(block)))
@@ -228,105 +431,67 @@ def _absorbed_terms(design: Design) -> dict[str, str]:
     return absorbed
 
 
-# --------------------------------------------------------------------------- sampling
-
-_COMPILED: dict[str, Any] = {}
+# --------------------------------------------------------------------------- fitting
 
 
-def structure_key(design: Design, priors: ResolvedPriors) -> str:
-    """Identifies a model structure: same key, same compiled model (data may differ)."""
-    parts = [
-        design.spec.formula,
-        str(design.spec.sigma_by),
-        design.spec.parameterization,
-        str(design.n),
-        ",".join(design.fixed_terms),
-        priors.structure(),
-    ]
-    for block in design.blocks:
-        parts.append(f"{block.label}:{block.n_levels}:{','.join(block.terms)}:{block.correlated}")
-    if design.sigma_levels is not None:
-        parts.append("sigma:" + ",".join(design.sigma_levels))
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
-
-
-def model_data(design: Design, priors: ResolvedPriors) -> dict[str, np.ndarray]:
-    """The values of every ``pm.Data`` in the model, for swapping into a compiled model."""
-    values: dict[str, np.ndarray] = {"X": design.X.to_numpy(dtype=float), "y": design.y}
-    fixed = [priors.fixed[t] for t in design.fixed_terms]
-    if all(p.dist == "Normal" for p in fixed):
-        values["prior_beta_mu"] = np.array([p.params["mu"] for p in fixed], float)
-        values["prior_beta_sigma"] = np.array([p.params["sigma"] for p in fixed], float)
-    for block in design.blocks:
-        values[f"idx_{block.label}"] = block.group_index
-        values[f"Z_{block.label}"] = block.values
-        sd_priors = [priors.sd[(block.label, t)] for t in block.terms]
-        values[f"prior_sd_{block.label}"] = np.array(
-            [p.params.get("sigma", p.params.get("lam", 1.0)) for p in sd_priors], float
-        )
-    if design.sigma_index is not None:
-        values["idx_sigma"] = design.sigma_index
-    return values
-
-
-def _labels_for(design: Design) -> dict[str, Any]:
+def _posterior_coords(design: Design) -> dict[str, Any]:
+    """Labels of the data fitted (a reused compiled model carries the first data's labels)."""
     coords: dict[str, Any] = {"fixed_term": design.fixed_terms}
     for block in design.blocks:
         coords[level_dim(block)] = block.levels
+        coords[term_dim(block)] = block.terms
+        if block.correlated and block.n_terms > 1:
+            coords[term_b_dim(block)] = block.terms
+    if design.sigma_levels is not None:
+        coords["sigma_level"] = design.sigma_levels
     return coords
 
 
-def _sample_nutpie(model: Any, key: str, design: Design, priors: ResolvedPriors, *, draws: int,
-                   tune: int, chains: int, seed: int, target_accept: float, progress: bool,
-                   ) -> tuple[Any, float, float]:
-    import nutpie
-
-    compile_seconds = 0.0
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        started = time.perf_counter()
-        compiled = nutpie.compile_pymc_model(model, backend="numba")
-        compile_seconds = time.perf_counter() - started
-        _COMPILED[key] = compiled
-        log.info("nutpie compiled the model in %.1f s", compile_seconds)
-    else:
-        compiled = compiled.with_data(**model_data(design, priors))
-    started = time.perf_counter()
-    idata = nutpie.sample(
-        compiled,
-        draws=draws,
-        tune=tune,
-        chains=chains,
-        cores=min(chains, 2),
-        seed=seed,
-        progress_bar=progress,
-        target_accept=target_accept,
-        save_warmup=False,
-    )
-    sample_seconds = time.perf_counter() - started
-    # A reused compiled model keeps the coordinates of the data it was built with.
-    idata = idata.assign_coords(_labels_for(design), groups="posterior")
-    return idata, compile_seconds, sample_seconds
+def _relabel(idata: Any, design: Design) -> Any:
+    posterior = idata.posterior
+    coords = {d: v for d, v in _posterior_coords(design).items() if d in posterior.dims}
+    # Dataset.assign_coords shares the draws; InferenceData.assign_coords would copy them.
+    idata.posterior = posterior.assign_coords(coords)
+    return idata
 
 
-def _sample_pymc(model: Any, *, draws: int, tune: int, chains: int, seed: int,
-                 target_accept: float, progress: bool, nuts_sampler: str) -> tuple[Any, float, float]:
-    import pymc as pm
+def _offsets_after_sampling(design: Design) -> list[str]:
+    """Offsets computed from the stored draws instead of kept in the sampler's trace.
 
-    started = time.perf_counter()
-    with model:
-        idata = pm.sample(
-            draws=draws,
-            tune=tune,
-            chains=chains,
-            cores=min(chains, 2),
-            random_seed=seed,
-            target_accept=target_accept,
-            progressbar=progress,
-            nuts_sampler=nuts_sampler,
-            compute_convergence_checks=False,
+    ``u = z L'`` (or ``z * sd``) is as large as ``z`` itself; leaving it out of
+    nutpie's trace halves the trace of a model with many groups (about 1 GB
+    less at the peak for 2,000 groups x 2 terms x 4,000 draws).
+    """
+    if design.spec.parameterization != "offsets":
+        return []
+    return [offsets_var(block) for block in design.blocks]
+
+
+def _add_offsets(idata: Any, design: Design) -> Any:
+    """Add ``u_<label>`` to the posterior exactly as the model defines it."""
+    import xarray as xr
+
+    posterior = idata.posterior
+    for name in _offsets_after_sampling(design):
+        if name in posterior:
+            continue
+        block = next(b for b in design.blocks if offsets_var(b) == name)
+        z = posterior[f"z_{block.label}"].values  # (chain, draw, level, term)
+        k = block.n_terms
+        if k == 1 or not block.correlated:
+            u = z * posterior[sd_var(block)].values[:, :, None, :]
+        else:
+            packed = posterior[f"chol_{block.label}"].values  # (chain, draw, k(k+1)/2)
+            L = np.zeros((*packed.shape[:2], k, k))
+            rows, cols = np.tril_indices(k)
+            L[..., rows, cols] = packed
+            u = np.einsum("cdlj,cdkj->cdlk", z, L)  # z @ L.T, draw by draw
+        posterior[name] = xr.DataArray(
+            u,
+            dims=("chain", "draw", level_dim(block), term_dim(block)),
+            coords={"chain": posterior["chain"], "draw": posterior["draw"]},
         )
-    return idata, 0.0, time.perf_counter() - started
+    return idata
 
 
 def fit_pymc(
@@ -338,24 +503,32 @@ def fit_pymc(
     tune: int = 1000,
     chains: int = 4,
     sampler: str = "nutpie",
-    target_accept: float = 0.9,
+    target_accept: float = 0.8,
     progress: bool = False,
     design: Design | None = None,
 ) -> BayesFit:
     """Fit ``spec`` to ``data`` with PyMC.
+
+    With nutpie (the default) the model is compiled once per model structure
+    (:func:`structure_key`) and process; later fits of the same structure to
+    other data swap the data into the compiled model, without building or
+    compiling anything (``compile_seconds`` is then 0).
 
     Parameters
     ----------
     spec : ModelSpec
     data : DataFrame
     seed : int
-        Same seed, same draws (for a given sampler and versions).
+        Same seed, same draws (for a given sampler and versions), whether the
+        compiled model was reused or not.
     draws, tune, chains : int
-        Per chain.  Chains beyond the machine's cores run sequentially.
+        Per chain.  Chains beyond the machine's cores run in turn.
     sampler : {"nutpie", "pymc", "numpyro"}
         ``nutpie`` (numba backend, default and fastest here), PyMC's own NUTS,
         or numpyro (imported only when asked for).
     target_accept : float
+        0.8 (nutpie's and PyMC's default): no divergences on the shipped designs,
+        about 20% fewer gradient evaluations than 0.9 at the same bulk ESS.
     progress : bool
         Show the sampler's progress bar.
     design : Design, optional
@@ -365,25 +538,48 @@ def fit_pymc(
     -------
     BayesFit
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    require_sampler(sampler)
     design = design if design is not None else build_design(spec, data)
     priors = resolve_priors(design)
-    model = build_model(design, priors)
+    parts = structure(design, priors)
     key = structure_key(design, priors)
-    log.info("sampling %s with %s: %d chains x %d draws", spec.name or spec.formula, sampler,
-             chains, draws)
+    log.info(
+        "sampling %s with %s: %d chains x %d draws",
+        spec.name or spec.formula,
+        sampler,
+        chains,
+        draws,
+    )
+    cached = False
     if sampler == "nutpie":
-        idata, compile_s, sample_s = _sample_nutpie(
-            model, key, design, priors, draws=draws, tune=tune, chains=chains, seed=seed,
-            target_accept=target_accept, progress=progress,
+        compiled, compile_s, cached = compiled_nutpie(
+            key,
+            lambda: build_model(design, priors),
+            pack_data(model_data(design, priors))[0],
+            skip=lambda model: set(_offsets_after_sampling(design)),
         )
+        idata, sample_s = sample_nutpie(
+            compiled,
+            draws=draws,
+            tune=tune,
+            chains=chains,
+            seed=seed,
+            target_accept=target_accept,
+            progress=progress,
+        )
+        idata = _relabel(_add_offsets(idata, design), design)
     else:
-        nuts = "numpyro" if sampler == "numpyro" else "pymc"
-        idata, compile_s, sample_s = _sample_pymc(
-            model, draws=draws, tune=tune, chains=chains, seed=seed, target_accept=target_accept,
-            progress=progress, nuts_sampler=nuts,
+        idata, sample_s = sample_pymc(
+            build_model(design, priors),
+            draws=draws,
+            tune=tune,
+            chains=chains,
+            seed=seed,
+            target_accept=target_accept,
+            progress=progress,
+            nuts_sampler=sampler,
         )
+        compile_s = 0.0
     return BayesFit(
         spec=spec,
         design=design,
@@ -398,14 +594,79 @@ def fit_pymc(
         sample_seconds=sample_s,
         model_code=model_source(),
         versions=pymc_versions(sampler),
-        settings={"target_accept": target_accept, "structure_key": key},
+        settings={
+            "target_accept": target_accept,
+            "structure_key": key,
+            "structure": parts,
+            "compiled_model_reused": cached,
+        },
     )
+
+
+def refit(
+    fit: BayesFit, data: pd.DataFrame, seed: int | None = None, *, design: Design | None = None
+) -> BayesFit:
+    """Fit ``fit``'s model, with its settings, to new data of the same structure.
+
+    The compiled model is reused (no build, no compile), which is what a
+    simulation study wants for its replicates.
+
+    Parameters
+    ----------
+    fit : BayesFit
+        A fit whose spec, sampler, draws, tune, chains and target_accept are reused.
+    data : DataFrame
+        New data: same columns, same number of rows and of levels per grouping factor.
+    seed : int, optional
+        Defaults to ``fit.seed``.
+    design : Design, optional
+        A design already built from (fit.spec, data).
+
+    Returns
+    -------
+    BayesFit
+
+    Raises
+    ------
+    ValueError
+        If the new data change the model's structure, naming what changed.
+    """
+    design = design if design is not None else build_design(fit.spec, data)
+    new = structure(design, resolve_priors(design))
+    old = fit.settings.get("structure") or structure(fit.design, fit.priors)
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    if changed:
+        raise ValueError(
+            "the new data change the model structure, so refit cannot reuse the "
+            "compiled model: " + "; ".join(changed)
+        )
+    return fit_pymc(
+        fit.spec,
+        data,
+        seed=fit.seed if seed is None else seed,
+        draws=fit.draws,
+        tune=fit.tune,
+        chains=fit.chains,
+        sampler=fit.sampler,
+        target_accept=float(fit.settings.get("target_accept", 0.8)),
+        design=design,
+    )
+
+
+def clear_compiled() -> None:
+    """Forget every compiled model of this process (the next fit of each structure compiles)."""
+    COMPILED.clear()
 
 
 def model_source() -> str:
     """The source of the functions that build the PyMC model (shown in reports)."""
     return "\n\n".join(
-        inspect.getsource(f) for f in (build_model, _fixed_effects, _block_effects)
+        inspect.getsource(f)
+        for f in (build_model, _fixed_effects, _block_effects, data_containers, model_data)
     )
 
 
@@ -415,7 +676,11 @@ def pymc_versions(sampler: str = "nutpie") -> dict[str, str]:
     import pymc
     import pytensor
 
-    versions = {"pymc": pymc.__version__, "pytensor": pytensor.__version__, "arviz": arviz.__version__}
+    versions = {
+        "pymc": pymc.__version__,
+        "pytensor": pytensor.__version__,
+        "arviz": arviz.__version__,
+    }
     if sampler == "nutpie":
         import nutpie
 

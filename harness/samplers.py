@@ -1,0 +1,271 @@
+"""Samplers for a PyMC model, and the in-process cache of compiled nutpie models.
+
+nutpie (numba backend) is the default: once compiled, it samples the harness's
+models several times faster than PyMC's own NUTS.  Its compilation is the
+expensive part (seconds to tens of seconds), so one compiled model is kept per
+model *structure* for the life of the process and refitted to new data of the
+same structure by swapping the values of its ``pm.Data`` containers
+(:meth:`nutpie.compile_pymc.CompiledPyMCModel.with_data`).
+
+PyMC's sampler and numpyro are selectable by name; nutpie, numba, pymc,
+numpyro and jax are imported only by the function that needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("harness")
+
+SAMPLERS: tuple[str, ...] = ("nutpie", "pymc", "numpyro")
+
+#: How many compiled structures one process keeps (each holds its machine code and data).
+CACHE_SIZE = 16
+
+
+def check_sampler(name: str) -> str:
+    """Return ``name`` if it is a known sampler, else raise a ValueError naming the choices."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)}")
+    return name
+
+
+def require_sampler(name: str) -> str:
+    """Check that a sampler is known and its package importable, before any work is done.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, or when the sampler's package is not installed
+        (naming what to install).
+    """
+    check_sampler(name)
+    from importlib.util import find_spec
+
+    needs = {"nutpie": ("nutpie", "numba"), "pymc": ("pymc",), "numpyro": ("numpyro", "jax")}[name]
+    missing = [package for package in needs if find_spec(package) is None]
+    if missing:
+        extra = " (pip install 'harness[numpyro]')" if name == "numpyro" else ""
+        raise ValueError(
+            f"sampler {name!r} needs {', '.join(missing)}, which is not installed{extra}"
+        )
+    return name
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class SampleResult:
+    """What a sampler returns: the draws and where the time went."""
+
+    idata: Any
+    compile_seconds: float
+    sample_seconds: float
+    cached: bool = False
+
+
+# --------------------------------------------------------------------------- compiled cache
+
+
+@dataclass
+class _Entry:
+    model: Any
+    compiled: Any
+    compile_seconds: float
+    shared: dict[str, Any]
+
+
+class CompiledCache:
+    """Compiled nutpie models by structure key, least recently used dropped first.
+
+    The PyMC model is kept next to its compiled form because nutpie's initial
+    point function reads the model's own shared variables: a data swap updates
+    both, so a refit starts where a fresh compile of the new data would.
+    """
+
+    def __init__(self, size: int = CACHE_SIZE) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def get(self, key: str) -> _Entry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: str, entry: _Entry) -> None:
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                dropped, _ = self._entries.popitem(last=False)
+                log.debug("dropped compiled model %s from the cache", dropped)
+
+
+COMPILED = CompiledCache()
+
+
+def _shared_variables(model: Any) -> dict[str, Any]:
+    from pytensor.compile.sharedvalue import SharedVariable
+
+    return {name: var for name, var in model.named_vars.items() if isinstance(var, SharedVariable)}
+
+
+def compiled_nutpie(
+    key: str,
+    build: Callable[[], Any],
+    values: Mapping[str, np.ndarray],
+    skip: Callable[[Any], set[str]] | None = None,
+) -> tuple[Any, float, bool]:
+    """The compiled nutpie model for a structure, holding ``values`` as its data.
+
+    Parameters
+    ----------
+    key : str
+        Structure key: equal keys promise equal graphs (only data differ).
+    build : callable
+        Builds the PyMC model; called only when ``key`` is not cached.
+    values : mapping
+        The value of every ``pm.Data`` container, by name.
+    skip : callable, optional
+        Given the model, names of deterministics to leave out of the trace
+        (the caller computes them after sampling, to keep the trace small).
+
+    Returns
+    -------
+    compiled : nutpie CompiledModel
+    compile_seconds : float
+        0 when the structure was already compiled in this process.
+    cached : bool
+    """
+    entry = COMPILED.get(key)
+    if entry is None:
+        import nutpie
+
+        started = time.perf_counter()
+        model = build()
+        var_names = None
+        if skip is not None:
+            left_out = skip(model)
+            var_names = [v.name for v in model.unobserved_value_vars if v.name not in left_out]
+        compiled = nutpie.compile_pymc_model(model, backend="numba", var_names=var_names)
+        seconds = time.perf_counter() - started
+        log.info("nutpie compiled the model in %.1f s", seconds)
+        entry = _Entry(model, compiled, seconds, _shared_variables(model))
+        COMPILED.put(key, entry)
+        return _swap(entry, values), seconds, False
+    return _swap(entry, values), 0.0, True
+
+
+def _swap(entry: _Entry, values: Mapping[str, np.ndarray]) -> Any:
+    """``entry.compiled`` with ``values`` in its data slots (and in the model's own)."""
+    missing = sorted(set(entry.compiled.shared_data) - set(values))
+    if missing:
+        raise ValueError(f"no new values for the model's data {missing}")
+    unknown = sorted(set(values) - set(entry.shared))
+    if unknown:
+        raise ValueError(f"the model has no data named {unknown}")
+    for name, value in values.items():
+        var = entry.shared[name]
+        old = var.get_value(borrow=True)
+        new = np.asarray(value, dtype=old.dtype)
+        if new.shape != old.shape:
+            raise ValueError(
+                f"data {name!r} has shape {new.shape}, the compiled structure {old.shape}"
+            )
+        var.set_value(new)
+    used = {name: values[name] for name in entry.compiled.shared_data}
+    return entry.compiled.with_data(**used)
+
+
+def sample_nutpie(
+    compiled: Any,
+    *,
+    draws: int,
+    tune: int,
+    chains: int,
+    seed: int,
+    target_accept: float,
+    progress: bool,
+    cores: int | None = None,
+) -> tuple[Any, float]:
+    """Sample a compiled nutpie model; returns ``(idata, seconds)``."""
+    import nutpie
+
+    cores = min(chains, cores or available_cores())
+    started = time.perf_counter()
+    idata = nutpie.sample(
+        compiled,
+        draws=draws,
+        tune=tune,
+        chains=chains,
+        cores=cores,
+        seed=seed,
+        progress_bar=progress,
+        target_accept=target_accept,
+        save_warmup=False,
+    )
+    return idata, time.perf_counter() - started
+
+
+def sample_pymc(
+    model: Any,
+    *,
+    draws: int,
+    tune: int,
+    chains: int,
+    seed: int,
+    target_accept: float,
+    progress: bool,
+    nuts_sampler: str = "pymc",
+    cores: int | None = None,
+) -> tuple[Any, float]:
+    """Sample with ``pm.sample`` (PyMC's NUTS, or numpyro through PyMC)."""
+    import pymc as pm
+
+    require_sampler(nuts_sampler)
+    cores = min(chains, cores or available_cores())
+    started = time.perf_counter()
+    with model:
+        idata = pm.sample(
+            draws=draws,
+            tune=tune,
+            chains=chains,
+            cores=cores,
+            random_seed=seed,
+            target_accept=target_accept,
+            progressbar=progress,
+            nuts_sampler=nuts_sampler,
+            compute_convergence_checks=False,
+        )
+    return idata, time.perf_counter() - started
