@@ -775,7 +775,7 @@ def _pymc_logp(design: Design) -> tuple[Any, Any]:
     import pymc as pm
     from pymc.model.transform.conditioning import remove_value_transforms
 
-    from harness.engines.pymc import build_model, model_data, structure_key
+    from harness.engines.pymc import build_model, model_data, pack_data, structure_key
     from harness.priors import resolve_priors
 
     priors = resolve_priors(design)
@@ -783,7 +783,8 @@ def _pymc_logp(design: Design) -> tuple[Any, Any]:
     cached = _PYMC_LOGP.get(key)
     if cached is not None:
         model, logp = cached
-        pm.set_data(model_data(design, priors), model=model)
+        packed, _ = pack_data(model_data(design, priors))
+        pm.set_data(packed, model=model)
         _PYMC_LOGP.move_to_end(key)
         return model, logp
     # Without value transforms the model takes SDs, sigma and the packed Cholesky
