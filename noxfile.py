@@ -55,7 +55,7 @@ def _blas_ldflags() -> str | None:
 
 def _env() -> dict[str, str]:
     """Persistent caches (PyTensor C modules, numba, fitted models) under ``.cache/``."""
-    flags = [f"compiledir={CACHE / 'pytensor'}"]
+    flags = [f"base_compiledir={CACHE / 'pytensor'}"]
     ldflags = _blas_ldflags()
     if ldflags:
         flags.append(f"blas__ldflags={ldflags}")

@@ -2,10 +2,13 @@
 
 The model only reads the design (as Bambi's backend only reads its spec).  It
 is built by indexing: each random-effects block contributes
-``sum_k Z[:, k] * u[group_index, k]``, never a dense n x (groups x terms) Z.
-All data, including the data-scaled prior parameters, enter as ``pm.Data`` so
-one compiled model can be refitted to new data of the same structure
-(``CompiledModel.with_data`` in nutpie).
+``sum_k Z[:, k] * u[group_index, k]``, one gathered column per term, never a
+dense n x (groups x terms) Z, so its cost grows with rows, not rows x groups.
+All data, including the data-scaled prior parameters, enter through two
+statically shaped ``pm.Data`` containers (:func:`data_containers`), so one
+compiled model serves every data set of the same :func:`structure`:
+:func:`fit_pymc` compiles a structure once per process (nutpie) and swaps the
+data of later fits into it; :func:`refit` does so for a given fit.
 """
 
 from __future__ import annotations
@@ -37,9 +40,13 @@ __all__ = [
     "SAMPLERS",
     "BayesFit",
     "build_model",
+    "clear_compiled",
+    "data_containers",
     "fit_pymc",
     "model_data",
+    "pack_data",
     "refit",
+    "structure",
     "structure_key",
 ]
 
