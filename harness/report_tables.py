@@ -352,27 +352,17 @@ def ml_variance(freq: FreqFit, design: Design) -> dict[str, float]:
         out["sigma"] = float(sigma)
     blocks = design.lme4_block_order()
     if "theta" in ml:
-        theta = np.asarray(
-            list(ml["theta"].values())
-            if isinstance(ml["theta"], dict)
-            else np.atleast_1d(ml["theta"]),
-            dtype=float,
-        )
-        expected = sum(b.n_terms * (b.n_terms + 1) // 2 for b in blocks)
-        if len(theta) != expected or sigma is None or isinstance(sigma, dict):
-            log.debug(
-                "ML theta has %d entries, expected %d; ML marks skipped", len(theta), expected
-            )
+        from harness.same_model import _blocks_from_theta
+
+        if sigma is None or isinstance(sigma, dict):
             return out
-        position = 0
-        for block in blocks:
-            k = block.n_terms
-            lam = np.zeros((k, k))
-            for j in range(k):
-                for i in range(j, k):
-                    lam[i, j] = theta[position]
-                    position += 1
-            out.update(_cov_components(block, float(sigma) ** 2 * lam @ lam.T))
+        try:
+            values = _blocks_from_theta(design, ml["theta"], float(sigma))
+        except ValueError as err:
+            log.debug("ML marks skipped: %s", err)
+            return out
+        for block, value in zip(design.blocks, values, strict=True):
+            out.update(_cov_components(block, value.cov))
     elif "G" in ml and len(blocks) == 1:
         G = np.atleast_2d(np.asarray(ml["G"], dtype=float))
         if G.shape == (blocks[0].n_terms, blocks[0].n_terms):
