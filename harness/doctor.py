@@ -155,50 +155,32 @@ def _r_console_to_log() -> Iterator[None]:
         callbacks.consolewrite_print, callbacks.consolewrite_warnerror = old
 
 
-_R_VERSIONS = """
-function(pkgs) vapply(pkgs, function(p) {
-  ok <- suppressWarnings(suppressMessages(requireNamespace(p, quietly = TRUE)))
-  if (ok) utils::packageDescription(p, fields = "Version") else NA_character_
-}, character(1))
-"""
-
-
 def _r_versions_rpy2() -> tuple[str, dict[str, str | None]]:
     """R version and package versions (None: does not load) through embedded R."""
     import rpy2.robjects as ro
 
+    from harness._resources import r_script
+
     with _r_console_to_log():
-        r_version = str(ro.r("paste(R.version$major, R.version$minor, sep = '.')")[0])
-        found = ro.r(_R_VERSIONS)(ro.StrVector(list(R_PACKAGES)))
+        env = ro.r("new.env()")
+        ro.r["source"](str(r_script("versions.R")), local=env)
+        frame = env["harness_versions"](ro.StrVector(list(R_PACKAGES)), check_load=True)
+        names = [str(v) for v in frame.rx2("package")]
+        found = list(frame.rx2("version"))
+    values = dict(zip(names, found, strict=True))
+    r_version = str(values.pop("R"))
     versions = {
         name: (None if value is ro.NA_Character or str(value) == "NA" else str(value))
-        for name, value in zip(R_PACKAGES, found, strict=True)
+        for name, value in values.items()
     }
     return r_version, versions
 
 
 def _r_versions_rscript() -> dict[str, str | None]:
-    """Package versions through an ``Rscript`` subprocess (when rpy2 cannot embed R)."""
-    exe = shutil.which("Rscript")
-    if exe is None:
-        return {}
-    code = (
-        f"f <- {_R_VERSIONS.strip()}; "
-        f"v <- f(c({', '.join(repr(p) for p in R_PACKAGES)})); "
-        "cat(paste(names(v), v, sep = '='), sep = '\\n')"
-    )
-    try:
-        done = subprocess.run(
-            [exe, "--vanilla", "-e", code], capture_output=True, text=True, timeout=120
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    versions: dict[str, str | None] = {}
-    for line in done.stdout.splitlines():
-        name, _, value = line.partition("=")
-        if name in R_PACKAGES:
-            versions[name] = None if value in ("", "NA") else value
-    return versions
+    """Package versions through ``Rscript r_scripts/versions.R`` (when rpy2 cannot embed R)."""
+    from harness.versions import rscript_versions
+
+    return rscript_versions(check_load=True) or {}
 
 
 def check_r_stack() -> list[Row]:
@@ -306,20 +288,20 @@ def check_pytensor_toolchain() -> list[Row]:
 
 
 def check_r_scripts() -> Row:
-    """The R code the lme4 engine sources (found only in an editable/repository install)."""
-    try:
-        from harness.engines.lme4 import r_scripts_dir
+    """The R code the lme4 engine sources, and where it was found."""
+    from harness._resources import RScriptsMissingError, r_scripts_origin
 
-        path = r_scripts_dir()
-    except Exception as err:
+    try:
+        where = r_scripts_origin()
+    except RScriptsMissingError as err:
         return _row(
             "r_scripts/",
             None,
             False,
             _first_line(err),
-            "install from the repository with `pip install -e .`, or set HARNESS_R_SCRIPTS",
+            "reinstall the harness (pip install .), or set HARNESS_R_SCRIPTS to its r_scripts/",
         )
-    return _row("r_scripts/", None, True, str(path))
+    return _row("r_scripts/", None, True, where)
 
 
 # --- the report ------------------------------------------------------------------------

@@ -29,9 +29,6 @@ import json
 import logging
 import os
 import pickle
-import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,13 +36,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from harness.spec import Design, ModelSpec, build_design
+from harness.versions import PY_PACKAGES as _PY_PACKAGES
+from harness.versions import python_versions, r_versions_cheap
 
 if TYPE_CHECKING:
     import argparse
@@ -61,8 +59,6 @@ REPORT_DESIGNS = ("cafe", "sleepstudy", "partially_clustered", "partially_cluste
 
 CACHE_FORMAT = "1"  # bump when the layout of cached entries changes
 _PACKAGE = Path(__file__).resolve().parent
-_R_PACKAGES = ("lme4", "nlme", "merTools", "lmerTest", "pbkrtest", "Matrix", "MASS")
-_PY_PACKAGES = ("pymc", "pytensor", "arviz", "nutpie", "numba", "numpy")
 
 
 @dataclass(frozen=True)
@@ -186,53 +182,6 @@ def _source_hash(*relative: str) -> str:
         h.update(rel.encode())
         h.update(path.read_bytes() if path.is_file() else b"<missing>")
     return h.hexdigest()[:16]
-
-
-@cache
-def r_versions_cheap() -> dict[str, str] | None:
-    """R and R package versions from one ``Rscript`` call (no rpy2, no package loading).
-
-    Returns None when ``Rscript`` is not on the PATH or fails.
-    """
-    rscript = shutil.which("Rscript")
-    if rscript is None:
-        return None
-    packages = ", ".join(f'"{p}"' for p in _R_PACKAGES)
-    code = (
-        f"p <- c({packages}); v <- vapply(p, function(x) tryCatch(as.character(packageVersion(x)), "
-        "error = function(e) 'missing'), ''); "
-        "cat(paste0(c('R', p), '=', c(paste(R.version$major, R.version$minor, sep = '.'), v)), "
-        "sep = '\\n')"
-    )
-    try:
-        out = subprocess.run(
-            [rscript, "--vanilla", "-e", code],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as err:
-        log.warning("could not query R versions with Rscript: %s", err)
-        return None
-    versions = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    # Spell versions the way packageVersion prints in FreqFit.versions ("1.1.31").
-    return {k: v.strip() for k, v in versions.items()}
-
-
-def python_versions() -> dict[str, str]:
-    """Versions of the Python packages that shape a fit, without importing them."""
-    versions = {"python": platform.python_version()}
-    for name in (*_PY_PACKAGES, "rpy2", "harness"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    if versions["harness"] == "not installed":
-        from harness import __version__
-
-        versions["harness"] = __version__
-    return versions
 
 
 def _lme4_key_parts(design: Design, spec: ModelSpec, settings: FitSettings) -> dict[str, Any]:

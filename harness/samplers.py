@@ -69,16 +69,6 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-@dataclass
-class SampleResult:
-    """What a sampler returns: the draws and where the time went."""
-
-    idata: Any
-    compile_seconds: float
-    sample_seconds: float
-    cached: bool = False
-
-
 # --------------------------------------------------------------------------- compiled cache
 
 

@@ -24,14 +24,7 @@ harness_capture <- function(expr) {
   list(value = value, notes = notes)
 }
 
-harness_versions <- function() {
-  pkgs <- c("lme4", "nlme", "merTools", "lmerTest", "pbkrtest", "Matrix", "MASS")
-  v <- vapply(pkgs, function(p) {
-    if (requireNamespace(p, quietly = TRUE)) as.character(packageVersion(p)) else NA_character_
-  }, character(1))
-  data.frame(package = c("R", pkgs), version = c(paste(R.version$major, R.version$minor, sep = "."), v),
-             stringsAsFactors = FALSE)
-}
+# harness_versions() comes from versions.R, sourced into the same environment first.
 
 # lme4-style name of a variance component.
 harness_component_name <- function(grp, var1, var2) {
@@ -120,7 +113,8 @@ harness_fit_lmer <- function(data, formula, REML = TRUE, profile = FALSE, n_sims
   # merTools-style simulation of the random effects (conditional on the estimates).
   sims <- NULL
   if (n_sims > 0 && requireNamespace("merTools", quietly = TRUE)) {
-    simulated <- harness_capture(merTools::REsim(fit, n.sims = n_sims, seed = seed))
+    simulated <- harness_capture(harness_with_own_seed(
+      merTools::REsim(fit, n.sims = n_sims, seed = seed)))
     s <- simulated$value
     sims <- data.frame(
       group_factor = as.character(s$groupFctr),
@@ -335,9 +329,26 @@ harness_lformula <- function(data, formula) {
   )
 }
 
+# Run expr with R's random-number state saved and restored, so that the harness's own
+# set.seed() calls leave the random stream of the user's R session as it was.
+harness_with_own_seed <- function(expr) {
+  had_seed <- exists(".Random.seed", envir = globalenv(), inherits = FALSE)
+  if (had_seed) saved <- get(".Random.seed", envir = globalenv(), inherits = FALSE)
+  on.exit({
+    if (had_seed) {
+      assign(".Random.seed", saved, envir = globalenv())
+    } else if (exists(".Random.seed", envir = globalenv(), inherits = FALSE)) {
+      rm(".Random.seed", envir = globalenv())
+    }
+  })
+  expr
+}
+
 # Statistical Rethinking's cafe simulation, drawn exactly as the book does.
-harness_simulate_cafe <- function(n_cafes = 20L, n_visits = 10L, a = 3.5, b = -1, sigma_a = 1,
-                                  sigma_b = 0.5, rho = -0.7, sigma = 0.5) {
+harness_simulate_cafe <- function(...) harness_with_own_seed(harness_simulate_cafe_seeded(...))
+
+harness_simulate_cafe_seeded <- function(n_cafes = 20L, n_visits = 10L, a = 3.5, b = -1,
+                                         sigma_a = 1, sigma_b = 0.5, rho = -0.7, sigma = 0.5) {
   Mu <- c(a, b)
   cov_ab <- sigma_a * sigma_b * rho
   Sigma <- matrix(c(sigma_a^2, cov_ab, cov_ab, sigma_b^2), ncol = 2)

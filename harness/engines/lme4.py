@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harness import _resources
 from harness.spec import Design, ModelSpec, build_design, parse_formula
 
 log = logging.getLogger("harness")
@@ -90,17 +91,11 @@ class FreqFit:
 
 
 def r_scripts_dir() -> Path:
-    """Where ``fit.R`` lives: ``$HARNESS_R_SCRIPTS`` or the repository's ``r_scripts/``."""
-    override = os.environ.get("HARNESS_R_SCRIPTS")
-    candidates = [Path(override)] if override else []
-    candidates.append(Path(__file__).resolve().parents[2] / "r_scripts")
-    for path in candidates:
-        if (path / "fit.R").is_file():
-            return path
-    raise RUnavailableError(
-        "r_scripts/fit.R not found; install the harness from its repository with "
-        "`pip install -e .` or set HARNESS_R_SCRIPTS"
-    )
+    """Where ``fit.R`` lives (see :mod:`harness._resources`)."""
+    try:
+        return _resources.r_scripts_dir()
+    except _resources.RScriptsMissingError as err:
+        raise RUnavailableError(str(err)) from None
 
 
 @cache
@@ -116,20 +111,19 @@ def _r_env() -> Any:
         raise RUnavailableError(f"rpy2 cannot start R ({err}); {INSTALL_HINT}") from None
     finally:
         _restore_library_path(library_path)
-    missing = list(
-        ro.r(
-            'c("lme4", "nlme", "merTools", "lmerTest", "MASS")'
-            "[!vapply(c('lme4', 'nlme', 'merTools', 'lmerTest', 'MASS'), "
-            "requireNamespace, logical(1), quietly = TRUE)]"
-        )
-    )
+    env = ro.r("new.env()")
+    scripts = r_scripts_dir()
+    with _quiet_console():
+        ro.r["source"](str(scripts / "versions.R"), local=env)
+    wanted = ["lme4", "nlme", "merTools", "lmerTest", "MASS"]
+    found = _from_r(env["harness_versions"](ro.StrVector(wanted), check_load=True))
+    missing = [p for p, v in zip(found["package"], found["version"], strict=True) if pd.isna(v)]
     if "lme4" in missing or "nlme" in missing:
         raise RUnavailableError(f"R package(s) {missing} not installed; {INSTALL_HINT}")
     if missing:
         log.warning("optional R package(s) %s missing; %s", missing, INSTALL_HINT)
-    env = ro.r("new.env()")
     with _quiet_console():
-        ro.r["source"](str(r_scripts_dir() / "fit.R"), local=env)
+        ro.r["source"](str(scripts / "fit.R"), local=env)
     _restore_library_path(library_path)
     return env
 
