@@ -54,7 +54,7 @@ class Helper:
     """One helper process and the pipe to it."""
 
     def __init__(self) -> None:
-        from harness.studies.execute import prepare_child_environment
+        from harness.studies.environment import prepare_child_environment
 
         prepare_child_environment()
         env = dict(os.environ)
