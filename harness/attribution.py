@@ -635,11 +635,18 @@ def attribute_agreement(
         y = part["pymc_mean"].to_numpy(float)
         if not modes or not np.isfinite(r):
             attributions.append({s: None for s in ("mcse", *SOURCES)})
-            explanations.append(
-                "no correlation to explain (fewer than 3 informed groups or no spread)"
-                if not np.isfinite(r)
-                else "the conditional modes could not be computed; no attribution"
-            )
+            if np.isfinite(r):
+                text = "the conditional modes could not be computed; no attribution"
+            elif len(x) >= 3 and np.std(x) == 0:
+                rmse = float(np.sqrt(np.mean((y - x) ** 2)))
+                text = (
+                    f"lme4's conditional modes are all {x[0]:.3g} (its SD for this term is at "
+                    f"the boundary 0, a singular fit), so no correlation exists; the posterior "
+                    f"means, shrunk by a posterior SD above 0, lie {rmse:.3g} from them (RMSE)"
+                )
+            else:
+                text = "no correlation to explain (fewer than 3 informed groups or no spread)"
+            explanations.append(text)
             explained.append(False)
             continue
         d_obs = 1.0 - r
