@@ -316,16 +316,28 @@ def _refit_wide(bayes: BayesFit) -> BayesFit:
 
     spec = bayes.spec.with_(priors=WIDE_PROFILE)
     log.info("refitting %s with the wide prior", spec.name or spec.formula)
-    return fit_pymc(
-        spec,
-        bayes.design.data,
-        seed=bayes.seed,
-        draws=bayes.draws,
-        tune=bayes.tune,
-        chains=bayes.chains,
-        sampler=bayes.sampler,
-        target_accept=float(bayes.settings.get("target_accept", 0.8)),
-    )
+    samplers = [bayes.sampler] + (["pymc"] if bayes.sampler != "pymc" else [])
+    for i, sampler in enumerate(samplers):
+        try:
+            return fit_pymc(
+                spec,
+                bayes.design.data,
+                seed=bayes.seed,
+                draws=bayes.draws,
+                tune=bayes.tune,
+                chains=bayes.chains,
+                sampler=sampler,
+                target_accept=float(bayes.settings.get("target_accept", 0.8)),
+            )
+        except Exception as err:
+            # nutpie can fail to find a starting point under the flat profile's huge scales
+            # (seen on Orthodont); PyMC's own NUTS starts from the model's initial point.
+            if i == len(samplers) - 1:
+                raise
+            log.warning(
+                "wide-prior refit with %s failed (%s); trying %s", sampler, err, samplers[i + 1]
+            )
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- one row
