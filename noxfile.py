@@ -128,6 +128,17 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON, default=False)
+def gallery(session: nox.Session) -> None:
+    """Fit the real-data gallery (R packages' shipped data) into ``reports/gallery/``.
+
+    ``nox -s gallery -- --cases orthodont dyestuff2 --draws 500``; ``--list`` names the cases.
+    Cached fits make a rerun resume where the last one stopped.
+    """
+    _setup(session)
+    session.run("python", "benchmarks/gallery.py", *session.posargs, env=_env())
+
+
+@nox.session(python=PYTHON, default=False)
 def study(session: nox.Session) -> None:
     """Run a simulation study: ``nox -s study -- NAME [--reps N] [--scheduler ADDRESS]``."""
     _setup(session, extras="[study]")

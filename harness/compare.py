@@ -18,6 +18,17 @@ import pandas as pd
 import xarray as xr
 
 from harness.align import check_alignment, informed_counts, posterior_offsets
+from harness.attribution import (
+    BOUNDARY_COR,
+    BOUNDARY_SD_RATIO,
+    REMAINDER_VARIANCE_SD,
+    WidePrior,
+    attribute_agreement,
+    attribute_row,
+    pick_conditioning,
+    reweight_to_wide_prior,
+    weighted_summary,
+)
 from harness.engines.pymc import corr_var, sd_var
 
 if TYPE_CHECKING:
@@ -127,6 +138,7 @@ def _summary(array: xr.DataArray, prob: float) -> dict[str, float]:
         "upper": upper,
         "mcse": _scalar(az.mcse(draws, method="mean")),
         "ess_bulk": _scalar(az.ess(draws, method="bulk")),
+        "ess_tail": _scalar(az.ess(draws, method="tail")),
         "r_hat": _scalar(az.rhat(draws)),
     }
 
@@ -141,11 +153,78 @@ def interval_overlap(a_low: float, a_high: float, b_low: float, b_high: float) -
 
 
 def _reliable(stats: dict[str, float]) -> bool:
-    return stats["r_hat"] <= TOLERANCES["rhat_max"] and stats["ess_bulk"] >= TOLERANCES["ess_min"]
+    return (
+        stats["r_hat"] <= TOLERANCES["rhat_max"]
+        and stats["ess_bulk"] >= TOLERANCES["ess_min"]
+        and stats.get("ess_tail", TOLERANCES["ess_min"]) >= TOLERANCES["ess_min"]
+    )
 
 
-def compare_fixed(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> pd.DataFrame:
-    """Fixed effects side by side, with differences in lme4 SEs and in MCSEs."""
+def _adaptive(bayes: BayesFit) -> dict[str, Any] | None:
+    adaptive = getattr(bayes, "settings", {}).get("adaptive")
+    return adaptive if isinstance(adaptive, dict) else None
+
+
+def _row_reliable(stats: dict[str, float], bayes: BayesFit) -> bool:
+    """R-hat <= 1.01, bulk and tail ESS >= 400 and no divergence.
+
+    An adaptive fit that stopped because its targets were met (``budget_spent``
+    False) is reliable by construction: its loop checked the same rule.
+    """
+    adaptive = _adaptive(bayes)
+    if adaptive is not None and adaptive.get("budget_spent") is False:
+        return True
+    return _reliable(stats) and bayes.n_divergent == 0
+
+
+def _unreliable_reason(stats: dict[str, float], bayes: BayesFit) -> str:
+    reasons = []
+    if stats["r_hat"] > TOLERANCES["rhat_max"]:
+        reasons.append(f"R-hat {stats['r_hat']:.3f} > {TOLERANCES['rhat_max']}")
+    for kind in ("bulk", "tail"):
+        value = stats.get(f"ess_{kind}", float("inf"))
+        if value < TOLERANCES["ess_min"]:
+            reasons.append(f"{kind} ESS {value:.0f} < {TOLERANCES['ess_min']:.0f}")
+    if bayes.n_divergent:
+        reasons.append(f"{bayes.n_divergent} divergent transitions")
+    text = "unreliable: " + ", ".join(reasons) if reasons else "unreliable"
+    adaptive = _adaptive(bayes)
+    if adaptive is not None and adaptive.get("budget_spent"):
+        text += f" (sampling budget spent: {adaptive.get('reason', 'no reason recorded')})"
+    return text
+
+
+def _verdict(passes: bool, explained: bool) -> str:
+    """pass by the row's own rule; else look when the named sources explain the gap."""
+    if passes:
+        return "pass"
+    return "look" if explained else "fail"
+
+
+def _explain(attr: Any, verdict: str, reason: str | None = None) -> str:
+    if verdict == "unreliable":
+        return f"{reason}. {attr.explanation}"
+    if verdict == "pass":
+        return f"within tolerance: {attr.explanation}"
+    if verdict == "look":
+        return f"explained by the named sources, but large: {attr.explanation}"
+    return f"not explained ({attr.tolerance} fails): {attr.explanation}"
+
+
+def _wide_draws(wide: WidePrior, bayes: BayesFit, pick: Any) -> np.ndarray:
+    return np.asarray(pick(wide.source(bayes)).values, dtype=float).ravel()
+
+
+def compare_fixed(
+    freq: FreqFit, bayes: BayesFit, prob: float = 0.95, wide: WidePrior | None = None
+) -> pd.DataFrame:
+    """Fixed effects side by side, with differences in lme4 SEs and in MCSEs.
+
+    ``explanation`` and ``attribution`` split each gap into the prior, Monte
+    Carlo error and a remainder (:mod:`harness.attribution`); ``wide`` is the
+    wide-prior posterior (computed when not given).
+    """
+    wide = wide if wide is not None else reweight_to_wide_prior(bayes)
     beta = bayes.idata.posterior["beta"]
     rows = []
     for record in freq.fixed.to_dict("records"):
@@ -154,14 +233,27 @@ def compare_fixed(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> pd.Data
         diff = stats["mean"] - record["estimate"]
         diff_se = diff / record["se"] if record["se"] > 0 else float("nan")
         diff_mcse = diff / stats["mcse"] if stats["mcse"] > 0 else float("nan")
-        if not _reliable(stats) or bayes.n_divergent > 0:
+        se = record["se"] if record["se"] > 0 else stats["sd"]
+        attr = attribute_row(
+            _draws(beta.sel(fixed_term=term)),
+            record["estimate"],
+            how="mean",
+            wide_values=_wide_draws(
+                wide, bayes, lambda f, t=term: f.idata.posterior["beta"].sel(fixed_term=t)
+            ),
+            wide=wide,
+            scale=se,
+            scale_name="lme4 SE",
+            tolerance=TOLERANCES["fixed_pass_se"] * se,
+            tolerance_text=f"{TOLERANCES['fixed_pass_se']} lme4 SE",
+            use_mode=False,
+        )
+        if not _row_reliable(stats, bayes):
             verdict = "unreliable"
-        elif abs(diff_se) < TOLERANCES["fixed_pass_se"]:
-            verdict = "pass"
-        elif abs(diff_se) < TOLERANCES["fixed_look_se"]:
-            verdict = "look"
         else:
-            verdict = "fail"
+            passes = bool(abs(diff_se) < TOLERANCES["fixed_pass_se"])
+            verdict = _verdict(passes, attr.explained)
+        explanation = _explain(attr, verdict, _unreliable_reason(stats, bayes))
         rows.append(
             {
                 "term": term,
@@ -182,8 +274,13 @@ def compare_fixed(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> pd.Data
                 ),
                 "r_hat": stats["r_hat"],
                 "ess_bulk": stats["ess_bulk"],
-                "tolerance": f"|diff| < {TOLERANCES['fixed_pass_se']} lme4 SE",
+                "ess_tail": stats["ess_tail"],
+                "k_hat": attr.extra["k_hat"],
+                "tolerance": f"pass: |diff| < {TOLERANCES['fixed_pass_se']} lme4 SE; "
+                f"fail: {attr.tolerance}",
                 "verdict": verdict,
+                "explanation": explanation,
+                "attribution": attr.attribution,
             }
         )
     return pd.DataFrame(rows)
@@ -215,8 +312,26 @@ def _posterior_component(bayes: BayesFit, component: str) -> xr.DataArray | None
     return None
 
 
-def compare_variance(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> pd.DataFrame:
-    """Variance components (SDs, correlations) and residual SD(s) side by side."""
+def compare_variance(
+    freq: FreqFit, bayes: BayesFit, prob: float = 0.95, wide: WidePrior | None = None
+) -> pd.DataFrame:
+    """Variance components (SDs, correlations) and residual SD(s) side by side.
+
+    ``explanation`` and ``attribution`` split each gap (posterior median minus
+    lme4's estimate) into the prior, the summary (median of a skewed posterior
+    against its mode), a boundary (a singular fit, a correlation at +/-1),
+    Monte Carlo error and a remainder (:mod:`harness.attribution`).
+    """
+    wide = wide if wide is not None else reweight_to_wide_prior(bayes)
+    source = wide.source(bayes)
+    wide_components = {}
+    for rec in freq.variance.to_dict("records"):
+        picked = _posterior_component(source, rec["component"])
+        if picked is not None and np.isfinite(rec["estimate"]):
+            wide_components[rec["component"]] = (
+                np.asarray(picked.values, dtype=float).ravel(),
+                float(rec["estimate"]),
+            )
     rows = []
     n_groups = {b.label: b.n_levels for b in bayes.design.blocks}
     for record in freq.variance.to_dict("records"):
@@ -236,16 +351,39 @@ def compare_variance(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> pd.D
                 f"{n_groups[group]} groups: the posterior of an SD is right-skewed, so its mean "
                 f"exceeds the {freq.method} estimate; compare the median"
             )
-        if record["kind"] == "sd" and estimate < 1e-4 * max(stats["median"], 1e-12):
+        boundary = None
+        if record["kind"] == "sd" and estimate < BOUNDARY_SD_RATIO * max(stats["median"], 1e-12):
             notes.append("lme4 estimate at the boundary (singular fit)")
-        if not _reliable(stats) or bayes.n_divergent > 0:
+            boundary = "lower"
+        elif record["kind"] == "cor" and abs(estimate) >= BOUNDARY_COR:
+            notes.append(f"lme4 correlation at the boundary ({estimate:+.0f})")
+            boundary = "upper" if estimate > 0 else "lower"
+        bounds = (-1.0, 1.0) if record["kind"] == "cor" else (0.0, None)
+        attr = attribute_row(
+            _draws(draws),
+            estimate,
+            how="median",
+            wide_values=_wide_draws(wide, bayes, lambda f, c=component: _posterior_component(f, c)),
+            wide=wide,
+            scale=stats["sd"],
+            scale_name="posterior SD",
+            tolerance=REMAINDER_VARIANCE_SD * stats["sd"],
+            tolerance_text=f"{REMAINDER_VARIANCE_SD} posterior SD",
+            bounds=bounds,
+            boundary=boundary,
+            conditioning=pick_conditioning(
+                wide_components[component][0],
+                {k: v for k, v in wide_components.items() if k != component},
+            )
+            if component in wide_components
+            else None,
+        )
+        if not _row_reliable(stats, bayes):
             verdict = "unreliable"
-        elif in_pymc and (in_lme4 or not has_ci):
-            verdict = "pass"
-        elif in_pymc or in_lme4:
-            verdict = "look"
         else:
-            verdict = "fail"
+            passes = bool(in_pymc and (in_lme4 or not has_ci))
+            verdict = _verdict(passes, attr.explained)
+        explanation = _explain(attr, verdict, _unreliable_reason(stats, bayes))
         rows.append(
             {
                 "component": component,
@@ -265,10 +403,14 @@ def compare_variance(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> pd.D
                 "pymc_median_in_lme4_interval": in_lme4 if has_ci else None,
                 "r_hat": stats["r_hat"],
                 "ess_bulk": stats["ess_bulk"],
-                "tolerance": "lme4 estimate inside the PyMC 95% HDI (and PyMC median inside "
-                "the lme4 interval when there is one)",
+                "ess_tail": stats["ess_tail"],
+                "k_hat": attr.extra["k_hat"],
+                "tolerance": "pass: lme4 estimate inside the PyMC 95% HDI (and PyMC median "
+                f"inside the lme4 interval when there is one); fail: {attr.tolerance}",
                 "verdict": verdict,
                 "note": "; ".join(notes),
+                "explanation": explanation,
+                "attribution": attr.attribution,
             }
         )
     return pd.DataFrame(rows)
@@ -375,6 +517,105 @@ def offset_agreement(offsets: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _sigma_rows(design: Any, sigma: dict[str, float]) -> np.ndarray:
+    """Residual SD of every row from component values (``sigma`` or one per level)."""
+    if design.sigma_levels is None:
+        return np.full(design.n, sigma["sigma"])
+    by_level = np.array(
+        [sigma[f"sigma: {design.spec.sigma_by}={level}"] for level in design.sigma_levels]
+    )
+    return by_level[design.sigma_index]
+
+
+def explain_agreement(
+    freq: FreqFit,
+    bayes: BayesFit,
+    variance: pd.DataFrame,
+    offsets: pd.DataFrame,
+    agreement: pd.DataFrame,
+    wide: WidePrior,
+) -> pd.DataFrame:
+    """Agreement rows with ``explanation`` and ``attribution``, and verdicts that use them.
+
+    A row below the correlation threshold is "look" when conditional modes at
+    lme4's own variance components reproduce lme4's modes (the gap is then the
+    posterior's variance components, its prior and its averaging), "fail" when
+    they do not.
+    """
+    import arviz as az
+
+    vc_lme4 = dict(zip(freq.variance["component"], freq.variance["estimate"], strict=True))
+    vc_post = dict(zip(variance["component"], variance["pymc_median"], strict=True))
+    source = wide.source(bayes)
+    vc_wide = {}
+    for component in variance["component"]:
+        values = _posterior_component(source, component)
+        if values is not None:
+            vc_wide[component] = weighted_summary(
+                np.asarray(values.values, dtype=float).ravel(), wide.weights, "median"
+            )
+    design = bayes.design
+    try:
+        sigma_rows = {
+            "lme4": _sigma_rows(design, vc_lme4),
+            "post": _sigma_rows(design, vc_post),
+            "wide": _sigma_rows(design, vc_wide),
+        }
+    except KeyError as err:
+        log.warning("no residual SD for the conditional modes: %s", err)
+        sigma_rows = {}
+    mcse = []
+    for factor, draws in posterior_offsets(bayes).items():
+        values = az.mcse(xr.Dataset({"u": draws}), method="mean")["u"].to_pandas().stack()
+        frame = values.rename("mcse_mean").reset_index()
+        frame.columns = ["group", "term", "mcse_mean"]
+        frame["group_factor"] = factor
+        mcse.append(frame)
+    keyed = pd.concat(mcse, ignore_index=True).astype({"group": str, "term": str})
+    merged = offsets[["group_factor", "group", "term"]].merge(
+        keyed, on=["group_factor", "group", "term"], how="left"
+    )
+    passes = agreement["verdict"] == "pass"
+    out = attribute_agreement(
+        agreement,
+        offsets,
+        design,
+        vc_lme4,
+        vc_post,
+        vc_wide,
+        sigma_rows,
+        merged["mcse_mean"],
+        passes,
+    )
+    verdicts = []
+    for row in out.itertuples():
+        if row.verdict == "pass" or not np.isfinite(row.correlation):
+            verdicts.append(row.verdict)
+        else:
+            verdicts.append("look" if row.explained else "fail")
+    out["verdict"] = verdicts
+    out["explanation"] = [
+        (
+            e
+            if v == "pass" or not np.isfinite(c)
+            else (
+                f"explained by the named sources, but large: {e}"
+                if v == "look"
+                else f"not explained (conditional modes at lme4's estimates correlate less "
+                f"than {1 - attribution_tolerance():.2f} with lme4's): {e}"
+            )
+        )
+        for e, v, c in zip(out["explanation"], out["verdict"], out["correlation"], strict=True)
+    ]
+    return out.drop(columns=["explained"])
+
+
+def attribution_tolerance() -> float:
+    from harness.attribution import REMAINDER_CORRELATION
+
+    return REMAINDER_CORRELATION
+
+
 def sampler_diagnostics(bayes: BayesFit) -> tuple[pd.DataFrame, dict[str, Any]]:
     """R-hat, ESS and MCSE per parameter, plus divergences and tree-depth hits."""
     import arviz as az
@@ -395,6 +636,7 @@ def sampler_diagnostics(bayes: BayesFit) -> tuple[pd.DataFrame, dict[str, Any]]:
         "max_tree_depth": int(stats[depth_name].max()) if depth_name else None,
         "max_tree_depth_hits": int(stats[max_hits_name].sum()) if max_hits_name else None,
         "min_ess_bulk": float(summary["ess_bulk"].min()),
+        "min_ess_tail": float(summary["ess_tail"].min()),
         "max_r_hat": float(summary["r_hat"].max()),
         "draws": bayes.draws,
         "chains": bayes.chains,
@@ -403,7 +645,9 @@ def sampler_diagnostics(bayes: BayesFit) -> tuple[pd.DataFrame, dict[str, Any]]:
     return summary, sampler_stats
 
 
-def compare(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> Comparison:
+def compare(
+    freq: FreqFit, bayes: BayesFit, prob: float = 0.95, *, refit_wide: bool = True
+) -> Comparison:
     """Align an lme4 fit and a PyMC fit of the same spec and compare them.
 
     Parameters
@@ -414,6 +658,10 @@ def compare(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> Comparison:
         From :func:`harness.fit_pymc`.
     prob : float
         Interval probability (HDI for PyMC, the lme4 CI level is 0.95).
+    refit_wide : bool
+        When importance re-weighting to the wide prior is untrustworthy
+        (Pareto k-hat > 0.7), refit with the wide prior to measure the prior's
+        share of each gap.
 
     Returns
     -------
@@ -425,14 +673,17 @@ def compare(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> Comparison:
             f"{freq.spec.sigma_by!r}), PyMC {bayes.spec.formula!r} (sigma_by={bayes.spec.sigma_by!r})"
         )
     check_alignment(freq, bayes)
-    fixed = compare_fixed(freq, bayes, prob)
-    variance = compare_variance(freq, bayes, prob)
+    wide = reweight_to_wide_prior(bayes, refit=refit_wide)
+    fixed = compare_fixed(freq, bayes, prob, wide)
+    variance = compare_variance(freq, bayes, prob, wide)
     offsets = compare_offsets(freq, bayes, prob)
-    agreement = offset_agreement(offsets)
+    agreement = explain_agreement(freq, bayes, variance, offsets, offset_agreement(offsets), wide)
     diagnostics, sampler_stats = sampler_diagnostics(bayes)
     notes = list(freq.messages)
     if freq.stand_in:
         notes.insert(0, freq.stand_in)
+    if wide.note:
+        notes.append(f"prior attribution: {wide.note}")
     if sampler_stats["divergences"]:
         notes.append(
             f"{sampler_stats['divergences']} divergent transitions: PyMC summaries are unreliable"

@@ -563,6 +563,23 @@ def new_group_table(
 # --------------------------------------------------------------------------- verdicts
 
 
+def attribution_text(attribution: Any) -> str:
+    """``prior +0.012 · summary -0.41 · rest -0.15 (MCSE 0.029)``: the sources of a gap."""
+    if not isinstance(attribution, Mapping):
+        return ""
+    names = {"prior": "prior", "summary": "summary", "boundary": "boundary", "remainder": "rest"}
+    parts = []
+    for key, label in names.items():
+        value = attribution.get(key)
+        if value is not None and np.isfinite(value) and (value != 0 or key == "remainder"):
+            parts.append(f"{label} {value:+.3g}")
+    mcse = attribution.get("mcse")
+    text = " · ".join(parts)
+    if mcse is not None and np.isfinite(mcse):
+        text += f" (MCSE {mcse:.2g})"
+    return text
+
+
 def verdict_table(
     cmp: Comparison,
     same_model: Any | None = None,
@@ -599,6 +616,8 @@ def verdict_table(
                 "tolerance": r["tolerance"],
                 "verdict": r["verdict"],
                 "note": "; ".join(notes),
+                "explanation": r.get("explanation", ""),
+                "attribution": attribution_text(r.get("attribution")),
             }
         )
     for r in cmp.variance.to_dict("records"):
@@ -630,10 +649,13 @@ def verdict_table(
                 "diff_in_se": diff / se if se > 0 else float("nan"),
                 "diff_in_mcse": diff / r["mcse"] if r["mcse"] > 0 else float("nan"),
                 "se_from_interval": has_ci,
-                "tolerance": "lme4 estimate in the PyMC 95% HDI"
+                "tolerance": r.get("tolerance")
+                or "lme4 estimate in the PyMC 95% HDI"
                 + ("; PyMC median in the lme4 interval" if has_ci else ""),
                 "verdict": r["verdict"],
                 "note": "; ".join(notes),
+                "explanation": r.get("explanation", ""),
+                "attribution": attribution_text(r.get("attribution")),
             }
         )
     for r in cmp.agreement.to_dict("records"):
@@ -659,6 +681,8 @@ def verdict_table(
                 "tolerance": r["tolerance"],
                 "verdict": r["verdict"],
                 "note": "; ".join(notes),
+                "explanation": r.get("explanation", ""),
+                "attribution": attribution_text(r.get("attribution")),
             }
         )
     if same_model is not None:
@@ -677,6 +701,8 @@ def verdict_table(
                 "tolerance": "|difference| < 1e-6",
                 "verdict": "pass" if ok else "fail",
                 "note": "; ".join(str(x) for x in reasons),
+                "explanation": "",
+                "attribution": "",
             }
         )
     return pd.DataFrame(rows)

@@ -1,0 +1,711 @@
+"""Why lme4's estimate and the posterior summary differ: the gap split into named sources.
+
+For every compared quantity the gap ``posterior summary - lme4 estimate`` is
+split, in the row's own units, into
+
+``prior``
+    the posterior summary minus the same summary under a much wider prior
+    (the ``flat`` profile).  The wide-prior posterior comes from
+    Pareto-smoothed importance sampling of the draws (ArviZ ``psislw``; the
+    log weights are ``log p_wide(theta) - log p_current(theta)`` over the
+    fixed effects, the group SDs, the residual SD(s) and the LKJ
+    correlations), or, when the Pareto k-hat exceeds 0.7, from a refit with
+    the wide prior;
+``summary``
+    a posterior median (or mean) against a point estimate: the wide-prior
+    posterior's summary minus its mode.  With flat priors the fixed effects
+    integrate out into the REML likelihood, so the mode of a variance
+    component's marginal posterior sits near lme4's REML estimate; the
+    distance from the median to that mode is the skew of the posterior;
+``boundary``
+    lme4's SD at 0 (singular fit) or a correlation at +/-1: a posterior of a
+    bounded quantity cannot be centred on its bound, so the gap up to the
+    wide-prior posterior's near tail is the boundary's, and the posterior
+    mass beyond that tail is the summary's;
+``remainder``
+    what is left; the row fails only when it exceeds
+    ``max(3 MCSE, the row's tolerance)``.
+
+``mcse`` (the Monte Carlo error of the summary) is reported beside them: it
+is the size below which no gap means anything.  The offsets' agreement rows
+(correlation of lme4's conditional modes with the posterior means) are
+explained by a chain of replacements that telescopes exactly: the posterior
+means against the conditional modes at the posterior's variance components
+(averaging over their uncertainty, and Monte Carlo noise), those against the
+modes at the wide-prior posterior's variance components (the prior), those
+against the modes at lme4's own estimates (the summary of the variance
+components), and the last against lme4's modes (``remainder``: zero when
+both engines fit the same model).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from harness.engines.pymc import BayesFit
+    from harness.priors import ResolvedPriors
+
+log = logging.getLogger("harness")
+
+#: The prior profile the gaps are measured against.
+WIDE_PROFILE = "flat"
+#: Pareto k-hat above which importance weights are not trusted (Vehtari et al. 2024).
+K_HAT_MAX = 0.7
+#: Tolerances on what the named sources leave unexplained.
+REMAINDER_MCSE = 3.0  # |remainder| must exceed this many MCSE to fail ...
+REMAINDER_VARIANCE_SD = 0.5  # ... and this many posterior SDs (variance rows)
+REMAINDER_CORRELATION = 0.02  # agreement rows: correlation not explained
+#: Relative size under which an lme4 SD counts as 0, and |cor| as 1.
+BOUNDARY_SD_RATIO = 1e-4
+BOUNDARY_COR = 1.0 - 1e-6
+SOURCES = ("prior", "summary", "boundary", "remainder")
+#: Kernel width (posterior SDs) and the least kernel ESS for a conditional mode.
+CONDITION_BANDWIDTH = 0.35
+MIN_CONDITION_ESS = 50.0
+#: Other components enter the conditioning when their draws correlate this much (at most 3).
+CONDITION_MIN_CORRELATION = 0.2
+CONDITION_MAX = 3
+
+
+# --------------------------------------------------------------------------- weighted summaries
+
+
+def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """Quantile ``q`` of a weighted sample (weights need not be normalised)."""
+    order = np.argsort(values)
+    v, w = values[order], weights[order]
+    cum = np.cumsum(w)
+    cum = (cum - 0.5 * w) / cum[-1]
+    return float(np.interp(q, cum, v))
+
+
+def weighted_summary(values: np.ndarray, weights: np.ndarray, how: str) -> float:
+    """``mean`` or ``median`` of a weighted sample."""
+    if how == "mean":
+        return float(np.sum(values * weights) / np.sum(weights))
+    return weighted_quantile(values, weights, 0.5)
+
+
+def weighted_mode(
+    values: np.ndarray,
+    weights: np.ndarray,
+    lower: float | None = None,
+    upper: float | None = None,
+    grid: int = 512,
+) -> float:
+    """Mode of a weighted Gaussian KDE, reflected at the bounds of the support.
+
+    Reflection keeps the density of an SD near 0 (or of a correlation near
+    +/-1) from leaking past the bound, where a plain KDE would pull the mode
+    inwards.
+    """
+    values = np.asarray(values, dtype=float)
+    weights = np.asarray(weights, dtype=float)
+    if np.ptp(values) == 0:
+        return float(values[0])
+    pieces, wpieces = [values], [weights]
+    if lower is not None:
+        pieces.append(2 * lower - values)
+        wpieces.append(weights)
+    if upper is not None:
+        pieces.append(2 * upper - values)
+        wpieces.append(weights)
+    # Bandwidth from the sample itself (Scott's rule on its effective size), not from the
+    # mirrored cloud, whose spread the reflection inflates.
+    n_eff = np.sum(weights) ** 2 / np.sum(weights**2)
+    mean = np.sum(values * weights) / np.sum(weights)
+    sd = np.sqrt(np.sum(weights * (values - mean) ** 2) / np.sum(weights))
+    bandwidth = sd * n_eff ** (-1 / 5)
+    cloud, cloud_w = np.concatenate(pieces), np.concatenate(wpieces)
+    lo = max(values.min(), lower) if lower is not None else values.min()
+    hi = min(values.max(), upper) if upper is not None else values.max()
+    xs = np.linspace(lo, hi, grid)
+    density = np.array(
+        [np.sum(cloud_w * np.exp(-0.5 * ((x - cloud) / bandwidth) ** 2)) for x in xs]
+    )
+    return float(xs[int(np.argmax(density))])
+
+
+def conditional_weights(
+    weights: np.ndarray, conditioning: list[tuple[np.ndarray, float]]
+) -> np.ndarray:
+    """``weights`` times a Gaussian kernel around the given values of other quantities."""
+    log_k = np.zeros_like(weights)
+    for values, at in conditioning:
+        sd = float(np.std(values))
+        if sd > 0:
+            log_k += -0.5 * ((values - at) / (CONDITION_BANDWIDTH * sd)) ** 2
+    local = weights * np.exp(log_k - np.max(log_k))
+    return local / local.sum()
+
+
+def pick_conditioning(
+    values: np.ndarray, others: dict[str, tuple[np.ndarray, float]]
+) -> list[tuple[np.ndarray, float]]:
+    """The other components whose draws move with ``values`` (rank correlation >= 0.2)."""
+    from scipy.stats import spearmanr
+
+    scored = []
+    for draws, at in others.values():
+        if np.std(draws) == 0 or not np.isfinite(at):
+            continue
+        rho = float(spearmanr(values, draws)[0])
+        if np.isfinite(rho) and abs(rho) >= CONDITION_MIN_CORRELATION:
+            scored.append((abs(rho), draws, at))
+    scored.sort(key=lambda item: -item[0])
+    return [(draws, at) for _, draws, at in scored[:CONDITION_MAX]]
+
+
+# --------------------------------------------------------------------------- the wide prior
+
+
+def _logp(prior: Any, values: np.ndarray) -> np.ndarray:
+    """Log density of a harness Prior at values (PyMC's own logp, so any family works)."""
+    import pymc as pm
+
+    dist = getattr(pm, prior.dist).dist(**dict(prior.params))
+    return np.asarray(pm.logp(dist, np.asarray(values, dtype=float)).eval(), dtype=float)
+
+
+def _lkj_logp(eta: float, corr: np.ndarray) -> np.ndarray:
+    """LKJ log density up to its constant: ``(eta - 1) log det R`` per draw."""
+    if eta == 1.0:
+        return np.zeros(corr.shape[0])
+    sign, logdet = np.linalg.slogdet(corr)
+    return (eta - 1.0) * np.where(sign > 0, logdet, -np.inf)
+
+
+def prior_logp(bayes: BayesFit, priors: ResolvedPriors) -> np.ndarray:
+    """Log prior density of every draw (chain-major, flattened) under ``priors``.
+
+    Only the parameters whose priors a profile sets enter: the fixed effects,
+    the group SDs, the residual SD(s) and each correlated block's correlation
+    matrix.  The offsets' standard-normal prior is the same under every
+    profile and cancels.
+    """
+    from harness.engines.pymc import corr_var, sd_var, term_dim
+
+    posterior = bayes.idata.posterior
+    n = posterior.sizes["chain"] * posterior.sizes["draw"]
+    total = np.zeros(n)
+    beta = posterior["beta"]
+    for term, prior in priors.fixed.items():
+        total += _logp(prior, beta.sel(fixed_term=term).values.reshape(n))
+    for block in bayes.design.blocks:
+        sds = posterior[sd_var(block)]
+        for term in block.terms:
+            values = sds.sel({term_dim(block): term}).values.reshape(n)
+            total += _logp(priors.sd[(block.label, term)], values)
+        if block.correlated and block.n_terms > 1 and corr_var(block) in posterior:
+            corr = posterior[corr_var(block)].values.reshape(n, block.n_terms, block.n_terms)
+            total += _lkj_logp(priors.lkj_eta, corr)
+    sigma = posterior["sigma"].values.reshape(n, -1)
+    total += _logp(priors.sigma, sigma).reshape(n, -1).sum(axis=1)
+    return total
+
+
+@dataclass
+class WidePrior:
+    """The posterior under the wide prior: importance weights on the draws, or a refit.
+
+    ``weights`` are normalised over the flattened (chain-major) draws of the
+    fit they belong to: the original fit for ``method == "psis"``, ``refit``
+    (uniform weights) for ``method == "refit"``.
+    """
+
+    method: str
+    k_hat: float
+    weights: np.ndarray
+    refit: BayesFit | None = None
+    note: str = ""
+    profile: str = WIDE_PROFILE
+
+    def source(self, original: BayesFit) -> BayesFit:
+        """The fit whose draws ``weights`` weigh."""
+        return self.refit if self.refit is not None else original
+
+    def describe(self) -> str:
+        if self.method == "refit":
+            return f"refit with the wide prior (PSIS k-hat {self.k_hat:.2f} > {K_HAT_MAX})"
+        if self.method == "none":
+            return "no wide-prior posterior"
+        return f"k-hat {self.k_hat:.2f}"
+
+
+def wide_priors(bayes: BayesFit) -> ResolvedPriors:
+    """The wide (``flat`` profile) priors for ``bayes``'s design."""
+    from harness.priors import resolve_priors
+    from harness.spec import Design
+
+    design = bayes.design
+    wide_design = Design(**{**design.__dict__, "spec": design.spec.with_(priors=WIDE_PROFILE)})
+    return resolve_priors(wide_design)
+
+
+def reweight_to_wide_prior(bayes: BayesFit, *, refit: bool = True) -> WidePrior:
+    """Re-weight ``bayes``'s draws to the wide prior by PSIS; refit when k-hat > 0.7.
+
+    Parameters
+    ----------
+    bayes : BayesFit
+    refit : bool
+        Refit with the wide prior (same sampler, seed, draws) when the
+        weights are not trustworthy.  Without it the weights are used anyway,
+        and the note says so.
+
+    Returns
+    -------
+    WidePrior
+    """
+    import arviz as az
+
+    wide = wide_priors(bayes)
+    log_w = prior_logp(bayes, wide) - prior_logp(bayes, bayes.priors)
+    n = log_w.shape[0]
+    if bayes.priors.profile == WIDE_PROFILE and not _has_overrides(bayes):
+        return WidePrior("psis", 0.0, np.full(n, 1.0 / n), note="the fit's prior is the wide one")
+    finite = np.isfinite(log_w)
+    if not finite.all():
+        log_w = np.where(finite, log_w, -np.inf)
+    smoothed, k_hat = az.psislw(log_w - np.max(log_w[finite]), reff=1.0)
+    weights = np.exp(np.asarray(smoothed, dtype=float))
+    weights = weights / weights.sum()
+    k_hat = float(np.asarray(k_hat))
+    if k_hat <= K_HAT_MAX:
+        return WidePrior("psis", k_hat, weights)
+    if not refit:
+        return WidePrior(
+            "psis",
+            k_hat,
+            weights,
+            note=f"PSIS k-hat {k_hat:.2f} > {K_HAT_MAX}: the prior's share is rough (no refit)",
+        )
+    try:
+        wide_fit = _refit_wide(bayes)
+    except Exception as err:  # a refit is best effort; the weights still say something
+        log.warning("refit with the wide prior failed: %s", err)
+        return WidePrior(
+            "psis",
+            k_hat,
+            weights,
+            note=f"PSIS k-hat {k_hat:.2f} > {K_HAT_MAX} and the refit failed ({err}): "
+            "the prior's share is rough",
+        )
+    m = wide_fit.idata.posterior.sizes["chain"] * wide_fit.idata.posterior.sizes["draw"]
+    return WidePrior(
+        "refit",
+        k_hat,
+        np.full(m, 1.0 / m),
+        refit=wide_fit,
+        note=f"PSIS k-hat {k_hat:.2f} > {K_HAT_MAX}: refitted with the wide prior",
+    )
+
+
+def _has_overrides(bayes: BayesFit) -> bool:
+    return not isinstance(bayes.spec.priors, str)
+
+
+def _refit_wide(bayes: BayesFit) -> BayesFit:
+    from harness.engines.pymc import fit_pymc
+
+    spec = bayes.spec.with_(priors=WIDE_PROFILE)
+    log.info("refitting %s with the wide prior", spec.name or spec.formula)
+    samplers = [bayes.sampler] + (["pymc"] if bayes.sampler != "pymc" else [])
+    for i, sampler in enumerate(samplers):
+        try:
+            return fit_pymc(
+                spec,
+                bayes.design.data,
+                seed=bayes.seed,
+                draws=bayes.draws,
+                tune=bayes.tune,
+                chains=bayes.chains,
+                sampler=sampler,
+                target_accept=float(bayes.settings.get("target_accept", 0.8)),
+            )
+        except Exception as err:
+            # nutpie can fail to find a starting point under the flat profile's huge scales
+            # (seen on Orthodont); PyMC's own NUTS starts from the model's initial point.
+            if i == len(samplers) - 1:
+                raise
+            log.warning(
+                "wide-prior refit with %s failed (%s); trying %s", sampler, err, samplers[i + 1]
+            )
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- one row
+
+
+@dataclass
+class RowAttribution:
+    """The gap of one row, split into sources, with the verdict those sources allow."""
+
+    gap: float
+    mcse: float
+    attribution: dict[str, float | None]
+    explained: bool
+    explanation: str
+    tolerance: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:+.3g}"
+
+
+def attribute_row(
+    draws: np.ndarray,
+    estimate: float,
+    *,
+    how: str,
+    wide_values: np.ndarray,
+    wide: WidePrior,
+    scale: float,
+    scale_name: str,
+    tolerance: float,
+    tolerance_text: str,
+    bounds: tuple[float | None, float | None] = (None, None),
+    boundary: str | None = None,
+    use_mode: bool = True,
+    conditioning: list[tuple[np.ndarray, float]] | None = None,
+) -> RowAttribution:
+    """Split ``summary(draws) - estimate`` into prior, summary, boundary and remainder.
+
+    Parameters
+    ----------
+    draws : array (chain, draw)
+        The posterior draws of the quantity under the fit's prior.
+    estimate : float
+        lme4's estimate.
+    how : {"mean", "median"}
+        The posterior summary the row compares.
+    wide_values : array
+        The same quantity's draws that ``wide.weights`` weigh (flattened).
+    wide : WidePrior
+    scale, scale_name : float, str
+        The row's scale (lme4 SE, posterior SD) and its name, for the sentence.
+    tolerance : float
+        What the remainder may be, in the row's units, besides ``3 MCSE``.
+    tolerance_text : str
+        The tolerance in words.
+    bounds : (lower, upper)
+        Support of the quantity (0 for SDs, +/-1 for correlations).
+    boundary : {"lower", "upper"}, optional
+        lme4's estimate sits on that bound.
+    use_mode : bool
+        Measure the summary's share (median or mean against the mode).  Off for
+        fixed effects, whose posteriors are symmetric to within KDE noise.
+    conditioning : list of (values, estimate), optional
+        The wide-prior draws of the other variance components that move with
+        this one, and lme4's estimates of them.  lme4's estimate is a joint
+        mode; the posterior's mode is a marginal one.  Kernel weights
+        (Gaussian, :data:`CONDITION_BANDWIDTH` posterior SDs) around lme4's
+        values give the mode conditional on them, and the distance between the
+        two modes joins the summary's share.
+    """
+    import arviz as az
+
+    draws = np.asarray(draws, dtype=float)
+    flat = draws.ravel()
+    post = float(np.mean(flat)) if how == "mean" else float(np.median(flat))
+    mcse = float(np.asarray(az.mcse(draws, method=how)).ravel()[0])
+    gap = post - estimate
+    values = np.asarray(wide_values, dtype=float).ravel()
+    weights = wide.weights
+    at_wide = weighted_summary(values, weights, how)
+    prior = post - at_wide
+    parts: dict[str, float | None] = {"mcse": mcse, "prior": prior}
+    extra: dict[str, Any] = {"k_hat": wide.k_hat, "prior_method": wide.method}
+    if boundary is not None:
+        q = 0.025 if boundary == "lower" else 0.975
+        tail = weighted_quantile(values, weights, q)
+        parts["boundary"] = tail - estimate
+        parts["summary"] = at_wide - tail
+        parts["remainder"] = 0.0
+    elif use_mode:
+        mode = weighted_mode(values, weights, *bounds)
+        joint = mode
+        if conditioning:
+            local = conditional_weights(weights, conditioning)
+            n_eff = float(np.sum(local) ** 2 / np.sum(local**2))
+            if n_eff >= MIN_CONDITION_ESS:
+                joint = weighted_mode(values, local, *bounds)
+                extra["conditional_mode"] = joint
+                extra["conditional_ess"] = n_eff
+        parts["summary"] = at_wide - joint
+        parts["boundary"] = 0.0
+        parts["remainder"] = joint - estimate
+        extra["wide_mode"] = mode
+        extra["skew"] = at_wide - mode
+    else:
+        parts["summary"] = 0.0
+        parts["boundary"] = 0.0
+        parts["remainder"] = at_wide - estimate
+    remainder = float(parts["remainder"] or 0.0)
+    limit = max(REMAINDER_MCSE * mcse, tolerance)
+    explained = abs(remainder) <= limit
+    extra["remainder_in_mcse"] = remainder / mcse if mcse > 0 else float("nan")
+    sentence = _sentence(gap, parts, how, scale, scale_name, wide, boundary, mcse, estimate, extra)
+    tol = f"|remainder| <= max({REMAINDER_MCSE:g} MCSE, {tolerance_text})"
+    return RowAttribution(
+        gap=gap,
+        mcse=mcse,
+        attribution={k: _clean(v) for k, v in parts.items()},
+        explained=explained,
+        explanation=sentence,
+        tolerance=tol,
+        extra=extra,
+    )
+
+
+def _clean(value: float | None) -> float | None:
+    if value is None or not np.isfinite(value):
+        return None
+    return float(value)
+
+
+def _sentence(
+    gap: float,
+    parts: dict[str, float | None],
+    how: str,
+    scale: float,
+    scale_name: str,
+    wide: WidePrior,
+    boundary: str | None,
+    mcse: float,
+    estimate: float,
+    extra: dict[str, Any],
+) -> str:
+    in_scale = f" ({gap / scale:+.2g} {scale_name})" if scale > 0 else ""
+    pieces = [f"gap {_fmt(gap)}{in_scale} of the posterior {how} from lme4's {estimate:.4g}"]
+    pieces.append(f"the prior accounts for {_fmt(parts['prior'] or 0.0)} ({wide.describe()})")
+    if boundary is not None:
+        bound = "0 (singular fit)" if boundary == "lower" and estimate >= 0 else f"{estimate:+.0f}"
+        pieces.append(
+            f"lme4's estimate is on the boundary {bound}: {_fmt(parts['boundary'] or 0.0)} up to "
+            f"the posterior's {'2.5%' if boundary == 'lower' else '97.5%'} tail, "
+            f"{_fmt(parts['summary'] or 0.0)} of posterior mass beyond it (a posterior "
+            "cannot be centred on its bound)"
+        )
+    elif "conditional_mode" in extra:
+        pieces.append(
+            f"the summary accounts for {_fmt(parts['summary'] or 0.0)}: the {how} of a skewed "
+            f"posterior against its mode {_fmt(extra['skew'])}, and that marginal mode "
+            f"({extra['wide_mode']:.4g}) against the mode with the components that move with it "
+            f"held at lme4's values ({extra['conditional_mode']:.4g}, a joint mode as lme4's is) "
+            f"{_fmt(extra['wide_mode'] - extra['conditional_mode'])}"
+        )
+    elif parts.get("summary"):
+        pieces.append(f"the {how} of a skewed posterior against its mode {_fmt(parts['summary'])}")
+    remainder = float(parts["remainder"] or 0.0)
+    in_mcse = f"{remainder / mcse:+.1f} MCSE" if mcse > 0 else "n/a MCSE"
+    pieces.append(f"the rest is {_fmt(remainder)} = {in_mcse} (MCSE {mcse:.2g})")
+    text = "; ".join(pieces)
+    if wide.note:
+        text += f" [{wide.note}]"
+    return text
+
+
+# --------------------------------------------------------------------------- offsets
+
+
+def _block_covariances(bayes_or_freq: Any, values: dict[str, float], blocks: list[Any]) -> dict:
+    covs = {}
+    for block in blocks:
+        sds = np.array([values.get(f"{block.label}: sd({t})", 0.0) for t in block.terms])
+        corr = np.eye(block.n_terms)
+        for i, a in enumerate(block.terms):
+            for j, b in enumerate(block.terms):
+                if i < j:
+                    key = f"{block.label}: cor({b},{a})"
+                    alt = f"{block.label}: cor({a},{b})"
+                    r = values.get(key, values.get(alt, 0.0))
+                    corr[i, j] = corr[j, i] = 0.0 if not np.isfinite(r) else r
+        covs[block.label] = corr * np.outer(sds, sds)
+    return covs
+
+
+def conditional_modes(
+    design: Any, covs: dict[str, np.ndarray], sigma_rows: np.ndarray
+) -> pd.DataFrame:
+    """Conditional modes (BLUPs) of the offsets for given variance components.
+
+    Solves Henderson's mixed-model equations in lme4's spherical form,
+    ``u = Lambda v``, so that a zero SD (a singular fit) needs no inverse:
+    ``[X'WX, X'WZL; L'Z'WX, L'Z'WZL + I] [b; v] = [X'Wy; L'Z'Wy]`` with
+    ``W = diag(1 / sigma_i^2)``.
+
+    Returns
+    -------
+    DataFrame
+        group_factor, group, term, mode.
+    """
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import spsolve
+
+    from harness.marginal import psd_cholesky
+
+    Z = design.Z()
+    lambdas = []
+    for block in design.lme4_block_order():
+        L = psd_cholesky(covs[block.label])
+        lambdas.append(sp.kron(sp.identity(block.n_levels), sp.csc_matrix(L)))
+    Lam = sp.block_diag(lambdas, format="csc")
+    w = 1.0 / np.asarray(sigma_rows, dtype=float)
+    Xw = sp.csc_matrix(design.X.to_numpy(float) * w[:, None])
+    ZL = sp.diags(w) @ Z @ Lam
+    yw = design.y * w
+    p, q = Xw.shape[1], ZL.shape[1]
+    A = sp.bmat([[Xw.T @ Xw, Xw.T @ ZL], [ZL.T @ Xw, ZL.T @ ZL + sp.identity(q)]], format="csc")
+    rhs = np.concatenate([Xw.T @ yw, ZL.T @ yw])
+    solution = spsolve(A, rhs)
+    u = Lam @ solution[p:]
+    rows = [
+        {"group_factor": block.factor, "group": str(level), "term": term, "mode": float(value)}
+        for (block, level, term), value in zip(design.Z_columns(), u, strict=True)
+    ]
+    return pd.DataFrame(rows)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def attribute_agreement(
+    agreement: pd.DataFrame,
+    offsets: pd.DataFrame,
+    design: Any,
+    vc_lme4: dict[str, float],
+    vc_post: dict[str, float],
+    vc_wide: dict[str, float],
+    sigma_rows: dict[str, np.ndarray],
+    offset_mcse: pd.Series,
+    passes: pd.Series,
+) -> pd.DataFrame:
+    """Explain each agreement row's correlation deficit ``1 - r`` in correlation units.
+
+    The deficit telescopes over offsets computed as conditional modes at three
+    sets of variance components (:mod:`harness.attribution`'s docstring).
+
+    Parameters
+    ----------
+    agreement : DataFrame
+        From :func:`harness.compare.offset_agreement`.
+    offsets : DataFrame
+        From :func:`harness.compare.compare_offsets`.
+    design : Design
+    vc_lme4, vc_post, vc_wide : dict
+        Variance components by lme4 component name: lme4's estimates, the
+        posterior medians, the wide-prior posterior's medians.
+    sigma_rows : dict
+        Residual SD per row under each of ``"lme4"``, ``"post"``, ``"wide"``.
+    offset_mcse : Series
+        MCSE of each offset's posterior mean, aligned with ``offsets``.
+    passes : Series
+        The agreement rows' own pass rule.
+
+    Returns
+    -------
+    DataFrame
+        ``agreement`` with ``attribution``, ``explanation`` and ``explained``.
+    """
+    blocks = list(design.blocks)
+    modes = {}
+    for name, vc in (("lme4", vc_lme4), ("post", vc_post), ("wide", vc_wide)):
+        try:
+            covs = _block_covariances(None, vc, blocks)
+            modes[name] = conditional_modes(design, covs, sigma_rows[name]).rename(
+                columns={"mode": f"mode_{name}"}
+            )
+        except (ValueError, np.linalg.LinAlgError, KeyError) as err:
+            log.warning("conditional modes at the %s variance components: %s", name, err)
+            modes = {}
+            break
+    table = offsets.copy()
+    table["mcse_mean"] = offset_mcse.to_numpy()
+    for frame in modes.values():
+        table = table.merge(frame, on=["group_factor", "group", "term"], how="left")
+    out = agreement.copy()
+    attributions, explanations, explained = [], [], []
+    for (_, row), ok in zip(out.iterrows(), passes, strict=True):
+        part = table[
+            (table["group_factor"] == row["group_factor"])
+            & (table["term"] == row["term"])
+            & (table["n_obs"] > 0)
+        ]
+        r = float(row["correlation"])
+        x = part["lme4_mode"].to_numpy(float)
+        y = part["pymc_mean"].to_numpy(float)
+        if not modes or not np.isfinite(r):
+            attributions.append({s: None for s in ("mcse", *SOURCES)})
+            if np.isfinite(r):
+                text = "the conditional modes could not be computed; no attribution"
+            elif len(x) >= 3 and np.std(x) == 0:
+                rmse = float(np.sqrt(np.mean((y - x) ** 2)))
+                text = (
+                    f"lme4's conditional modes are all {x[0]:.3g} (its SD for this term is at "
+                    f"the boundary 0, a singular fit), so no correlation exists; the posterior "
+                    f"means, shrunk by a posterior SD above 0, lie {rmse:.3g} from them (RMSE)"
+                )
+            else:
+                text = "no correlation to explain (fewer than 3 informed groups or no spread)"
+            explanations.append(text)
+            explained.append(False)
+            continue
+        d_obs = 1.0 - r
+        d_post = 1.0 - _corr(x, part["mode_post"].to_numpy(float))
+        d_wide = 1.0 - _corr(x, part["mode_wide"].to_numpy(float))
+        d_lme4 = 1.0 - _corr(x, part["mode_lme4"].to_numpy(float))
+        mc_var = float(np.mean(part["mcse_mean"].to_numpy(float) ** 2))
+        mcse = r * mc_var / (2.0 * float(np.var(y))) if np.var(y) > 0 else 0.0
+        parts = {
+            "mcse": mcse,
+            "prior": d_post - d_wide,
+            "summary": (d_obs - d_post - mcse) + (d_wide - d_lme4),
+            "boundary": 0.0,
+            "remainder": d_lme4,
+        }
+        ok_rest = abs(d_lme4) <= REMAINDER_CORRELATION
+        slope = row.get("slope", float("nan"))
+        sd_ratio = _sd_ratio(row, vc_post, vc_lme4, blocks)
+        sentence = (
+            f"correlation {r:.3f} (1 - r = {d_obs:.3f}): the posterior's variance components "
+            f"give conditional modes correlating {1 - d_post:.3f} with lme4's; the prior "
+            f"accounts for {d_post - d_wide:+.3f} (the wide-prior posterior's components give "
+            f"{1 - d_wide:.3f}); averaging over the components' uncertainty and the median vs "
+            f"REML estimate {parts['summary']:+.3f}; Monte Carlo noise {mcse:.3f}; at lme4's own "
+            f"estimates the modes correlate {1 - d_lme4:.4f} with lme4's (the rest, "
+            f"{d_lme4:.2g})"
+        )
+        if np.isfinite(slope) and np.isfinite(sd_ratio):
+            sentence += (
+                f"; the slope of posterior means on lme4's modes, {slope:.2f}, follows the ratio "
+                f"of the SDs (posterior median / lme4), {sd_ratio:.2f}"
+            )
+        attributions.append({k: _clean(v) for k, v in parts.items()})
+        explanations.append(sentence)
+        explained.append(bool(ok) or ok_rest)
+    out["attribution"] = attributions
+    out["explanation"] = explanations
+    out["explained"] = explained
+    return out
+
+
+def _sd_ratio(
+    row: pd.Series, vc_post: dict[str, float], vc_lme4: dict[str, float], blocks: list[Any]
+) -> float:
+    for block in blocks:
+        if block.factor == row["group_factor"] and row["term"] in block.terms:
+            key = f"{block.label}: sd({row['term']})"
+            if key in vc_post and key in vc_lme4 and vc_lme4[key] > 0:
+                return vc_post[key] / vc_lme4[key]
+    return float("nan")

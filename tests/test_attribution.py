@@ -1,0 +1,261 @@
+"""Attribution of gaps to named sources, on constructed draws whose answers are known."""
+
+from __future__ import annotations
+
+import arviz as az
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness.attribution import (
+    REMAINDER_MCSE,
+    WidePrior,
+    attribute_row,
+    conditional_modes,
+    reweight_to_wide_prior,
+    weighted_mode,
+)
+from harness.compare import compare_variance
+from harness.engines.lme4 import FreqFit
+from harness.engines.pymc import BayesFit
+from harness.priors import resolve_priors
+from harness.spec import ModelSpec, Prior, build_design
+
+CHAINS, DRAWS = 4, 1000
+LEVELS = list("abcdefgh")
+
+
+def _data() -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    g = np.repeat(LEVELS, 5)
+    offsets = dict(zip(LEVELS, rng.normal(scale=1.0, size=len(LEVELS)), strict=True))
+    y = 10.0 + np.array([offsets[v] for v in g]) + rng.normal(size=g.size)
+    return pd.DataFrame({"y": y, "g": g})
+
+
+def _uniform(n: int) -> WidePrior:
+    return WidePrior("psis", 0.0, np.full(n, 1.0 / n))
+
+
+def _bayes(priors, beta_draws, sd_draws, sigma_draws) -> BayesFit:
+    spec = ModelSpec("y ~ 1 + (1 | g)", priors=priors)
+    design = build_design(spec, _data())
+    shape = (CHAINS, DRAWS)
+    idata = az.from_dict(
+        posterior={
+            "beta": beta_draws.reshape(*shape, 1),
+            "sd_g": sd_draws.reshape(*shape, 1),
+            "sigma": sigma_draws.reshape(shape),
+        },
+        sample_stats={"diverging": np.zeros(shape, bool)},
+        coords={"fixed_term": ["(Intercept)"], "g__term": ["(Intercept)"]},
+        dims={"beta": ["fixed_term"], "sd_g": ["g__term"]},
+    )
+    return BayesFit(
+        spec=spec,
+        design=design,
+        idata=idata,
+        sampler="constructed",
+        seed=0,
+        draws=DRAWS,
+        tune=0,
+        chains=CHAINS,
+        priors=resolve_priors(design),
+        compile_seconds=0.0,
+        sample_seconds=0.0,
+        model_code="",
+    )
+
+
+def test_prior_driven_posterior_recovers_the_known_prior_shift():
+    # Likelihood for the intercept: Normal(10, 0.5).  The fit's prior Normal(8, 1) pulls the
+    # posterior to Normal(9.6, sqrt(0.2)): precision 4 + 1, mean (4 * 10 + 1 * 8) / 5.
+    # Re-weighting to the (flat) wide prior must give back 10: the prior's share is -0.4.
+    rng = np.random.default_rng(5)
+    n = CHAINS * DRAWS
+    beta = rng.normal(9.6, np.sqrt(0.2), n)
+    sd = np.abs(rng.normal(1.0, 0.05, n))
+    sigma = np.abs(rng.normal(1.0, 0.05, n))
+    bayes = _bayes({"(Intercept)": Prior("Normal", {"mu": 8.0, "sigma": 1.0})}, beta, sd, sigma)
+    wide = reweight_to_wide_prior(bayes, refit=False)
+    assert wide.method == "psis"
+    assert wide.k_hat < 0.7
+    attr = attribute_row(
+        beta.reshape(CHAINS, DRAWS),
+        10.0,
+        how="mean",
+        wide_values=beta,
+        wide=wide,
+        scale=0.5,
+        scale_name="lme4 SE",
+        tolerance=0.125,
+        tolerance_text="0.25 lme4 SE",
+        use_mode=False,
+    )
+    assert attr.gap == pytest.approx(-0.4, abs=0.03)
+    assert attr.attribution["prior"] == pytest.approx(-0.4, abs=0.05)
+    assert abs(attr.attribution["remainder"]) < 0.05
+    assert attr.explained
+    assert "the prior accounts for" in attr.explanation and "k-hat" in attr.explanation
+
+
+def test_the_fits_own_wide_prior_gives_uniform_weights():
+    rng = np.random.default_rng(6)
+    n = CHAINS * DRAWS
+    bayes = _bayes("flat", rng.normal(10, 0.3, n), np.abs(rng.normal(1, 0.1, n)), np.ones(n))
+    wide = reweight_to_wide_prior(bayes, refit=False)
+    np.testing.assert_allclose(wide.weights, 1.0 / n)
+
+
+def test_boundary_estimate_is_explained_as_a_boundary():
+    # lme4 says the SD is exactly 0 (singular); the posterior of a positive SD cannot sit there.
+    rng = np.random.default_rng(8)
+    draws = np.abs(rng.normal(0.0, 0.5, (CHAINS, DRAWS)))
+    flat = draws.ravel()
+    attr = attribute_row(
+        draws,
+        0.0,
+        how="median",
+        wide_values=flat,
+        wide=_uniform(flat.size),
+        scale=float(flat.std(ddof=1)),
+        scale_name="posterior SD",
+        tolerance=0.5 * float(flat.std(ddof=1)),
+        tolerance_text="0.5 posterior SD",
+        bounds=(0.0, None),
+        boundary="lower",
+    )
+    q_low = float(np.quantile(flat, 0.025))
+    assert attr.attribution["boundary"] == pytest.approx(q_low, abs=0.01)
+    assert attr.attribution["summary"] == pytest.approx(np.median(flat) - q_low, abs=0.01)
+    assert attr.attribution["remainder"] == 0.0
+    assert attr.explained
+    assert "boundary 0 (singular fit)" in attr.explanation
+
+
+def test_only_monte_carlo_error_leaves_a_small_remainder():
+    rng = np.random.default_rng(9)
+    draws = rng.normal(3.0, 1.0, (CHAINS, DRAWS))
+    flat = draws.ravel()
+    attr = attribute_row(
+        draws,
+        3.0,
+        how="mean",
+        wide_values=flat,
+        wide=_uniform(flat.size),
+        scale=1.0,
+        scale_name="lme4 SE",
+        tolerance=0.25,
+        tolerance_text="0.25 lme4 SE",
+        use_mode=False,
+    )
+    assert attr.attribution["prior"] == pytest.approx(0.0, abs=1e-12)
+    assert abs(attr.attribution["remainder"]) <= REMAINDER_MCSE * attr.mcse
+    assert attr.mcse == pytest.approx(1.0 / np.sqrt(flat.size), rel=0.2)
+    assert attr.explained
+
+
+def test_an_unexplained_gap_is_not_explained():
+    rng = np.random.default_rng(10)
+    draws = rng.normal(5.0, 0.5, (CHAINS, DRAWS))
+    flat = draws.ravel()
+    attr = attribute_row(
+        draws,
+        3.0,
+        how="mean",
+        wide_values=flat,
+        wide=_uniform(flat.size),
+        scale=0.5,
+        scale_name="lme4 SE",
+        tolerance=0.125,
+        tolerance_text="0.25 lme4 SE",
+        use_mode=False,
+    )
+    assert attr.attribution["remainder"] == pytest.approx(2.0, abs=0.05)
+    assert not attr.explained
+
+
+def test_weighted_mode_of_a_skewed_sample():
+    rng = np.random.default_rng(11)
+    # Gamma(3, 1): mode 2, median about 2.67.
+    values = rng.gamma(3.0, 1.0, 20000)
+    mode = weighted_mode(values, np.ones_like(values), 0.0, None)
+    assert mode == pytest.approx(2.0, abs=0.25)
+
+
+def test_conditional_modes_match_the_one_way_formula():
+    # Balanced one-way layout: the BLUP is n s_u^2 / (n s_u^2 + s^2) * (group mean - grand mean).
+    data = _data()
+    design = build_design(ModelSpec("y ~ 1 + (1 | g)"), data)
+    su, s = 0.8, 1.1
+    modes = conditional_modes(design, {"g": np.array([[su**2]])}, np.full(design.n, s))
+    means = data.groupby("g")["y"].mean()
+    shrink = 5 * su**2 / (5 * su**2 + s**2)
+    expected = shrink * (means - data["y"].mean())
+    got = modes.set_index("group")["mode"]
+    np.testing.assert_allclose(got.loc[expected.index], expected.to_numpy(), atol=1e-10)
+    # A singular fit (SD 0) needs no inverse: every mode is 0.
+    zero = conditional_modes(design, {"g": np.zeros((1, 1))}, np.full(design.n, s))
+    assert np.all(zero["mode"] == 0.0)
+
+
+def _freq(design, sd_estimate: float) -> FreqFit:
+    variance = pd.DataFrame(
+        [
+            {
+                "component": "g: sd((Intercept))",
+                "group_factor": "g",
+                "kind": "sd",
+                "term": "(Intercept)",
+                "term2": None,
+                "estimate": sd_estimate,
+                "lower": np.nan,
+                "upper": np.nan,
+            },
+            {
+                "component": "sigma",
+                "group_factor": None,
+                "kind": "sigma",
+                "term": None,
+                "term2": None,
+                "estimate": 1.0,
+                "lower": np.nan,
+                "upper": np.nan,
+            },
+        ]
+    )
+    return FreqFit(
+        spec=design.spec,
+        design=design,
+        engine="lme4",
+        method="REML",
+        fixed=pd.DataFrame(),
+        variance=variance,
+        ranef=pd.DataFrame(),
+        ranef_sims=None,
+        loglik=0.0,
+        loglik_ml=0.0,
+        reml_criterion=0.0,
+        singular=sd_estimate == 0,
+        converged=True,
+        messages=[],
+        versions={},
+        r_call="",
+        fit_seconds=0.0,
+    )
+
+
+def test_singular_fit_is_a_look_with_a_boundary_explanation_not_a_fail():
+    rng = np.random.default_rng(12)
+    n = CHAINS * DRAWS
+    sd = np.abs(rng.normal(0.0, 0.4, n))
+    bayes = _bayes("weak", rng.normal(10, 0.2, n), sd, np.abs(rng.normal(1.0, 0.05, n)))
+    table = compare_variance(_freq(bayes.design, 0.0), bayes).set_index("component")
+    row = table.loc["g: sd((Intercept))"]
+    # A posterior of a positive SD piled against 0 and lme4's 0: the whole gap is the
+    # boundary's (up to the posterior's 2.5% tail) and the summary's (the mass above it).
+    assert row["verdict"] in ("pass", "look")
+    assert row["attribution"]["boundary"] > 0
+    assert row["attribution"]["remainder"] == 0.0
+    assert "boundary" in row["explanation"]
+    assert "ess_tail" in table.columns
