@@ -68,7 +68,11 @@ def refuse_special(path: str | os.PathLike[str], what: str = "output") -> None:
         return
     kind = _describe(mode)
     if kind is not None:
-        hint = "; give a file name" if kind == "a directory" else "; the harness writes regular files only"
+        hint = (
+            "; give a file name"
+            if kind == "a directory"
+            else "; the harness writes regular files only"
+        )
         raise OutputError(f"{what} '{path}' is {kind}{hint}")
 
 
@@ -139,7 +143,9 @@ def check_outputs(
 
 
 def _temporary(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+    )
     os.close(fd)
     return Path(tmp)
 
@@ -197,7 +203,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, what: str = "o
     return atomic_write({path: text}, what=what)[0]
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes, *, what: str = "output") -> Path:
+def atomic_write_bytes(
+    path: str | os.PathLike[str], payload: bytes, *, what: str = "output"
+) -> Path:
     """Write ``payload`` to ``path`` atomically; see :func:`atomic_write`."""
     return atomic_write({path: payload}, what=what)[0]
 

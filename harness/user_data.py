@@ -16,8 +16,10 @@ for quick looks and for the test suite.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime as dt
+import io
 import json
 import logging
 import math
@@ -75,11 +77,19 @@ def read_data(path: str | os.PathLike[str]) -> pd.DataFrame:
     if b"\x00" in raw[:4096]:
         raise ValueError(f"data file '{path}' is not text (it contains NUL bytes); save it as CSV")
     try:
-        raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ValueError(
             f"data file '{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8 CSV"
         ) from None
+    # pandas renames a repeated header ("x", "x" -> "x", "x.1"): refuse it instead.
+    header = next(csv.reader(io.StringIO(text)), [])
+    repeated = sorted({h for h in header if h.strip() and header.count(h) > 1})
+    if repeated:
+        raise ValueError(
+            f"data file '{path}' has more than one column named {repeated}; "
+            "column names must be unique"
+        )
     try:
         data = pd.read_csv(path, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
@@ -179,9 +189,13 @@ def compare_data(
     from harness.engines.lme4 import _r_env
     from harness.runner import fit_design
 
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r} must be a whole number from 0 to 2**32 - 1")
     spec = ModelSpec(formula, sigma_by=sigma_by, priors=priors, name=name)
     # Fail on bad input, and on a missing R (with how to install it), before any sampling.
     design = build_design(spec, data)
+    for note in design.notes:
+        log.warning(note)
     _r_env()
     result = fit_design(
         (spec, data),
@@ -365,8 +379,6 @@ def run_compare_command(args: argparse.Namespace) -> int:
     json_path = Path(args.json) if getattr(args, "json", None) is not None else None
     # Before any work: no output over the data, over the other output, or on a special file.
     check_outputs({"--out": out, "--json": json_path}, inputs=[csv])
-    if args.seed < 0:
-        raise ValueError(f"--seed {args.seed} must be a whole number >= 0")
     data = read_data(csv)
     result = compare_data(
         data,

@@ -180,16 +180,58 @@ def r_available() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _interruptible() -> Iterator[list[int]]:
+    """Let Ctrl-C (SIGINT) stop R: the signal sets R's own interrupt flag.
+
+    rpy2 leaves Python's handler in place, which raises KeyboardInterrupt
+    inside the cffi callback R calls to process events; the exception is
+    then printed and dropped ("Exception ignored from cffi callback
+    _processevents") and R runs on.  Here the handler only sets
+    ``R_interrupts_pending``, so R stops at its next interrupt check with an
+    error, and :func:`_call` raises KeyboardInterrupt once R has returned.
+    A second Ctrl-C restores the default action and ends the process.
+    """
+    import signal
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    from rpy2.rinterface_lib import openrlib
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        openrlib.rlib.R_interrupts_pending = 1
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            openrlib.rlib.R_interrupts_pending = 0
+
+
 def _call(function: str, *args: Any, **kwargs: Any) -> Any:
     from rpy2.rinterface_lib.embedded import RRuntimeError
 
     env = _r_env()
-    with _quiet_console() as console:
+    with _quiet_console() as console, _interruptible() as interrupted:
         try:
-            return env[function](*args, **kwargs)
+            value = env[function](*args, **kwargs)
         except RRuntimeError as err:
+            if interrupted:
+                raise KeyboardInterrupt from None
             text = "".join(console).strip() or str(err)
             raise RuntimeError(f"R {function}() failed: {text}") from None
+        if interrupted:
+            raise KeyboardInterrupt
+        return value
 
 
 # --------------------------------------------------------------------------- names R sees
@@ -560,7 +602,7 @@ def fit_lme4(
         ml_estimates=ml,
         df_method=str(info["df_method"]),
     )
-    for message in messages:
+    for message in messages[len(design.notes) :]:  # the design's notes are its caller's to show
         log.info("%s: %s", fit.engine, message)
     return fit
 
@@ -594,7 +636,7 @@ def _user_tables(result: dict[str, Any], names: RNames, spec: ModelSpec) -> None
             if key == "variance" and column == "term":
                 # nlme's per-level residual SDs hold levels (data) in "term", not names.
                 keep = frame["kind"] == "sigma"
-                mapped = [t if k else names.user(t) for t, k in zip(frame[column], keep)]
+                mapped = [t if k else names.user(t) for t, k in zip(frame[column], keep, strict=True)]
                 frame[column] = pd.Series(mapped, index=frame.index, dtype=object)
             else:
                 frame[column] = frame[column].map(names.user).astype(object)

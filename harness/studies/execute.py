@@ -426,7 +426,37 @@ def _take(iterator: Iterator[Task], n: int) -> list[Task]:
     return out
 
 
+def die_with_parent() -> None:
+    """End this process when the process that started it ends.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere a daemon thread
+    watches the parent's id.  A worker holds nothing to save (results are
+    written by the parent), so it may die at any point.
+    """
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0:  # 1: PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent ended before prctl took effect
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="harness-parent-watch", daemon=True).start()
+
+
 def _worker_init() -> None:
+    die_with_parent()
     warnings.filterwarnings("ignore", message="R is not initialized by the main thread")
     logging.getLogger("harness").setLevel(logging.WARNING)
 
