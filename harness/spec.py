@@ -480,7 +480,9 @@ def _check_magnitudes(frame: pd.DataFrame, parsed: ParsedFormula, sigma_by: str 
                     f"column {column!r} holds values as large as {np.abs(numbers[~bad]).max():.3g}; "
                     f"beyond {MAX_MAGNITUDE:.0e} sums of squares overflow, so rescale the column"
                 )
-        elif column not in grouping and values.dtype == object:
+        elif column not in grouping and (
+            values.dtype == object or pd.api.types.is_string_dtype(values)
+        ):
             text = values.dropna().astype(str)
             separated = text.str.fullmatch(_SEPARATED_NUMBER.pattern)
             plain = text.str.fullmatch(_PLAIN_NUMBER.pattern)
@@ -575,7 +577,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         raise ValueError(f"response {response!r} has infinite values")
     if frame[response].nunique() < 2:
         raise ValueError(
-            f"response {response!r} is constant (every used row is {frame[response].iloc[0]!r}); "
+            f"response {response!r} is constant (every used row is {frame[response].iloc[0]}); "
             "there is no variation for a model to explain"
         )
     _check_magnitudes(frame, parsed, spec.sigma_by)

@@ -152,8 +152,9 @@ harness_fit_lmer <- function(data, formula, symbols, REML = TRUE, profile = FALS
   conv <- conv[!grepl("singular", conv, fixed = TRUE)]
   # lmerTest and the optimiser report doubts as warnings ("Model may not have converged
   # with 1 eigenvalue close to zero"); any of them makes the fit not converged.
-  conv <- unique(c(conv, as.character(unlist(fit@optinfo$warnings))))
   doubts <- grep("converge", fitted$notes, value = TRUE, ignore.case = TRUE)
+  notes <- setdiff(notes, doubts)  # reported once, below, as convergence notes
+  conv <- unique(c(conv, as.character(unlist(fit@optinfo$warnings)), sub("^warning: ", "", doubts)))
   if (length(conv) == 0) conv <- NULL
   if (singular) notes <- c(notes, "singular fit: a variance component is (near) zero or a correlation is +/-1")
   if (!is.null(conv)) notes <- c(notes, paste("convergence:", conv))
@@ -167,7 +168,7 @@ harness_fit_lmer <- function(data, formula, symbols, REML = TRUE, profile = FALS
     deviance_ml = as.numeric(deviance(ml_fit)),
     nobs = nobs(fit),
     singular = singular,
-    converged = is.null(conv) && length(doubts) == 0,
+    converged = is.null(conv),
     fit_seconds = fit_seconds,
     df_method = if (has_df) "Satterthwaite (lmerTest)" else "none"
   )
@@ -317,6 +318,7 @@ harness_fit_lme <- function(data, fixed, random_rhs, group, sigma_by, symbols, R
   singular <- any(sds < 1e-3 * fit$sigma)
   if (singular) notes <- c(notes, "singular fit: a variance component is (near) zero or a correlation is +/-1")
   doubts <- grep("converge", fitted$notes, value = TRUE, ignore.case = TRUE)
+  notes <- c(setdiff(notes, doubts), if (length(doubts)) paste("convergence:", sub("^warning: ", "", doubts)))
   ml_fit <- if (REML) update(fit, method = "ML") else fit
   ml_ratios <- coef(ml_fit$modelStruct$varStruct, unconstrained = FALSE, allCoef = TRUE)
   info <- list(
