@@ -240,7 +240,7 @@ def _scan(rhs: str, context: str) -> list[Token]:
             f"{context}: back-quoted names are not supported in {rhs!r}; rename the column to "
             "a syntactic R name (letters, digits, '.' and '_')"
         )
-    for number in re.findall(r"[0-9][0-9.eE+-]*", rhs):
+    for number in re.findall(r"[0-9][0-9.]*(?:[eE][+-]?[0-9]+)?", rhs):
         if len(number) > MAX_NUMBER_CHARS:
             raise ValueError(
                 f"{context}: number {number[:20]}... has {len(number)} characters; "

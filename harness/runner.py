@@ -705,7 +705,7 @@ def run_report_command(args: argparse.Namespace) -> int:
     }
     if args.design == "all":
         pages["index"] = out_dir / "index.html"
-    check_outputs({f"--out {p.name}" if args.out is None else "--out": p for p in pages.values()})
+    check_outputs({"--out" if args.out else f"report {n}": p for n, p in pages.items()})
     results: list[DesignResult] = []
     failures: dict[str, str] = {}
     for name in names:

@@ -636,7 +636,9 @@ def _user_tables(result: dict[str, Any], names: RNames, spec: ModelSpec) -> None
             if key == "variance" and column == "term":
                 # nlme's per-level residual SDs hold levels (data) in "term", not names.
                 keep = frame["kind"] == "sigma"
-                mapped = [t if k else names.user(t) for t, k in zip(frame[column], keep, strict=True)]
+                mapped = [
+                    t if k else names.user(t) for t, k in zip(frame[column], keep, strict=True)
+                ]
                 frame[column] = pd.Series(mapped, index=frame.index, dtype=object)
             else:
                 frame[column] = frame[column].map(names.user).astype(object)
