@@ -17,6 +17,17 @@ from pathlib import Path
 log = logging.getLogger("harness")
 
 
+def _seed(text: str) -> int:
+    """A seed for numpy/PyMC: a whole number from 0 to 2**32 - 1, refused up front."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 2**32 - 1")
+    return value
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from harness.doctor import doctor, doctor_ok, format_doctor
 
@@ -31,7 +42,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("design", help="a shipped design name, or 'all' for every design plus the index")
     p.add_argument("--out", type=Path, default=None, help="output HTML file (one design)")
     p.add_argument("--out-dir", type=Path, default=Path("reports"), help="folder for 'all'")
-    p.add_argument("--seed", type=int, default=1, help="PyMC seed")
+    p.add_argument("--seed", type=_seed, default=1, help="PyMC seed")
     p.add_argument("--refit", action="store_true", help="ignore the fit cache")
     p.set_defaults(func=_cmd_report)
 
@@ -51,7 +62,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--priors", default="weak", help="prior profile: weak, m14.1 or flat")
     p.add_argument("--out", type=Path, default=None, help="report file (HTML)")
     p.add_argument("--json", type=Path, default=None, help="write the tables as JSON here")
-    p.add_argument("--seed", type=int, default=1, help="PyMC seed")
+    p.add_argument("--seed", type=_seed, default=1, help="PyMC seed")
     p.set_defaults(func=_cmd_compare)
 
 
@@ -68,7 +79,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, default=None, help="replicates per condition")
     p.add_argument("--scheduler", default=None, help="Dask scheduler address (default: local)")
     p.add_argument("--out-dir", type=Path, default=Path("reports/studies"))
-    p.add_argument("--seed", type=int, default=20261121, help="root seed")
+    p.add_argument("--seed", type=_seed, default=20261121, help="root seed")
     p.add_argument("--workers", type=int, default=None, help="local worker processes")
     p.set_defaults(func=_cmd_study)
 

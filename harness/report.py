@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+from harness._io import atomic_write_text
 
 if TYPE_CHECKING:
     import jinja2
@@ -96,22 +97,10 @@ def write_html(text: str, path: str | os.PathLike[str]) -> Path:
     """Write ``text`` to ``path`` atomically: a temporary file in the same folder, then rename.
 
     A failure at any point leaves the previous file (if any) untouched and
-    removes the temporary file.
+    removes the temporary file; a path that exists and is not a regular file
+    (a FIFO, device node, symbolic link) is refused (:mod:`harness._io`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 def figure_to_data_uri(fig: Figure, fmt_: str = "png", dpi: int = 110) -> dict[str, Any]:
@@ -607,11 +596,13 @@ def write_report(result: DesignResult, path: str | os.PathLike[str]) -> Path:
     Path
         The file written.
     """
+    return write_html(render_report(result), path)
+
+
+def render_report(result: DesignResult) -> str:
+    """The report of one design as HTML text (what :func:`write_report` writes)."""
     figures = result.figures if result.figures is not None else render_figures(result)
-    html = render_page("report.html.j2", report_context(result, figures))
-    written = write_html(html, path)
-    log.info("wrote %s (%.0f kB)", written, written.stat().st_size / 1024)
-    return written
+    return render_page("report.html.j2", report_context(result, figures))
 
 
 def write_index(

@@ -221,6 +221,12 @@ class Terms:
         return names
 
 
+#: Longest number a formula may spell, and most terms a right-hand side may expand to
+#: (R's own limit is 2^32; beyond a few hundred terms no mixed model is fitted anyway,
+#: and the expansion's cost grows with the square of the count).
+MAX_NUMBER_CHARS = 40
+MAX_TERMS = 500
+
 # formulae's scanner has no exponent in numbers: 1e5 would be 1 followed by a name e5.
 _EXPONENT = re.compile(r"(?<![\w.])(?:\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 _KINDS = {"IDENTIFIER", "NUMBER", "PLUS", "MINUS", "STAR", "STAR_STAR", "SLASH", "COLON"}
@@ -234,6 +240,12 @@ def _scan(rhs: str, context: str) -> list[Token]:
             f"{context}: back-quoted names are not supported in {rhs!r}; rename the column to "
             "a syntactic R name (letters, digits, '.' and '_')"
         )
+    for number in re.findall(r"[0-9][0-9.]*(?:[eE][+-]?[0-9]+)?", rhs):
+        if len(number) > MAX_NUMBER_CHARS:
+            raise ValueError(
+                f"{context}: number {number[:20]}... has {len(number)} characters; "
+                f"the harness reads numbers of up to {MAX_NUMBER_CHARS}"
+            )
     text = _EXPONENT.sub(lambda m: format(Decimal(m[0]), "f"), rhs.replace("^", "**"))
     try:
         scanned = Scanner(text).scan(add_intercept=False)
@@ -300,6 +312,12 @@ class _Expander:
         self.intercept = True
         self.parity = True
 
+    def _too_many(self, count: int) -> None:
+        raise ValueError(
+            f"{self.context}: {self.rhs!r} expands to more than {MAX_TERMS} terms "
+            f"({count} or more); the harness fits at most {MAX_TERMS}"
+        )
+
     def _variable(self, variable: Variable) -> list[frozenset[int]]:
         self.variables.setdefault(variable.name, variable)
         return [frozenset({list(self.variables).index(variable.name)})]
@@ -344,11 +362,21 @@ class _Expander:
                 )
             base = result = self.expand(node.left)
             for _ in range(power - 1):
+                if len(base) * len(result) > MAX_TERMS and len(base) > 1:
+                    # The next product may still collapse, but bound the work: up to
+                    # len(base) choose k terms follow, which only small bases keep small.
+                    if (
+                        sum(1 for _ in itertools.islice(_subsets_upto(base, power), MAX_TERMS + 1))
+                        > MAX_TERMS
+                    ):
+                        self._too_many(MAX_TERMS + 1)
                 result, previous = _trim([a | b for a in base for b in result]), result
                 if result == previous:  # all interactions reached; ends (a + b)^1e50 too
                     break
             return result
         left, right = self.expand(node.left), self.expand(node.right)
+        if op in ("STAR", "COLON") and len(left) * len(right) > MAX_TERMS:
+            self._too_many(len(left) * len(right))
         if op in ("STAR", "SLASH") and not left:
             return []  # R's CrossTerms/NestTerms drop the right side too (model.c)
         crossed = [a | b for a in left for b in right]
@@ -365,6 +393,22 @@ class _Expander:
         raise ValueError(
             f"{self.context}: {node.operator.lexeme!r} is not supported in {self.rhs!r}"
         )
+
+
+def _subsets_upto(base: list[frozenset[int]], power: int) -> Iterator[frozenset[int]]:
+    """The distinct unions of up to ``power`` of ``base``'s terms (lazily, for counting)."""
+    seen: set[frozenset[int]] = set()
+    frontier = list(dict.fromkeys(base))
+    for _ in range(power):
+        grown = []
+        for term in frontier:
+            if term not in seen:
+                seen.add(term)
+                yield term
+            grown.extend(term | b for b in base if not b <= term)
+        frontier = list(dict.fromkeys(grown))
+        if not frontier:
+            return
 
 
 def parse_terms(rhs: str, context: str = "formula") -> Terms:

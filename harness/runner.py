@@ -646,6 +646,15 @@ def run_report_command(args: argparse.Namespace) -> int:
             f"unknown design {args.design!r}; choose one of {sorted(datasets.DATASETS)} or 'all'"
         )
     out_dir = Path(args.out_dir)
+    from harness._io import check_outputs
+
+    # Before any fit: every page's path is writable and not a special file.
+    pages = {
+        name: Path(args.out) if args.out is not None else out_dir / f"{name}.html" for name in names
+    }
+    if args.design == "all":
+        pages["index"] = out_dir / "index.html"
+    check_outputs({"--out" if args.out else f"report {n}": p for n, p in pages.items()})
     results: list[DesignResult] = []
     failures: dict[str, str] = {}
     for name in names:

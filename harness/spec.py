@@ -169,6 +169,9 @@ def _split_top_level(text: str, sep: str = "+") -> list[str]:
     return parts
 
 
+#: Longest formula the harness reads (a guard: parsing cost grows with the length).
+MAX_FORMULA_CHARS = 2000
+
 _BAR = re.compile(r"^\((?P<expr>[^|]*?)(?P<bar>\|\|?)(?P<factor>[^|]+)\)$")
 _NAME = re.compile(r"[A-Za-z.][A-Za-z0-9._]*")
 
@@ -247,6 +250,11 @@ def parse_formula(formula: str) -> ParsedFormula:
     """
     if not isinstance(formula, str) or "~" not in formula:
         raise ValueError(f"formula {formula!r} is not an lme4 formula: it needs 'response ~ terms'")
+    if len(formula) > MAX_FORMULA_CHARS:
+        raise ValueError(
+            f"formula {formula[:40]!r}... is {len(formula)} characters long; the harness reads "
+            f"formulas of up to {MAX_FORMULA_CHARS} characters"
+        )
     lhs, _, rhs = formula.partition("~")
     response = lhs.strip()
     if not response:
@@ -445,6 +453,48 @@ def _lme4_order(blocks: list[RandomBlock]) -> list[RandomBlock]:
     return [blocks[i] for i in reversed(ascending)]
 
 
+#: Largest magnitude a numeric column may hold: sums of squares of larger values
+#: overflow double precision (1e308) in either engine.
+MAX_MAGNITUDE = 1e100
+
+_SEPARATED_NUMBER = re.compile(r"\s*[+-]?\d{1,3}(?:[,'\u00a0\u202f ]\d{3})+(?:\.\d*)?\s*")
+_PLAIN_NUMBER = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*")
+
+
+def _check_magnitudes(frame: pd.DataFrame, parsed: ParsedFormula, sigma_by: str | None) -> None:
+    """Refuse infinite or huge numbers, and numbers written with thousands separators."""
+    grouping = {p for bar in parsed.bars for p in factor_columns(bar.factor)} | {sigma_by}
+    for column in frame.columns:
+        values = frame[column]
+        if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+            numbers = values.to_numpy(dtype=float)
+            bad = ~np.isfinite(numbers)
+            if column not in grouping and bad.any():
+                raise ValueError(
+                    f"column {column!r} has {int(bad.sum())} infinite value(s) (e.g. row "
+                    f"{int(np.flatnonzero(bad)[0])}); remove or fix them before fitting"
+                )
+            big = np.abs(numbers[~bad]) > MAX_MAGNITUDE
+            if column not in grouping and big.any():
+                raise ValueError(
+                    f"column {column!r} holds values as large as {np.abs(numbers[~bad]).max():.3g}; "
+                    f"beyond {MAX_MAGNITUDE:.0e} sums of squares overflow, so rescale the column"
+                )
+        elif column not in grouping and (
+            values.dtype == object or pd.api.types.is_string_dtype(values)
+        ):
+            text = values.dropna().astype(str)
+            separated = text.str.fullmatch(_SEPARATED_NUMBER.pattern)
+            plain = text.str.fullmatch(_PLAIN_NUMBER.pattern)
+            if len(text) and separated.any() and (separated | plain).all():
+                example = text[separated].iloc[0]
+                raise ValueError(
+                    f"column {column!r} holds numbers written with thousands separators (e.g. "
+                    f"{example!r}); as text it would become a factor with {text.nunique()} levels. "
+                    "Remove the separators (pandas: read_csv(..., thousands=','))"
+                )
+
+
 def _check_response(frame: pd.DataFrame, response: str) -> None:
     values = frame[response]
     if isinstance(values.dtype, pd.CategoricalDtype) or pd.api.types.is_bool_dtype(values):
@@ -479,6 +529,11 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         raise ValueError(f"data must be a pandas DataFrame, not {type(data).__name__}")
     if data.empty:
         raise ValueError("data has no rows")
+    duplicated = sorted({str(c) for c in data.columns[data.columns.duplicated()]})
+    if duplicated:
+        raise ValueError(
+            f"data has more than one column named {duplicated}; column names must be unique"
+        )
     parsed = parse_formula(spec.formula)
     if not parsed.bars:
         raise ValueError(
@@ -510,7 +565,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
             f"{n_dropped} row(s) with missing values dropped (na.omit, as lme4 does; "
             f"{len(frame) - n_dropped} of {len(frame)} rows remain), by column: {per_column}"
         )
-        log.warning(note)
+        log.debug(note)  # callers show design.notes once (build_design runs per engine)
         notes.append(note)
         frame = frame.loc[complete].copy()
     if frame.empty:
@@ -520,6 +575,12 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     frame = frame.reset_index(drop=True)
     if not np.all(np.isfinite(frame[response].to_numpy(float))):
         raise ValueError(f"response {response!r} has infinite values")
+    if frame[response].nunique() < 2:
+        raise ValueError(
+            f"response {response!r} is constant (every used row is {frame[response].iloc[0]}); "
+            "there is no variation for a model to explain"
+        )
+    _check_magnitudes(frame, parsed, spec.sigma_by)
     if frame[response].nunique() == 2:
         notes.append(
             f"response {response!r} takes only two values: a gaussian (linear probability) "
@@ -550,7 +611,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
             "combinations of the columns before them and are dropped, as lme4 drops them "
             "(both engines fit the model without them)"
         )
-        log.warning(note)
+        log.debug(note)  # callers show design.notes once (build_design runs per engine)
         notes.append(note)
         X = X.drop(columns=dropped)
     y = frame[response].to_numpy(dtype=float)

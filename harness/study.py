@@ -153,8 +153,12 @@ def run_study_command(args: argparse.Namespace) -> int:
         for name, text in list_studies():
             print(f"{name:28s} {text}")
         return 0
+    from harness._io import check_outputs
+
     study = get_study(args.name)
     out_dir = Path(args.out_dir) / study.name
+    # Before any fit: the report can be written there (not a special file, folder writable).
+    check_outputs({"--out-dir": out_dir / "report.html"})
     run, tables, path = run_and_report(
         study,
         out_dir,

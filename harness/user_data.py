@@ -16,13 +16,14 @@ for quick looks and for the test suite.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime as dt
+import io
 import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from harness._io import atomic_write, check_outputs
 from harness.spec import ModelSpec, build_design
 
 if TYPE_CHECKING:
@@ -75,11 +77,19 @@ def read_data(path: str | os.PathLike[str]) -> pd.DataFrame:
     if b"\x00" in raw[:4096]:
         raise ValueError(f"data file '{path}' is not text (it contains NUL bytes); save it as CSV")
     try:
-        raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ValueError(
             f"data file '{path}' is not UTF-8 text (byte {err.start}); save it as UTF-8 CSV"
         ) from None
+    # pandas renames a repeated header ("x", "x" -> "x", "x.1"): refuse it instead.
+    header = next(csv.reader(io.StringIO(text)), [])
+    repeated = sorted({h for h in header if h.strip() and header.count(h) > 1})
+    if repeated:
+        raise ValueError(
+            f"data file '{path}' has more than one column named {repeated}; "
+            "column names must be unique"
+        )
     try:
         data = pd.read_csv(path, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
@@ -179,9 +189,13 @@ def compare_data(
     from harness.engines.lme4 import _r_env
     from harness.runner import fit_design
 
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r} must be a whole number from 0 to 2**32 - 1")
     spec = ModelSpec(formula, sigma_by=sigma_by, priors=priors, name=name)
     # Fail on bad input, and on a missing R (with how to install it), before any sampling.
     design = build_design(spec, data)
+    for note in design.notes:
+        log.warning(note)
     _r_env()
     result = fit_design(
         (spec, data),
@@ -313,13 +327,6 @@ def comparison_json(
 # --------------------------------------------------------------------------- writing
 
 
-def _temporary_next_to(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_outputs(
     result: DesignResult,
     report: str | os.PathLike[str] | None,
@@ -330,51 +337,28 @@ def write_outputs(
 ) -> list[Path]:
     """Write the report and the JSON together: both appear, or neither does.
 
-    Everything is rendered to temporary files next to the targets first; the
-    renames happen only when both are complete.
+    Both are rendered in memory first, then written to temporary files next
+    to the targets and renamed only when both are complete
+    (:func:`harness._io.atomic_write`, which also refuses special files).
 
     Returns
     -------
     list of Path
         The files written.
     """
-    from harness.report import write_report
+    from harness.report import render_report
 
-    targets: list[tuple[Path, Path]] = []
-    try:
-        if json_path is not None:
-            payload = json.dumps(
-                comparison_json(result, source=source, rows_read=rows_read),
-                indent=2,
-                allow_nan=False,
-            )
-            tmp = _temporary_next_to(Path(json_path))
-            targets.append((tmp, Path(json_path)))
-            tmp.write_text(payload + "\n", encoding="utf-8")
-        if report is not None:
-            tmp = _temporary_next_to(Path(report))
-            targets.append((tmp, Path(report)))
-            write_report(result, tmp)
-        for tmp, final in targets:
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, final)
-    except BaseException:
-        for tmp, _ in targets:
-            tmp.unlink(missing_ok=True)
-        raise
-    return [final for _, final in targets]
-
-
-def _check_target(path: Path | None, what: str) -> None:
-    if path is None:
-        return
-    if path.is_dir():
-        raise ValueError(f"{what} '{path}' is a directory; give a file name")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"{what} '{path}' cannot be written: '{parent}' is not writable")
+    items: dict[Path, str] = {}
+    if json_path is not None:
+        payload = json.dumps(
+            comparison_json(result, source=source, rows_read=rows_read),
+            indent=2,
+            allow_nan=False,
+        )
+        items[Path(json_path)] = payload + "\n"
+    if report is not None:
+        items[Path(report)] = render_report(result)
+    return atomic_write(items)
 
 
 # --------------------------------------------------------------------------- command line
@@ -393,10 +377,8 @@ def run_compare_command(args: argparse.Namespace) -> int:
     csv = Path(args.csv)
     out = Path(args.out) if args.out is not None else Path("reports") / f"{csv.stem}.html"
     json_path = Path(args.json) if getattr(args, "json", None) is not None else None
-    _check_target(out, "--out")
-    _check_target(json_path, "--json")
-    if json_path is not None and json_path.resolve() == out.resolve():
-        raise ValueError(f"--out and --json name the same file '{out}'")
+    # Before any work: no output over the data, over the other output, or on a special file.
+    check_outputs({"--out": out, "--json": json_path}, inputs=[csv])
     data = read_data(csv)
     result = compare_data(
         data,

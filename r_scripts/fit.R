@@ -26,6 +26,20 @@ harness_capture <- function(expr) {
 
 # harness_versions() comes from versions.R, sourced into the same environment first.
 
+# A formula from text the Python side rebuilt out of internal column names (v1_, v2_, ...),
+# numbers, operators and the allowed functions.  Parsing does not run anything; before
+# the formula is evaluated, every symbol in it must be one of `symbols`.
+harness_formula <- function(text, symbols) {
+  expr <- str2lang(text)
+  unknown <- setdiff(all.names(expr), symbols)
+  if (length(unknown) > 0) stop("formula holds symbols the harness did not build: ",
+                                paste(unknown, collapse = ", "))
+  f <- eval(expr, baseenv())  # `~` only builds the formula object
+  environment(f) <- globalenv()
+  f
+}
+
+
 # lme4-style name of a variance component.
 harness_component_name <- function(grp, var1, var2) {
   ifelse(grp == "Residual", "sigma",
@@ -33,9 +47,9 @@ harness_component_name <- function(grp, var1, var2) {
                 sprintf("%s: cor(%s,%s)", grp, var1, var2)))
 }
 
-harness_fit_lmer <- function(data, formula, REML = TRUE, profile = FALSE, n_sims = 1000L,
-                             seed = 1L, level = 0.95) {
-  formula <- as.formula(formula, env = globalenv())
+harness_fit_lmer <- function(data, formula, symbols, REML = TRUE, profile = FALSE,
+                             n_sims = 1000L, seed = 1L, level = 0.95) {
+  formula <- harness_formula(formula, symbols)
   use_lmertest <- requireNamespace("lmerTest", quietly = TRUE)
   started <- proc.time()[["elapsed"]]
   fitted <- harness_capture(
@@ -131,6 +145,11 @@ harness_fit_lmer <- function(data, formula, REML = TRUE, profile = FALSE, n_sims
   conv <- fit@optinfo$conv$lme4$messages
   # lme4 files the singular-fit note among its convergence messages; it is not a failure.
   conv <- conv[!grepl("singular", conv, fixed = TRUE)]
+  # lmerTest and the optimiser report doubts as warnings ("Model may not have converged
+  # with 1 eigenvalue close to zero"); any of them makes the fit not converged.
+  doubts <- grep("converge", fitted$notes, value = TRUE, ignore.case = TRUE)
+  notes <- setdiff(notes, doubts)  # reported once, below, as convergence notes
+  conv <- unique(c(conv, as.character(unlist(fit@optinfo$warnings)), sub("^warning: ", "", doubts)))
   if (length(conv) == 0) conv <- NULL
   if (singular) notes <- c(notes, "singular fit: a variance component is (near) zero or a correlation is +/-1")
   if (!is.null(conv)) notes <- c(notes, paste("convergence:", conv))
@@ -165,14 +184,18 @@ harness_fit_lmer <- function(data, formula, REML = TRUE, profile = FALSE, n_sims
 # Heteroscedastic residuals: nlme::lme with varIdent, for one grouping factor.
 # fixed: "y ~ 1 + tx"; random_rhs: "0 + tx"; group: "group"; correlated: use
 # pdLogChol (general) or pdDiag.
-harness_fit_lme <- function(data, fixed, random_rhs, group, sigma_by, REML = TRUE,
+harness_fit_lme <- function(data, fixed, random_rhs, group, sigma_by, symbols, REML = TRUE,
                             correlated = TRUE, level = 0.95) {
   if (!requireNamespace("nlme", quietly = TRUE)) stop("R package 'nlme' is not installed")
-  fixed_f <- as.formula(fixed, env = globalenv())
-  random_f <- as.formula(paste("~", random_rhs), env = globalenv())
+  fixed_f <- harness_formula(fixed, symbols)
+  random_f <- harness_formula(paste("~", random_rhs), symbols)
+  stopifnot(group %in% symbols, sigma_by %in% symbols)
   random_list <- list()
   random_list[[group]] <- if (correlated) nlme::pdLogChol(random_f) else nlme::pdDiag(random_f)
-  weights <- nlme::varIdent(form = as.formula(paste("~ 1 |", sigma_by)))
+  # ~ 1 | sigma_by, built as a call: the column name is a symbol, never parsed text.
+  sigma_form <- eval(call("~", call("|", 1, as.name(sigma_by))), baseenv())
+  environment(sigma_form) <- globalenv()
+  weights <- nlme::varIdent(form = sigma_form)
   started <- proc.time()[["elapsed"]]
   fitted <- harness_capture(nlme::lme(
     fixed = fixed_f, random = random_list, weights = weights, data = data,
@@ -287,6 +310,10 @@ harness_fit_lme <- function(data, fixed, random_rhs, group, sigma_by, REML = TRU
   ranef_table <- do.call(rbind, out)
   rownames(ranef_table) <- NULL
 
+  singular <- any(sds < 1e-3 * fit$sigma)
+  if (singular) notes <- c(notes, "singular fit: a variance component is (near) zero or a correlation is +/-1")
+  doubts <- grep("converge", fitted$notes, value = TRUE, ignore.case = TRUE)
+  notes <- c(setdiff(notes, doubts), if (length(doubts)) paste("convergence:", sub("^warning: ", "", doubts)))
   ml_fit <- if (REML) update(fit, method = "ML") else fit
   ml_ratios <- coef(ml_fit$modelStruct$varStruct, unconstrained = FALSE, allCoef = TRUE)
   info <- list(
@@ -297,8 +324,8 @@ harness_fit_lme <- function(data, fixed, random_rhs, group, sigma_by, REML = TRU
     reml_criterion = if (REML) -2 * as.numeric(logLik(fit)) else NA_real_,
     deviance_ml = -2 * as.numeric(logLik(ml_fit)),
     nobs = nrow(data),
-    singular = any(sds < 1e-3 * fit$sigma),
-    converged = TRUE,
+    singular = singular,
+    converged = length(doubts) == 0,
     fit_seconds = fit_seconds,
     df_method = "nlme inner/outer DF"
   )
@@ -316,8 +343,8 @@ harness_fit_lme <- function(data, fixed, random_rhs, group, sigma_by, REML = TRU
 }
 
 # The model matrices lme4 builds, for the design-equality tests.
-harness_lformula <- function(data, formula) {
-  lf <- lme4::lFormula(as.formula(formula, env = globalenv()), data = data)
+harness_lformula <- function(data, formula, symbols) {
+  lf <- lme4::lFormula(harness_formula(formula, symbols), data = data)
   Zt <- lf$reTrms$Zt
   list(
     X = lf$X,

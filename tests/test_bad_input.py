@@ -237,7 +237,8 @@ def test_collinear_predictors_lme4_drops_the_same_column():
     data = toy().assign(x2=lambda d: 2 * d["x"] + 1)
     freq = hz.fit_lme4(ModelSpec("y ~ x + x2 + (1 | g)"), data, n_sims=0)
     assert list(freq.fixed["term"]) == freq.design.fixed_terms == ["(Intercept)", "x"]
-    assert any("rank deficient so dropping 1 column" in m for m in freq.messages)
+    # The harness's own note (lme4's wording of its message is not part of the promise).
+    assert any("rank deficient" in m and "['x2']" in m for m in freq.messages)
 
 
 @pytest.mark.r

@@ -181,7 +181,7 @@ def test_cli_dyestuff_report_and_json(dyestuff_run):
 @pytest.mark.sampling
 def test_failed_write_leaves_neither_file(dyestuff_run, tmp_path, tmp_path_factory, monkeypatch):
     """A failure while writing the report removes the already-rendered JSON too."""
-    import harness.report
+    import harness._io
     from harness.user_data import compare_data
 
     assert dyestuff_run[0] == 0
@@ -196,11 +196,19 @@ def test_failed_write_leaves_neither_file(dyestuff_run, tmp_path, tmp_path_facto
     )
     assert all(result.cached.values())
 
-    def broken(result, path):
-        Path(path).write_text("<html>half")
+    filled: list[Path] = []
+    fill = harness._io._fill
+
+    def broken(tmp: Path, content: bytes) -> None:
+        # The JSON is written in full; the report's disk fills up half way.
+        filled.append(tmp)
+        if len(filled) == 1:
+            fill(tmp, content)
+            return
+        Path(tmp).write_bytes(content[:10])
         raise OSError("disk full")
 
-    monkeypatch.setattr(harness.report, "write_report", broken)
+    monkeypatch.setattr(harness._io, "_fill", broken)
     with pytest.raises(OSError, match="disk full"):
         write_outputs(result, tmp_path / "r.html", tmp_path / "r.json")
     assert list(tmp_path.iterdir()) == []

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -23,7 +24,16 @@ import numpy as np
 import pandas as pd
 
 from harness import _resources
-from harness.spec import Design, ModelSpec, build_design, parse_formula
+from harness.rformula import FORMULA_FUNCTIONS, _scan, model_matrix, parse_terms
+from harness.spec import (
+    BarTerm,
+    Design,
+    ModelSpec,
+    ParsedFormula,
+    build_design,
+    make_names,
+    parse_formula,
+)
 
 log = logging.getLogger("harness")
 
@@ -164,29 +174,207 @@ def r_available() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _interruptible() -> Iterator[list[int]]:
+    """Let Ctrl-C (SIGINT) stop R: the signal sets R's own interrupt flag.
+
+    rpy2 leaves Python's handler in place, which raises KeyboardInterrupt
+    inside the cffi callback R calls to process events; the exception is
+    then printed and dropped ("Exception ignored from cffi callback
+    _processevents") and R runs on.  Here the handler only sets
+    ``R_interrupts_pending``, so R stops at its next interrupt check with an
+    error, and :func:`_call` raises KeyboardInterrupt once R has returned.
+    A second Ctrl-C restores the default action and ends the process.
+    """
+    import signal
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    from rpy2.rinterface_lib import openrlib
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        openrlib.rlib.R_interrupts_pending = 1
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            openrlib.rlib.R_interrupts_pending = 0
+
+
 def _call(function: str, *args: Any, **kwargs: Any) -> Any:
     from rpy2.rinterface_lib.embedded import RRuntimeError
 
     env = _r_env()
-    with _quiet_console() as console:
+    with _quiet_console() as console, _interruptible() as interrupted:
         try:
-            return env[function](*args, **kwargs)
+            value = env[function](*args, **kwargs)
         except RRuntimeError as err:
+            if interrupted:
+                raise KeyboardInterrupt from None
             text = "".join(console).strip() or str(err)
             raise RuntimeError(f"R {function}() failed: {text}") from None
+        if interrupted:
+            raise KeyboardInterrupt
+        return value
+
+
+# --------------------------------------------------------------------------- names R sees
+
+# Internal column names: syntactic in R and in formulae, and ending in "_" so that a
+# factor level pasted after one ("v3_B") still shows where the name ends.
+_INTERNAL = re.compile(r"(?<![A-Za-z0-9_])v([0-9]+)_")
+# Operators a rebuilt formula may contain (R's names for them in all.names()).
+_R_OPERATORS = ("~", "+", "-", "*", "/", ":", "^", "%in%", "(", "|")
+
+
+@dataclass
+class RNames:
+    """The one place where user names become R data: columns renamed, formulas rebuilt.
+
+    R sees only internal column names ``v1_``, ``v2_``, ... and formulas rebuilt
+    from the harness's own parse (:func:`harness.spec.parse_formula`) out of
+    those names, numbers, operators and the allowed functions; R checks the
+    formula's symbols against :attr:`symbols` before evaluating it.  Every name
+    R returns is mapped back with :meth:`user`, so tables spell terms, factors
+    and components exactly as lme4 would with the user's names.
+    """
+
+    columns: dict[str, str]  # user column -> internal
+    formula: str  # lme4 formula on internal names
+    sigma_by: str | None
+    back: dict[str, str]  # internal spelling -> user spelling (exact names)
+    parsed: ParsedFormula  # the internal formula's parse
+
+    @property
+    def symbols(self) -> list[str]:
+        """Every name the internal formula may use (for R's own check)."""
+        return [*self.columns.values(), "I", *FORMULA_FUNCTIONS, *_R_OPERATORS]
+
+    def user(self, text: Any) -> Any:
+        """An R name (term, factor, block label, theta name, message) in the user's names."""
+        if not isinstance(text, str):
+            return text
+        if text in self.back:
+            return self.back[text]
+        inverse = {v: k for k, v in self.columns.items()}
+        return _INTERNAL.sub(lambda m: inverse.get(m[0], m[0]), text)
+
+
+def _rename_expression(text: str, columns: Mapping[str, str], context: str) -> str:
+    """An R expression rebuilt token by token with internal column names.
+
+    Only tokens the harness's scanner accepts survive (names, numbers,
+    arithmetic and formula operators, parentheses); a name is a column or,
+    before '(', one of the allowed functions.  Anything else is refused.
+    """
+    tokens = [t for t in _scan(text, context) if t.kind != "EOF"]
+    out: list[str] = []
+    for i, token in enumerate(tokens):
+        if token.kind == "IDENTIFIER":
+            calls = i + 1 < len(tokens) and tokens[i + 1].kind == "LEFT_PAREN"
+            if calls:
+                if token.lexeme != "I" and token.lexeme not in FORMULA_FUNCTIONS:
+                    raise ValueError(f"{context}: function {token.lexeme}() is not supported")
+                out.append(token.lexeme)
+            elif token.lexeme in columns:
+                out.append(columns[token.lexeme])
+            else:
+                raise ValueError(f"{context}: {token.lexeme!r} is not a column of the data")
+        elif token.kind == "NUMBER":
+            if not re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", token.lexeme):
+                raise ValueError(f"{context}: cannot read number {token.lexeme!r}")
+            out.append(token.lexeme)
+        elif token.kind == "STAR_STAR":
+            out.append("^")
+        else:
+            out.append(token.lexeme)
+    return " ".join(out)
+
+
+def _rename_factor(factor: str, columns: Mapping[str, str]) -> str:
+    # parse_formula has checked the factor: column names joined by ':', '/' and parentheses.
+    return re.sub(r"[A-Za-z.][A-Za-z0-9._]*", lambda m: columns[m[0]], factor)
+
+
+def r_names(design: Design) -> RNames:
+    """Internal names for ``design``: columns, the rebuilt formula and the way back.
+
+    Raises
+    ------
+    ValueError
+        If the formula holds anything but the data's columns, numbers,
+        operators and the allowed functions (the parse refuses more before).
+    """
+    spec = design.spec
+    user_columns = [str(c) for c in design.data.columns]
+    columns = {name: f"v{i}_" for i, name in enumerate(user_columns, start=1)}
+    parsed = parse_formula(spec.formula)
+    context = f"formula {spec.formula!r}"
+    response = _rename_expression(parsed.response, columns, context)
+    fixed_rhs = _rename_expression(parsed.fixed_rhs, columns, context)
+    bars = [
+        (b, _rename_expression(b.expr, columns, context), _rename_factor(b.factor, columns))
+        for b in parsed.bars
+    ]
+    random = " + ".join(f"({expr} | {factor})" for _, expr, factor in bars)
+    formula = f"{response} ~ {fixed_rhs} + {random}"
+    internal = ParsedFormula(
+        response=response,
+        fixed_rhs=fixed_rhs,
+        bars=tuple(BarTerm(expr, factor, b.correlated) for b, expr, factor in bars),
+    )
+
+    # Names R will return, computed both ways on the design's (empty) frame: the model
+    # matrix names only need the columns' kinds and factor levels.
+    empty = design.data.iloc[:0]
+    empty_r = empty.rename(columns=columns)
+    back: dict[str, str] = {v: k for k, v in columns.items()}
+
+    def pair(user_rhs: str, r_rhs: str) -> None:
+        names_u = model_matrix(parse_terms(user_rhs, context), empty, context).columns
+        names_r = model_matrix(parse_terms(r_rhs, context), empty_r, context).columns
+        back.update(zip(map(str, names_r), map(str, names_u), strict=True))
+
+    pair(parsed.fixed_rhs, fixed_rhs)
+    factor_r = {}
+    for b, expr, factor in bars:
+        pair(b.expr, expr)
+        factor_r[b.factor] = factor
+        back[factor] = b.factor
+    factors_u = [block.factor for block in design.blocks]
+    factors_r = [factor_r[f] for f in factors_u]
+    if len(set(factors_r)) < len(factors_r):
+        back.update(zip(make_names(factors_r), make_names(factors_u), strict=True))
+    sigma_by = columns[spec.sigma_by] if spec.sigma_by else None
+    return RNames(columns=columns, formula=formula, sigma_by=sigma_by, back=back, parsed=internal)
 
 
 # --------------------------------------------------------------------------- conversion
 
 
-def to_r_frame(data: pd.DataFrame) -> Any:
-    """A pandas DataFrame as an R data.frame, categoricals as factors with their levels."""
+def to_r_frame(data: pd.DataFrame, names: Mapping[str, str] | None = None) -> Any:
+    """A pandas DataFrame as an R data.frame, categoricals as factors with their levels.
+
+    ``names`` maps column names to the names R sees (see :func:`r_names`); a
+    fit passes it so that no user name reaches R.
+    """
     _r_env()  # R starts there (clear error if it cannot, environment kept clean)
     import rpy2.robjects as ro
 
     columns: dict[str, Any] = {}
     for name in data.columns:
         values = data[name]
+        name = names[str(name)] if names is not None else name
         if isinstance(values.dtype, pd.CategoricalDtype):
             levels = ro.StrVector([str(c) for c in values.cat.categories])
             labels = ro.StrVector(
@@ -250,21 +438,21 @@ def _vector(column: Any) -> np.ndarray:
 # --------------------------------------------------------------------------- fits
 
 
-def _lme_pieces(design: Design) -> dict[str, Any]:
-    """Translate the lme4 formula to nlme's fixed / random / group arguments."""
-    parsed = parse_formula(design.spec.formula)
+def _lme_pieces(parsed: ParsedFormula, spec: ModelSpec) -> dict[str, Any]:
+    """Translate a parsed lme4 formula to nlme's fixed / random / group arguments."""
     factors = {b.factor for b in parsed.bars}
     if len(factors) != 1 or ":" in next(iter(factors)):
         raise ValueError(
-            f"sigma_by={design.spec.sigma_by!r} needs nlme, which the harness drives for a single "
-            f"grouping factor only; formula {design.spec.formula!r} has {sorted(factors)}"
+            f"sigma_by={spec.sigma_by!r} needs nlme, which the harness drives for a single "
+            f"grouping factor only; formula {spec.formula!r} has "
+            f"{sorted(b.factor for b in parse_formula(spec.formula).bars)}"
         )
     group = next(iter(factors))
     exprs = [b.expr for b in parsed.bars]
     correlated = len(parsed.bars) == 1 and parsed.bars[0].correlated
     if len(parsed.bars) > 1 and any(b.correlated for b in parsed.bars):
         raise ValueError(
-            f"formula {design.spec.formula!r}: with sigma_by the random part must be one "
+            f"formula {spec.formula!r}: with sigma_by the random part must be one "
             "(expr | g) or one (expr || g) term"
         )
     random_rhs = (
@@ -285,6 +473,9 @@ def _lme_pieces(design: Design) -> dict[str, Any]:
 
 
 def _r_call_text(design: Design, reml: bool, pieces: dict[str, Any] | None) -> str:
+    # What the reader would type, in their own names (R ran the same call on v1_, v2_, ...).
+    if pieces is not None:
+        pieces = _lme_pieces(parse_formula(design.spec.formula), design.spec)
     if pieces is None:
         return f"lmerTest::lmer({design.spec.formula}, data = data, REML = {str(reml).upper()})"
     pd_class = "pdLogChol" if pieces["correlated"] else "pdDiag"
@@ -330,10 +521,11 @@ def fit_lme4(
     design = design if design is not None else build_design(spec, data)
     reml = spec.reml if reml is None else reml
     started = time.perf_counter()
-    frame = to_r_frame(design.data)
+    names = r_names(design)
+    frame = to_r_frame(design.data, names.columns)
     pieces = None
     if spec.sigma_by:
-        pieces = _lme_pieces(design)
+        pieces = _lme_pieces(names.parsed, spec)
         result = _from_r(
             _call(
                 "harness_fit_lme",
@@ -341,13 +533,14 @@ def fit_lme4(
                 pieces["fixed"],
                 pieces["random_rhs"],
                 pieces["group"],
-                spec.sigma_by,
+                names.sigma_by,
+                _symbols(names),
                 REML=reml,
                 correlated=pieces["correlated"],
             )
         )
         ml = {
-            "beta": result["ml_beta"],
+            "beta": _user_keys(result["ml_beta"], names),
             "G": np.atleast_2d(np.asarray(result["ml_G"], dtype=float)),
             "sigma": result["ml_sigma"],
         }
@@ -356,7 +549,8 @@ def fit_lme4(
             _call(
                 "harness_fit_lmer",
                 frame,
-                spec.formula,
+                names.formula,
+                _symbols(names),
                 REML=reml,
                 profile=profile,
                 n_sims=int(n_sims),
@@ -364,14 +558,15 @@ def fit_lme4(
             )
         )
         ml = {
-            "beta": result["ml_beta"],
-            "theta": result["ml_theta"],
+            "beta": _user_keys(result["ml_beta"], names),
+            "theta": _user_keys(result["ml_theta"], names),
             "sigma": result["ml_sigma"],
         }
+    _user_tables(result, names, spec)
     elapsed = time.perf_counter() - started
     info = result["info"]
     notes = result["notes"]
-    messages = [] if notes is None else [str(n) for n in np.atleast_1d(notes)]
+    messages = [] if notes is None else [names.user(str(n)) for n in np.atleast_1d(notes)]
     messages = design.notes + messages
     versions = r_versions()
     fixed = result["fixed"]
@@ -401,15 +596,87 @@ def fit_lme4(
         ml_estimates=ml,
         df_method=str(info["df_method"]),
     )
-    for message in messages:
+    for message in messages[len(design.notes) :]:  # the design's notes are its caller's to show
         log.info("%s: %s", fit.engine, message)
     return fit
+
+
+def _symbols(names: RNames) -> Any:
+    import rpy2.robjects as ro
+
+    return ro.StrVector(names.symbols)
+
+
+def _user_keys(values: Any, names: RNames) -> Any:
+    if isinstance(values, dict):
+        return {names.user(k): v for k, v in values.items()}
+    return values
+
+
+def _user_tables(result: dict[str, Any], names: RNames, spec: ModelSpec) -> None:
+    """Put the user's names back into every table R returned (in place)."""
+    for key, columns in {
+        "fixed": ("term",),
+        "variance": ("group_factor", "term", "term2"),
+        "ranef": ("group_factor", "term"),
+        "sims": ("group_factor", "term"),
+    }.items():
+        frame = result.get(key)
+        if frame is None:
+            continue
+        for column in columns:
+            if column not in frame:
+                continue
+            if key == "variance" and column == "term":
+                # nlme's per-level residual SDs hold levels (data) in "term", not names.
+                keep = frame["kind"] == "sigma"
+                mapped = [
+                    t if k else names.user(t) for t, k in zip(frame[column], keep, strict=True)
+                ]
+                frame[column] = pd.Series(mapped, index=frame.index, dtype=object)
+            else:
+                frame[column] = frame[column].map(names.user).astype(object)
+    variance = result.get("variance")
+    if variance is not None and len(variance):
+        variance["component"] = [
+            _component(kind, gf, term, term2, spec.sigma_by)
+            for kind, gf, term, term2 in zip(
+                variance["kind"],
+                variance["group_factor"],
+                variance["term"],
+                variance["term2"],
+                strict=True,
+            )
+        ]
+
+
+def _component(kind: str, group: Any, term: Any, term2: Any, sigma_by: str | None) -> str:
+    """The component's name as fit.R spells it (lme4's VarCorr names), in user names."""
+    if kind == "sigma":
+        return f"sigma: {sigma_by}={term}" if sigma_by else "sigma"
+    if kind == "cor":
+        return f"{group}: cor({term},{term2})"
+    return f"{group}: sd({term})"
 
 
 def lformula(spec: ModelSpec, data: pd.DataFrame) -> dict[str, Any]:
     """lme4's own X and Z (``lme4::lFormula``) for the design-equality tests."""
     design = build_design(spec, data)
-    result = _from_r(_call("harness_lformula", to_r_frame(design.data), spec.formula))
+    names = r_names(design)
+    result = _from_r(
+        _call(
+            "harness_lformula",
+            to_r_frame(design.data, names.columns),
+            names.formula,
+            _symbols(names),
+        )
+    )
+    result["X_names"] = [names.user(str(n)) for n in np.atleast_1d(result["X_names"])]
+    result["cnms"] = {
+        names.user(k): [names.user(str(t)) for t in np.atleast_1d(v)]
+        for k, v in result["cnms"].items()
+    }
+    result["flist_names"] = [names.user(str(n)) for n in np.atleast_1d(result["flist_names"])]
     return result
 
 

@@ -1,10 +1,11 @@
-"""The environment a study's child processes inherit (both executors and the Dask helper)."""
+"""What a study's child processes inherit and how they end (both executors and the Dask helper)."""
 
 from __future__ import annotations
 
 import os
+import sys
 
-__all__ = ["prepare_child_environment"]
+__all__ = ["die_with_parent", "prepare_child_environment"]
 
 
 def prepare_child_environment() -> None:
@@ -28,3 +29,32 @@ def prepare_child_environment() -> None:
         return
     if current.split(os.pathsep)[0] != libdir:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, current])
+
+
+def die_with_parent() -> None:
+    """End this process when the process that started it ends.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere a daemon thread
+    watches the parent's id.  A worker holds nothing to save (results are
+    written by the parent), so it may die at any point.
+    """
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0:  # 1: PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent ended before prctl took effect
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="harness-parent-watch", daemon=True).start()

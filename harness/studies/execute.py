@@ -44,7 +44,7 @@ from typing import Any
 import pandas as pd
 
 from harness.studies.core import Study, Task, rows_to_frame, run_task, sort_results
-from harness.studies.environment import prepare_child_environment
+from harness.studies.environment import die_with_parent, prepare_child_environment
 
 log = logging.getLogger("harness")
 
@@ -405,6 +405,7 @@ def _take(iterator: Iterator[Task], n: int) -> list[Task]:
 
 
 def _worker_init() -> None:
+    die_with_parent()
     warnings.filterwarnings("ignore", message="R is not initialized by the main thread")
     logging.getLogger("harness").setLevel(logging.WARNING)
 

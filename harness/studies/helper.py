@@ -113,7 +113,9 @@ def main() -> int:
     import warnings
 
     from harness.studies.core import run_task
+    from harness.studies.environment import die_with_parent
 
+    die_with_parent()
     requests = sys.stdin.buffer
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

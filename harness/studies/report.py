@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import os
 import platform
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,10 +297,7 @@ def write_study_report(
     runs: pd.DataFrame | None = None,
 ) -> Path:
     """Render and write the report atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from harness._io import atomic_write_text
+
     html = render_study_report(study, results, run_info=run_info, tables=tables, runs=runs)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, html)
