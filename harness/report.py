@@ -439,17 +439,38 @@ def _priors_rows(bayes: Any) -> list[dict[str, str]]:
         return [{"parameter": "profile", "prior": str(getattr(bayes.priors, "profile", "?"))}]
 
 
+def _response_note(result: DesignResult) -> str:
+    """Say what the likelihood is of when the formula transforms the response."""
+    from harness.spec import parse_formula
+
+    design = getattr(result, "design", None)
+    if design is None:
+        return ""
+    parsed = parse_formula(design.spec.formula)
+    if not parsed.transformed_response:
+        return ""
+    columns = ", ".join(parsed.response_columns)
+    return (
+        f"The response is {parsed.response}: both engines fit the same transformed values "
+        f"(computed once from {columns}; lme4 evaluates the same call on the same rows), so these "
+        f"log-likelihoods are of {parsed.response}, not of {columns} (no Jacobian term): "
+        f"they cannot be compared with a fit of the untransformed {columns}."
+    )
+
+
 def _same_model_context(result: DesignResult) -> dict[str, Any]:
     sm = result.same_model
     if sm is None:
         return {
             "available": False,
             "status": result.same_model_status or "same-model check not available",
+            "response_note": _response_note(result),
         }
     estimates = getattr(sm, "estimates", None)
     reasons = list(getattr(sm, "reasons", None) or [])
     return {
         "available": True,
+        "response_note": _response_note(result),
         "ok": bool(getattr(sm, "ok", False)),
         "status": result.same_model_status,
         "loglik_lme4": getattr(sm, "loglik_lme4", float("nan")),
@@ -592,7 +613,9 @@ def report_context(result: DesignResult, figures: Mapping[str, Any]) -> dict[str
     }
 
 
-def write_report(result: DesignResult, path: str | os.PathLike[str]) -> Path:
+def write_report(
+    result: DesignResult, path: str | os.PathLike[str], *, log_written: bool = True
+) -> Path:
     """Write the report of one design to ``path`` (one self-contained HTML file).
 
     Parameters
@@ -601,6 +624,9 @@ def write_report(result: DesignResult, path: str | os.PathLike[str]) -> Path:
         From :func:`harness.runner.fit_design`.  Its cached figures are used
         when present; otherwise they are drawn now.
     path : path
+    log_written : bool
+        Log "wrote <path>"; a caller writing to a temporary file logs the final
+        name itself, after renaming.
 
     Returns
     -------
@@ -610,7 +636,8 @@ def write_report(result: DesignResult, path: str | os.PathLike[str]) -> Path:
     figures = result.figures if result.figures is not None else render_figures(result)
     html = render_page("report.html.j2", report_context(result, figures))
     written = write_html(html, path)
-    log.info("wrote %s (%.0f kB)", written, written.stat().st_size / 1024)
+    if log_written:
+        log.info("wrote %s (%.0f kB)", written, written.stat().st_size / 1024)
     return written
 
 

@@ -354,10 +354,11 @@ def write_outputs(
         if report is not None:
             tmp = _temporary_next_to(Path(report))
             targets.append((tmp, Path(report)))
-            write_report(result, tmp)
+            write_report(result, tmp, log_written=False)
         for tmp, final in targets:
             os.chmod(tmp, 0o644)
             os.replace(tmp, final)
+            log.info("wrote %s (%.0f kB)", final, final.stat().st_size / 1024)
     except BaseException:
         for tmp, _ in targets:
             tmp.unlink(missing_ok=True)

@@ -8,8 +8,10 @@ Reference values come from lme4 run directly in R on the same CSV files
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -41,3 +43,114 @@ def test_profile_intervals_of_repeated_factor_equal_r(name):
         assert ours["lower"] == pytest.approx(row["lower"], abs=1e-3), row["component"]
         assert ours["upper"] == pytest.approx(row["upper"], abs=1e-3), row["component"]
         assert ours["ci_method"] == "profile"
+
+
+# --------------------------------------------------------------------------- formula forms (no R)
+
+
+@pytest.mark.parametrize(
+    ("formula", "response", "columns"),
+    [
+        ("log(Reaction) ~ log(Days + 1) + (log(Days + 1) | Subject)", "log(Reaction)", ("Reaction",)),
+        ("sqrt(Reaction) ~ Days + (Days | Subject)", "sqrt(Reaction)", ("Reaction",)),
+        ("I(Reaction/10) ~ Days + (Days | Subject)", "I(Reaction/10)", ("Reaction",)),
+        ("Reaction ~ Days + (Days | Subject)", "Reaction", ("Reaction",)),
+    ],
+)
+def test_transformed_response_is_evaluated_once(formula, response, columns):
+    from harness.spec import parse_formula
+
+    data = _read("harness/datasets/sleepstudy.csv")
+    parsed = parse_formula(formula)
+    assert (parsed.response, parsed.response_columns) == (response, columns)
+    design = hz.spec.build_design(ModelSpec(formula), data)
+    assert design.response == response
+    raw = data["Reaction"].to_numpy(float)
+    expected = {
+        "log(Reaction)": np.log(raw),
+        "sqrt(Reaction)": np.sqrt(raw),
+        "I(Reaction/10)": raw / 10,
+        "Reaction": raw,
+    }[response]
+    np.testing.assert_array_equal(design.y, expected)
+
+
+@pytest.mark.parametrize(
+    "lhs", ["Reaction + 1", "-Reaction", "log(Reaction, 2)", "foo(Reaction)", "log(Subject)"]
+)
+def test_response_forms_outside_scope_are_refused_with_the_response_named(lhs):
+    data = _read("harness/datasets/sleepstudy.csv")
+    with pytest.raises(ValueError, match=re.escape(lhs)):
+        hz.spec.build_design(ModelSpec(f"{lhs} ~ Days + (1 | Subject)"), data)
+
+
+def test_response_transform_of_nonpositive_values_names_the_rows():
+    data = _read("harness/datasets/sleepstudy.csv")
+    with pytest.raises(ValueError, match=r"log\(Reaction - 300\) is not finite in \d+ row"):
+        hz.spec.build_design(ModelSpec("log(Reaction - 300) ~ Days + (1 | Subject)"), data)
+
+
+@pytest.mark.parametrize(
+    ("formula", "fixed", "expr", "correlated"),
+    [
+        ("Yield ~ 1 | Batch", "1", ["1"], True),
+        # '|' binds more loosely than '+': lme4's findbars/nobars read one bar, fixed part 1.
+        ("Yield ~ x + 1 | Batch", "1", ["x + 1"], True),
+        ("Yield ~ x || Batch", "1", ["1", "0 + x"], False),
+    ],
+)
+def test_bare_bar_reads_as_lme4_reads_it(formula, fixed, expr, correlated):
+    from harness.spec import parse_formula
+
+    parsed = parse_formula(formula)
+    assert parsed.fixed_rhs == fixed
+    assert [b.expr for b in parsed.bars] == expr
+    assert {b.factor for b in parsed.bars} == {"Batch"}
+    assert all(b.correlated is correlated for b in parsed.bars)
+
+
+# --------------------------------------------------------------------------- formula forms (lme4)
+
+
+@pytest.mark.r
+def test_lme4_fits_the_same_transformed_values():
+    """lme4's own response vector (model.response of lFormula's frame) equals design.y."""
+    import rpy2.robjects as ro
+
+    from harness.engines.lme4 import to_r_frame
+
+    data = _read("harness/datasets/sleepstudy.csv")
+    for formula in (
+        "log(Reaction) ~ log(Days + 1) + (log(Days + 1) | Subject)",
+        "sqrt(Reaction) ~ Days + (Days | Subject)",
+        "I(Reaction/10) ~ Days + (Days | Subject)",
+    ):
+        design = hz.spec.build_design(ModelSpec(formula), data)
+        response = ro.r("function(d, f) model.response(lme4::lFormula(as.formula(f), d)$fr)")
+        y_r = np.asarray(response(to_r_frame(design.data), formula), dtype=float)
+        np.testing.assert_allclose(y_r, design.y, rtol=1e-15, atol=0)
+
+
+@pytest.mark.r
+@pytest.mark.parametrize(
+    "formula",
+    ["sqrt(Reaction) ~ Days + (Days | Subject)", "I(Reaction/10) ~ Days + (Days || Subject)"],
+)
+def test_transformed_response_same_model_identity(formula):
+    data = _read("harness/datasets/sleepstudy.csv")
+    result = hz.same_model(ModelSpec(formula), data, check_pymc_model=False)
+    assert result.ok, result.reasons
+    assert abs(result.difference) < 1e-6
+
+
+@pytest.mark.r
+def test_bare_bar_on_dyestuff_equals_the_parenthesised_fit():
+    reference = json.loads((ROOT / "tests" / "reference" / "lme4_datasets.json").read_text())
+    ref = reference["models"]["dyestuff"]
+    data = _read("tests/data/dyestuff.csv")
+    freq = hz.fit_lme4(ModelSpec("Yield ~ 1 | Batch"), data, n_sims=0)
+    assert freq.reml_criterion == pytest.approx(ref["reml_criterion"], rel=1e-9)
+    variance = dict(zip(freq.variance["component"], freq.variance["estimate"], strict=True))
+    assert variance == pytest.approx(ref["variance"], rel=1e-6)
+    result = hz.same_model(ModelSpec("Yield ~ 1 | Batch"), data, freq=freq, check_pymc_model=False)
+    assert result.ok, result.reasons
