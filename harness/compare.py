@@ -378,7 +378,9 @@ def _agreement_metrics(informed: pd.DataFrame) -> dict[str, Any]:
             "group(s): no SD ratio"
         )
     if len(x) < 3:
-        reasons.append(f"only {len(x)} group(s) with data on this term; correlation and slope need 3")
+        reasons.append(
+            f"only {len(x)} group(s) with data on this term; correlation and slope need 3"
+        )
     elif not spread_pymc > 0:
         reasons.append("the posterior means of the offsets do not vary across groups")
     else:

@@ -51,7 +51,11 @@ def test_profile_intervals_of_repeated_factor_equal_r(name):
 @pytest.mark.parametrize(
     ("formula", "response", "columns"),
     [
-        ("log(Reaction) ~ log(Days + 1) + (log(Days + 1) | Subject)", "log(Reaction)", ("Reaction",)),
+        (
+            "log(Reaction) ~ log(Days + 1) + (log(Days + 1) | Subject)",
+            "log(Reaction)",
+            ("Reaction",),
+        ),
         ("sqrt(Reaction) ~ Days + (Days | Subject)", "sqrt(Reaction)", ("Reaction",)),
         ("I(Reaction/10) ~ Days + (Days | Subject)", "I(Reaction/10)", ("Reaction",)),
         ("Reaction ~ Days + (Days | Subject)", "Reaction", ("Reaction",)),
@@ -134,7 +138,11 @@ def test_lme4_fits_the_same_transformed_values():
 @pytest.mark.r
 @pytest.mark.parametrize(
     "formula",
-    ["sqrt(Reaction) ~ Days + (Days | Subject)", "I(Reaction/10) ~ Days + (Days || Subject)"],
+    [
+        "log(Reaction) ~ log(Days + 1) + (log(Days + 1) | Subject)",
+        "sqrt(Reaction) ~ Days + (Days | Subject)",
+        "I(Reaction/10) ~ Days + (Days || Subject)",
+    ],
 )
 def test_transformed_response_same_model_identity(formula):
     data = _read("harness/datasets/sleepstudy.csv")
@@ -154,3 +162,120 @@ def test_bare_bar_on_dyestuff_equals_the_parenthesised_fit():
     assert variance == pytest.approx(ref["variance"], rel=1e-6)
     result = hz.same_model(ModelSpec("Yield ~ 1 | Batch"), data, freq=freq, check_pymc_model=False)
     assert result.ok, result.reasons
+
+
+# --------------------------------------------------------------------------- one naming
+
+
+@pytest.mark.r
+def test_orthodont_components_named_as_varcorr_everywhere():
+    """The second Subject block is "Subject.1" in the variance AND the same-model tables."""
+    ref = PROFILE["models"]["orthodont_nsex"]
+    data = _read(ref["csv"])
+    spec = ModelSpec(ref["formula"])
+    freq = hz.fit_lme4(spec, data, n_sims=0)
+    variance_names = [c for c in freq.variance["component"] if c != "sigma"]
+    assert variance_names == [r["component"] for r in ref["variance"] if r["component"] != "sigma"]
+    assert "Subject.1: sd(nsex)" in variance_names
+    result = hz.same_model(spec, data, freq=freq, check_pymc_model=False)
+    assert result.ok, result.reasons
+    sd_and_cor = [p for p in result.estimates["parameter"] if ": " in p]
+    assert sorted(sd_and_cor) == sorted(variance_names)
+
+
+# --------------------------------------------------------------------------- end to end (CLI)
+
+
+def _run_compare(tmp_path, csv, formula, caplog):
+    import logging
+
+    from harness.cli import main
+
+    out, out_json = tmp_path / "report.html", tmp_path / "tables.json"
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO, logger="harness"):
+        mp.setenv("HARNESS_CACHE_DIR", str(tmp_path / "cache"))
+        for key, value in {"HARNESS_DRAWS": "200", "HARNESS_TUNE": "200"}.items():
+            mp.setenv(key, value)
+        mp.setenv("HARNESS_CHAINS", "2")
+        rc = main(
+            [
+                "compare",
+                str(ROOT / csv),
+                "--formula",
+                formula,
+                "--out",
+                str(out),
+                "--json",
+                str(out_json),
+            ]
+        )
+    assert rc == 0
+    text = re.sub(r"data:[^\"')]+", "", out.read_text(encoding="utf-8"))
+    return json.loads(out_json.read_text()), re.sub(r"<[^>]+>", " ", text), out
+
+
+@pytest.mark.r
+def test_singular_dyestuff2_agreement_has_a_reason_not_absurd_numbers(tmp_path, caplog):
+    """lme4 shrinks Batch to zero on Dyestuff2: no slope/ratio over zero spread, no "pass"."""
+    tables, text, out = _run_compare(
+        tmp_path, "tests/data/dyestuff2.csv", "Yield ~ 1 + (1 | Batch)", caplog
+    )
+    (row,) = tables["tables"]["agreement"]
+    assert row["correlation"] is None and row["slope"] is None and row["sd_ratio"] is None
+    assert row["verdict"] != "pass"
+    assert row["reason"].startswith("lme4 shrinks this term to zero (singular fit)")
+    assert all(r["sd_ratio"] is None for r in tables["tables"]["offsets"])
+    assert "lme4 shrinks this term to zero" in text
+    assert "∞" not in text and not re.search(r"\b(nan|inf)\b", text)
+    # issue 15.5: the log names the output, never the temporary file it was written through
+    wrote = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote ")]
+    assert any(str(out) in m for m in wrote) and not any(".tmp" in m for m in wrote)
+
+
+@pytest.mark.r
+@pytest.mark.slow
+def test_log_response_through_harness_compare_identity_passes(tmp_path, caplog):
+    """lme4's own test formula log(Reaction) ~ log(Days + 1) + (log(Days + 1) | Subject)."""
+    tables, text, _ = _run_compare(
+        tmp_path,
+        "harness/datasets/sleepstudy.csv",
+        "log(Reaction) ~ log(Days + 1) + (log(Days + 1) | Subject)",
+        caplog,
+    )
+    same = tables["same_model"]
+    assert same["ok"] is True and abs(same["difference"]) < 1e-6
+    assert same["formula_pymc"] == same["formula_lme4"]
+    assert "log-likelihoods are of log(Reaction), not of Reaction" in text
+
+
+def test_agreement_over_rounding_noise_is_undefined():
+    """The issue's case: lme4 modes ~1e-14 (a singular term) gave slope 5e14 and "pass"."""
+    from harness.compare import offset_agreement
+
+    rng = np.random.default_rng(1)
+    n = 18
+    posterior = rng.normal(0.0, 3.0, n)
+    offsets = pd.DataFrame(
+        {
+            "group_factor": "Subject.1",
+            "group": [str(i) for i in range(n)],
+            "term": "nsex",
+            "lme4_mode": posterior * 1e-14,  # perfectly correlated, but at rounding level
+            "lme4_condsd": 1e-9,
+            "pymc_mean": posterior,
+            "pymc_sd": 1.0,
+            "sd_ratio": np.nan,  # compare_offsets leaves it undefined over condsd ~ 0
+            "n_obs": 4,
+        }
+    )
+    (row,) = offset_agreement(offsets).to_dict("records")
+    assert np.isnan(row["correlation"]) and np.isnan(row["slope"]) and np.isnan(row["sd_ratio"])
+    assert row["verdict"] == "look"
+    assert "lme4 shrinks this term to zero" in row["reason"]
+    # with real spread the metrics are back
+    offsets["lme4_mode"] = posterior * 0.9
+    offsets["lme4_condsd"], offsets["sd_ratio"] = 0.8, 1.25
+    (row,) = offset_agreement(offsets).to_dict("records")
+    assert row["correlation"] == pytest.approx(1.0) and row["slope"] == pytest.approx(1 / 0.9)
+    assert row["sd_ratio"] == pytest.approx(1.25) and row["verdict"] == "pass"
+    assert row["reason"] == ""
