@@ -369,7 +369,12 @@ def _agreement_metrics(informed: pd.DataFrame) -> dict[str, Any]:
         )
         return out
     reasons = []
-    ratios = informed["sd_ratio"].to_numpy(float)
+    condsd = informed["lme4_condsd"].to_numpy(float)
+    pymc_sd = informed["pymc_sd"].to_numpy(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(
+            condsd > TOLERANCES["offset_spread_min"] * pymc_sd, pymc_sd / condsd, np.nan
+        )
     if np.all(np.isfinite(ratios)):
         out["sd_ratio"] = float(np.mean(ratios))
     else:
