@@ -196,7 +196,7 @@ def test_failed_write_leaves_neither_file(dyestuff_run, tmp_path, tmp_path_facto
     )
     assert all(result.cached.values())
 
-    def broken(result, path):
+    def broken(result, path, **_):
         Path(path).write_text("<html>half")
         raise OSError("disk full")
 
