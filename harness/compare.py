@@ -45,6 +45,9 @@ TOLERANCES = {
     "ess_min": 400.0,
     "offset_corr_pass": 0.98,
     "offset_corr_look": 0.9,
+    # lme4's offsets (or a conditional SD) count as (near) zero below this fraction of the
+    # posterior's matching scale; a correlation, slope or ratio over them is meaningless.
+    "offset_spread_min": 0.01,
 }
 
 UNCERTAINTY_SOURCES = pd.DataFrame(
@@ -455,7 +458,11 @@ def compare_offsets(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> pd.Da
     counts = informed_counts(bayes)
     table = table.merge(counts, on=["group_factor", "group", "term"], how="left")
     table["diff"] = table["pymc_mean"] - table["lme4_mode"]
-    table["sd_ratio"] = table["pymc_sd"] / table["lme4_condsd"]
+    # A singular lme4 component has condsd 0 (or rounding noise): no ratio over it.
+    condsd = table["lme4_condsd"].where(
+        table["lme4_condsd"] > TOLERANCES["offset_spread_min"] * table["pymc_sd"]
+    )
+    table["sd_ratio"] = table["pymc_sd"] / condsd
     columns = [
         "group_factor",
         "group",
@@ -474,24 +481,77 @@ def compare_offsets(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> pd.Da
     return table[columns + extra]
 
 
+def _agreement_metrics(informed: pd.DataFrame) -> dict[str, Any]:
+    """Correlation, slope and SD ratio of one term, where they mean something.
+
+    They are defined only when lme4's offsets have spread: the SD of lme4's
+    modes across groups must reach ``offset_spread_min`` (1%) of the larger of
+    the posterior means' SD across groups and the typical posterior SD of an
+    offset.  Below that, lme4 has shrunk the term to zero (a singular fit) and a
+    regression slope or ratio over that spread is rounding noise; the metrics
+    stay NaN and ``reason`` says what is true instead.
+    """
+    nan = float("nan")
+    out = {"correlation": nan, "slope": nan, "sd_ratio": nan, "reason": ""}
+    x = informed["lme4_mode"].to_numpy(float)
+    y = informed["pymc_mean"].to_numpy(float)
+    if len(x) == 0:
+        out["reason"] = "no group has data on this term; both sides follow the prior"
+        return out
+    spread_lme4 = float(np.std(x))
+    spread_pymc = float(np.std(y))
+    posterior_sd = float(np.mean(informed["pymc_sd"]))
+    scale = max(spread_pymc, posterior_sd)
+    if not spread_lme4 > TOLERANCES["offset_spread_min"] * scale:
+        out["reason"] = (
+            f"lme4 shrinks this term to zero (singular fit): its offsets spread "
+            f"{spread_lme4:.3g} across groups; the posterior's offsets have spread "
+            f"{spread_pymc:.3g} (posterior SD of an offset {posterior_sd:.3g}); "
+            "correlation, slope and SD ratio are undefined"
+        )
+        return out
+    reasons = []
+    condsd = informed["lme4_condsd"].to_numpy(float)
+    pymc_sd = informed["pymc_sd"].to_numpy(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(
+            condsd > TOLERANCES["offset_spread_min"] * pymc_sd, pymc_sd / condsd, np.nan
+        )
+    if np.all(np.isfinite(ratios)):
+        out["sd_ratio"] = float(np.mean(ratios))
+    else:
+        reasons.append(
+            f"lme4's conditional SD is (near) zero in {int((~np.isfinite(ratios)).sum())} "
+            "group(s): no SD ratio"
+        )
+    if len(x) < 3:
+        reasons.append(
+            f"only {len(x)} group(s) with data on this term; correlation and slope need 3"
+        )
+    elif not spread_pymc > 0:
+        reasons.append("the posterior means of the offsets do not vary across groups")
+    else:
+        out["correlation"] = float(np.corrcoef(x, y)[0, 1])
+        out["slope"] = float(np.polyfit(x, y, 1)[0])
+    out["reason"] = "; ".join(reasons)
+    return out
+
+
 def offset_agreement(offsets: pd.DataFrame) -> pd.DataFrame:
-    """Per factor and term: correlation, RMSE, slope and SD ratio over informed groups."""
+    """Per factor and term: correlation, RMSE, slope and SD ratio over informed groups.
+
+    ``reason`` is empty when every metric is defined and otherwise says why one
+    is not (see :func:`_agreement_metrics`); a row without a correlation is
+    never a "pass".
+    """
     rows = []
     for (factor, term), part in offsets.groupby(["group_factor", "term"], sort=False):
         informed = part[part["n_obs"] > 0]
         x = informed["lme4_mode"].to_numpy(float)
         y = informed["pymc_mean"].to_numpy(float)
-        if len(x) >= 3 and np.std(x) > 0 and np.std(y) > 0:
-            correlation = float(np.corrcoef(x, y)[0, 1])
-            slope = float(np.polyfit(x, y, 1)[0])
-        else:
-            correlation = slope = float("nan")
+        metrics = _agreement_metrics(informed)
+        correlation = metrics["correlation"]
         rmse = float(np.sqrt(np.mean((y - x) ** 2))) if len(x) else float("nan")
-        sd_ratio = (
-            float(np.mean(informed["pymc_sd"] / informed["lme4_condsd"]))
-            if len(x)
-            else float("nan")
-        )
         if np.isnan(correlation):
             verdict = "look"
         elif correlation >= TOLERANCES["offset_corr_pass"]:
@@ -508,10 +568,11 @@ def offset_agreement(offsets: pd.DataFrame) -> pd.DataFrame:
                 "n_informed": len(informed),
                 "correlation": correlation,
                 "rmse": rmse,
-                "slope": slope,
-                "sd_ratio": sd_ratio,
+                "slope": metrics["slope"],
+                "sd_ratio": metrics["sd_ratio"],
                 "tolerance": f"correlation >= {TOLERANCES['offset_corr_pass']}",
                 "verdict": verdict,
+                "reason": metrics["reason"],
             }
         )
     return pd.DataFrame(rows)

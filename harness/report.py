@@ -428,17 +428,38 @@ def _priors_rows(bayes: Any) -> list[dict[str, str]]:
         return [{"parameter": "profile", "prior": str(getattr(bayes.priors, "profile", "?"))}]
 
 
+def _response_note(result: DesignResult) -> str:
+    """Say what the likelihood is of when the formula transforms the response."""
+    from harness.spec import parse_formula
+
+    design = getattr(result, "design", None)
+    if design is None:
+        return ""
+    parsed = parse_formula(design.spec.formula)
+    if not parsed.transformed_response:
+        return ""
+    columns = ", ".join(parsed.response_columns)
+    return (
+        f"The response is {parsed.response}: both engines fit the same transformed values "
+        f"(computed once from {columns}; lme4 evaluates the same call on the same rows), so these "
+        f"log-likelihoods are of {parsed.response}, not of {columns} (no Jacobian term): "
+        f"they cannot be compared with a fit of the untransformed {columns}."
+    )
+
+
 def _same_model_context(result: DesignResult) -> dict[str, Any]:
     sm = result.same_model
     if sm is None:
         return {
             "available": False,
             "status": result.same_model_status or "same-model check not available",
+            "response_note": _response_note(result),
         }
     estimates = getattr(sm, "estimates", None)
     reasons = list(getattr(sm, "reasons", None) or [])
     return {
         "available": True,
+        "response_note": _response_note(result),
         "ok": bool(getattr(sm, "ok", False)),
         "status": result.same_model_status,
         "loglik_lme4": getattr(sm, "loglik_lme4", float("nan")),

@@ -664,10 +664,13 @@ def verdict_table(
             notes.append(
                 "groups without data on this term follow the prior on both sides and are skipped"
             )
-        notes.append(
-            f"RMSE {r['rmse']:.3g}, slope {r['slope']:.3g}, mean posterior SD / condsd "
-            f"{r['sd_ratio']:.3g}"
-        )
+        metrics = [("RMSE", r["rmse"]), ("slope", r["slope"])]
+        metrics.append(("mean posterior SD / condsd", r["sd_ratio"]))
+        shown = [f"{name} {value:.3g}" for name, value in metrics if np.isfinite(value)]
+        if shown:
+            notes.append(", ".join(shown))
+        if r.get("reason"):
+            notes.append(str(r["reason"]))
         rows.append(
             {
                 "section": "random effects",

@@ -621,6 +621,28 @@ def compare_estimates(
     )
 
 
+def display_names(*designs: Design) -> dict[str, str]:
+    """Parameter name (keyed by grouping factor) -> lme4's ``VarCorr`` spelling.
+
+    Parameters are identified by (factor, term) so that two designs of the same
+    data line up (``(x | g)`` against ``(x || g)``); users read them as lme4
+    prints them, where the second block of a repeated factor is ``g.1``
+    (``as.data.frame(VarCorr(fit))$grp``), as in the variance table.  The first
+    design's spelling wins.
+    """
+    names: dict[str, str] = {}
+    for design in designs:
+        for block in design.blocks:
+            label = block.label or block.factor
+            for term in block.terms:
+                names.setdefault(sd_name(block.factor, term), sd_name(label, term))
+            if block.correlated:
+                for i, a in enumerate(block.terms):
+                    for b in block.terms[i + 1 :]:
+                        names.setdefault(cor_name(block.factor, a, b), cor_name(label, a, b))
+    return names
+
+
 def _cor_sds(name: str) -> set[str]:
     factor, _, rest = name.partition(": cor(")
     terms = _split_terms(rest[:-1])
@@ -774,6 +796,8 @@ def same_model(
         parameter_names(lme4_design),
         parameter_names(pymc_design),
     )
+    shown = display_names(lme4_design, pymc_design)
+    estimates["parameter"] = [shown.get(n, n) for n in estimates["parameter"]]
     for row in estimates.itertuples(index=False):
         if not row.ok and row.tolerance not in ("only in lme4", "only in the PyMC model"):
             reasons.append(

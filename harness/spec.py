@@ -30,6 +30,7 @@ from harness.rformula import (
     UNSUPPORTED_CALLS,
     Terms,
     collinear_columns,
+    evaluate_variable,
     model_matrix,
     parse_terms,
     r_level_labels,
@@ -142,9 +143,19 @@ class BarTerm:
 
 @dataclass(frozen=True)
 class ParsedFormula:
+    """A formula's parts.  ``response`` is the left-hand side as R deparses it
+    (``Reaction``, ``log(Reaction)``, ``I(y/10)``); ``response_columns`` the
+    data columns it reads."""
+
     response: str
     fixed_rhs: str
     bars: tuple[BarTerm, ...]
+    response_columns: tuple[str, ...] = ()
+
+    @property
+    def transformed_response(self) -> bool:
+        """Whether the response is a call on columns rather than a column."""
+        return self.response_columns != (self.response,)
 
 
 def _split_top_level(text: str, sep: str = "+") -> list[str]:
@@ -264,11 +275,7 @@ def parse_formula(formula: str) -> ParsedFormula:
             f"formula {formula!r}: a cbind(successes, failures) response is a binomial model; "
             "the harness fits gaussian (linear) mixed models only"
         )
-    if not _NAME.fullmatch(response):
-        raise ValueError(
-            f"response {response!r} in formula {formula!r} must be a plain column name "
-            "(transform the column before fitting)"
-        )
+    response, response_columns = _parse_response(response, formula)
     _refuse_unsupported(formula, rhs)
     rhs = rhs.strip()
     if not rhs:
@@ -276,6 +283,10 @@ def parse_formula(formula: str) -> ParsedFormula:
     if "~" in rhs:
         raise ValueError(f"formula {formula!r} has more than one '~'")
     try:
+        if _has_top_level_bar(rhs):
+            # '|' binds more loosely than '+' in R: lme4 reads y ~ x + 1 | g as the single
+            # term (x + 1 | g) and fits the intercept alone as fixed part (findbars, nobars).
+            rhs = f"({rhs})"
         parts = _split_top_level(rhs)
     except ValueError as err:
         raise ValueError(f"could not parse formula {formula!r}: {err}") from None
@@ -305,7 +316,57 @@ def parse_formula(formula: str) -> ParsedFormula:
             bars.extend(BarTerm(e, factor, correlated) for e in exprs)
     fixed_rhs = " + ".join(fixed) if fixed else "1"
     parse_terms(fixed_rhs, f"formula {formula!r}, fixed part")
-    return ParsedFormula(response=response, fixed_rhs=fixed_rhs, bars=tuple(bars))
+    return ParsedFormula(
+        response=response,
+        fixed_rhs=fixed_rhs,
+        bars=tuple(bars),
+        response_columns=response_columns,
+    )
+
+
+def _has_top_level_bar(rhs: str) -> bool:
+    depth = 0
+    for ch in rhs:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "|" and depth == 0:
+            return True
+    return False
+
+
+_RESPONSE_CALL = re.compile(r"^[A-Za-z.][A-Za-z0-9._]*\s*\((?P<inner>.*)\)$", re.DOTALL)
+
+
+def _parse_response(lhs: str, formula: str) -> tuple[str, tuple[str, ...]]:
+    """The response as R deparses it and the columns it reads.
+
+    A plain column name, or one call such as ``log(y)``, ``sqrt(y)`` or
+    ``I(y/10)`` (R evaluates the left-hand side as an expression, so only a
+    single call, whose arguments are arithmetic, means the same on both sides).
+    """
+    if _NAME.fullmatch(lhs):
+        return lhs, (lhs,)
+    match = _RESPONSE_CALL.match(lhs)
+    balanced = False
+    if match:
+        try:
+            balanced = _split_top_level(match["inner"], sep=",") is not None
+        except ValueError:
+            balanced = False
+    if not balanced:
+        raise ValueError(
+            f"response {lhs!r} in formula {formula!r} must be a column name or one call on "
+            "numeric columns such as log(y), sqrt(y) or I(y/10)"
+        )
+    context = f"formula {formula!r}, response {lhs!r}"
+    terms = parse_terms(lhs, context)
+    if len(terms.variables) != 1 or terms.variables[0].call is None:
+        raise ValueError(
+            f"response {lhs!r} in formula {formula!r} must be a column name or one call on "
+            "numeric columns such as log(y), sqrt(y) or I(y/10)"
+        )
+    variable = terms.variables[0]
+    return variable.name, variable.columns
 
 
 # --------------------------------------------------------------------------- design
@@ -414,7 +475,7 @@ class Design:
 
 def _referenced_columns(parsed: ParsedFormula) -> list[str]:
     """Data columns the formula reads: response, predictors, grouping factors."""
-    names = [parsed.response]
+    names = list(parsed.response_columns)
     for terms in [parse_terms(parsed.fixed_rhs)] + [parse_terms(b.expr) for b in parsed.bars]:
         names.extend(c for c in terms.columns if c not in names)
     for bar in parsed.bars:
@@ -495,6 +556,23 @@ def _check_magnitudes(frame: pd.DataFrame, parsed: ParsedFormula, sigma_by: str 
                 )
 
 
+def _response_values(parsed: ParsedFormula, frame: pd.DataFrame, formula: str) -> pd.Series:
+    """The response, evaluated once here: a column, or a call such as ``log(y)``.
+
+    lme4 evaluates the same call on the same column of the same rows; R's and
+    NumPy's elementary functions agree to the last bit or two, far below any
+    tolerance the harness applies.
+    """
+    if not parsed.transformed_response:
+        return frame[parsed.response]
+    context = f"formula {formula!r}, response {parsed.response!r}"
+    variable = parse_terms(parsed.response, context).variables[0]
+    try:
+        return evaluate_variable(variable, frame)
+    except ValueError as err:
+        raise ValueError(f"{context}: {err}") from None
+
+
 def _check_response(frame: pd.DataFrame, response: str) -> None:
     values = frame[response]
     if isinstance(values.dtype, pd.CategoricalDtype) or pd.api.types.is_bool_dtype(values):
@@ -555,7 +633,8 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         if frame[column].isna().all():
             raise ValueError(f"column {column!r} has no non-missing values")
     response = parsed.response
-    _check_response(frame, response)
+    for column in parsed.response_columns:
+        _check_response(frame, column)
     complete = frame.notna().all(axis=1)
     n_dropped = int((~complete).sum())
     notes: list[str] = []
@@ -573,15 +652,16 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
             f"no complete rows: every row has a missing value in one of the used columns {used}"
         )
     frame = frame.reset_index(drop=True)
-    if not np.all(np.isfinite(frame[response].to_numpy(float))):
+    response_values = _response_values(parsed, frame, spec.formula)
+    if not np.all(np.isfinite(response_values.to_numpy(float))):
         raise ValueError(f"response {response!r} has infinite values")
-    if frame[response].nunique() < 2:
+    if response_values.nunique() < 2:
         raise ValueError(
-            f"response {response!r} is constant (every used row is {frame[response].iloc[0]}); "
+            f"response {response!r} is constant (every used row is {response_values.iloc[0]}); "
             "there is no variation for a model to explain"
         )
     _check_magnitudes(frame, parsed, spec.sigma_by)
-    if frame[response].nunique() == 2:
+    if response_values.nunique() == 2:
         notes.append(
             f"response {response!r} takes only two values: a gaussian (linear probability) "
             "model is fitted; a binomial model is outside the harness's scope"
@@ -591,9 +671,15 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     grouping = {p for bar in parsed.bars for p in factor_columns(bar.factor)}
     if spec.sigma_by:
         grouping.add(spec.sigma_by)
+    shared = [c for c in parsed.response_columns if c in grouping]
+    if shared:
+        raise ValueError(
+            f"formula {spec.formula!r}: column(s) {shared} are both in the response "
+            f"{response!r} and a grouping factor (or sigma_by)"
+        )
     factor_levels: dict[str, list[str]] = {}
     for column in frame.columns:
-        if column == response:
+        if column in parsed.response_columns:
             continue
         values = frame[column]
         numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
@@ -614,7 +700,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         log.debug(note)  # callers show design.notes once (build_design runs per engine)
         notes.append(note)
         X = X.drop(columns=dropped)
-    y = frame[response].to_numpy(dtype=float)
+    y = response_values.to_numpy(dtype=float)
 
     blocks = [_random_block(bar, frame, spec.formula) for bar in parsed.bars]
     blocks = _lme4_order(blocks)

@@ -99,11 +99,23 @@ harness_fit_lmer <- function(data, formula, symbols, REML = TRUE, profile = FALS
     notes <- c(notes, prof$notes)
     ci <- prof$value
     if (!is.null(ci)) {
-      # oldNames = FALSE gives "sd_(Intercept)|Subject", "cor_Days.(Intercept)|Subject", "sigma".
-      pname <- ifelse(variance$kind == "sigma", "sigma",
-               ifelse(variance$kind == "sd", sprintf("sd_%s|%s", variance$term, variance$group_factor),
-                      sprintf("cor_%s.%s|%s", variance$term2, variance$term, variance$group_factor)))
-      hit <- match(pname, rownames(ci))
+      # Match by position, not by pasted names: confint's first rows are the theta
+      # parameters in getME(fit, "theta") order, which is VarCorr's order = "lower.tri"
+      # (per block the lower triangle column by column: sd, cor, ..., sd), then "sigma".  Names would not do: lme4 calls the
+      # second block of a repeated factor "Subject.1" in VarCorr but "sd_Days|Subject"
+      # in confint, and (1 | g) + (1 | g) gives two rows of the same name.
+      n_theta <- length(getME(fit, "theta"))
+      theta_rows <- seq_len(n_theta)
+      is_vc <- variance$kind != "sigma"
+      hit <- rep(NA_integer_, nrow(variance))
+      if (nrow(ci) > n_theta && sum(is_vc) == n_theta &&
+          all(sub("_.*$", "", rownames(ci)[theta_rows]) == variance$kind[is_vc]) &&
+          rownames(ci)[n_theta + 1] == "sigma") {
+        hit[is_vc] <- theta_rows
+        hit[!is_vc] <- n_theta + 1L
+      } else {
+        notes <- c(notes, "profile CI rows do not line up with the variance components; not used")
+      }
       variance$lower <- ci[hit, 1]
       variance$upper <- ci[hit, 2]
       variance$ci_method[!is.na(hit)] <- "profile"
