@@ -35,6 +35,9 @@ from harness.runner import FitSettings, fit_design
 ROOT = Path(__file__).resolve().parents[1]
 #: Few draws: these tests are about the cache, not about the fits.
 TINY = FitSettings(draws=50, tune=50, chains=2, n_sims=50, profile=False)
+#: The default test run's one small fit, shared through the session's disk cache
+#: (tests/test_runner.py and tests/test_report.py fit it with the same settings).
+REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200)
 
 
 def _round_trip(value: Any, context: dict[str, Any] | None = None) -> Any:
@@ -329,9 +332,12 @@ def test_default_cache_is_the_users_cache_folder(
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    """A complete, small cache of sleepstudy (both engines, comparison, same-model, figures)."""
-    path = tmp_path_factory.mktemp("tiny-cache")
-    return path, fit_design("sleepstudy", seed=1, cache_dir=path, settings=TINY)
+    """A complete cache of sleepstudy (both engines, comparison, same-model, figures).
+
+    The session's shared cache: warm when other modules have fitted it already.
+    """
+    path = tmp_path_factory.getbasetemp() / "harness-cache"
+    return path, fit_design("sleepstudy", seed=1, cache_dir=path, settings=REPORT_SETTINGS)
 
 
 def _copy(tiny: tuple[Path, Any], tmp_path: Path) -> Path:
@@ -340,16 +346,15 @@ def _copy(tiny: tuple[Path, Any], tmp_path: Path) -> Path:
     return target
 
 
-def _entry(cache: Path, kind: str) -> Path:
-    (path,) = (cache / kind).glob("*.json")
-    return path
+def _entry(cache: Path, kind: str, result: Any) -> Path:
+    """The file of one of ``result``'s cache entries."""
+    return cache / kind / f"{result.keys[kind]}.json"
 
 
 @pytest.mark.r
 @pytest.mark.sampling
 def test_every_cached_class_round_trips(tiny: tuple[Path, Any]) -> None:
     path, result = tiny
-    assert all(not v for v in result.cached.values()) or all(result.cached.values())
     freq, bayes, cmp = result.freq, result.bayes_info, result.comparison
     context = {"spec": result.spec, "design": result.design}
     store = FitCache(path)
@@ -362,7 +367,7 @@ def test_every_cached_class_round_trips(tiny: tuple[Path, Any]) -> None:
     ):
         assert_same(obj, _round_trip(obj, ctx), kind)
         # And from the file the run wrote.
-        doc = json.loads(_entry(path, kind).read_text())
+        doc = json.loads(_entry(path, kind, result).read_text())
         hit = store.load(kind, doc["key"], doc["parts"], context=ctx)
         assert hit is not None, kind
         stored = hit[0]
@@ -370,8 +375,11 @@ def test_every_cached_class_round_trips(tiny: tuple[Path, Any]) -> None:
             assert_same(obj, stored, kind)
         else:
             assert_same(obj[next(iter(obj))], stored[next(iter(obj))], kind)
+    # Without the reference (another caller's fit), the design itself round-trips too.
+    assert_same(result.design, _round_trip(result.design), "design")
+    assert_same(freq, _round_trip(freq), "lme4 without context")
     # Fits are stored by reference to the runner's spec and design, not copied.
-    text = _entry(path, "lme4").read_text()
+    text = _entry(path, "lme4", result).read_text()
     assert '{"$ref": "design"}' in text and "Reaction" in text
     assert len(text) < 2_000_000
 
@@ -391,30 +399,32 @@ def test_pickles_and_damaged_entries_are_refitted(
     payload = pickle.dumps(Exploit())
     for entry in cache.glob("*/*.json"):
         entry.with_suffix(".pkl").write_bytes(payload)
-    _entry(cache, "lme4").write_bytes(payload)  # a pickle in place of the entry
-    _entry(cache, "compare").write_text('{"format": "harness-fit-cache", "value": [}')  # garbage
-    nc = next((cache / "pymc").glob("*.nc"))
+    _entry(cache, "lme4", tiny[1]).write_bytes(payload)  # a pickle in place of the entry
+    _entry(cache, "compare", tiny[1]).write_text(
+        '{"format": "harness-fit-cache", "value": [}'
+    )  # garbage
+    nc = cache / "pymc" / f"{tiny[1].keys['pymc']}.nc"
     nc.write_bytes(nc.read_bytes()[: nc.stat().st_size // 2])  # truncated draws
-    same = _entry(cache, "same_model")
+    same = _entry(cache, "same_model", tiny[1])
     doc = json.loads(same.read_text())
     doc["value"] = {"result": "ok", "status": "ok", "seconds": 1.0}  # valid JSON, wrong shape
     same.write_text(json.dumps(doc))
     with caplog.at_level(logging.WARNING, logger="harness"):
-        result = fit_design("sleepstudy", seed=1, cache_dir=cache, settings=TINY)
+        result = fit_design("sleepstudy", seed=1, cache_dir=cache, settings=REPORT_SETTINGS)
     assert not marker.exists()
     assert not result.cached["lme4"] and not result.cached["pymc"]
     assert not result.cached["compare"] and not result.cached["same_model"]
     for kind in ("lme4", "compare", "same_model"):
-        assert str(_entry(cache, kind)) in caplog.text, kind
+        assert str(_entry(cache, kind, tiny[1])) in caplog.text, kind
     assert nc.name in caplog.text
-    assert result.bayes.idata.posterior.sizes["draw"] == TINY.draws
+    assert result.bayes.idata.posterior.sizes["draw"] == REPORT_SETTINGS.draws
     # The refits overwrote the damage: the next run is served from the cache, quietly.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="harness"):
-        again = fit_design("sleepstudy", seed=1, cache_dir=cache, settings=TINY)
+        again = fit_design("sleepstudy", seed=1, cache_dir=cache, settings=REPORT_SETTINGS)
     assert all(again.cached.values()), again.cached
     assert "ignoring cache entry" not in caplog.text
-    assert again.bayes.idata.posterior.sizes["draw"] == TINY.draws
+    assert again.bayes.idata.posterior.sizes["draw"] == REPORT_SETTINGS.draws
     assert not marker.exists()
 
 
