@@ -146,22 +146,21 @@ def _encode_values(values: pd.Series | pd.Index, context: Mapping[str, Any], whe
         }
     if isinstance(dtype, np.dtype) and dtype.kind in "biufcMm":
         return {"kind": "numpy", "dtype": dtype.str, "data": _b64(values.to_numpy())}
+    if isinstance(dtype, np.dtype) and dtype.kind == "O":
+        # Object columns hold anything the codec holds (dicts, lists, strings, floats);
+        # missing scalars keep their kind (None, nan, NA) through the codec.
+        return {"kind": "object", "items": [encode(v, context, where) for v in values.tolist()]}
+    # Extension arrays: missing values as null, read back as the dtype's own NA.
     items = [None if _is_missing(v) else encode(v, context, where) for v in values.tolist()]
-    missing = [i for i, v in enumerate(values.tolist()) if _is_missing(v)]
     if isinstance(dtype, pd.StringDtype):
         return {
             "kind": "string",
             "storage": dtype.storage,
             "na_nan": dtype.na_value is np.nan,
             "items": items,
-            "missing": missing,
         }
-    if isinstance(dtype, np.dtype) and dtype.kind == "O":
-        # Object columns hold anything the codec holds (dicts, lists, strings, floats);
-        # missing scalars keep their kind (None, nan, NA) through the codec.
-        return {"kind": "object", "items": [encode(v, context, where) for v in values.tolist()]}
     if isinstance(dtype, pd.api.extensions.ExtensionDtype) and dtype.name in _NULLABLE:
-        return {"kind": "nullable", "dtype": dtype.name, "items": items, "missing": missing}
+        return {"kind": "nullable", "dtype": dtype.name, "items": items}
     raise TypeError(f"{where}: cannot cache a column of dtype {dtype}")
 
 
@@ -322,6 +321,8 @@ def encode(value: Any, context: Mapping[str, Any] | None = None, where: str = "v
             return {"$ref": name}
     if value is None or isinstance(value, (bool, str)):
         return value
+    if value is pd.NA:
+        return {"$na": None}
     if isinstance(value, (int, np.integer)) and not isinstance(value, np.bool_):
         return int(value)
     if isinstance(value, np.bool_):
@@ -403,6 +404,8 @@ def decode(doc: Any, context: Mapping[str, Any] | None = None, where: str = "val
         if body not in context:
             raise CacheEntryError(f"{where}: refers to {body!r}, which the caller did not supply")
         return context[body]
+    if tag == "$na":
+        return pd.NA
     if tag == "$tuple":
         if not isinstance(body, list):
             raise CacheEntryError(f"{where}: tuple is not a list")

@@ -90,7 +90,7 @@ def test_tables_round_trip_with_their_dtypes() -> None:
             # Object columns hold dicts and lists (the attribution of a comparison row).
             "attribution": [{"prior": 0.5, "sampling": [1, 2]}, None, {"$odd": "key"}],
             "explanation": ["lme4's interval is Wald", np.nan, ""],
-            "label": pd.Series(["a", "b", None], dtype=object),  # object stays object
+            "label": pd.Series(["a", pd.NA, None], dtype=object),  # object stays object
             "when": pd.to_datetime(["2026-01-01", "2026-06-30", "2026-12-31"]),
         }
     )
