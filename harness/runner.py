@@ -16,21 +16,33 @@ both.  On a cache hit nothing imports rpy2, starts R, or compiles a model:
 the R versions in the lme4 key come from one ``Rscript`` call (or, without
 R, from the newest cached fit of the same data, spec and settings).
 
-The cache lives in ``$HARNESS_CACHE_DIR`` (default ``.cache/harness`` in the
-working directory).  Every file is written to a temporary name and renamed,
-so an interrupted run never leaves a half-written entry.
+The cache (:mod:`harness.cache`) lives in ``$HARNESS_CACHE_DIR``, else the
+user's cache folder (``platformdirs.user_cache_dir("harness")``, e.g.
+``~/.cache/harness``).  Its contract:
+
+* entries are JSON documents (``<kind>/<key>.json``, the PyMC draws in
+  ``<key>.nc``) with a format version; nothing is ever unpickled, and values
+  decode only into the harness's own dataclasses;
+* each entry stores the full key parts above and is checked against the key
+  the run computes (and the ``.nc`` against its recorded SHA-256); a
+  mismatched, damaged or wrongly shaped entry is logged as a warning naming
+  the file and refitted, and the new entry overwrites it;
+* the spec, design and (for comparisons) the fits are not stored twice: the
+  entry refers to them and the runner supplies its own on load;
+* every file is written to a temporary name and renamed (side files first,
+  the JSON last), so an interrupted run never leaves a half-written entry,
+  and temp files of killed runs are removed when the cache is opened;
+* a cache that cannot be written (read-only) only logs a warning: the run
+  still returns its result and writes its report.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
-import pickle
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -41,6 +53,14 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from harness.cache import (
+    CACHE_FORMAT,
+    FitCache,
+    check_shape,
+    resolve_cache_dir,
+)
+from harness.cache import digest as _digest
+from harness.cache import load_idata as _load_idata
 from harness.spec import Design, ModelSpec, build_design
 from harness.versions import PY_PACKAGES as _PY_PACKAGES
 from harness.versions import python_versions, r_versions_cheap
@@ -57,7 +77,6 @@ log = logging.getLogger("harness")
 #: The designs ``harness report all`` writes, in index order.
 REPORT_DESIGNS = ("cafe", "sleepstudy", "partially_clustered", "partially_clustered_hetero")
 
-CACHE_FORMAT = "1"  # bump when the layout of cached entries changes
 _PACKAGE = Path(__file__).resolve().parent
 
 
@@ -159,18 +178,6 @@ class DesignResult:
 # --------------------------------------------------------------------------- keys and versions
 
 
-def resolve_cache_dir(path: str | os.PathLike[str] | None = None) -> Path:
-    """The fit cache folder: ``path``, else ``$HARNESS_CACHE_DIR``, else ``.cache/harness``."""
-    if path is not None:
-        return Path(path)
-    return Path(os.environ.get("HARNESS_CACHE_DIR") or Path.cwd() / ".cache" / "harness")
-
-
-def _digest(parts: Any) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
 @cache
 def _source_hash(*relative: str) -> str:
     """Hash of harness source files (a change in the code that produced a result invalidates it)."""
@@ -209,72 +216,6 @@ def _pymc_key_parts(
         "versions": {k: py[k] for k in _PY_PACKAGES},
         "code": _source_hash("engines/pymc.py", "priors.py", "spec.py"),
     }
-
-
-# --------------------------------------------------------------------------- the disk cache
-
-
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-class FitCache:
-    """Entries ``<kind>/<key>.pkl`` (+ ``.nc`` for InferenceData, ``.json`` for people)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def path(self, kind: str, key: str, suffix: str) -> Path:
-        return self.root / kind / f"{key}{suffix}"
-
-    def load(self, kind: str, key: str) -> Any | None:
-        path = self.path(kind, key, ".pkl")
-        if not path.is_file():
-            return None
-        try:
-            with path.open("rb") as handle:
-                return pickle.load(handle)
-        except Exception as err:  # a stale class layout or a damaged file: refit
-            log.warning("ignoring unreadable cache entry %s (%s)", path, err)
-            return None
-
-    def store(self, kind: str, key: str, value: Any, meta: dict[str, Any]) -> None:
-        _atomic_write_bytes(
-            self.path(kind, key, ".json"),
-            json.dumps(meta, indent=2, sort_keys=True, default=str).encode(),
-        )
-        # The pickle goes last: its presence marks a complete entry.
-        _atomic_write_bytes(self.path(kind, key, ".pkl"), pickle.dumps(value, protocol=5))
-
-    def latest_for(self, kind: str, partial_key: str) -> str | None:
-        """Key of the newest entry written under a version-less key (for machines without R)."""
-        pointer = self.root / kind / f"latest-{partial_key}.txt"
-        if pointer.is_file():
-            key = pointer.read_text().strip()
-            if self.path(kind, key, ".pkl").is_file():
-                return key
-        return None
-
-    def set_latest(self, kind: str, partial_key: str, key: str) -> None:
-        _atomic_write_bytes(self.root / kind / f"latest-{partial_key}.txt", key.encode())
-
-
-def _load_idata(path: Path) -> Any:
-    import arviz as az
-
-    idata = az.from_netcdf(str(path))
-    # Read into memory: the file may be replaced by a later refit.
-    for group in idata.groups():
-        getattr(idata, group).load()
-    return idata
 
 
 # --------------------------------------------------------------------------- stages
@@ -318,22 +259,26 @@ def _fit_lme4_cached(
 ) -> tuple[FreqFit, str, bool, dict[str, str]]:
     parts = _lme4_key_parts(design, spec, settings)
     partial = _digest(parts)
+    context = {"spec": spec, "design": design}
     r_versions = r_versions_cheap()
     if r_versions is None:
         key = None if refit else store.latest_for("lme4", partial)
         if key is not None:
             log.warning("R is not available; using the cached lme4 fit %s", key)
-            freq = store.load("lme4", key)
-            if freq is not None:
+            # Checked against every key part but the R versions, which only R could tell.
+            hit = store.load("lme4", key, parts, shape=_freq_class(), context=context)
+            if hit is not None:
+                freq = hit[0]
                 return freq, key, True, dict(freq.versions)
         # No R and nothing cached: let the engine raise its own clear error.
         r_versions = {"R": "unavailable"}
-    key = _digest({**parts, "versions": r_versions})
+    full_parts = {**parts, "versions": r_versions}
+    key = _digest(full_parts)
     if not refit:
-        freq = store.load("lme4", key)
-        if freq is not None:
+        hit = store.load("lme4", key, full_parts, shape=_freq_class(), context=context)
+        if hit is not None:
             log.info("%s: lme4 fit loaded from cache (%s)", spec.name or spec.formula, key)
-            return freq, key, True, r_versions
+            return hit[0], key, True, r_versions
     from harness.engines.lme4 import fit_lme4
 
     freq = fit_lme4(
@@ -344,10 +289,10 @@ def _fit_lme4_cached(
         seed=settings.lme4_seed,
         design=design,
     )
-    store.store(
-        "lme4", key, freq, {**parts, "versions": r_versions, "fit_seconds": freq.fit_seconds}
-    )
-    store.set_latest("lme4", partial, key)
+    if store.store(
+        "lme4", key, freq, full_parts, {"fit_seconds": freq.fit_seconds}, context=context
+    ):
+        store.set_latest("lme4", partial, key)
     return freq, key, False, r_versions
 
 
@@ -363,11 +308,12 @@ def _fit_pymc_cached(
     parts = _pymc_key_parts(design, spec, settings, seed)
     key = _digest(parts)
     nc_path = store.path("pymc", key, ".nc")
+    context = {"spec": spec, "design": design}
     if not refit:
-        bayes = store.load("pymc", key)
-        if bayes is not None and nc_path.is_file():
+        hit = store.load("pymc", key, parts, shape=_bayes_class(), context=context, files=(".nc",))
+        if hit is not None:
             log.info("%s: PyMC fit loaded from cache (%s)", spec.name or spec.formula, key)
-            return bayes, nc_path, key, True
+            return hit[0], nc_path, key, True
     from harness.engines.pymc import fit_pymc
 
     bayes = fit_pymc(
@@ -381,20 +327,14 @@ def _fit_pymc_cached(
         target_accept=settings.target_accept,
         design=design,
     )
-    nc_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=nc_path.parent, prefix=f".{nc_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        bayes.idata.to_netcdf(tmp)
-        os.replace(tmp, nc_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     store.store(
         "pymc",
         key,
         dataclasses.replace(bayes, idata=None),
-        {**parts, "compile_seconds": bayes.compile_seconds, "sample_seconds": bayes.sample_seconds},
+        parts,
+        {"compile_seconds": bayes.compile_seconds, "sample_seconds": bayes.sample_seconds},
+        context=context,
+        files={".nc": lambda tmp: bayes.idata.to_netcdf(str(tmp))},
     )
     return bayes, nc_path, key, False
 
@@ -418,21 +358,24 @@ def _same_model_cached(
             0.0,
         )
     py = python_versions()
-    key = _digest(
-        {
-            "format": CACHE_FORMAT,
-            "kind": "same_model",
-            "lme4": lme4_key,
-            "versions": {k: py[k] for k in _PY_PACKAGES},
-            "code": _source_hash(
-                "same_model.py", "marginal.py", "engines/pymc.py", "priors.py", "spec.py"
-            ),
-        }
-    )
+    parts = {
+        "format": CACHE_FORMAT,
+        "kind": "same_model",
+        "lme4": lme4_key,
+        "versions": {k: py[k] for k in _PY_PACKAGES},
+        "code": _source_hash(
+            "same_model.py", "marginal.py", "engines/pymc.py", "priors.py", "spec.py"
+        ),
+    }
+    key = _digest(parts)
     if not refit:
-        hit = store.load("same_model", key)
+        from harness.same_model import SameModel
+
+        shape = {"result": SameModel, "status": str, "seconds": (float, int)}
+        hit = store.load("same_model", key, parts, shape=shape)
         if hit is not None:
-            return hit["result"], hit["status"], key, True, hit["seconds"]
+            value = hit[0]
+            return value["result"], value["status"], key, True, value["seconds"]
     try:
         from harness.same_model import same_model
     except ImportError as err:
@@ -453,7 +396,8 @@ def _same_model_cached(
         "same_model",
         key,
         {"result": result, "status": status, "seconds": seconds},
-        {"lme4": lme4_key, "seconds": seconds},
+        parts,
+        {"seconds": seconds},
     )
     return result, status, key, False, seconds
 
@@ -467,24 +411,23 @@ def _compare_cached(
     pymc_key: str,
     refit: bool,
 ) -> tuple[Comparison, str, bool, float]:
-    key = _digest(
-        {
-            "format": CACHE_FORMAT,
-            "kind": "compare",
-            "lme4": lme4_key,
-            "pymc": pymc_key,
-            "code": _source_hash("compare.py", "align.py", "attribution.py"),
-        }
-    )
+    parts = {
+        "format": CACHE_FORMAT,
+        "kind": "compare",
+        "lme4": lme4_key,
+        "pymc": pymc_key,
+        "code": _source_hash("compare.py", "align.py", "attribution.py"),
+    }
+    key = _digest(parts)
+    # The fits are the runner's own: the entry refers to them instead of storing them again.
+    context = {"freq": freq, "bayes": bayes_info}
     if not refit:
-        hit = store.load("compare", key)
+        from harness.compare import Comparison
+
+        shape = {"comparison": Comparison, "seconds": (float, int)}
+        hit = store.load("compare", key, parts, shape=shape, context=context)
         if hit is not None:
-            return (
-                dataclasses.replace(hit["comparison"], freq=freq, bayes=bayes_info),
-                key,
-                True,
-                hit["seconds"],
-            )
+            return hit[0]["comparison"], key, True, hit[0]["seconds"]
     from harness.compare import compare
 
     with warnings.catch_warnings():
@@ -497,24 +440,67 @@ def _compare_cached(
     store.store(
         "compare",
         key,
-        {"comparison": dataclasses.replace(comparison, freq=None, bayes=None), "seconds": seconds},
-        {"lme4": lme4_key, "pymc": pymc_key, "seconds": seconds},
+        {
+            "comparison": dataclasses.replace(comparison, freq=freq, bayes=bayes_info),
+            "seconds": seconds,
+        },
+        parts,
+        {"seconds": seconds},
+        context=context,
     )
     return comparison, key, False, seconds
 
 
+def figures_key_parts(result: DesignResult) -> dict[str, Any]:
+    """What a design's rendered figures depend on."""
+    return {
+        "format": CACHE_FORMAT,
+        "kind": "figures",
+        "compare": result.keys.get("compare"),
+        "same_model": result.keys.get("same_model"),
+        "name": result.name,
+        "code": _source_hash("plots.py", "report_tables.py", "report.py"),
+    }
+
+
 def figures_key(result: DesignResult) -> str:
     """Cache key of a design's rendered figures."""
-    return _digest(
-        {
-            "format": CACHE_FORMAT,
-            "kind": "figures",
-            "compare": result.keys.get("compare"),
-            "same_model": result.keys.get("same_model"),
-            "name": result.name,
-            "code": _source_hash("plots.py", "report_tables.py", "report.py"),
-        }
-    )
+    return _digest(figures_key_parts(result))
+
+
+_IMAGE_URI_PREFIXES = ("data:image/png;base64,", "data:image/svg+xml;base64,")
+
+
+def _check_figures(figures: Any) -> None:
+    """Cached figures are inline images and tables only: every ``uri`` is a data URI of an image."""
+    check_shape(figures, dict, "figures")
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            uri = node.get("uri")
+            if uri is not None and not (
+                uri == "" or (isinstance(uri, str) and uri.startswith(_IMAGE_URI_PREFIXES))
+            ):
+                raise ValueError("a figure whose uri is not an inline PNG or SVG image")
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(figures)
+
+
+def _freq_class() -> type:
+    from harness.engines.lme4 import FreqFit
+
+    return FreqFit
+
+
+def _bayes_class() -> type:
+    from harness.engines.pymc import BayesFit
+
+    return BayesFit
 
 
 def fit_design(
@@ -536,7 +522,8 @@ def fit_design(
     seed : int
         PyMC seed.  A new seed refits PyMC only.
     cache_dir : path, optional
-        Cache folder; default ``$HARNESS_CACHE_DIR`` or ``.cache/harness``.
+        Cache folder; default ``$HARNESS_CACHE_DIR``, else the user's cache folder
+        (``platformdirs.user_cache_dir("harness")``).
     refit : bool
         Ignore cached entries (and overwrite them).
     settings : FitSettings, optional
@@ -596,14 +583,16 @@ def fit_design(
     if sm_key:
         keys["same_model"] = sm_key
     if figures:
-        fkey = figures_key(result)
+        fparts = figures_key_parts(result)
+        fkey = _digest(fparts)
         keys["figures"] = fkey
-        hit = None if refit else store.load("figures", fkey)
+        fshape = {"figures": _check_figures, "seconds": (float, int)}
+        hit = None if refit else store.load("figures", fkey, fparts, shape=fshape)
         if hit is not None:
             result.figures, cached["figures"], timings["figures"] = (
-                hit["figures"],
+                hit[0]["figures"],
                 True,
-                hit["seconds"],
+                hit[0]["seconds"],
             )
         else:
             from harness.report import render_figures
@@ -614,7 +603,8 @@ def fit_design(
                 "figures",
                 fkey,
                 {"figures": result.figures, "seconds": timings["figures"]},
-                {"compare": keys["compare"], "seconds": timings["figures"]},
+                fparts,
+                {"seconds": timings["figures"]},
             )
     return result
 

@@ -170,7 +170,7 @@ def compare_data(
     settings : FitSettings, optional
         Sampler and lme4 settings; default from :func:`settings_from_env`.
     cache_dir : path, optional
-        Fit cache (default ``$HARNESS_CACHE_DIR`` or ``.cache/harness``).
+        Fit cache (default ``$HARNESS_CACHE_DIR``, else the user's cache folder).
     refit : bool
         Ignore cached fits.
     figures : bool

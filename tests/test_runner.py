@@ -108,7 +108,8 @@ def test_cache_folder_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert runner.resolve_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("HARNESS_CACHE_DIR")
     monkeypatch.chdir(tmp_path)
-    assert runner.resolve_cache_dir() == tmp_path / ".cache" / "harness"
+    # The user's cache folder, never the current one (see test_cache_safety).
+    assert tmp_path not in runner.resolve_cache_dir().parents
     assert runner.resolve_cache_dir(tmp_path / "x") == tmp_path / "x"
 
 
