@@ -130,6 +130,8 @@ def _r_env() -> Any:
     env = ro.r("new.env()")
     with _quiet_console():
         ro.r["source"](str(r_scripts_dir() / "fit.R"), local=env)
+        if (r_scripts_dir() / "glmm.R").is_file():  # GLMM hook (issue 12)
+            ro.r["source"](str(r_scripts_dir() / "glmm.R"), local=env)
     _restore_library_path(library_path)
     return env
 
@@ -338,7 +340,16 @@ def fit_lme4(
     started = time.perf_counter()
     frame = to_r_frame(design.data)
     pieces = None
-    if spec.sigma_by:
+    if design.family.glm:  # GLMM hook (issue 12): glmer, see r_scripts/glmm.R
+        result = _fit_glmer(design, frame, spec.formula)
+        ml = {
+            "beta": result["ml_beta"],
+            "theta": result["ml_theta"],
+            "sigma": 1.0,
+            "lp0": np.asarray(result["lp0"], dtype=float),
+            "tol_pwrss": float(result["tol_pwrss"]),
+        }
+    elif spec.sigma_by:
         pieces = _lme_pieces(design)
         result = _from_r(
             _call(
@@ -402,7 +413,7 @@ def fit_lme4(
         converged=bool(info["converged"]),
         messages=messages,
         versions=versions,
-        r_call=_r_call_text(design, reml, pieces),
+        r_call=_glmer_call_text(design) if design.family.glm else _r_call_text(design, reml, pieces),
         fit_seconds=elapsed,
         ml_estimates=ml,
         df_method=str(info["df_method"]),
@@ -410,6 +421,34 @@ def fit_lme4(
     for message in messages:
         log.info("%s: %s", fit.engine, message)
     return fit
+
+
+def _fit_glmer(design: Design, frame: Any, formula: str, n_agq: int = 1) -> dict[str, Any]:
+    """``lme4::glmer`` on the design's data; family and link are names from a fixed table."""
+    family, link = design.family.r_family()
+    return _from_r(
+        _call("harness_fit_glmer", frame, formula, family, link, nAGQ=int(n_agq))
+    )
+
+
+def _glmer_call_text(design: Design) -> str:
+    family, link = design.family.r_family()
+    return (
+        f"lme4::glmer({design.spec.formula}, data = data, "
+        f'family = {family}(link = "{link}"), nAGQ = 1)'
+    )
+
+
+def fit_glmer_agq(spec: ModelSpec, data: pd.DataFrame, n_agq: int) -> dict[str, Any]:
+    """glmer with ``nAGQ = n_agq`` adaptive Gauss-Hermite points (one scalar random effect).
+
+    Returns the raw tables (``fixed``, ``variance``, ``info`` with ``loglik``,
+    ``ml_beta``, ``ml_theta``) for the quadrature check of :mod:`harness.laplace`.
+    """
+    design = build_design(spec, data)
+    if not design.family.glm:
+        raise ValueError(f"nAGQ applies to glmer families, not {spec.family!r}")
+    return _fit_glmer(design, to_r_frame(design.data), spec.formula, n_agq)
 
 
 def lformula(spec: ModelSpec, data: pd.DataFrame) -> dict[str, Any]:
