@@ -292,12 +292,16 @@ def maximise_laplace(
     beta0: Sequence[float] | None = None,
     *,
     n_agq: int = 1,
+    lme4_start: np.ndarray | None = None,
+    lme4_tol: float = 1e-7,
 ) -> dict[str, object]:
     """Maximise the approximate log-likelihood over (theta, beta) (level 2 of "same model?").
 
     Diagonal entries of each block's factor are kept non-negative, as lme4's
     bounds do.  Returns ``theta``, ``beta`` (Series by fixed term), ``loglik``
-    and the optimiser's message.
+    and the optimiser's message.  With ``lme4_start`` the objective is lme4's own
+    (IRLS from glmer's start, stopped at its tolerance), whose maximiser is what
+    glmer reports; without it, the exact Laplace approximation.
     """
     p = len(design.fixed_terms)
     t = theta_size(design)
@@ -317,10 +321,15 @@ def maximise_laplace(
     state = {"u": None}
 
     def negative(params: np.ndarray) -> float:
-        result = laplace_loglik(
-            design, params[:t], params[t:], n_agq=n_agq, tol=1e-10, u_start=state["u"]
-        )
-        state["u"] = result.u
+        if lme4_start is not None:
+            result = laplace_loglik(
+                design, params[:t], params[t:], n_agq=n_agq, lme4_start=lme4_start, lme4_tol=lme4_tol
+            )
+        else:
+            result = laplace_loglik(
+                design, params[:t], params[t:], n_agq=n_agq, tol=1e-10, u_start=state["u"]
+            )
+            state["u"] = result.u
         return -result.loglik
 
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower] + [(None, None)] * p

@@ -67,6 +67,8 @@ def resolve_priors(design: Design) -> ResolvedPriors:
     y = design.y
     sy = float(np.std(y)) or 1.0
     ybar = float(np.mean(y))
+    if design.family.glm:  # GLMM hook (issue 12): unit scale on the link, centred intercept
+        ybar, sy = design.family.prior_centre_scale(y, design.trials)
     fixed: dict[str, Prior] = {}
     sd: dict[tuple[str, str], Prior] = {}
     if profile == "weak":
