@@ -229,7 +229,11 @@ def laplace_loglik(
     if design.offset is not None:
         fixed_eta = fixed_eta + design.offset
     if lme4_start is not None and n_agq <= 1:
-        u, weight, iterations = _pirls_lme4(design, M, fixed_eta, np.asarray(lme4_start), lme4_tol)
+        # lme4's lp0 excludes the formula's offset (its devfun adds it back: updateMu).
+        start = np.asarray(lme4_start, dtype=float)
+        if design.offset is not None:
+            start = start + design.offset
+        u, weight, iterations = _pirls_lme4(design, M, fixed_eta, start, lme4_tol)
         eta = fixed_eta + M @ u
     else:
         u0 = np.zeros(M.shape[1]) if u_start is None else u_start

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("harness")
 
 #: The designs ``harness report all`` writes, in index order.
-REPORT_DESIGNS = ("cafe", "sleepstudy", "partially_clustered", "partially_clustered_hetero")
+REPORT_DESIGNS = ("cafe", "sleepstudy", "partially_clustered", "partially_clustered_hetero", "cbpp")
 
 CACHE_FORMAT = "1"  # bump when the layout of cached entries changes
 _PACKAGE = Path(__file__).resolve().parent
