@@ -251,8 +251,6 @@ class Family:
     #: Whether the harness fits it with glmer (False: the gaussian lmer path).
     glm: ClassVar[bool] = True
     allows_cbind: ClassVar[bool] = False
-    #: What the report calls the natural scale of the linear predictor.
-    scale_name: ClassVar[str] = "link scale"
 
     def __init__(self, link: str | None = None) -> None:
         link = link or self.default_link
@@ -265,6 +263,11 @@ class Family:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(link={self.link.name!r})"
+
+    @property
+    def scale_name(self) -> str:
+        names = {"logit": "log-odds", "probit": "probit units", "log": "log rate"}
+        return names.get(self.link.name, "link scale")
 
     @property
     def key(self) -> str:
@@ -321,7 +324,6 @@ class Gaussian(Family):
     default_link = "identity"
     has_scale = True
     glm = False
-    scale_name = "response scale"
 
 
 class Binomial(Family):
@@ -390,7 +392,6 @@ class Poisson(Family):
     name = "poisson"
     links = ("log",)
     default_link = "log"
-    scale_name = "log scale"
 
     def read_response(self, spec, frame):
         return _counts(frame, spec.successes, "count response"), None

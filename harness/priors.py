@@ -28,6 +28,8 @@ class ResolvedPriors:
     lkj_eta: float = 1.0
     profile: str = "weak"
     notes: list[str] = field(default_factory=list)
+    #: False for binomial / Poisson models (issue 12): no residual SD.
+    has_sigma: bool = True
 
     def structure(self) -> str:
         """Families only (parameter values enter the model as data)."""
@@ -41,7 +43,8 @@ class ResolvedPriors:
             {"parameter": f"sd[{label}: {t}]", "prior": p.describe()}
             for (label, t), p in self.sd.items()
         ]
-        rows.append({"parameter": "sigma", "prior": self.sigma.describe()})
+        if self.has_sigma:
+            rows.append({"parameter": "sigma", "prior": self.sigma.describe()})
         rows.append({"parameter": "correlations", "prior": f"LKJ(eta={self.lkj_eta:g})"})
         return rows
 
@@ -141,4 +144,11 @@ def resolve_priors(design: Design) -> ResolvedPriors:
                 f"prior override {key!r} names no parameter; known: {list(fixed)} + "
                 "['sd', 'sd:<factor>:<term>', 'sigma', 'lkj_eta']"
             )
-    return ResolvedPriors(fixed=fixed, sd=sd, sigma=sigma, lkj_eta=eta, profile=profile)
+    return ResolvedPriors(
+        fixed=fixed,
+        sd=sd,
+        sigma=sigma,
+        lkj_eta=eta,
+        profile=profile,
+        has_sigma=design.family.has_scale,
+    )
