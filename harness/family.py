@@ -61,7 +61,10 @@ def _probit_mu_eta(eta: np.ndarray) -> np.ndarray:
 
 LINKS: dict[str, Link] = {
     "logit": Link(
-        "logit", special.logit, special.expit, lambda e: special.expit(e) * special.expit(-e),
+        "logit",
+        special.logit,
+        special.expit,
+        lambda e: special.expit(e) * special.expit(-e),
         "logit(p)",
     ),
     "probit": Link("probit", special.ndtri, special.ndtr, _probit_mu_eta, "probit(p)"),
@@ -97,7 +100,9 @@ class GlmResponse:
         cols = [c for c in (self.failures, self.trials, self.offset) if c]
         return list(dict.fromkeys(c for c in cols if c != self.successes))
 
-    def evaluate(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    def evaluate(
+        self, frame: pd.DataFrame
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Validated (y, trials, offset) from complete rows; ``trials`` None for Poisson."""
         y, trials = self.family.read_response(self, frame)
         offset = None
@@ -307,7 +312,9 @@ class Family:
         raise NotImplementedError
 
     # -- PyMC
-    def likelihood(self, pm: Any, pt: Any, name: str, eta: Any, data: dict[str, Any], **kw: Any) -> Any:
+    def likelihood(
+        self, pm: Any, pt: Any, name: str, eta: Any, data: dict[str, Any], **kw: Any
+    ) -> Any:
         """The observed node of the PyMC model given the linear predictor ``eta``."""
         raise NotImplementedError
 

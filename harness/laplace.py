@@ -96,7 +96,9 @@ def lambda_matrix(design: Design, theta: Sequence[float]) -> sp.csc_matrix:
     return sp.block_diag(pieces, format="csc")
 
 
-def _as_vector(values: Mapping[str, float] | Sequence[float], names: list[str], what: str) -> np.ndarray:
+def _as_vector(
+    values: Mapping[str, float] | Sequence[float], names: list[str], what: str
+) -> np.ndarray:
     if isinstance(values, Mapping):
         missing = [n for n in names if n not in values]
         if missing:
@@ -109,7 +111,12 @@ def _as_vector(values: Mapping[str, float] | Sequence[float], names: list[str], 
 
 
 def _pirls(
-    design: Design, M: sp.csc_matrix, fixed_eta: np.ndarray, u0: np.ndarray, tol: float, max_iter: int
+    design: Design,
+    M: sp.csc_matrix,
+    fixed_eta: np.ndarray,
+    u0: np.ndarray,
+    tol: float,
+    max_iter: int,
 ) -> tuple[np.ndarray, int]:
     """Penalised IRLS (Fisher scoring with step halving) for the conditional modes."""
     family, y, n = design.family, design.y, design.trials
@@ -134,14 +141,20 @@ def _pirls(
                 break
             scale /= 2
         u, previous, current = candidate, current, value
-        if np.max(np.abs(scale * step)) < tol and abs(current - previous) < tol * (1 + abs(current)):
+        if np.max(np.abs(scale * step)) < tol and abs(current - previous) < tol * (
+            1 + abs(current)
+        ):
             return u, iteration
     log.warning("penalised IRLS did not converge in %d iterations", max_iter)
     return u, max_iter
 
 
 def _pirls_lme4(
-    design: Design, M: sp.csc_matrix, fixed_eta: np.ndarray, start_eta: np.ndarray, tol: float,
+    design: Design,
+    M: sp.csc_matrix,
+    fixed_eta: np.ndarray,
+    start_eta: np.ndarray,
+    tol: float,
     max_iter: int = 30,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """lme4's ``pwrssUpdate`` (uOnly): IRLS from ``start_eta`` until the penalised deviance
@@ -215,7 +228,9 @@ def laplace_loglik(
     """
     family = design.family
     if not family.glm:
-        raise ValueError("the Laplace check is for non-gaussian families; gaussian models have an exact likelihood")
+        raise ValueError(
+            "the Laplace check is for non-gaussian families; gaussian models have an exact likelihood"
+        )
     theta_v = np.asarray(list(theta.values()) if isinstance(theta, Mapping) else theta, dtype=float)
     beta_v = _as_vector(beta, design.fixed_terms, "beta")
     if n_agq > 1 and not (len(design.blocks) == 1 and design.blocks[0].n_terms == 1):
@@ -243,7 +258,7 @@ def laplace_loglik(
     mu = family.link.inverse(eta)
     pointwise = family.loglik(design.y, mu, design.trials)
     H = (M.T @ sp.diags(weight) @ M).toarray() + np.eye(M.shape[1])
-    sign, log_det_h = np.linalg.slogdet(H)
+    _sign, log_det_h = np.linalg.slogdet(H)
     conditional = float(np.sum(pointwise))
     penalty = float(0.5 * u @ u)
     if n_agq <= 1:
@@ -260,13 +275,20 @@ def laplace_loglik(
         iterations=iterations,
         n_agq=n_agq,
         saturated_loglik=float(
-            np.sum(family.loglik(design.y, family.saturated_mu(design.y, design.trials), design.trials))
+            np.sum(
+                family.loglik(design.y, family.saturated_mu(design.y, design.trials), design.trials)
+            )
         ),
     )
 
 
 def _agq(
-    design: Design, M: sp.csc_matrix, fixed_eta: np.ndarray, u_hat: np.ndarray, h: np.ndarray, n_agq: int
+    design: Design,
+    M: sp.csc_matrix,
+    fixed_eta: np.ndarray,
+    u_hat: np.ndarray,
+    h: np.ndarray,
+    n_agq: int,
 ) -> float:
     """Sum over groups of log  int prod_i p(y_i | u) phi(u) du, by adaptive Gauss-Hermite."""
     family = design.family
@@ -327,7 +349,12 @@ def maximise_laplace(
     def negative(params: np.ndarray) -> float:
         if lme4_start is not None:
             result = laplace_loglik(
-                design, params[:t], params[t:], n_agq=n_agq, lme4_start=lme4_start, lme4_tol=lme4_tol
+                design,
+                params[:t],
+                params[t:],
+                n_agq=n_agq,
+                lme4_start=lme4_start,
+                lme4_tol=lme4_tol,
             )
         else:
             result = laplace_loglik(
@@ -338,11 +365,20 @@ def maximise_laplace(
 
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower] + [(None, None)] * p
     start = np.concatenate([theta_start, beta_start])
-    best = optimize.minimize(negative, start, method="L-BFGS-B", bounds=bounds,
-                             options={"ftol": 1e-14, "gtol": 1e-9, "maxiter": 2000})
+    best = optimize.minimize(
+        negative,
+        start,
+        method="L-BFGS-B",
+        bounds=bounds,
+        options={"ftol": 1e-14, "gtol": 1e-9, "maxiter": 2000},
+    )
     # A derivative-free polish: L-BFGS-B's finite differences stop short of 1e-6 in beta.
-    best = optimize.minimize(negative, best.x, method="Nelder-Mead",
-                             options={"xatol": 1e-9, "fatol": 1e-12, "maxiter": 20000, "adaptive": True})
+    best = optimize.minimize(
+        negative,
+        best.x,
+        method="Nelder-Mead",
+        options={"xatol": 1e-9, "fatol": 1e-12, "maxiter": 20000, "adaptive": True},
+    )
     theta = np.array(best.x[:t])
     for i, lo in enumerate(lower):
         if lo == 0.0:

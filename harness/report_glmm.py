@@ -34,9 +34,7 @@ __all__ = ["glmm_equations", "glmm_new_group_table", "glmm_predictive_table", "g
 def glmm_response_label(design: Design) -> str:
     """Axis label: the observed proportion (binomial) or count (Poisson)."""
     if design.family.name == "binomial":
-        return f"proportion {design.response}" + (
-            "" if np.all(design.trials == 1) else " / trials"
-        )
+        return f"proportion {design.response}" + ("" if np.all(design.trials == 1) else " / trials")
     return f"{design.response} (count)"
 
 
@@ -192,7 +190,9 @@ def glmm_equations(design: Design, equations: dict[str, list[str]]) -> dict[str,
         dist_i = rf"{response}_i \sim \mathrm{{Poisson}}(\lambda_i)"
     matrix = list(equations["matrix"])
     matrix[0] = rf"${link}(\mathbf{{{mean}}}) = {offset}X\beta + Z\mathbf{{u}}$"
-    matrix[1] = rf"$\mathbf{{u}} \sim \mathrm{{Normal}}(\mathbf{{0}},\ G),\quad {dist_i}$ independently given $\mathbf{{u}}$"
+    matrix[1] = (
+        rf"$\mathbf{{u}} \sim \mathrm{{Normal}}(\mathbf{{0}},\ G),\quad {dist_i}$ independently given $\mathbf{{u}}$"
+    )
     varying = list(equations["varying"])
     varying[0] = f"${dist_i}$"
     varying[1] = varying[1].replace(r"$\mu_i = ", rf"${link}({mean}_i) = {offset_i}", 1)

@@ -142,11 +142,15 @@ def rank_draws(bayes: BayesFit, max_params: int = 12) -> pd.DataFrame:
     correlation matrix (its diagonal is constant), at most ``max_params``.
     """
     posterior = bayes.idata.posterior
-    names = ["beta"] + (["sigma"] if "sigma" in posterior else []) + [
-        str(v)
-        for v in posterior.data_vars
-        if str(v).startswith(("sd_", "corr_")) and not str(v).endswith("_log__")
-    ]
+    names = (
+        ["beta"]
+        + (["sigma"] if "sigma" in posterior else [])
+        + [
+            str(v)
+            for v in posterior.data_vars
+            if str(v).startswith(("sd_", "corr_")) and not str(v).endswith("_log__")
+        ]
+    )
     rows: list[pd.DataFrame] = []
     for name in names:
         array = posterior[name]

@@ -840,7 +840,12 @@ def same_model(
 
 
 def _glmm_same_model(
-    freq: Any, pymc_design: Design, engine: str, reasons: list[str], notes: list[str], started: float
+    freq: Any,
+    pymc_design: Design,
+    engine: str,
+    reasons: list[str],
+    notes: list[str],
+    started: float,
 ) -> SameModel:
     """``same_model`` for glmer fits: see :mod:`harness.same_model_glmm`."""
     from harness.same_model_glmm import glmm_same_model

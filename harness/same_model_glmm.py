@@ -53,7 +53,9 @@ def theta_names(design: Design) -> list[str]:
     return names
 
 
-def pymc_conditional_loglik(design: Design, theta: np.ndarray, beta: np.ndarray, u: np.ndarray) -> float | None:
+def pymc_conditional_loglik(
+    design: Design, theta: np.ndarray, beta: np.ndarray, u: np.ndarray
+) -> float | None:
     """log p(y | beta, random effects) from the PyMC model's own graph at the modes.
 
     Only for designs whose blocks are scalar or uncorrelated (the model's
@@ -78,7 +80,9 @@ def pymc_conditional_loglik(design: Design, theta: np.ndarray, beta: np.ndarray,
     return float(logp({k: point[k] for k in (v.name for v in model.value_vars)}))
 
 
-def glmm_same_model(freq: Any, pymc_design: Design, engine: str, reasons: list[str], notes: list[str]) -> dict[str, Any]:
+def glmm_same_model(
+    freq: Any, pymc_design: Design, engine: str, reasons: list[str], notes: list[str]
+) -> dict[str, Any]:
     """The GLMM identity and optimum checks; returns the fields of :class:`SameModel`."""
     started = time.perf_counter()
     design: Design = freq.design
@@ -88,17 +92,19 @@ def glmm_same_model(freq: Any, pymc_design: Design, engine: str, reasons: list[s
     lp0 = ml.get("lp0")
     tol = float(ml.get("tol_pwrss", 1e-7))
     if pymc_design.family.key != design.family.key:
-        reasons.append(
-            f"family: lme4 {design.family.key}, PyMC {pymc_design.family.key}"
-        )
+        reasons.append(f"family: lme4 {design.family.key}, PyMC {pymc_design.family.key}")
     if theta.size != theta_size(pymc_design) or pymc_design.fixed_terms != design.fixed_terms:
         reasons.append(
             "parameters: lme4 has fixed terms "
             f"{design.fixed_terms} and {theta.size} covariance parameters, the PyMC model "
             f"{pymc_design.fixed_terms} and {theta_size(pymc_design)}"
         )
-        return {"loglik_pymc": float("nan"), "loglik_pymc_max": float("nan"),
-                "estimates": pd.DataFrame(), "loglik_pymc_model": None}
+        return {
+            "loglik_pymc": float("nan"),
+            "loglik_pymc_max": float("nan"),
+            "estimates": pd.DataFrame(),
+            "loglik_pymc_model": None,
+        }
     at_ml = laplace_loglik(pymc_design, theta, beta, lme4_start=lp0, lme4_tol=tol)
     exact = laplace_loglik(pymc_design, theta, beta)
     loglik_lme4 = float(freq.loglik)
@@ -144,9 +150,18 @@ def glmm_same_model(freq: Any, pymc_design: Design, engine: str, reasons: list[s
             else:
                 tolerance = f"{THETA_RTOL:g} relative or {THETA_ATOL:g} absolute"
                 ok = diff <= max(THETA_RTOL * abs(a), THETA_ATOL)
-            rows.append({"parameter": name, "kind": kind, "lme4": a, "harness": b,
-                         "abs_diff": diff, "rel_diff": diff / abs(a) if a else np.nan,
-                         "tolerance": tolerance, "ok": bool(ok)})
+            rows.append(
+                {
+                    "parameter": name,
+                    "kind": kind,
+                    "lme4": a,
+                    "harness": b,
+                    "abs_diff": diff,
+                    "rel_diff": diff / abs(a) if a else np.nan,
+                    "tolerance": tolerance,
+                    "ok": bool(ok),
+                }
+            )
             if not ok:
                 reasons.append(
                     f"ML estimate of {name}: {engine} {a:.8g}, maximiser of the PyMC model's "
@@ -163,6 +178,8 @@ def glmm_same_model(freq: Any, pymc_design: Design, engine: str, reasons: list[s
         "loglik_pymc_max": float(optimum["loglik"]),
         "estimates": pd.DataFrame(rows),
         "loglik_pymc_model": model_loglik,
-        "optimizer": {"method": "L-BFGS-B then Nelder-Mead (scipy) on the Laplace likelihood",
-                      "message": optimum["message"]},
+        "optimizer": {
+            "method": "L-BFGS-B then Nelder-Mead (scipy) on the Laplace likelihood",
+            "message": optimum["message"],
+        },
     }

@@ -52,7 +52,9 @@ def test_cbind_response_reads_successes_and_trials():
 def test_cbind_with_a_failures_column_equals_trials_minus_successes():
     data, spec = hz.datasets.load("cbpp")
     data = data.assign(healthy=data["size"] - data["incidence"])
-    other = build_design(spec.with_(formula="cbind(incidence, healthy) ~ period + (1 | herd)"), data)
+    other = build_design(
+        spec.with_(formula="cbind(incidence, healthy) ~ period + (1 | herd)"), data
+    )
     design = build_design(spec, data)
     assert np.array_equal(other.trials, design.trials)
 
@@ -82,12 +84,18 @@ def test_gaussian_spec_key_unchanged():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda d: d.assign(incidence=d["incidence"].where(d.index != 3, -1)), "'incidence'.*negative"),
+        (
+            lambda d: d.assign(incidence=d["incidence"].where(d.index != 3, -1)),
+            "'incidence'.*negative",
+        ),
         (
             lambda d: d.assign(incidence=d["incidence"].astype(float).where(d.index != 3, 1.5)),
             "'incidence'.*whole",
         ),
-        (lambda d: d.assign(size=d["size"].where(d.index != 5, 0)), "'incidence' is larger than trials column 'size'"),
+        (
+            lambda d: d.assign(size=d["size"].where(d.index != 5, 0)),
+            "'incidence' is larger than trials column 'size'",
+        ),
     ],
 )
 def test_bad_binomial_counts_are_refused(change, message):
@@ -107,7 +115,7 @@ def test_binary_response_with_other_values_is_refused():
 def test_proportions_without_trials_are_refused():
     data, spec = hz.datasets.load("cbpp")
     data["share"] = data["incidence"] / data["size"]
-    with pytest.raises(ValueError, match="'share'.*Proportions need their trials"):
+    with pytest.raises(ValueError, match=r"'share'.*Proportions need their trials"):
         build_design(spec.with_(formula="share ~ period + (1 | herd)"), data)
 
 
@@ -133,7 +141,7 @@ def test_cbind_needs_the_binomial_family():
     data, spec = hz.datasets.load("cbpp")
     with pytest.raises(ValueError, match="family='binomial'"):
         build_design(spec.with_(family="gaussian"), data)
-    with pytest.raises(ValueError, match="cbind.*binomial response"):
+    with pytest.raises(ValueError, match=r"cbind.*binomial response"):
         build_design(spec.with_(family="poisson"), data)
 
 
@@ -191,8 +199,12 @@ def test_glmer_matches_r_and_laplace_identity(name):
     exact = laplace_loglik(fit.design, ml["theta"], ml["beta"])
     assert abs(exact.loglik - ref["loglik"]) < 5e-3
     modes = fit.ranef["mode"].to_numpy()
-    b = pd.Series(exact.b, index=[f"{f}:{lv}" for f, lv, _ in
-                                   [(c[0].factor, c[1], c[2]) for c in fit.design.Z_columns()]])
+    b = pd.Series(
+        exact.b,
+        index=[
+            f"{f}:{lv}" for f, lv, _ in [(c[0].factor, c[1], c[2]) for c in fit.design.Z_columns()]
+        ],
+    )
     lme4_modes = pd.Series(modes, index=fit.ranef["group_factor"] + ":" + fit.ranef["group"])
     assert np.max(np.abs(b[lme4_modes.index].to_numpy() - lme4_modes.to_numpy())) < 1e-3
 

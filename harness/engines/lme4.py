@@ -413,7 +413,9 @@ def fit_lme4(
         converged=bool(info["converged"]),
         messages=messages,
         versions=versions,
-        r_call=_glmer_call_text(design) if design.family.glm else _r_call_text(design, reml, pieces),
+        r_call=_glmer_call_text(design)
+        if design.family.glm
+        else _r_call_text(design, reml, pieces),
         fit_seconds=elapsed,
         ml_estimates=ml,
         df_method=str(info["df_method"]),
@@ -426,9 +428,7 @@ def fit_lme4(
 def _fit_glmer(design: Design, frame: Any, formula: str, n_agq: int = 1) -> dict[str, Any]:
     """``lme4::glmer`` on the design's data; family and link are names from a fixed table."""
     family, link = design.family.r_family()
-    return _from_r(
-        _call("harness_fit_glmer", frame, formula, family, link, nAGQ=int(n_agq))
-    )
+    return _from_r(_call("harness_fit_glmer", frame, formula, family, link, nAGQ=int(n_agq)))
 
 
 def _glmer_call_text(design: Design) -> str:
