@@ -242,7 +242,9 @@ def _lme4_key_parts(design: Design, spec: ModelSpec, settings: FitSettings) -> d
         "data": design.data_hash(),
         "spec": spec.key(),
         "settings": settings.lme4_part(),
-        "code": _source_hash("engines/lme4.py", "spec.py", "r_scripts/fit.R"),
+        "code": _source_hash(
+            "engines/lme4.py", "spec.py", "r_scripts/fit.R", "r_scripts/glmm.R", "family.py"
+        ),
     }
 
 
@@ -258,7 +260,7 @@ def _pymc_key_parts(
         "settings": settings.pymc_part(),
         "seed": int(seed),
         "versions": {k: py[k] for k in _PY_PACKAGES},
-        "code": _source_hash("engines/pymc.py", "priors.py", "spec.py"),
+        "code": _source_hash("engines/pymc.py", "priors.py", "spec.py", "family.py"),
     }
 
 
@@ -476,7 +478,14 @@ def _same_model_cached(
             "lme4": lme4_key,
             "versions": {k: py[k] for k in _PY_PACKAGES},
             "code": _source_hash(
-                "same_model.py", "marginal.py", "engines/pymc.py", "priors.py", "spec.py"
+                "same_model.py",
+                "marginal.py",
+                "engines/pymc.py",
+                "priors.py",
+                "spec.py",
+                "same_model_glmm.py",
+                "laplace.py",
+                "family.py",
             ),
         }
     )
@@ -563,7 +572,7 @@ def figures_key(result: DesignResult) -> str:
             "compare": result.keys.get("compare"),
             "same_model": result.keys.get("same_model"),
             "name": result.name,
-            "code": _source_hash("plots.py", "report_tables.py", "report.py"),
+            "code": _source_hash("plots.py", "report_tables.py", "report.py", "report_glmm.py"),
         }
     )
 
