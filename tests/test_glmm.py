@@ -263,3 +263,33 @@ def test_cbpp_sampling_with_nutpie_compares():
     fixed = comparison.fixed.set_index("term")
     assert np.all(np.abs(fixed["diff_in_se"]) < 0.5)
     assert "sigma" not in set(comparison.variance["kind"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--family", "gamma"], "unknown family 'gamma'"),
+        (["--family", "poisson"], "cbind"),
+        (["--family", "binomial", "--link", "log"], "link 'log' is not available"),
+    ],
+)
+def test_compare_command_refuses_bad_family_before_fitting(tmp_path, capsys, extra, message):
+    from harness.cli import main
+
+    data, spec = hz.datasets.load("cbpp")
+    csv = tmp_path / "cbpp.csv"
+    data.to_csv(csv, index=False)
+    out = tmp_path / "report.html"
+    argv = ["compare", str(csv), "--formula", spec.formula, "--out", str(out), *extra]
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_compare_command_parses_family():
+    from harness.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["compare", "x.csv", "--formula", "y ~ (1 | g)", "--family", "binomial", "--link", "probit"]
+    )
+    assert (args.family, args.link) == ("binomial", "probit")
