@@ -533,7 +533,7 @@ def _compare_cached(
             "kind": "compare",
             "lme4": lme4_key,
             "pymc": pymc_key,
-            "code": _source_hash("compare.py", "align.py"),
+            "code": _source_hash("compare.py", "align.py", "compare_glmm.py", "laplace.py"),
         }
     )
     if not refit:

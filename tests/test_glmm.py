@@ -293,3 +293,21 @@ def test_compare_command_parses_family():
         ["compare", "x.csv", "--formula", "y ~ (1 | g)", "--family", "binomial", "--link", "probit"]
     )
     assert (args.family, args.link) == ("binomial", "probit")
+
+
+@pytest.mark.r
+def test_laplace_accuracy_note_uses_quadrature_ml():
+    from harness.compare_glmm import explain_glmm_gaps, laplace_accuracy
+
+    data, spec = load("cbpp")
+    freq = hz.fit_lme4(spec, data, n_sims=0)
+    accuracy = laplace_accuracy(freq)
+    ref = MODELS["cbpp"]["agq"]
+    # 25-point quadrature ML against glmer's nAGQ = 10 ML (quadrature converged by 10 points).
+    assert accuracy["agq_theta"][0] == pytest.approx(ref["theta"]["herd.(Intercept)"], abs=1e-3)
+    for term, value in ref["fixed"].items():
+        assert accuracy["agq_beta"][term] == pytest.approx(value, abs=1e-3)
+    variance = freq.variance.assign(note="")
+    explained, notes = explain_glmm_gaps(freq, variance)
+    assert any("quadrature" in n for n in notes)
+    assert "quadrature" in explained.loc[0, "note"]
