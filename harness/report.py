@@ -546,6 +546,8 @@ def report_context(result: DesignResult, figures: Mapping[str, Any]) -> dict[str
         "description": result.description,
         "formula": result.spec.formula,
         "sigma_by": result.spec.sigma_by,
+        # GLMM hook (issue 12): the family and the model form the headings name
+        "family": result.design.family.key if result.design.family.glm else "",
         "verdict": result.verdict,
         "counts": _verdict_counts(verdict_rows),
         "verdict_rows": verdict_rows,

@@ -97,7 +97,11 @@ def glmm_predictive_table(
             "row": np.arange(design.n),
             "group_factor": factor,
             "group": [block.levels[i] for i in block.group_index],
-            "x": design.data[x].to_numpy(float) if x else np.arange(design.n, dtype=float),
+            # Without a numeric predictor: the row's position within its group.
+            "x": design.data[x].to_numpy(float)
+            if x
+            else pd.Series(block.group_index).groupby(block.group_index).cumcount().to_numpy(float)
+            + 1,
             "y": _observed(design),
             "lme4_fit": _to_response(design, eta_hat),
             "pymc_mu": mean.mean(axis=0),
@@ -149,17 +153,18 @@ def glmm_new_group_table(
         pymc = pymc + u @ Zb.T
     inverse = design.family.link.inverse
     lme4_sd = np.sqrt(lme4_var)
-    labels = [
-        ", ".join(
-            f"{t}={v:g}" for t, v in zip(design.fixed_terms, row, strict=True) if t != "(Intercept)"
-        )
-        or "new group"
-        for row in X
-    ]
-    what = "probability" if design.family.name == "binomial" else "rate (per unit exposure)"
+    # Short labels: the non-zero covariates of each profile (dummy codes read "period2").
+    labels = []
+    for row in X:
+        parts = [
+            t if v == 1 else f"{t}={v:g}"
+            for t, v in zip(design.fixed_terms, row, strict=True)
+            if t != "(Intercept)" and v != 0
+        ]
+        labels.append(", ".join(parts) or "reference")
     return pd.DataFrame(
         {
-            "profile": [f"{label}: {what}" for label in labels],
+            "profile": labels,
             "x": np.arange(len(profiles), dtype=float),
             "sigma_level": "",
             "lme4_mean": inverse(lme4_eta),
@@ -200,3 +205,34 @@ def glmm_equations(design: Design, equations: dict[str, list[str]]) -> dict[str,
     varying = [re.sub(r",\\quad \\sigma \\sim [^,$]*(?:\([^)]*\))?", "", line) for line in varying]
     varying = [re.sub(r"\$\\sigma \\sim [^$]*\$", "", line) for line in varying]
     return {"matrix": matrix, "varying": [line for line in varying if line.strip("$ ")]}
+
+
+def unpooled_glm(
+    design: Design, mask: np.ndarray, Zg: np.ndarray, fixed_eta: np.ndarray
+) -> np.ndarray:
+    """One group's own GLM fit (no pooling) on the link scale, by Fisher scoring.
+
+    ``fixed_eta`` holds the group's rows of the fixed part kept at lme4's
+    estimates (and the offset is added here).  A group whose data separate
+    (all successes, no events) has no finite estimate: NaN, and the
+    shrinkage note counts it with the groups that cannot be fitted alone.
+    """
+    family = design.family
+    y = design.y[mask]
+    trials = design.trials[mask] if design.trials is not None else None
+    base = fixed_eta + (design.offset[mask] if design.offset is not None else 0.0)
+    coef = np.zeros(Zg.shape[1])
+    for _ in range(100):
+        eta = base + Zg @ coef
+        score, weight = family.score_weights(y, eta, trials)
+        info = Zg.T @ (weight[:, None] * Zg)
+        try:
+            step = np.linalg.solve(info, Zg.T @ score)
+        except np.linalg.LinAlgError:
+            return np.full(Zg.shape[1], np.nan)
+        coef = coef + step
+        if not np.all(np.isfinite(coef)) or np.max(np.abs(coef)) > 30:
+            return np.full(Zg.shape[1], np.nan)  # separation: the estimate runs off to infinity
+        if np.max(np.abs(step)) < 1e-10:
+            return coef
+    return np.full(Zg.shape[1], np.nan)

@@ -289,16 +289,24 @@ def shrinkage(cmp: Comparison, coefs: pd.DataFrame, design: Design) -> list[Shri
     for factor in dict.fromkeys(b.factor for b in design.blocks):
         terms, values, index, levels = _factor_columns(design, factor)
         rest = [t for t in design.fixed_terms if t not in terms]
-        y = design.y - (
-            design.X[rest].to_numpy(float) @ np.array([beta_hat[t] for t in rest]) if rest else 0.0
+        fixed_rest = (
+            design.X[rest].to_numpy(float) @ np.array([beta_hat[t] for t in rest])
+            if rest
+            else np.zeros(design.n)
         )
+        y = design.y - fixed_rest
         rows: list[dict[str, Any]] = []
         skipped = 0
         for g, level in enumerate(levels):
             mask = index == g
             Zg, yg = values[mask], y[mask]
             ok = mask.sum() > len(terms) and np.linalg.matrix_rank(Zg) == len(terms)
-            if ok:
+            if ok and design.family.glm:  # GLMM hook (issue 12): per-group GLM, link scale
+                from harness.report_glmm import unpooled_glm
+
+                estimate = unpooled_glm(design, mask, Zg, fixed_rest[mask])
+                skipped += int(not np.all(np.isfinite(estimate)))
+            elif ok:
                 estimate = np.linalg.lstsq(Zg, yg, rcond=None)[0]
             else:
                 skipped += 1
