@@ -7,6 +7,7 @@ References: tests/reference/glmm_lme4.json, written by tests/reference/glmm_lme4
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +312,24 @@ def test_laplace_accuracy_note_uses_quadrature_ml():
     explained, notes = explain_glmm_gaps(freq, variance)
     assert any("quadrature" in n for n in notes)
     assert "quadrature" in explained.loc[0, "note"]
+
+
+@pytest.mark.parametrize("name", ["cbpp", "cbpp_probit", "insurance", "verbagg60"])
+def test_glmm_equations_typeset_without_sigma(name):
+    from matplotlib.mathtext import MathTextParser
+
+    from harness.priors import resolve_priors
+    from harness.report import model_equations
+    from harness.report_glmm import glmm_equations
+
+    data, spec = load(name)
+    design = build_design(spec, data)
+    equations = glmm_equations(design, model_equations(design, resolve_priors(design)))
+    parser = MathTextParser("path")
+    text = " ".join(line for lines in equations.values() for line in lines)
+    for math in re.findall(r"\$[^$]+\$", text):
+        parser.parse(math)
+    assert r"\sigma" not in text and r"\varepsilon" not in text
+    link = {"logit": r"\mathrm{logit}", "probit": r"\Phi^{-1}", "log": r"\log"}[spec.link]
+    assert equations["matrix"][0].startswith(f"${link}(")
+    assert ("o_i" in text) == (name == "insurance")
