@@ -10,7 +10,8 @@ harness_glm_family <- function(family_name, link) {
   makers[[family_name]](link = link)
 }
 
-harness_fit_glmer <- function(data, formula, family_name, link, nAGQ = 1L, level = 0.95) {
+harness_fit_glmer <- function(data, formula, family_name, link, nAGQ = 1L, profile = FALSE,
+                              level = 0.95) {
   formula <- as.formula(formula, env = globalenv())
   fam <- harness_glm_family(family_name, link)
   started <- proc.time()[["elapsed"]]
@@ -50,6 +51,25 @@ harness_fit_glmer <- function(data, formula, family_name, link, nAGQ = 1L, level
     ci_method = NA_character_,
     stringsAsFactors = FALSE
   )
+
+  # Profile-likelihood intervals for the SDs (and correlations) only: parm = "theta_"
+  # keeps the cost to one profile per covariance parameter.
+  if (isTRUE(profile)) {
+    prof <- harness_capture(tryCatch(
+      confint(fit, parm = "theta_", method = "profile", oldNames = FALSE, level = level),
+      error = function(e) { notes <<- c(notes, paste("profile CI failed:", conditionMessage(e))); NULL }
+    ))
+    notes <- c(notes, prof$notes)
+    ci <- prof$value
+    if (!is.null(ci)) {
+      pname <- ifelse(variance$kind == "sd", sprintf("sd_%s|%s", variance$term, variance$group_factor),
+                      sprintf("cor_%s.%s|%s", variance$term2, variance$term, variance$group_factor))
+      hit <- match(pname, rownames(ci))
+      variance$lower <- ci[hit, 1]
+      variance$upper <- ci[hit, 2]
+      variance$ci_method[!is.na(hit)] <- "profile"
+    }
+  }
 
   # Conditional modes and conditional SDs on the link scale.
   re <- as.data.frame(ranef(fit, condVar = TRUE))

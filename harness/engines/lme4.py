@@ -341,7 +341,7 @@ def fit_lme4(
     frame = to_r_frame(design.data)
     pieces = None
     if design.family.glm:  # GLMM hook (issue 12): glmer, see r_scripts/glmm.R
-        result = _fit_glmer(design, frame, spec.formula)
+        result = _fit_glmer(design, frame, spec.formula, profile=profile)
         ml = {
             "beta": result["ml_beta"],
             "theta": result["ml_theta"],
@@ -425,10 +425,14 @@ def fit_lme4(
     return fit
 
 
-def _fit_glmer(design: Design, frame: Any, formula: str, n_agq: int = 1) -> dict[str, Any]:
+def _fit_glmer(
+    design: Design, frame: Any, formula: str, n_agq: int = 1, profile: bool = False
+) -> dict[str, Any]:
     """``lme4::glmer`` on the design's data; family and link are names from a fixed table."""
     family, link = design.family.r_family()
-    return _from_r(_call("harness_fit_glmer", frame, formula, family, link, nAGQ=int(n_agq)))
+    return _from_r(
+        _call("harness_fit_glmer", frame, formula, family, link, nAGQ=int(n_agq), profile=profile)
+    )
 
 
 def _glmer_call_text(design: Design) -> str:

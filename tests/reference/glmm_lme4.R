@@ -5,7 +5,8 @@
 #    (Poisson with an exposure offset) and the first 60 respondents of lme4's VerbAgg
 #    (binary response, crossed respondent x item).
 # 2. Reads each CSV back with read.csv (as a user would) and fits glmer (Laplace, lme4's
-#    defaults), plus adaptive Gauss-Hermite quadrature (nAGQ = 10) for cbpp.
+#    defaults), plus adaptive Gauss-Hermite quadrature (nAGQ = 10) and profile intervals
+#    for the SD for cbpp.
 # 3. Writes the estimates to tests/reference/glmm_lme4.json with the date and versions.
 #
 # Run from the repository root:  Rscript tests/reference/glmm_lme4.R
@@ -80,6 +81,11 @@ for (name in names(models)) {
     variance = as.list(setNames(vc$sdcor, sprintf("%s: sd(%s)", vc$grp, vc$var1))),
     singular = isSingular(fit)
   )
+  if (name == "cbpp") {
+    ci <- confint(fit, parm = "theta_", method = "profile", oldNames = FALSE)
+    entry$profile <- list(lower = named(setNames(ci[, 1], rownames(ci))),
+                          upper = named(setNames(ci[, 2], rownames(ci))))
+  }
   if (m$agq > 0) {
     agq <- glmer(as.formula(m$formula), data = data, family = fam, nAGQ = m$agq)
     entry$agq <- list(nAGQ = m$agq, loglik = as.numeric(logLik(agq)), fixed = named(fixef(agq)),
