@@ -474,14 +474,14 @@ def _check_response(frame: pd.DataFrame, response: str) -> None:
         kind = "logical (TRUE/FALSE)" if pd.api.types.is_bool_dtype(values) else "categorical"
         raise ValueError(
             f"response {response!r} must be numeric; it is {kind}. A binary or categorical "
-            "response needs a non-gaussian family (glmer), which the harness does not fit"
+            "response needs a non-gaussian family: fit it with family='binomial' (glmer)"
         )
     if not pd.api.types.is_numeric_dtype(values):
         examples = [str(v) for v in values.dropna().unique()[:3]]
         raise ValueError(
             f"response {response!r} must be numeric; it has dtype {values.dtype} "
-            f"(values such as {examples}). The harness fits gaussian models only; a "
-            "categorical response needs a non-gaussian family"
+            f"(values such as {examples}). A gaussian model needs a numeric response; a "
+            "two-level categorical response needs a non-gaussian family (family='binomial')"
         )
 
 
@@ -555,7 +555,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     elif frame[response].nunique() == 2:
         notes.append(
             f"response {response!r} takes only two values: a gaussian (linear probability) "
-            "model is fitted; a binomial model is outside the harness's scope"
+            "model is fitted; family='binomial' fits the binomial (glmer) model instead"
         )
 
     # Grouping factors, text and logical predictors become R-style factors.
