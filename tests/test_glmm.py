@@ -150,7 +150,7 @@ def test_pymc_model_likelihood_is_the_family_loglik():
     """The observed node of build_model's graph equals Family.loglik (binomial + Poisson offset)."""
     from harness.same_model_glmm import pymc_conditional_loglik
 
-    for name in ("cbpp", "insurance"):
+    for name in ("cbpp", "cbpp_probit", "insurance", "verbagg60"):
         data, spec = load(name)
         design = build_design(spec, data)
         rng = np.random.default_rng(1)
