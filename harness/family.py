@@ -33,6 +33,7 @@ __all__ = [
     "GlmResponse",
     "Link",
     "Poisson",
+    "fit_glm",
     "get_family",
     "glm_response",
 ]
@@ -502,3 +503,33 @@ def get_family(name: str | Family, link: str | None = None) -> Family:
     if not isinstance(name, str) or name not in FAMILIES:
         raise ValueError(f"unknown family {name!r}; choose one of {sorted(FAMILIES)}")
     return FAMILIES[name](link)
+
+
+def fit_glm(
+    family: Family,
+    y: np.ndarray,
+    X: np.ndarray,
+    trials: np.ndarray | None = None,
+    offset: np.ndarray | float = 0.0,
+) -> np.ndarray:
+    """Maximum-likelihood GLM coefficients by Fisher scoring (NaN where none is finite).
+
+    Used for the no-pooling fits of the shrinkage plot: one group's own data,
+    with the fixed part kept at lme4's estimates passed as ``offset``.  Data
+    that separate (all successes, no events) have no finite estimate: NaN.
+    """
+    coef = np.zeros(X.shape[1])
+    for _ in range(100):
+        eta = offset + X @ coef
+        score, weight = family.score_weights(y, eta, trials)
+        info = X.T @ (weight[:, None] * X)
+        try:
+            step = np.linalg.solve(info, X.T @ score)
+        except np.linalg.LinAlgError:
+            return np.full(X.shape[1], np.nan)
+        coef = coef + step
+        if not np.all(np.isfinite(coef)) or np.max(np.abs(coef)) > 30:
+            return np.full(X.shape[1], np.nan)  # separation: the estimate runs off to infinity
+        if np.max(np.abs(step)) < 1e-10:
+            return coef
+    return np.full(X.shape[1], np.nan)

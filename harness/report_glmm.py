@@ -205,34 +205,3 @@ def glmm_equations(design: Design, equations: dict[str, list[str]]) -> dict[str,
     varying = [re.sub(r",\\quad \\sigma \\sim [^,$]*(?:\([^)]*\))?", "", line) for line in varying]
     varying = [re.sub(r"\$\\sigma \\sim [^$]*\$", "", line) for line in varying]
     return {"matrix": matrix, "varying": [line for line in varying if line.strip("$ ")]}
-
-
-def unpooled_glm(
-    design: Design, mask: np.ndarray, Zg: np.ndarray, fixed_eta: np.ndarray
-) -> np.ndarray:
-    """One group's own GLM fit (no pooling) on the link scale, by Fisher scoring.
-
-    ``fixed_eta`` holds the group's rows of the fixed part kept at lme4's
-    estimates (and the offset is added here).  A group whose data separate
-    (all successes, no events) has no finite estimate: NaN, and the
-    shrinkage note counts it with the groups that cannot be fitted alone.
-    """
-    family = design.family
-    y = design.y[mask]
-    trials = design.trials[mask] if design.trials is not None else None
-    base = fixed_eta + (design.offset[mask] if design.offset is not None else 0.0)
-    coef = np.zeros(Zg.shape[1])
-    for _ in range(100):
-        eta = base + Zg @ coef
-        score, weight = family.score_weights(y, eta, trials)
-        info = Zg.T @ (weight[:, None] * Zg)
-        try:
-            step = np.linalg.solve(info, Zg.T @ score)
-        except np.linalg.LinAlgError:
-            return np.full(Zg.shape[1], np.nan)
-        coef = coef + step
-        if not np.all(np.isfinite(coef)) or np.max(np.abs(coef)) > 30:
-            return np.full(Zg.shape[1], np.nan)  # separation: the estimate runs off to infinity
-        if np.max(np.abs(step)) < 1e-10:
-            return coef
-    return np.full(Zg.shape[1], np.nan)

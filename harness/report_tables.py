@@ -302,9 +302,13 @@ def shrinkage(cmp: Comparison, coefs: pd.DataFrame, design: Design) -> list[Shri
             Zg, yg = values[mask], y[mask]
             ok = mask.sum() > len(terms) and np.linalg.matrix_rank(Zg) == len(terms)
             if ok and design.family.glm:  # GLMM hook (issue 12): per-group GLM, link scale
-                from harness.report_glmm import unpooled_glm
+                from harness.family import fit_glm
 
-                estimate = unpooled_glm(design, mask, Zg, fixed_rest[mask])
+                trials = design.trials[mask] if design.trials is not None else None
+                offset = fixed_rest[mask] + (
+                    design.offset[mask] if design.offset is not None else 0.0
+                )
+                estimate = fit_glm(design.family, design.y[mask], Zg, trials, offset)
                 skipped += int(not np.all(np.isfinite(estimate)))
             elif ok:
                 estimate = np.linalg.lstsq(Zg, yg, rcond=None)[0]
