@@ -226,8 +226,9 @@ def test_adaptive_quadrature_matches_glmer_nagq10():
 
 
 @pytest.mark.r
-def test_same_model_cbpp_passes_all_levels():
-    data, spec = hz.datasets.load("cbpp")
+@pytest.mark.parametrize("name", list(MODELS))
+def test_same_model_passes_all_levels(name):
+    data, spec = load(name)
     result = hz.same_model(spec, data)
     assert result.ok, result.reasons
     assert abs(result.difference) < 1e-6
