@@ -208,7 +208,7 @@ def _openblas_available() -> bool:
 def cases() -> dict[str, dict[str, Any]]:
     """name -> {call: (function, args), env: extra environment, note: what it shows}."""
     found: dict[str, dict[str, Any]] = {}
-    for name in ("sleepstudy", "cafe", "partially_clustered", "partially_clustered_hetero"):
+    for name in ("sleepstudy", "cafe", "partially_clustered", "partially_clustered_hetero", "cbpp"):
         found[f"design:{name}"] = {"call": ("case_design", [name]), "note": "shipped design"}
     for groups in (20, 200, 2000):
         found[f"groups:{groups}x10"] = {

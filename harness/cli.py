@@ -60,6 +60,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--formula", required=True, help='lme4 formula, e.g. "y ~ x + (x | g)"')
     p.add_argument("--sigma-by", default=None, help="column with one residual SD per level")
     p.add_argument("--priors", default="weak", help="prior profile: weak, m14.1 or flat")
+    # GLMM hook (issue 12)
+    p.add_argument(
+        "--family", default="gaussian", help="response family: gaussian, binomial or poisson"
+    )
+    p.add_argument("--link", default=None, help="link (binomial: logit or probit)")
     p.add_argument("--out", type=Path, default=None, help="report file (HTML)")
     p.add_argument("--json", type=Path, default=None, help="write the tables as JSON here")
     p.add_argument("--seed", type=_seed, default=1, help="PyMC seed")

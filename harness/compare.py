@@ -728,6 +728,11 @@ def compare(
     -------
     Comparison
     """
+    if freq.spec.family != bayes.spec.family or freq.spec.link != bayes.spec.link:
+        raise ValueError(  # GLMM hook (issue 12)
+            f"fits are of different families: lme4 {freq.design.family.key}, "
+            f"PyMC {bayes.design.family.key}"
+        )
     if freq.spec.formula != bayes.spec.formula or freq.spec.sigma_by != bayes.spec.sigma_by:
         raise ValueError(
             f"fits are of different models: lme4 {freq.spec.formula!r} (sigma_by="
@@ -749,6 +754,13 @@ def compare(
         notes.append(
             f"{sampler_stats['divergences']} divergent transitions: PyMC summaries are unreliable"
         )
+    uncertainty = UNCERTAINTY_SOURCES.copy()
+    if freq.design.family.glm:  # GLMM hook (issue 12): glmer's likelihood is an approximation
+        from harness.compare_glmm import GLMM_UNCERTAINTY, explain_glmm_gaps
+
+        variance, glmm_notes = explain_glmm_gaps(freq, variance)
+        notes.extend(glmm_notes)
+        uncertainty = GLMM_UNCERTAINTY.copy()
     return Comparison(
         fixed=fixed,
         variance=variance,
@@ -756,7 +768,7 @@ def compare(
         agreement=agreement,
         diagnostics=diagnostics,
         sampler_stats=sampler_stats,
-        uncertainty=UNCERTAINTY_SOURCES.copy(),
+        uncertainty=uncertainty,
         freq=freq,
         bayes=bayes,
         notes=notes,

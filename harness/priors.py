@@ -28,6 +28,8 @@ class ResolvedPriors:
     lkj_eta: float = 1.0
     profile: str = "weak"
     notes: list[str] = field(default_factory=list)
+    #: False for binomial / Poisson models (issue 12): no residual SD.
+    has_sigma: bool = True
 
     def structure(self) -> str:
         """Families only (parameter values enter the model as data)."""
@@ -41,7 +43,8 @@ class ResolvedPriors:
             {"parameter": f"sd[{label}: {t}]", "prior": p.describe()}
             for (label, t), p in self.sd.items()
         ]
-        rows.append({"parameter": "sigma", "prior": self.sigma.describe()})
+        if self.has_sigma:
+            rows.append({"parameter": "sigma", "prior": self.sigma.describe()})
         rows.append({"parameter": "correlations", "prior": f"LKJ(eta={self.lkj_eta:g})"})
         return rows
 
@@ -67,6 +70,8 @@ def resolve_priors(design: Design) -> ResolvedPriors:
     y = design.y
     sy = float(np.std(y)) or 1.0
     ybar = float(np.mean(y))
+    if design.family.glm:  # GLMM hook (issue 12): unit scale on the link, centred intercept
+        ybar, sy = design.family.prior_centre_scale(y, design.trials)
     fixed: dict[str, Prior] = {}
     sd: dict[tuple[str, str], Prior] = {}
     if profile == "weak":
@@ -139,4 +144,11 @@ def resolve_priors(design: Design) -> ResolvedPriors:
                 f"prior override {key!r} names no parameter; known: {list(fixed)} + "
                 "['sd', 'sd:<factor>:<term>', 'sigma', 'lkj_eta']"
             )
-    return ResolvedPriors(fixed=fixed, sd=sd, sigma=sigma, lkj_eta=eta, profile=profile)
+    return ResolvedPriors(
+        fixed=fixed,
+        sd=sd,
+        sigma=sigma,
+        lkj_eta=eta,
+        profile=profile,
+        has_sigma=design.family.has_scale,
+    )

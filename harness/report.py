@@ -242,9 +242,10 @@ def model_equations(design: Design, priors: Any | None = None) -> dict[str, list
             priors_lines.append(
                 rf"\tau_{{{_mt(label)},{block.terms.index(term)}}} \sim {_prior_mt(prior.describe())}"
             )
-        priors_lines.append(
-            rf"{sigma_i.replace('[i]', '')} \sim {_prior_mt(priors.sigma.describe())}"
-        )
+        if getattr(priors, "has_sigma", True):  # no residual SD in a GLMM (issue 12)
+            priors_lines.append(
+                rf"{sigma_i.replace('[i]', '')} \sim {_prior_mt(priors.sigma.describe())}"
+            )
         if any(b.correlated and b.n_terms > 1 for b in design.blocks):
             priors_lines.append(rf"R \sim \mathrm{{LKJ}}({priors.lkj_eta:g})")
         for start in range(0, len(priors_lines), 3):
@@ -294,6 +295,9 @@ def render_figures(result: DesignResult) -> dict[str, Any]:
     for row in result.freq.variance.to_dict("records"):
         if row["kind"] == "sd" and isinstance(row.get("term"), str):
             var_units[row["component"]] = unit_of.get(row["term"], "")
+    if design.family.glm:  # GLMM hook (issue 12): coefficients are on the link scale
+        unit_of = dict.fromkeys(unit_of, design.family.scale_name)
+        var_units = dict.fromkeys(var_units, design.family.scale_name)
     out: dict[str, Any] = {}
     factors = list(dict.fromkeys(b.factor for b in design.blocks))
     y_label = rt.response_label(design)
@@ -359,6 +363,11 @@ def render_figures(result: DesignResult) -> dict[str, Any]:
         )
     ]
     equations = model_equations(design, bayes.priors)
+    if design.family.glm:  # GLMM hook (issue 12): link-scale forms, see harness/report_glmm.py
+        from harness import report_glmm
+
+        equations = report_glmm.glmm_equations(design, equations)
+        y_label = report_glmm.glmm_response_label(design)
     for name, lines in equations.items():
         try:
             out[f"eq_{name}"] = [_image(plots.equations(lines), " ; ".join(lines), fmt_="svg")]
@@ -366,7 +375,9 @@ def render_figures(result: DesignResult) -> dict[str, Any]:
             log.warning("mathtext could not render the %s equations (%s); showing text", name, err)
             out[f"eq_{name}"] = [_note("\n".join(lines))]
     out["equation_legend"] = equation_legend(design)
-    pred = rt.predictive_table(cmp, bayes, design, seed=result.seed)
+    glmm = design.family.glm  # GLMM hook (issue 12)
+    predictive = report_glmm.glmm_predictive_table if glmm else rt.predictive_table
+    pred = predictive(cmp, bayes, design, seed=result.seed)
     x = rt.x_column(design)
     out["predictive"] = [
         _image(
@@ -374,7 +385,9 @@ def render_figures(result: DesignResult) -> dict[str, Any]:
             "Observed data per group with both engines' fitted values",
         )
     ]
-    new_group = rt.new_group_table(cmp, bayes, design, seed=result.seed)
+    new_group = (report_glmm.glmm_new_group_table if glmm else rt.new_group_table)(
+        cmp, bayes, design, seed=result.seed
+    )
     out["new_group"] = [
         _image(
             plots.new_group_plot(new_group, y_label, engine=result.freq.engine),
@@ -543,6 +556,8 @@ def report_context(result: DesignResult, figures: Mapping[str, Any]) -> dict[str
         "description": result.description,
         "formula": result.spec.formula,
         "sigma_by": result.spec.sigma_by,
+        # GLMM hook (issue 12): the family and the model form the headings name
+        "family": result.design.family.key if result.design.family.glm else "",
         "verdict": result.verdict,
         "counts": _verdict_counts(verdict_rows),
         "verdict_rows": verdict_rows,

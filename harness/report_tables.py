@@ -142,11 +142,15 @@ def rank_draws(bayes: BayesFit, max_params: int = 12) -> pd.DataFrame:
     correlation matrix (its diagonal is constant), at most ``max_params``.
     """
     posterior = bayes.idata.posterior
-    names = ["beta", "sigma"] + [
-        str(v)
-        for v in posterior.data_vars
-        if str(v).startswith(("sd_", "corr_")) and not str(v).endswith("_log__")
-    ]
+    names = (
+        ["beta"]
+        + (["sigma"] if "sigma" in posterior else [])
+        + [
+            str(v)
+            for v in posterior.data_vars
+            if str(v).startswith(("sd_", "corr_")) and not str(v).endswith("_log__")
+        ]
+    )
     rows: list[pd.DataFrame] = []
     for name in names:
         array = posterior[name]
@@ -285,16 +289,28 @@ def shrinkage(cmp: Comparison, coefs: pd.DataFrame, design: Design) -> list[Shri
     for factor in dict.fromkeys(b.factor for b in design.blocks):
         terms, values, index, levels = _factor_columns(design, factor)
         rest = [t for t in design.fixed_terms if t not in terms]
-        y = design.y - (
-            design.X[rest].to_numpy(float) @ np.array([beta_hat[t] for t in rest]) if rest else 0.0
+        fixed_rest = (
+            design.X[rest].to_numpy(float) @ np.array([beta_hat[t] for t in rest])
+            if rest
+            else np.zeros(design.n)
         )
+        y = design.y - fixed_rest
         rows: list[dict[str, Any]] = []
         skipped = 0
         for g, level in enumerate(levels):
             mask = index == g
             Zg, yg = values[mask], y[mask]
             ok = mask.sum() > len(terms) and np.linalg.matrix_rank(Zg) == len(terms)
-            if ok:
+            if ok and design.family.glm:  # GLMM hook (issue 12): per-group GLM, link scale
+                from harness.family import fit_glm
+
+                trials = design.trials[mask] if design.trials is not None else None
+                offset = fixed_rest[mask] + (
+                    design.offset[mask] if design.offset is not None else 0.0
+                )
+                estimate = fit_glm(design.family, design.y[mask], Zg, trials, offset)
+                skipped += int(not np.all(np.isfinite(estimate)))
+            elif ok:
                 estimate = np.linalg.lstsq(Zg, yg, rcond=None)[0]
             else:
                 skipped += 1

@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("harness")
 
 #: The designs ``harness report all`` writes, in index order.
-REPORT_DESIGNS = ("cafe", "sleepstudy", "partially_clustered", "partially_clustered_hetero")
+REPORT_DESIGNS = ("cafe", "sleepstudy", "partially_clustered", "partially_clustered_hetero", "cbpp")
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -198,7 +198,9 @@ def _lme4_key_parts(design: Design, spec: ModelSpec, settings: FitSettings) -> d
         "data": design.data_hash(),
         "spec": spec.key(),
         "settings": settings.lme4_part(),
-        "code": _source_hash("engines/lme4.py", "spec.py", "r_scripts/fit.R"),
+        "code": _source_hash(
+            "engines/lme4.py", "spec.py", "r_scripts/fit.R", "r_scripts/glmm.R", "family.py"
+        ),
     }
 
 
@@ -214,7 +216,7 @@ def _pymc_key_parts(
         "settings": settings.pymc_part(),
         "seed": int(seed),
         "versions": {k: py[k] for k in _PY_PACKAGES},
-        "code": _source_hash("engines/pymc.py", "priors.py", "spec.py"),
+        "code": _source_hash("engines/pymc.py", "priors.py", "spec.py", "family.py"),
     }
 
 
@@ -364,7 +366,14 @@ def _same_model_cached(
         "lme4": lme4_key,
         "versions": {k: py[k] for k in _PY_PACKAGES},
         "code": _source_hash(
-            "same_model.py", "marginal.py", "engines/pymc.py", "priors.py", "spec.py"
+            "same_model.py",
+            "marginal.py",
+            "engines/pymc.py",
+            "priors.py",
+            "spec.py",
+            "same_model_glmm.py",
+            "laplace.py",
+            "family.py",
         ),
     }
     key = _digest(parts)
@@ -416,7 +425,9 @@ def _compare_cached(
         "kind": "compare",
         "lme4": lme4_key,
         "pymc": pymc_key,
-        "code": _source_hash("compare.py", "align.py", "attribution.py"),
+        "code": _source_hash(
+            "compare.py", "align.py", "attribution.py", "compare_glmm.py", "laplace.py"
+        ),
     }
     key = _digest(parts)
     # The fits are the runner's own: the entry refers to them instead of storing them again.
@@ -459,7 +470,7 @@ def figures_key_parts(result: DesignResult) -> dict[str, Any]:
         "compare": result.keys.get("compare"),
         "same_model": result.keys.get("same_model"),
         "name": result.name,
-        "code": _source_hash("plots.py", "report_tables.py", "report.py"),
+        "code": _source_hash("plots.py", "report_tables.py", "report.py", "report_glmm.py"),
     }
 
 

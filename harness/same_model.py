@@ -761,6 +761,9 @@ def same_model(
         # estimates comparison below decides.
         notes.append(f"{engine} warned about convergence: {'; '.join(freq.messages)}")
 
+    if lme4_design.family.glm:  # GLMM hook (issue 12): the Laplace identity
+        return _glmm_same_model(freq, pymc_design, engine, reasons, notes, started)
+
     marginal = MarginalLikelihood(pymc_design)
     ml = lme4_ml_values(freq)
     beta, factors, sigma = project(ml, pymc_design)
@@ -857,4 +860,41 @@ def same_model(
     log.info("same model? %s (difference %.3g)", result.verdict, difference)
     for reason in reasons:
         log.info("same model: %s", reason)
+    return result
+
+
+def _glmm_same_model(
+    freq: Any,
+    pymc_design: Design,
+    engine: str,
+    reasons: list[str],
+    notes: list[str],
+    started: float,
+) -> SameModel:
+    """``same_model`` for glmer fits: see :mod:`harness.same_model_glmm`."""
+    from harness.same_model_glmm import glmm_same_model
+
+    checks = glmm_same_model(freq, pymc_design, engine, reasons, notes)
+    loglik_lme4 = float(freq.loglik)
+    result = SameModel(
+        engine=engine,
+        formula_lme4=freq.design.spec.formula,
+        formula_pymc=pymc_design.spec.formula,
+        sigma_by_lme4=None,
+        sigma_by_pymc=None,
+        loglik_lme4=loglik_lme4,
+        loglik_pymc=checks["loglik_pymc"],
+        difference=checks["loglik_pymc"] - loglik_lme4,
+        ok=not reasons,
+        reasons=reasons,
+        estimates=checks["estimates"],
+        reml_criterion_lme4=None,
+        reml_criterion_pymc=None,
+        loglik_pymc_max=checks["loglik_pymc_max"],
+        loglik_pymc_model=checks["loglik_pymc_model"],
+        optimizer=checks.get("optimizer", {}),
+        notes=notes,
+        seconds=time.perf_counter() - started,
+    )
+    log.info("same model (GLMM, Laplace)? %s", result.verdict)
     return result

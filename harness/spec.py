@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from harness.family import glm_response
 from harness.rformula import (
     FORMULA_FUNCTIONS,
     UNSUPPORTED_CALLS,
@@ -92,6 +93,11 @@ class ModelSpec:
         REML (default, as lme4) or ML for the frequentist fit.
     name : str, optional
         Label used in reports.
+    family : {"gaussian", "binomial", "poisson"}
+        Response family; non-gaussian families are fitted with ``glmer`` and
+        allow ``cbind(successes, failures)`` responses and ``offset()`` terms.
+    link : str, optional
+        The family's link (binomial: ``"logit"`` or ``"probit"``); None for its default.
     """
 
     formula: str
@@ -100,8 +106,14 @@ class ModelSpec:
     parameterization: Parameterization = "offsets"
     reml: bool = True
     name: str | None = None
+    # GLMM hook (issue 12): see harness/family.py.
+    family: str = "gaussian"
+    link: str | None = None
 
     def __post_init__(self) -> None:
+        from harness.family import get_family
+
+        get_family(self.family, self.link)  # unknown family or link: refused here
         if self.parameterization not in ("offsets", "baked_in"):
             raise ValueError(
                 f"parameterization must be 'offsets' or 'baked_in', not {self.parameterization!r}"
@@ -121,9 +133,10 @@ class ModelSpec:
     def key(self) -> str:
         """A stable string identifying this spec (used in cache keys)."""
         priors = self.priors if isinstance(self.priors, str) else repr(sorted(self.priors.items()))
-        return "|".join(
-            [self.formula, str(self.sigma_by), priors, self.parameterization, str(self.reml)]
-        )
+        parts = [self.formula, str(self.sigma_by), priors, self.parameterization, str(self.reml)]
+        if self.family != "gaussian":  # gaussian keys stay as they were
+            parts.append(f"{self.family}({self.link or ''})")
+        return "|".join(parts)
 
 
 PRIOR_PROFILES = ("weak", "m14.1", "flat")
@@ -273,7 +286,7 @@ def parse_formula(formula: str) -> ParsedFormula:
     if re.match(r"cbind\s*\(", response):
         raise ValueError(
             f"formula {formula!r}: a cbind(successes, failures) response is a binomial model; "
-            "the harness fits gaussian (linear) mixed models only"
+            "fit it with family='binomial' (--family binomial)"
         )
     response, response_columns = _parse_response(response, formula)
     _refuse_unsupported(formula, rhs)
@@ -422,6 +435,16 @@ class Design:
     factor_levels: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     dropped_columns: list[str] = field(default_factory=list)
+    # GLMM hook (issue 12): binomial trials and the linear predictor's offset.
+    trials: np.ndarray | None = None
+    offset: np.ndarray | None = None
+
+    @property
+    def family(self) -> Any:
+        """The response family (:mod:`harness.family`)."""
+        from harness.family import get_family
+
+        return get_family(self.spec.family, self.spec.link)
 
     @property
     def n(self) -> int:
@@ -579,14 +602,14 @@ def _check_response(frame: pd.DataFrame, response: str) -> None:
         kind = "logical (TRUE/FALSE)" if pd.api.types.is_bool_dtype(values) else "categorical"
         raise ValueError(
             f"response {response!r} must be numeric; it is {kind}. A binary or categorical "
-            "response needs a non-gaussian family (glmer), which the harness does not fit"
+            "response needs a non-gaussian family: fit it with family='binomial' (glmer)"
         )
     if not pd.api.types.is_numeric_dtype(values):
         examples = [str(v) for v in values.dropna().unique()[:3]]
         raise ValueError(
             f"response {response!r} must be numeric; it has dtype {values.dtype} "
-            f"(values such as {examples}). The harness fits gaussian models only; a "
-            "categorical response needs a non-gaussian family"
+            f"(values such as {examples}). A gaussian model needs a numeric response; a "
+            "two-level categorical response needs a non-gaussian family (family='binomial')"
         )
 
 
@@ -612,13 +635,16 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         raise ValueError(
             f"data has more than one column named {duplicated}; column names must be unique"
         )
-    parsed = parse_formula(spec.formula)
+    glm = glm_response(spec.formula, spec.family, spec.link)  # None for gaussian
+    parsed = parse_formula(glm.formula if glm else spec.formula)
     if not parsed.bars:
         raise ValueError(
             f"formula {spec.formula!r} has no random-effect term such as (1 | g); the harness "
             "compares mixed models (for a plain linear model use lm and a Bayesian regression)"
         )
     used = _referenced_columns(parsed)
+    if glm is not None:
+        used.extend(c for c in glm.extra_columns if c not in used)
     if spec.sigma_by is not None and spec.sigma_by not in used:
         used.append(spec.sigma_by)
     missing = [c for c in used if c not in data.columns]
@@ -633,8 +659,9 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         if frame[column].isna().all():
             raise ValueError(f"column {column!r} has no non-missing values")
     response = parsed.response
-    for column in parsed.response_columns:
-        _check_response(frame, column)
+    if glm is None:
+        for column in parsed.response_columns:
+            _check_response(frame, column)
     complete = frame.notna().all(axis=1)
     n_dropped = int((~complete).sum())
     notes: list[str] = []
@@ -652,19 +679,26 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
             f"no complete rows: every row has a missing value in one of the used columns {used}"
         )
     frame = frame.reset_index(drop=True)
-    response_values = _response_values(parsed, frame, spec.formula)
-    if not np.all(np.isfinite(response_values.to_numpy(float))):
-        raise ValueError(f"response {response!r} has infinite values")
+    trials = offset = None
+    if glm is not None:
+        y_glm, trials, offset = glm.evaluate(frame)
+        if glm.failures is None and glm.trials is None:
+            frame[response] = y_glm  # a logical / factor response as the 0/1 glmer reads
+        response_values = pd.Series(y_glm, dtype=float)
+    else:
+        response_values = _response_values(parsed, frame, spec.formula)
+        if not np.all(np.isfinite(response_values.to_numpy(float))):
+            raise ValueError(f"response {response!r} has infinite values")
     if response_values.nunique() < 2:
         raise ValueError(
             f"response {response!r} is constant (every used row is {response_values.iloc[0]}); "
             "there is no variation for a model to explain"
         )
     _check_magnitudes(frame, parsed, spec.sigma_by)
-    if response_values.nunique() == 2:
+    if glm is None and response_values.nunique() == 2:
         notes.append(
             f"response {response!r} takes only two values: a gaussian (linear probability) "
-            "model is fitted; a binomial model is outside the harness's scope"
+            "model is fitted; family='binomial' fits the binomial (glmer) model instead"
         )
 
     # Grouping factors, text and logical predictors become R-style factors.
@@ -710,7 +744,7 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
     for block, label in zip(blocks, labels, strict=True):
         block.label = label
     for block in blocks:
-        if block.n_levels * block.n_terms >= len(y):
+        if block.n_levels * block.n_terms >= len(y) and glm is None:
             raise ValueError(
                 f"grouping factor {block.factor!r}: {block.n_levels} levels x {block.n_terms} "
                 f"term(s) is not fewer than the {len(y)} observations; the random effects "
@@ -746,6 +780,8 @@ def build_design(spec: ModelSpec, data: pd.DataFrame) -> Design:
         factor_levels=factor_levels,
         notes=notes,
         dropped_columns=dropped,
+        trials=trials,
+        offset=offset,
     )
 
 

@@ -145,6 +145,8 @@ def compare_data(
     priors: str | Mapping[str, Any] = "weak",
     seed: int = 1,
     name: str | None = None,
+    family: str = "gaussian",
+    link: str | None = None,
     settings: FitSettings | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     refit: bool = False,
@@ -167,6 +169,8 @@ def compare_data(
         PyMC seed.
     name : str, optional
         Title of the report.
+    family, link : str
+        Response family (``"gaussian"``, ``"binomial"``, ``"poisson"``) and link.
     settings : FitSettings, optional
         Sampler and lme4 settings; default from :func:`settings_from_env`.
     cache_dir : path, optional
@@ -191,7 +195,7 @@ def compare_data(
 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed!r} must be a whole number from 0 to 2**32 - 1")
-    spec = ModelSpec(formula, sigma_by=sigma_by, priors=priors, name=name)
+    spec = ModelSpec(formula, sigma_by=sigma_by, priors=priors, name=name, family=family, link=link)
     # Fail on bad input, and on a missing R (with how to install it), before any sampling.
     design = build_design(spec, data)
     for note in design.notes:
@@ -387,6 +391,8 @@ def run_compare_command(args: argparse.Namespace) -> int:
         priors=args.priors,
         seed=args.seed,
         name=csv.stem,
+        family=getattr(args, "family", "gaussian"),
+        link=getattr(args, "link", None),
     )
     written = write_outputs(result, out, json_path, source=str(csv), rows_read=len(data))
     same = result.same_model_status or "not run"

@@ -541,3 +541,23 @@ def test_convergence_flag_agrees_with_the_messages():
 def test_formulas_that_would_take_long_to_parse_are_refused(formula):
     with pytest.raises(ValueError, match=r"characters|terms"):
         parse_formula(formula)
+
+
+def test_glmm_formula_reaches_r_on_internal_names_only():
+    """cbind(), offset(log()) and every column of a GLMM formula are rebuilt on v1_, v2_, ..."""
+    import re
+
+    from harness.engines.lme4 import r_names
+
+    data = pd.read_csv(ROOT / "tests" / "data" / "insurance.csv")
+    data["Failed"] = data["Holders"] - data["Claims"]
+    spec = ModelSpec(
+        "cbind(Claims, Holders - Claims) ~ Age + offset(log(Holders)) + (1 | District)",
+        family="binomial",
+    )
+    names = r_names(build_design(spec, data))
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", names.formula))
+    assert words <= {*names.columns.values(), "cbind", "offset", "log"}
+    assert names.formula.startswith("cbind(")
+    assert "offset(log(" in names.formula
+    assert names.user(names.columns["Claims"]) == "Claims"

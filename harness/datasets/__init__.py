@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from harness.datasets.cafe import simulate_cafe
+from harness.datasets.cbpp import load_cbpp
 from harness.datasets.partially_clustered import simulate_partially_clustered
 from harness.datasets.sleepstudy import load_sleepstudy
 from harness.spec import ModelSpec
@@ -86,6 +87,22 @@ DATASETS: dict[str, DatasetInfo] = {
             "weights = varIdent(form = ~ 1 | arm) stands in on the frequentist side."
         ),
     ),
+    "cbpp": DatasetInfo(
+        name="cbpp",
+        loader=load_cbpp,
+        spec=ModelSpec(
+            "cbind(incidence, size - incidence) ~ period + (1 | herd)",
+            family="binomial",
+            name="cbpp",
+        ),
+        description=(
+            "lme4's cbpp (Lesnoff et al., 2004): new cases of contagious bovine "
+            "pleuropneumonia (incidence) out of the herd's size, in 15 Ethiopian zebu herds "
+            "over up to four periods. A binomial (logit) mixed model with a varying intercept "
+            "per herd, lme4's own glmer example: the lme4 side is glmer's Laplace fit, and "
+            "the same-model check is the Laplace approximation of the PyMC model."
+        ),
+    ),
 }
 
 
@@ -95,8 +112,8 @@ def load(name: str, **kwargs: object) -> tuple[pd.DataFrame, ModelSpec]:
     Parameters
     ----------
     name : str
-        ``"cafe"``, ``"sleepstudy"``, ``"partially_clustered"`` or
-        ``"partially_clustered_hetero"``.
+        ``"cafe"``, ``"sleepstudy"``, ``"partially_clustered"``,
+        ``"partially_clustered_hetero"`` or ``"cbpp"`` (binomial).
     **kwargs
         Passed to the simulator (e.g. ``seed=2``); sleepstudy takes none.
 

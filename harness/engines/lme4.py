@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from harness import _resources
+from harness.family import GlmResponse, glm_response
 from harness.rformula import FORMULA_FUNCTIONS, _scan, model_matrix, parse_terms
 from harness.spec import (
     BarTerm,
@@ -134,6 +135,7 @@ def _r_env() -> Any:
         log.warning("optional R package(s) %s missing; %s", missing, INSTALL_HINT)
     with _quiet_console():
         ro.r["source"](str(scripts / "fit.R"), local=env)
+        ro.r["source"](str(scripts / "glmm.R"), local=env)  # GLMM (issue 12)
     _restore_library_path(library_path)
     return env
 
@@ -235,6 +237,8 @@ def _call(function: str, *args: Any, **kwargs: Any) -> Any:
 _INTERNAL = re.compile(r"(?<![A-Za-z0-9_])v([0-9]+)_")
 # Operators a rebuilt formula may contain (R's names for them in all.names()).
 _R_OPERATORS = ("~", "+", "-", "*", "/", ":", "^", "%in%", "(", "|")
+#: Calls a GLMM formula may hold besides FORMULA_FUNCTIONS (issue 12).
+_GLM_CALLS = ("cbind", "offset", "log")
 
 
 @dataclass
@@ -258,7 +262,7 @@ class RNames:
     @property
     def symbols(self) -> list[str]:
         """Every name the internal formula may use (for R's own check)."""
-        return [*self.columns.values(), "I", *FORMULA_FUNCTIONS, *_R_OPERATORS]
+        return [*self.columns.values(), "I", *FORMULA_FUNCTIONS, *_R_OPERATORS, *_GLM_CALLS]
 
     def user(self, text: Any) -> Any:
         """An R name (term, factor, block label, theta name, message) in the user's names."""
@@ -306,6 +310,27 @@ def _rename_factor(factor: str, columns: Mapping[str, str]) -> str:
     return re.sub(r"[A-Za-z.][A-Za-z0-9._]*", lambda m: columns[m[0]], factor)
 
 
+def _glm_pieces(glm: GlmResponse, columns: Mapping[str, str], context: str) -> tuple[str, str]:
+    """A GLMM's left-hand side and offset term, as lme4 writes them, on internal names."""
+
+    def name(column: str) -> str:
+        if column not in columns:
+            raise ValueError(f"{context}: {column!r} is not a column of the data")
+        return columns[column]
+
+    if glm.failures is not None:
+        response = f"cbind({name(glm.successes)}, {name(glm.failures)})"
+    elif glm.trials is not None:
+        response = f"cbind({name(glm.successes)}, {name(glm.trials)} - {name(glm.successes)})"
+    else:
+        response = name(glm.successes)
+    offset = ""
+    if glm.offset is not None:
+        inner = f"log({name(glm.offset)})" if glm.offset_log else name(glm.offset)
+        offset = f" + offset({inner})"
+    return response, offset
+
+
 def r_names(design: Design) -> RNames:
     """Internal names for ``design``: columns, the rebuilt formula and the way back.
 
@@ -318,16 +343,20 @@ def r_names(design: Design) -> RNames:
     spec = design.spec
     user_columns = [str(c) for c in design.data.columns]
     columns = {name: f"v{i}_" for i, name in enumerate(user_columns, start=1)}
-    parsed = parse_formula(spec.formula)
+    glm = glm_response(spec.formula, spec.family, spec.link)  # None for gaussian
+    parsed = parse_formula(glm.formula if glm else spec.formula)
     context = f"formula {spec.formula!r}"
     response = _rename_expression(parsed.response, columns, context)
+    offset = ""
+    if glm is not None:
+        response, offset = _glm_pieces(glm, columns, context)
     fixed_rhs = _rename_expression(parsed.fixed_rhs, columns, context)
     bars = [
         (b, _rename_expression(b.expr, columns, context), _rename_factor(b.factor, columns))
         for b in parsed.bars
     ]
     random = " + ".join(f"({expr} | {factor})" for _, expr, factor in bars)
-    formula = f"{response} ~ {fixed_rhs} + {random}"
+    formula = f"{response} ~ {fixed_rhs} + {random}{offset}"
     internal = ParsedFormula(
         response=response,
         fixed_rhs=fixed_rhs,
@@ -524,7 +553,16 @@ def fit_lme4(
     names = r_names(design)
     frame = to_r_frame(design.data, names.columns)
     pieces = None
-    if spec.sigma_by:
+    if design.family.glm:  # GLMM hook (issue 12): glmer, see r_scripts/glmm.R
+        result = _fit_glmer(design, frame, names, profile=profile)
+        ml = {
+            "beta": _user_keys(result["ml_beta"], names),
+            "theta": _user_keys(result["ml_theta"], names),
+            "sigma": 1.0,
+            "lp0": np.asarray(result["lp0"], dtype=float),
+            "tol_pwrss": float(result["tol_pwrss"]),
+        }
+    elif spec.sigma_by:
         pieces = _lme_pieces(names.parsed, spec)
         result = _from_r(
             _call(
@@ -591,7 +629,9 @@ def fit_lme4(
         converged=bool(info["converged"]),
         messages=messages,
         versions=versions,
-        r_call=_r_call_text(design, reml, pieces),
+        r_call=_glmer_call_text(design)
+        if design.family.glm
+        else _r_call_text(design, reml, pieces),
         fit_seconds=elapsed,
         ml_estimates=ml,
         df_method=str(info["df_method"]),
@@ -657,6 +697,54 @@ def _component(kind: str, group: Any, term: Any, term2: Any, sigma_by: str | Non
     if kind == "cor":
         return f"{group}: cor({term},{term2})"
     return f"{group}: sd({term})"
+
+
+def _fit_glmer(
+    design: Design, frame: Any, names: RNames, n_agq: int = 1, profile: bool = False
+) -> dict[str, Any]:
+    """``lme4::glmer`` on the design's data (internal names, see :class:`RNames`).
+
+    Family and link are names R looks up in a fixed table; the formula is the
+    rebuilt one, checked symbol by symbol in R before it is evaluated.
+    """
+    family, link = design.family.r_family()
+    return _from_r(
+        _call(
+            "harness_fit_glmer",
+            frame,
+            names.formula,
+            _symbols(names),
+            family,
+            link,
+            nAGQ=int(n_agq),
+            profile=profile,
+        )
+    )
+
+
+def _glmer_call_text(design: Design) -> str:
+    family, link = design.family.r_family()
+    return (
+        f"lme4::glmer({design.spec.formula}, data = data, "
+        f'family = {family}(link = "{link}"), nAGQ = 1)'
+    )
+
+
+def fit_glmer_agq(spec: ModelSpec, data: pd.DataFrame, n_agq: int) -> dict[str, Any]:
+    """glmer with ``nAGQ = n_agq`` adaptive Gauss-Hermite points (one scalar random effect).
+
+    Returns the raw tables (``fixed``, ``variance``, ``info`` with ``loglik``,
+    ``ml_beta``, ``ml_theta``) for the quadrature check of :mod:`harness.laplace`.
+    """
+    design = build_design(spec, data)
+    if not design.family.glm:
+        raise ValueError(f"nAGQ applies to glmer families, not {spec.family!r}")
+    names = r_names(design)
+    result = _fit_glmer(design, to_r_frame(design.data, names.columns), names, n_agq)
+    _user_tables(result, names, spec)
+    for key in ("ml_beta", "ml_theta"):
+        result[key] = _user_keys(result[key], names)
+    return result
 
 
 def lformula(spec: ModelSpec, data: pd.DataFrame) -> dict[str, Any]:

@@ -203,6 +203,9 @@ def model_data(design: Design, priors: ResolvedPriors) -> dict[str, np.ndarray]:
         group = _sd_group(block, priors)
         for param, name in group.data_names(f"prior_sd_{block.label}").items():
             values[name] = group.params[param]
+    if design.family.glm:  # GLMM hook (issue 12): trials / offset, no residual SD
+        values.update(_glm_data(design))
+        return values
     group = _sigma_group(design, priors)
     for param, name in group.data_names("prior_sigma").items():
         values[name] = group.params[param]
@@ -242,6 +245,16 @@ def pack_data(values: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dic
     return packed, layout
 
 
+def _glm_data(design: Design) -> dict[str, np.ndarray]:
+    """The GLMM-only data: binomial trials and the linear predictor's offset."""
+    values: dict[str, np.ndarray] = {}
+    if design.trials is not None:
+        values["trials"] = np.asarray(design.trials, dtype=float)
+    if design.offset is not None:
+        values["offset"] = np.asarray(design.offset, dtype=float)
+    return values
+
+
 def data_containers(pm: Any, values: dict[str, np.ndarray]) -> dict[str, Any]:
     """The model's data as named tensors: views into the packed ``pm.Data`` containers.
 
@@ -271,6 +284,10 @@ def structure(design: Design, priors: ResolvedPriors) -> dict[str, str]:
         "lkj_eta": repr(float(priors.lkj_eta)),
         "residual SD levels": str(len(design.sigma_levels or [])),
     }
+    if design.family.glm:  # GLMM hook (issue 12); gaussian structures unchanged
+        parts["family"] = design.family.key
+        parts["offset"] = str(design.offset is not None)
+        parts.pop("residual SD prior")
     for block in design.blocks:
         parts[f"block {block.label}"] = (
             f"{block.n_levels} levels; terms {','.join(block.terms)}; "
@@ -350,6 +367,10 @@ def build_model(design: Design, priors: ResolvedPriors | None = None) -> Any:
             for k, term in enumerate(block.terms):
                 column = effects[index, k]
                 mu = mu + (column if term == INTERCEPT else data[f"Z_{block.label}"][:, k] * column)
+        if design.family.glm:  # GLMM hook (issue 12): family likelihood on the link scale
+            eta = mu + data["offset"] if "offset" in data else mu
+            design.family.likelihood(pm, pt, "y_obs", eta, data, dims="obs")
+            return model
         sigma_group = _sigma_group(design, priors)
         sigma_params = {p: data[n] for p, n in sigma_group.data_names("prior_sigma").items()}
         if design.sigma_levels is not None:

@@ -1,0 +1,128 @@
+# Generalised linear mixed models (glmer) for the harness.  Sourced into the same
+# private environment as fit.R (harness/engines/lme4.py), so harness_capture and
+# harness_component_name come from there.  Returns plain data.frames / vectors only.
+
+# family_name / link: validated on the Python side against harness.family.FAMILIES;
+# they are looked up here in a fixed table, never parsed.
+harness_glm_family <- function(family_name, link) {
+  makers <- list(binomial = stats::binomial, poisson = stats::poisson)
+  if (!family_name %in% names(makers)) stop("unknown family: ", family_name)
+  makers[[family_name]](link = link)
+}
+
+# `formula` is text the Python side rebuilt on internal column names; harness_formula
+# (fit.R) checks every symbol in it against `symbols` before evaluating it.
+harness_fit_glmer <- function(data, formula, symbols, family_name, link, nAGQ = 1L,
+                              profile = FALSE, level = 0.95) {
+  formula <- harness_formula(formula, symbols)
+  fam <- harness_glm_family(family_name, link)
+  started <- proc.time()[["elapsed"]]
+  fitted <- harness_capture(lme4::glmer(formula, data = data, family = fam, nAGQ = nAGQ))
+  fit_seconds <- proc.time()[["elapsed"]] - started
+  fit <- fitted$value
+  notes <- fitted$notes
+
+  # Fixed effects: estimate, Wald SE, z statistic, Wald CI (as summary(glmer) reports).
+  coefs <- summary(fit)$coefficients
+  z <- qnorm(1 - (1 - level) / 2)
+  fixed <- data.frame(
+    term = rownames(coefs),
+    estimate = unname(coefs[, "Estimate"]),
+    se = unname(coefs[, "Std. Error"]),
+    df = Inf,
+    statistic = unname(coefs[, "z value"]),
+    p_value = unname(coefs[, "Pr(>|z|)"]),
+    lower = unname(coefs[, "Estimate"] - z * coefs[, "Std. Error"]),
+    upper = unname(coefs[, "Estimate"] + z * coefs[, "Std. Error"]),
+    ci_method = "Wald (z)",
+    stringsAsFactors = FALSE
+  )
+
+  # Variance components on the SD / correlation scale (link scale; no residual row).
+  vc <- as.data.frame(VarCorr(fit), order = "lower.tri")
+  vc <- vc[vc$grp != "Residual", , drop = FALSE]
+  variance <- data.frame(
+    component = harness_component_name(vc$grp, vc$var1, vc$var2),
+    group_factor = vc$grp,
+    kind = ifelse(is.na(vc$var2), "sd", "cor"),
+    term = vc$var1,
+    term2 = vc$var2,
+    estimate = vc$sdcor,
+    lower = NA_real_,
+    upper = NA_real_,
+    ci_method = NA_character_,
+    stringsAsFactors = FALSE
+  )
+
+  # Profile-likelihood intervals for the SDs (and correlations) only: parm = "theta_"
+  # keeps the cost to one profile per covariance parameter.
+  if (isTRUE(profile)) {
+    prof <- harness_capture(tryCatch(
+      confint(fit, parm = "theta_", method = "profile", oldNames = FALSE, level = level),
+      error = function(e) { notes <<- c(notes, paste("profile CI failed:", conditionMessage(e))); NULL }
+    ))
+    notes <- c(notes, prof$notes)
+    ci <- prof$value
+    if (!is.null(ci)) {
+      pname <- ifelse(variance$kind == "sd", sprintf("sd_%s|%s", variance$term, variance$group_factor),
+                      sprintf("cor_%s.%s|%s", variance$term2, variance$term, variance$group_factor))
+      hit <- match(pname, rownames(ci))
+      variance$lower <- ci[hit, 1]
+      variance$upper <- ci[hit, 2]
+      variance$ci_method[!is.na(hit)] <- "profile"
+    }
+  }
+
+  # Conditional modes and conditional SDs on the link scale.
+  re <- as.data.frame(ranef(fit, condVar = TRUE))
+  ranef_table <- data.frame(
+    group_factor = as.character(re$grpvar),
+    group = as.character(re$grp),
+    term = as.character(re$term),
+    mode = re$condval,
+    condsd = re$condsd,
+    stringsAsFactors = FALSE
+  )
+
+  singular <- isSingular(fit)
+  conv <- fit@optinfo$conv$lme4$messages
+  conv <- conv[!grepl("singular", conv, fixed = TRUE)]
+  if (length(conv) == 0) conv <- NULL
+  if (singular) notes <- c(notes, "singular fit: a variance component is (near) zero or a correlation is +/-1")
+  if (!is.null(conv)) notes <- c(notes, paste("convergence:", conv))
+  ll <- as.numeric(logLik(fit))
+  # The linear predictor glmer's deviance function starts its penalised IRLS from
+  # (the end of its nAGQ = 0 stage): lme4's logLik is the Laplace value after its
+  # IRLS stops at tolPwrss, which the harness reproduces from the same start.
+  devfun <- harness_capture(update(fit, devFunOnly = TRUE))$value
+  lp0 <- as.numeric(environment(devfun)$lp0)
+  tol_pwrss <- as.numeric(environment(devfun)$tolPwrss)
+  info <- list(
+    engine = "lme4",
+    method = if (nAGQ > 1) sprintf("ML (adaptive Gauss-Hermite, %d points)", nAGQ) else "ML (Laplace)",
+    loglik = ll,
+    loglik_ml = ll,
+    reml_criterion = NA_real_,
+    deviance_ml = -2 * ll,
+    nobs = nobs(fit),
+    singular = singular,
+    converged = is.null(conv),
+    fit_seconds = fit_seconds,
+    df_method = "none (Wald z)",
+    nAGQ = nAGQ
+  )
+  list(
+    fixed = fixed,
+    variance = variance,
+    ranef = ranef_table,
+    sims = NULL,
+    info = info,
+    notes = unique(notes),
+    theta = getME(fit, "theta"),
+    ml_theta = getME(fit, "theta"),
+    ml_beta = fixef(fit),
+    ml_sigma = 1,
+    lp0 = lp0,
+    tol_pwrss = tol_pwrss
+  )
+}
