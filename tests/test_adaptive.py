@@ -188,7 +188,7 @@ def test_funnel_reaches_the_targets_by_switching_parameterisation(funnel_fits):
     assert rounds[0]["after"]["divergences"] == single.n_divergent
     assert rounds[1]["action"] == "re-parameterise"
     assert rounds[1]["parameterization"] == {"school": "non-centred"}
-    assert rounds[1]["evidence"]["school"]["information_ratio"]["(Intercept)"] < 1
+    assert rounds[1]["evidence"]["school"]["min_eigenvalue"] < 1
     assert rounds[1]["before"] == rounds[0]["after"]
     final = rounds[-1]["after"]
     assert final["ok"] and final["divergences"] == 0
@@ -238,8 +238,35 @@ def test_information_ratio_is_data_over_prior_precision(funnel_fits):
     sigma = float(post["sigma"].median())
     tau = float(post["sd_school"].median())
     expected = 2 / sigma**2 * tau**2  # two rows per school
-    got = information_ratios(fit.idata, fit.design)["school"]["(Intercept)"]
-    assert got == pytest.approx(expected, rel=1e-9)
+    got = information_ratios(fit.idata, fit.design)["school"]
+    assert got["terms"]["(Intercept)"] == pytest.approx(expected, rel=1e-9)
+    assert got["min_eigenvalue"] == pytest.approx(expected, rel=1e-9)  # one term: the same
+
+
+def test_information_ratio_sees_collinear_columns():
+    """Orthodont-like: an intercept at age 0 with ages 8-14 is informed far less than n_j says."""
+    import arviz as az
+
+    rng = np.random.default_rng(0)
+    age = np.tile([8.0, 10.0, 12.0, 14.0], 10)
+    subject = np.repeat([f"s{j}" for j in range(10)], 4)
+    data = pd.DataFrame({"y": rng.normal(size=40), "age": age, "subject": subject})
+    design = build_design(ModelSpec("y ~ age + (age | subject)"), data)
+    label = design.blocks[0].label
+    shape = (2, 10)
+    posterior = {
+        "sigma": np.full(shape, 1.0),
+        f"sd_{label}": np.broadcast_to([2.0, 0.2], (*shape, 2)).copy(),
+        f"corr_{label}": np.broadcast_to(np.eye(2), (*shape, 2, 2)).copy(),
+    }
+    idata = az.from_dict(posterior=posterior)
+    ratio = information_ratios(idata, design)[label]
+    assert ratio["terms"]["(Intercept)"] == pytest.approx(4 * 2.0**2)  # 16: "strong"
+    z = np.column_stack([np.ones(4), [8.0, 10.0, 12.0, 14.0]])
+    root = np.diag([2.0, 0.2])
+    expected = np.linalg.eigvalsh(root @ z.T @ z @ root)[0]
+    assert ratio["min_eigenvalue"] == pytest.approx(expected)
+    assert ratio["min_eigenvalue"] < 0.5 * min(ratio["terms"].values())
 
 
 def test_added_chains_are_concatenated_after_the_kept_ones():

@@ -10,7 +10,7 @@ Then, in this order, the loop
 
 1. **re-parameterises** (once, after the first round): per random-effects
    block, centred when the groups' data inform their offsets more than the
-   prior does, by the rule of :func:`suggest_centering`; when the new
+   prior does in every direction, by the rule of :func:`suggest_centering`; when the new
    parameterisation samples worse (more divergences, or at equal divergences
    a smaller minimum ESS per gradient evaluation) the earlier run is kept;
 2. on divergences **raises target_accept** along 0.8 -> 0.9 -> 0.95 -> 0.99
@@ -227,17 +227,21 @@ def describe(diag: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- parameterisation
 
 
-def information_ratios(idata: Any, design: Design) -> dict[str, dict[str, float]]:
-    """Per block and term: median over informed groups of data precision / prior precision.
+def information_ratios(idata: Any, design: Design) -> dict[str, dict[str, Any]]:
+    """Per block: how strongly the groups' data inform their offsets, relative to the prior.
 
-    For group ``j`` and term ``k`` the data precision of the offset is
-    ``sum_i Z_ik^2 / sigma_i^2`` over the group's rows (``n_j / sigma^2`` for an
-    intercept) and the prior precision ``1 / sd_k^2``; both use posterior
-    medians of ``sigma`` and ``sd_k``.  (The correlation between a block's
-    terms is ignored: this is a rule of thumb, not an exact conditional
-    precision.)
+    For group ``j`` the data precision of its offsets is
+    ``D_j = sum_i z_i z_i' / sigma_i^2`` over the group's rows (``z_i``: the
+    block's columns of Z; ``n_j / sigma^2`` for an intercept) and the prior
+    precision ``Sigma^-1`` (``Sigma`` from the SDs and correlations), all at
+    posterior medians.  ``min_eigenvalue`` is the median over the groups with
+    data of the smallest eigenvalue of ``L' D_j L`` (``Sigma = L L'``): the data
+    precision in the direction the data inform least, in units of the prior
+    precision.  ``terms`` gives the same per term alone, ``D_j[k, k] sd_k^2``
+    (which misses collinear columns: an intercept far from the data's ``x``
+    is informed less than ``n_j`` says, which is why the rule uses the eigenvalue).
     """
-    from harness.engines.pymc import sd_var
+    from harness.engines.pymc import corr_var, sd_var
 
     posterior = idata.posterior
     sigma = np.asarray(posterior["sigma"].median(("chain", "draw")).values, dtype=float)
@@ -245,53 +249,61 @@ def information_ratios(idata: Any, design: Design) -> dict[str, dict[str, float]
         sigma_rows = sigma[np.asarray(design.sigma_index)]
     else:
         sigma_rows = np.full(design.n, float(sigma))
-    ratios: dict[str, dict[str, float]] = {}
+    ratios: dict[str, dict[str, Any]] = {}
     for block in design.blocks:
+        k = block.n_terms
         sd = np.asarray(posterior[sd_var(block)].median(("chain", "draw")).values, dtype=float)
-        ratios[block.label] = {}
-        for k, term in enumerate(block.terms):
-            precision = np.bincount(
-                block.group_index,
-                weights=block.values[:, k] ** 2 / sigma_rows**2,
-                minlength=block.n_levels,
-            )
-            informed = precision[precision > 0]
-            ratios[block.label][term] = (
-                float(np.median(informed) * sd[k] ** 2) if informed.size else 0.0
-            )
+        corr = np.eye(k)
+        if block.correlated and k > 1:
+            corr = np.asarray(posterior[corr_var(block)].median(("chain", "draw")).values, float)
+        cov = corr * np.outer(sd, sd)
+        # Elementwise medians need not make a positive definite matrix: clip its eigenvalues.
+        values, vectors = np.linalg.eigh(cov)
+        root = vectors * np.sqrt(np.clip(values, 0.0, None))  # cov = root root'
+        weighted = np.asarray(block.values, dtype=float) / sigma_rows[:, None]
+        precision = np.zeros((block.n_levels, k, k))
+        np.add.at(precision, block.group_index, weighted[:, :, None] * weighted[:, None, :])
+        informed = np.trace(precision, axis1=1, axis2=2) > 0
+        whitened = np.einsum("ai,gab,bj->gij", root, precision[informed], root)
+        smallest = np.linalg.eigvalsh(whitened)[:, 0] if informed.any() else np.zeros(1)
+        per_term = precision[informed][:, range(k), range(k)] * sd**2
+        ratios[block.label] = {
+            "min_eigenvalue": float(np.median(smallest)),
+            "terms": {
+                term: float(np.median(per_term[:, j])) if informed.any() else 0.0
+                for j, term in enumerate(block.terms)
+            },
+        }
     return ratios
 
 
 def suggest_centering(idata: Any, design: Design) -> tuple[frozenset[str], dict[str, Any]]:
-    """Blocks to centre: those whose every term has an information ratio above 1.
+    """Blocks to centre: those whose data outweigh the prior in every direction.
 
-    The rule: a block is centred when, for each of its terms, the median over
-    its informed groups of (data precision / prior precision) exceeds 1
-    (:func:`information_ratios`, from the posterior medians of a first run).
-    The data then pin each offset down more than the SD does, and the
-    non-centred form would couple ``z`` and the SD; with weak data the centred
+    The rule: a block is centred when the median over its groups with data of
+    the smallest eigenvalue of the prior-whitened data precision exceeds 1
+    (:func:`information_ratios`, at the posterior medians of a first run).  The
+    data then pin each group's offsets down more than the SDs do, and the
+    non-centred form would couple ``z`` and the SDs; with weak data the centred
     form has the funnel.  Blocks of ``parameterization="baked_in"`` are
-    centred by construction and left alone.
+    centred by construction and left alone.  The loop keeps the earlier run
+    when the switch samples worse, so a wrong call costs one round.
 
     Returns
     -------
     centred : frozenset of block labels
     evidence : dict
-        Per block: the ratios per term and the choice.
+        Per block: the ratios (see :func:`information_ratios`) and the choice.
     """
     if design.spec.parameterization != "offsets":
         return frozenset(), {}
-    ratios = information_ratios(idata, design)
     chosen = set()
     evidence: dict[str, Any] = {}
-    for label, per_term in ratios.items():
-        centred = bool(per_term) and min(per_term.values()) > 1.0
+    for label, ratio in information_ratios(idata, design).items():
+        centred = ratio["min_eigenvalue"] > 1.0
         if centred:
             chosen.add(label)
-        evidence[label] = {
-            "information_ratio": per_term,
-            "choice": "centred" if centred else "non-centred",
-        }
+        evidence[label] = {**ratio, "choice": "centred" if centred else "non-centred"}
     return frozenset(chosen), evidence
 
 
@@ -455,9 +467,7 @@ def sample_adaptively(
         if suggestion is not None:
             action, blocks, add_chains = "re-parameterise", suggestion, False
             why = f"{problem}; rule (data/prior precision > 1 -> centred): " + ", ".join(
-                f"{label}: {e['choice']} (ratios "
-                + ", ".join(f"{t} {r:.2g}" for t, r in e["information_ratio"].items())
-                + ")"
+                f"{label}: {e['choice']} (smallest eigenvalue {e['min_eigenvalue']:.2g})"
                 for label, e in evidence.items()
             )
         elif diag["divergences"]:
