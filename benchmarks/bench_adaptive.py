@@ -33,7 +33,7 @@ DATA = ROOT / "tests" / "data"
 
 
 def cases() -> dict[str, Any]:
-    """name -> () -> (spec, data): the shipped designs plus Dyestuff and Orthodont."""
+    """name -> () -> (spec, data): the shipped designs plus lme4's and nlme's data sets."""
     import pandas as pd
 
     import harness as hz
@@ -51,6 +51,12 @@ def cases() -> dict[str, Any]:
         "partially_clustered": shipped("partially_clustered"),
         "partially_clustered_hetero": shipped("partially_clustered_hetero"),
         "dyestuff": csv("dyestuff.csv", "Yield ~ 1 + (1 | Batch)", "dyestuff"),
+        # lme4's Dyestuff2: a singular fit (lme4's SD is exactly 0).
+        "dyestuff2": csv("dyestuff2.csv", "Yield ~ 1 + (1 | Batch)", "dyestuff2"),
+        "penicillin": csv(
+            "penicillin.csv", "diameter ~ 1 + (1 | plate) + (1 | sample)", "penicillin"
+        ),
+        "pastes": csv("pastes.csv", "strength ~ 1 + (1 | batch/cask)", "pastes"),
         # tests/data/orthodont.R writes it from nlme's Orthodont.
         "orthodont": csv("orthodont.csv", "distance ~ age * Sex + (age | Subject)", "orthodont"),
     }

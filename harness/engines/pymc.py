@@ -386,6 +386,7 @@ def build_model(
 
     baked = spec.parameterization == "baked_in"
     absorbed = _absorbed_terms(design) if baked else {}
+    centres = _centred_on_fixed(design, centered)
 
     with pm.Model(coords=coords) as model:
         data = data_containers(pm, values)
@@ -400,7 +401,16 @@ def build_model(
             mu = pt.zeros(design.n)
         for block in design.blocks:
             effects = _block_effects(
-                pm, pt, block, priors, beta, design, baked, data, block.label in centered
+                pm,
+                pt,
+                block,
+                priors,
+                beta,
+                design,
+                baked,
+                data,
+                block.label in centered,
+                centres.get(block.label, ()),
             )
             index = data[f"idx_{block.label}"]
             # One gathered column per term: its gradient is a length-n scatter-add,
@@ -445,13 +455,18 @@ def _block_effects(
     baked: bool,
     data: dict[str, Any],
     centred: bool = False,
+    on_fixed: tuple[str, ...] = (),
 ) -> Any:
     """Group-level effects of one block, shape (levels, terms): offsets or coefficients.
 
     Non-centred (default): ``u = z * sd`` (or ``z L'``), ``z ~ Normal(0, 1)``,
-    best when the groups' data say little next to the prior.  Centred:
-    ``u ~ Normal(0, sd)`` (or ``MvNormal(0, chol=L)``), best when each group's
-    data pin its offset down (the non-centred form then couples ``z`` and the SD).
+    best when the groups' data say little next to the prior.  Centred: the
+    group coefficients ``coef_<label> ~ Normal(beta_t, sd)`` (or
+    ``MvNormal(beta_t, chol=L)``) for the terms ``on_fixed`` that have a fixed
+    effect ``beta_t`` (0 for the others), and ``u = coef - beta_t``; with no
+    such term ``u ~ Normal(0, sd)`` itself.  Best when each group's data pin its
+    coefficient down (the non-centred form then couples ``z`` and the SD;
+    centring on 0 alone would couple ``u`` and ``beta``).
     """
     dims = (level_dim(block), term_dim(block))
     group = _sd_group(block, priors)
@@ -468,8 +483,12 @@ def _block_effects(
         sd = sd_family(sd_var(block), **params, dims=term_dim(block))
         if baked:
             return pm.Normal(coef_var(block), mu=centre, sigma=sd, dims=dims)
-        if centred:
+        if centred and not on_fixed:
             return pm.Normal(offsets_var(block), mu=0.0, sigma=sd, dims=dims)
+        if centred:
+            mean = _fixed_centre(pt, block, beta, design, on_fixed)
+            coef = pm.Normal(coef_var(block), mu=mean, sigma=sd, dims=dims)
+            return pm.Deterministic(offsets_var(block), coef - mean, dims=dims)
         z = pm.Normal(f"z_{block.label}", 0.0, 1.0, dims=dims)
         return pm.Deterministic(offsets_var(block), z * sd, dims=dims)
     # store_in_trace=False: the SDs and correlations are stored once, under harness names.
@@ -485,10 +504,50 @@ def _block_effects(
     pm.Deterministic(corr_var(block), corr, dims=(term_dim(block), term_b_dim(block)))
     if baked:
         return pm.MvNormal(coef_var(block), mu=centre, chol=chol, dims=dims)
-    if centred:
+    if centred and not on_fixed:
         return pm.MvNormal(offsets_var(block), mu=pt.zeros(k), chol=chol, dims=dims)
+    if centred:
+        mean = _fixed_centre(pt, block, beta, design, on_fixed)
+        coef = pm.MvNormal(coef_var(block), mu=mean, chol=chol, dims=dims)
+        return pm.Deterministic(offsets_var(block), coef - mean, dims=dims)
     z = pm.Normal(f"z_{block.label}", 0.0, 1.0, dims=dims)
     return pm.Deterministic(offsets_var(block), pt.dot(z, chol.T), dims=dims)
+
+
+def _centred_on_fixed(design: Design, centered: Collection[str]) -> dict[str, tuple[str, ...]]:
+    """Per centred block, the terms whose group coefficients are centred on their fixed effect.
+
+    A fixed effect centres the centred block with the fewest groups that has
+    its term (ties: design order): the fixed effect is then about the mean of
+    few well-informed coefficients, as in a one-way design.  Other blocks with
+    the same term are centred on 0 (centring two blocks on one fixed effect
+    would tie both to it).
+    """
+    if design.spec.parameterization != "offsets":
+        return {}
+    taken: set[str] = set()
+    centres: dict[str, tuple[str, ...]] = {}
+    order = sorted(
+        (b for b in design.blocks if b.label in centered),
+        key=lambda b: (b.n_levels, design.blocks.index(b)),
+    )
+    for block in order:
+        terms = tuple(t for t in block.terms if t in design.fixed_terms and t not in taken)
+        taken.update(terms)
+        centres[block.label] = terms
+    return centres
+
+
+def _fixed_centre(
+    pt: Any, block: RandomBlock, beta: Any, design: Design, on_fixed: tuple[str, ...]
+) -> Any:
+    """Vector over the block's terms: ``beta_t`` for the terms in ``on_fixed``, else 0."""
+    return pt.stack(
+        [
+            beta[design.fixed_terms.index(t)] if t in on_fixed else pt.constant(0.0)
+            for t in block.terms
+        ]
+    )
 
 
 def _absorbed_terms(design: Design) -> dict[str, str]:
