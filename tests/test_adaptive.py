@@ -82,8 +82,11 @@ def _jacobian_gap(design, block_value) -> float:
     c_point = {k: v for k, v in point.items() if not k.startswith("z_")}
     beta = dict(zip(design.fixed_terms, point["beta"], strict=True))
     taken: set[str] = set()
-    for block, u in zip(design.blocks, u_values, strict=True):
-        # The first centred block with a fixed term draws coef = u + beta_t (a shift: Jacobian 1).
+    by_label = dict(zip(labels, u_values, strict=True))
+    # The centred block with the fewest groups that has a fixed term draws coef = u + beta_t
+    # (a shift: Jacobian 1); other blocks draw u itself.
+    for block in sorted(design.blocks, key=lambda b: (b.n_levels, design.blocks.index(b))):
+        u = by_label[block.label]
         on_fixed = [t for t in block.terms if t in beta and t not in taken]
         taken.update(on_fixed)
         if on_fixed:
