@@ -714,8 +714,8 @@ def adaptive_rounds_table(record: Mapping[str, Any] | None) -> pd.DataFrame:
     for entry in record.get("rounds", []):
         after = entry.get("after") or {}
 
-        def with_name(value: Any, name: Any) -> str:
-            return "—" if value is None else f"{value:.3g} ({name})"
+        def with_name(value: Any, name: Any, spec: str = ".0f") -> str:
+            return "—" if value is None else f"{value:{spec}} ({name})"
 
         rows.append(
             {
@@ -727,7 +727,9 @@ def adaptive_rounds_table(record: Mapping[str, Any] | None) -> pd.DataFrame:
                 ),
                 "chains": after.get("chains"),
                 "draws": entry["draws"],
-                "max_r_hat": with_name(after.get("max_r_hat"), after.get("max_r_hat_quantity")),
+                "max_r_hat": with_name(
+                    after.get("max_r_hat"), after.get("max_r_hat_quantity"), ".3f"
+                ),
                 "min_ess_bulk": with_name(
                     after.get("min_ess_bulk"), after.get("min_ess_bulk_quantity")
                 ),

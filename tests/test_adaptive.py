@@ -337,3 +337,18 @@ def test_centred_and_non_centred_give_the_same_posterior(formula):
     ub = centred.idata.posterior[f"u_{plain.design.blocks[0].label}"].mean(("chain", "draw"))
     sd = plain.idata.posterior[f"u_{plain.design.blocks[0].label}"].std(("chain", "draw"))
     assert float((np.abs(ua - ub) / sd).max()) < 0.25
+
+
+def test_rounds_table_for_the_report_names_the_worst_quantities(funnel_fits):
+    from harness.report_tables import adaptive_rounds_table
+
+    _, fits = funnel_fits
+    table = adaptive_rounds_table(fits["adaptive"].settings["adaptive"])
+    assert list(table["action"]) == ["first run", "re-parameterise"]
+    assert table["parameterization"].iloc[0] == "school: centred"
+    first = fits["adaptive"].settings["adaptive"]["rounds"][0]["after"]
+    assert table["max_r_hat"].iloc[0] == (
+        f"{first['max_r_hat']:.3f} ({first['max_r_hat_quantity']})"
+    )
+    assert table["divergences"].iloc[0] > 0
+    assert adaptive_rounds_table(None).empty
