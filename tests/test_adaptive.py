@@ -344,7 +344,7 @@ def test_rounds_table_for_the_report_names_the_worst_quantities(funnel_fits):
 
     _, fits = funnel_fits
     table = adaptive_rounds_table(fits["adaptive"].settings["adaptive"])
-    assert list(table["action"]) == ["first run", "re-parameterise"]
+    assert list(table["action"])[:2] == ["first run", "re-parameterise"]
     assert table["parameterization"].iloc[0] == "school: centred"
     first = fits["adaptive"].settings["adaptive"]["rounds"][0]["after"]
     assert table["max_r_hat"].iloc[0] == (
