@@ -120,11 +120,13 @@ def report(session: nox.Session) -> None:
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Time fits and samplers (``benchmarks/run.py``, posargs go to it), the same-model
-    check (``bench_same_model.py``) and study throughput (``bench_study.py``)."""
+    check (``bench_same_model.py``), study throughput (``bench_study.py``) and adaptive
+    sampling against one run (``bench_adaptive.py``)."""
     _setup(session, extras="[study]")
     session.run("python", "benchmarks/run.py", *session.posargs, env=_env())
     session.run("python", "benchmarks/bench_same_model.py", env=_env())
     session.run("python", "benchmarks/bench_study.py", env=_env())
+    session.run("python", "benchmarks/bench_adaptive.py", env=_env())
 
 
 @nox.session(python=PYTHON, default=False)

@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:  # running from a checkout without installing the 
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_OUT = ROOT / "reports" / "bench.json"
-DRAWS = {"draws": 1000, "tune": 1000, "chains": 4}
+DRAWS = {"draws": 1000, "tune": 1000, "chains": 4, "adaptive": False}
 STUDY_REPLICATES = 20
 OPENBLAS = "-lopenblas"
 

@@ -36,6 +36,28 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if doctor_ok(rows) else 1
 
 
+def _adaptive_arguments(parser: argparse.ArgumentParser) -> None:
+    """The adaptive-sampling budget (defaults: ``harness.runner.FitSettings``)."""
+    parser.add_argument(
+        "--max-rounds", type=int, default=None, help="adaptive sampling: runs at most (default 4)"
+    )
+    parser.add_argument(
+        "--max-draws",
+        type=int,
+        default=None,
+        help="adaptive sampling: post-warm-up draws over all runs (default 4x the first run's)",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="adaptive sampling: wall seconds (default 300)",
+    )
+    parser.add_argument(
+        "--no-adaptive", action="store_true", help="one sampler run, however the diagnostics look"
+    )
+
+
 # --- report (owner: report engineer) -----------------------------------------
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="fit a shipped design with both engines and write its report")
@@ -44,6 +66,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("reports"), help="folder for 'all'")
     p.add_argument("--seed", type=_seed, default=1, help="PyMC seed")
     p.add_argument("--refit", action="store_true", help="ignore the fit cache")
+    _adaptive_arguments(p)
     p.set_defaults(func=_cmd_report)
 
 
@@ -68,6 +91,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="report file (HTML)")
     p.add_argument("--json", type=Path, default=None, help="write the tables as JSON here")
     p.add_argument("--seed", type=_seed, default=1, help="PyMC seed")
+    _adaptive_arguments(p)
     p.set_defaults(func=_cmd_compare)
 
 

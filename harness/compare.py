@@ -171,11 +171,13 @@ def _adaptive(bayes: BayesFit) -> dict[str, Any] | None:
 def _row_reliable(stats: dict[str, float], bayes: BayesFit) -> bool:
     """R-hat <= 1.01, bulk and tail ESS >= 400 and no divergence.
 
-    An adaptive fit that stopped because its targets were met (``budget_spent``
-    False) is reliable by construction: its loop checked the same rule.
+    An adaptive fit whose loop met its targets (``reliable``) is reliable by
+    construction: the loop checked the same rule on every compared quantity.
+    Otherwise each row is judged on its own draws, so a row that meets the
+    rule keeps its verdict when another quantity missed it.
     """
     adaptive = _adaptive(bayes)
-    if adaptive is not None and adaptive.get("budget_spent") is False:
+    if adaptive is not None and adaptive.get("reliable") is True:
         return True
     return _reliable(stats) and bayes.n_divergent == 0
 
@@ -192,8 +194,9 @@ def _unreliable_reason(stats: dict[str, float], bayes: BayesFit) -> str:
         reasons.append(f"{bayes.n_divergent} divergent transitions")
     text = "unreliable: " + ", ".join(reasons) if reasons else "unreliable"
     adaptive = _adaptive(bayes)
-    if adaptive is not None and adaptive.get("budget_spent"):
-        text += f" (sampling budget spent: {adaptive.get('reason', 'no reason recorded')})"
+    if adaptive is not None and adaptive.get("reliable") is False:
+        # "budget spent: ..." or "no remedy left: ...", with the diagnostics that still miss.
+        text += f" (adaptive sampling stopped: {adaptive.get('reason', 'no reason recorded')})"
     return text
 
 

@@ -550,6 +550,9 @@ def report_context(result: DesignResult, figures: Mapping[str, Any]) -> dict[str
         ("figures", result.timings.get("figures"), result.cached.get("figures")),
     ]
     diagnostics, offsets_summary = _split_diagnostics(cmp.diagnostics)
+    adaptive = bayes.settings.get("adaptive")
+    from harness.report_tables import adaptive_rounds_table
+
     return {
         "title": f"{result.name}: lme4 vs PyMC",
         "name": result.name,
@@ -591,6 +594,9 @@ def report_context(result: DesignResult, figures: Mapping[str, Any]) -> dict[str
             if c in diagnostics.columns
         ],
         "sampler_stats": stats,
+        "adaptive_rounds": _records(adaptive_rounds_table(adaptive)),
+        "adaptive_reason": adaptive.get("reason") if adaptive else None,
+        "adaptive_budget_spent": bool(adaptive.get("budget_spent")) if adaptive else False,
         "messages": list(freq.messages),
         "converged": freq.converged,
         "singular": freq.singular,

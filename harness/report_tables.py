@@ -725,3 +725,66 @@ def verdict_table(
             }
         )
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- adaptive sampling
+
+
+def adaptive_rounds_table(record: Mapping[str, Any] | None) -> pd.DataFrame:
+    """One row per round of adaptive sampling (``BayesFit.settings["adaptive"]``).
+
+    Columns: round, action, target_accept, parameterization (per block),
+    chains (kept after the round), draws (per chain), max_r_hat, min_ess_bulk,
+    min_ess_tail (each with the quantity that reached it), divergences, kept,
+    seconds (sampling) and why.  Empty when the fit was not adaptive.
+    """
+    columns = [
+        "round",
+        "action",
+        "target_accept",
+        "parameterization",
+        "chains",
+        "draws",
+        "max_r_hat",
+        "min_ess_bulk",
+        "min_ess_tail",
+        "divergences",
+        "kept",
+        "seconds",
+        "why",
+    ]
+    if not record:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for entry in record.get("rounds", []):
+        after = entry.get("after") or {}
+
+        def with_name(value: Any, name: Any, spec: str = ".0f") -> str:
+            return "—" if value is None else f"{value:{spec}} ({name})"
+
+        rows.append(
+            {
+                "round": entry["round"],
+                "action": entry["action"],
+                "target_accept": entry["target_accept"],
+                "parameterization": ", ".join(
+                    f"{label}: {form}" for label, form in entry["parameterization"].items()
+                ),
+                "chains": after.get("chains"),
+                "draws": entry["draws"],
+                "max_r_hat": with_name(
+                    after.get("max_r_hat"), after.get("max_r_hat_quantity"), ".3f"
+                ),
+                "min_ess_bulk": with_name(
+                    after.get("min_ess_bulk"), after.get("min_ess_bulk_quantity")
+                ),
+                "min_ess_tail": with_name(
+                    after.get("min_ess_tail"), after.get("min_ess_tail_quantity")
+                ),
+                "divergences": after.get("divergences"),
+                "kept": "yes" if entry.get("kept", True) else "no (earlier run kept)",
+                "seconds": entry.get("sample_seconds"),
+                "why": entry.get("why", ""),
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)

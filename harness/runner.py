@@ -97,6 +97,12 @@ class FitSettings:
         ``merTools::REsim`` draws (0 skips them).
     lme4_seed : int
         Seed of REsim; fixed so that a new PyMC seed leaves the lme4 fit cached.
+    adaptive : bool
+        Sample in rounds until the diagnostics hold (:mod:`harness.engines.adaptive`).
+    max_rounds, max_draws, max_seconds
+        The adaptive budget (:class:`harness.engines.adaptive.AdaptiveSettings`):
+        sampler runs, post-warm-up draws over all runs (None: four times the
+        first run's), wall seconds.
     """
 
     draws: int = 1000
@@ -107,6 +113,20 @@ class FitSettings:
     profile: bool = True
     n_sims: int = 1000
     lme4_seed: int = 1
+    adaptive: bool = True
+    max_rounds: int = 4
+    max_draws: int | None = None
+    max_seconds: float = 300.0
+
+    def adaptive_settings(self) -> Any:
+        """``AdaptiveSettings`` for :func:`harness.engines.pymc.fit_pymc`, or False."""
+        if not self.adaptive:
+            return False
+        from harness.engines.adaptive import AdaptiveSettings
+
+        return AdaptiveSettings(
+            max_rounds=self.max_rounds, max_draws=self.max_draws, max_seconds=self.max_seconds
+        )
 
     def lme4_part(self) -> dict[str, Any]:
         return {"profile": self.profile, "n_sims": self.n_sims, "lme4_seed": self.lme4_seed}
@@ -118,6 +138,10 @@ class FitSettings:
             "chains": self.chains,
             "sampler": self.sampler,
             "target_accept": self.target_accept,
+            "adaptive": self.adaptive,
+            "max_rounds": self.max_rounds,
+            "max_draws": self.max_draws,
+            "max_seconds": self.max_seconds,
         }
 
 
@@ -216,7 +240,9 @@ def _pymc_key_parts(
         "settings": settings.pymc_part(),
         "seed": int(seed),
         "versions": {k: py[k] for k in _PY_PACKAGES},
-        "code": _source_hash("engines/pymc.py", "priors.py", "spec.py", "family.py"),
+        "code": _source_hash(
+            "engines/pymc.py", "engines/adaptive.py", "priors.py", "spec.py", "family.py"
+        ),
     }
 
 
@@ -328,6 +354,7 @@ def _fit_pymc_cached(
         sampler=settings.sampler,
         target_accept=settings.target_accept,
         design=design,
+        adaptive=settings.adaptive_settings(),
     )
     store.store(
         "pymc",
@@ -623,6 +650,24 @@ def fit_design(
 # --------------------------------------------------------------------------- command line
 
 
+def settings_from_args(args: argparse.Namespace, base: FitSettings | None = None) -> FitSettings:
+    """``base`` (default: :func:`harness.user_data.settings_from_env`) with the CLI's budget."""
+    from harness.user_data import settings_from_env
+
+    settings = base if base is not None else settings_from_env()
+    changes: dict[str, Any] = {}
+    for name in ("max_rounds", "max_draws", "max_seconds"):
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, not {value}")
+        changes[name] = value
+    if getattr(args, "no_adaptive", False):
+        changes["adaptive"] = False
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
 def run_report_command(args: argparse.Namespace) -> int:
     """``harness report DESIGN|all``: fit (or load), write the report(s) and, for ``all``, the index.
 
@@ -661,7 +706,9 @@ def run_report_command(args: argparse.Namespace) -> int:
     for name in names:
         path = Path(args.out) if args.out is not None else out_dir / f"{name}.html"
         try:
-            result = fit_design(name, seed=args.seed, refit=args.refit)
+            result = fit_design(
+                name, seed=args.seed, refit=args.refit, settings=settings_from_args(args)
+            )
             write_report(result, path)
         except Exception as err:
             if getattr(args, "debug", False):

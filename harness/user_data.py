@@ -10,8 +10,10 @@ to a temporary file and renamed only once every stage has succeeded.
 
 Sampler settings default to :class:`harness.runner.FitSettings` (4 chains of
 1000 draws after 1000 tuning steps).  The environment variables
-``HARNESS_DRAWS``, ``HARNESS_TUNE`` and ``HARNESS_CHAINS`` override them,
-for quick looks and for the test suite.
+``HARNESS_DRAWS``, ``HARNESS_TUNE``, ``HARNESS_CHAINS`` and ``HARNESS_MAX_ROUNDS``
+(rounds of adaptive sampling) override them, for quick looks and for the test
+suite; ``--max-rounds``, ``--max-draws``, ``--max-seconds`` and ``--no-adaptive``
+set the adaptive budget on the command line.
 """
 
 from __future__ import annotations
@@ -42,7 +44,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("harness")
 
 #: Environment variables that override the sampler settings (name -> FitSettings field).
-SETTINGS_ENV = {"HARNESS_DRAWS": "draws", "HARNESS_TUNE": "tune", "HARNESS_CHAINS": "chains"}
+SETTINGS_ENV = {
+    "HARNESS_DRAWS": "draws",
+    "HARNESS_TUNE": "tune",
+    "HARNESS_CHAINS": "chains",
+    "HARNESS_MAX_ROUNDS": "max_rounds",
+}
 
 JSON_FORMAT = "harness.compare/1"
 
@@ -118,7 +125,7 @@ def read_data(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 def settings_from_env(base: FitSettings | None = None) -> FitSettings:
-    """FitSettings with ``HARNESS_DRAWS``/``HARNESS_TUNE``/``HARNESS_CHAINS`` applied."""
+    """FitSettings with ``HARNESS_DRAWS``/``TUNE``/``CHAINS``/``MAX_ROUNDS`` applied."""
     from harness.runner import FitSettings
 
     settings = base or FitSettings()
@@ -319,6 +326,14 @@ def comparison_json(
                 "tune": bayes.tune,
                 "sampler_stats": cmp.sampler_stats,
                 "priors": bayes.priors.table(),
+                "target_accept": bayes.settings.get("target_accept"),
+                "parameterization_per_block": {
+                    b.label: "centred"
+                    if b.label in bayes.settings.get("centered", [])
+                    else "non-centred"
+                    for b in design.blocks
+                },
+                "adaptive": bayes.settings.get("adaptive"),
             },
             "same_model": _same_model_json(result),
             "tables": {name: _table(frame) for name, frame in cmp.tables().items()},
@@ -383,6 +398,9 @@ def run_compare_command(args: argparse.Namespace) -> int:
     json_path = Path(args.json) if getattr(args, "json", None) is not None else None
     # Before any work: no output over the data, over the other output, or on a special file.
     check_outputs({"--out": out, "--json": json_path}, inputs=[csv])
+    from harness.runner import settings_from_args
+
+    settings = settings_from_args(args)
     data = read_data(csv)
     result = compare_data(
         data,
@@ -393,6 +411,7 @@ def run_compare_command(args: argparse.Namespace) -> int:
         name=csv.stem,
         family=getattr(args, "family", "gaussian"),
         link=getattr(args, "link", None),
+        settings=settings,
     )
     written = write_outputs(result, out, json_path, source=str(csv), rows_read=len(data))
     same = result.same_model_status or "not run"
@@ -402,6 +421,9 @@ def run_compare_command(args: argparse.Namespace) -> int:
         f"{result.design.n} rows used ({result.design.n_dropped} dropped); "
         f"divergences {stats.get('divergences')}"
     )
+    adaptive = result.bayes_info.settings.get("adaptive")
+    if adaptive:
+        print(f"  sampling: {len(adaptive['rounds'])} round(s); {adaptive['reason']}")
     for path in written:
         print(f"  -> {path}")
     return 0

@@ -260,3 +260,28 @@ def test_divergences_make_the_verdict_unreliable():
     cmp = compare(_freq(bayes.design), bayes)
     assert set(cmp.fixed["verdict"]) == {"unreliable"}
     assert any("divergent" in n for n in cmp.notes)
+
+
+def test_adaptive_record_decides_reliability_and_names_why_it_stopped():
+    """A loop that met its targets makes rows reliable; one that stopped says why."""
+    bayes, _ = _bayes("offsets")
+    bayes.idata.sample_stats["diverging"][0, :3] = True
+    bayes.settings["adaptive"] = {
+        "reliable": False,
+        "budget_spent": True,
+        "reason": "budget spent: 4 rounds; still 3 divergences",
+        "rounds": [],
+    }
+    cmp = compare(_freq(bayes.design), bayes)
+    assert set(cmp.fixed["verdict"]) == {"unreliable"}
+    assert all("budget spent: 4 rounds" in e for e in cmp.fixed["explanation"])
+
+    clean, _ = _bayes("offsets")
+    clean.settings["adaptive"] = {
+        "reliable": True,
+        "budget_spent": False,
+        "reason": "",
+        "rounds": [],
+    }
+    cmp = compare(_freq(clean.design), clean)
+    assert "unreliable" not in set(cmp.fixed["verdict"])

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.r, pytest.mark.sampling]
 
 #: The default test run's one small fit (shared with test_report/test_plots/test_runner
 #: through the runner's disk cache in the session's temp folder).
-REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200)
+REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200, max_rounds=1)
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 FLAGS = (

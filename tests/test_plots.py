@@ -19,7 +19,7 @@ from harness.runner import DesignResult, FitSettings, fit_design
 
 #: The default test run's one small fit (shared with test_report/test_runner/test_browser
 #: through the runner's disk cache in the session's temp folder).
-REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200)
+REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200, max_rounds=1)
 
 
 @pytest.fixture(scope="module")

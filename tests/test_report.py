@@ -16,7 +16,7 @@ import pytest
 from harness.runner import REPORT_DESIGNS, DesignResult, FitSettings, fit_design
 
 #: Small but real: what the default test run fits (once per session, then cached on disk).
-REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200)
+REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200, max_rounds=1)
 
 
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -18,7 +18,7 @@ from harness.runner import FitSettings, fit_design
 
 #: The default test run's one small fit (shared with test_report/test_plots/test_browser
 #: through the runner's disk cache in the session's temp folder).
-REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200)
+REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200, max_rounds=1)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -130,7 +130,7 @@ def test_warm_report_starts_no_r_and_no_compiler(cache: Path, tmp_path: Path) ->
         from harness.runner import FitSettings, fit_design
         from harness.report import write_report
         result = fit_design("sleepstudy", seed=1, cache_dir={str(cache)!r},
-                            settings=FitSettings(draws=500, tune=500, chains=2, n_sims=200))
+                            settings=FitSettings(draws=500, tune=500, chains=2, n_sims=200, max_rounds=1))
         write_report(result, {str(tmp_path / "warm.html")!r})
         loaded = sorted(m for m in ("rpy2", "pymc", "pytensor", "nutpie", "numba") if m in sys.modules)
         print(loaded, all(result.cached.values()), round(time.perf_counter() - started, 2))

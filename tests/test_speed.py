@@ -11,7 +11,7 @@ from harness.engines.pymc import clear_compiled, refit
 
 pytestmark = pytest.mark.sampling
 
-SMALL = {"chains": 2, "draws": 200, "tune": 200}
+SMALL = {"chains": 2, "draws": 200, "tune": 200, "adaptive": False}
 VARS = ("beta", "u_cafe", "sd_cafe", "corr_cafe", "sigma")
 
 

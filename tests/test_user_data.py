@@ -27,7 +27,12 @@ REFERENCE = json.loads((ROOT / "tests" / "reference" / "lme4_datasets.json").rea
 MODELS = REFERENCE["models"]
 
 #: Small sampler settings for end-to-end runs (read by harness.user_data.settings_from_env).
-QUICK = {"HARNESS_DRAWS": "300", "HARNESS_TUNE": "300", "HARNESS_CHAINS": "2"}
+QUICK = {
+    "HARNESS_DRAWS": "300",
+    "HARNESS_TUNE": "300",
+    "HARNESS_CHAINS": "2",
+    "HARNESS_MAX_ROUNDS": "1",
+}
 
 
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -171,10 +176,15 @@ def test_cli_dyestuff_report_and_json(dyestuff_run):
     data = payload["data"]
     assert (data["rows_read"], data["rows_used"], data["rows_dropped"]) == (30, 30, 0)
     assert payload["pymc"]["chains"] == 2 and payload["pymc"]["draws"] == 300
+    adaptive = payload["pymc"]["adaptive"]  # HARNESS_MAX_ROUNDS=1: one round, then the reason
+    assert len(adaptive["rounds"]) == 1 and adaptive["rounds"][0]["action"] == "first run"
+    assert adaptive["reliable"] or adaptive["reason"].startswith("budget spent: 1 rounds")
+    assert "sampling: 1 round(s)" in stdout
     assert set(payload["tables"]) >= {"fixed", "variance", "offsets", "agreement", "diagnostics"}
     text = report_text(report)
     assert "Yield ~ 1 + (1 | Batch)" in text and "1527.5" in text
     assert "Same model" in text
+    assert "Rounds of sampling" in text
 
 
 @pytest.mark.r
@@ -231,7 +241,9 @@ def test_cli_crossed_and_nested_designs(name, tmp_path, tmp_path_factory):
         "--json",
         str(js),
     ]
-    rc, stdout, stderr = run_cli(argv, shared_cache(tmp_path_factory), HARNESS_CHAINS="2")
+    rc, stdout, stderr = run_cli(
+        argv, shared_cache(tmp_path_factory), HARNESS_CHAINS="2", HARNESS_MAX_ROUNDS="2"
+    )
     assert rc == 0, stderr
     assert "same-model check: ok" in stdout
     payload = json.loads(js.read_text())

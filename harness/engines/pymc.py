@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,9 @@ from harness.samplers import (
 )
 from harness.spec import Design, ModelSpec, Prior, RandomBlock, build_design
 
+if TYPE_CHECKING:
+    from harness.engines.adaptive import AdaptiveSettings
+
 log = logging.getLogger("harness")
 
 Sampler = Literal["nutpie", "pymc", "numpyro"]
@@ -40,6 +44,7 @@ __all__ = [
     "SAMPLERS",
     "BayesFit",
     "build_model",
+    "centered_blocks",
     "clear_compiled",
     "data_containers",
     "fit_pymc",
@@ -270,8 +275,47 @@ def data_containers(pm: Any, values: dict[str, np.ndarray]) -> dict[str, Any]:
     return views
 
 
-def structure(design: Design, priors: ResolvedPriors) -> dict[str, str]:
-    """What fixes the model's graph (data values excluded), item by item."""
+def centered_blocks(design: Design, centered: Collection[str] | str | None) -> frozenset[str]:
+    """Validate which random-effects blocks take the centred parameterisation.
+
+    Parameters
+    ----------
+    design : Design
+    centered : collection of block labels, ``"all"``, or None (none: every block non-centred)
+
+    Returns
+    -------
+    frozenset of str
+        Block labels.  Empty for ``parameterization="baked_in"``, whose
+        coefficients are centred on the fixed effects by construction.
+
+    Raises
+    ------
+    ValueError
+        For a label that names no block of the design.
+    """
+    labels = [b.label for b in design.blocks]
+    if centered is None:
+        return frozenset()
+    if isinstance(centered, str):
+        centered = labels if centered == "all" else [centered]
+    unknown = sorted(set(centered) - set(labels))
+    if unknown:
+        raise ValueError(f"centered names no random-effects block {unknown}; blocks are {labels}")
+    if design.spec.parameterization == "baked_in":
+        return frozenset()
+    return frozenset(centered)
+
+
+def structure(
+    design: Design, priors: ResolvedPriors, centered: Collection[str] = ()
+) -> dict[str, str]:
+    """What fixes the model's graph (data values excluded), item by item.
+
+    ``centered`` (block labels) enters each block's entry: the centred and
+    non-centred forms are different graphs, so they compile separately.
+    """
+    centered = centered_blocks(design, centered)
     parts = {
         "graph version": GRAPH_VERSION,
         "formula": design.spec.formula,
@@ -292,14 +336,15 @@ def structure(design: Design, priors: ResolvedPriors) -> dict[str, str]:
         parts[f"block {block.label}"] = (
             f"{block.n_levels} levels; terms {','.join(block.terms)}; "
             f"{'correlated' if block.correlated else 'uncorrelated'}; "
-            f"SD prior {_sd_group(block, priors).signature()}"
+            f"SD prior {_sd_group(block, priors).signature()}; "
+            f"{'centred' if block.label in centered else 'non-centred'}"
         )
     return parts
 
 
-def structure_key(design: Design, priors: ResolvedPriors) -> str:
+def structure_key(design: Design, priors: ResolvedPriors, centered: Collection[str] = ()) -> str:
     """Identifies a model structure: same key, same compiled model (data may differ)."""
-    text = "|".join(f"{k}={v}" for k, v in structure(design, priors).items())
+    text = "|".join(f"{k}={v}" for k, v in structure(design, priors, centered).items())
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -308,8 +353,16 @@ def structure_key(design: Design, priors: ResolvedPriors) -> str:
 INTERCEPT = "(Intercept)"
 
 
-def build_model(design: Design, priors: ResolvedPriors | None = None) -> Any:
+def build_model(
+    design: Design, priors: ResolvedPriors | None = None, centered: Collection[str] = ()
+) -> Any:
     """Build the PyMC model for a design.
+
+    Random-effects blocks are non-centred by default (``u = z * sd`` or
+    ``u = z L'``, with ``z_<label> ~ Normal(0, 1)``); the blocks named in
+    ``centered`` draw ``u_<label>`` itself (``Normal(0, sd)`` or
+    ``MvNormal(0, chol=L)``).  Both define the same posterior of every
+    quantity the harness compares, under the same names.
 
     Every data value (response, design columns, group indices and the
     data-scaled prior parameters, named as in :func:`model_data`) lives in
@@ -322,6 +375,8 @@ def build_model(design: Design, priors: ResolvedPriors | None = None) -> Any:
         From :func:`harness.spec.build_design`.
     priors : ResolvedPriors, optional
         Defaults to ``resolve_priors(design)``.
+    centered : collection of str
+        Labels of the blocks to centre (see :func:`centered_blocks`).
 
     Returns
     -------
@@ -332,6 +387,7 @@ def build_model(design: Design, priors: ResolvedPriors | None = None) -> Any:
 
     spec = design.spec
     priors = priors if priors is not None else resolve_priors(design)
+    centered = centered_blocks(design, centered)
     values = model_data(design, priors)
     coords: dict[str, Any] = {
         "fixed_term": design.fixed_terms,
@@ -347,6 +403,7 @@ def build_model(design: Design, priors: ResolvedPriors | None = None) -> Any:
 
     baked = spec.parameterization == "baked_in"
     absorbed = _absorbed_terms(design) if baked else {}
+    centres = _centred_on_fixed(design, centered)
 
     with pm.Model(coords=coords) as model:
         data = data_containers(pm, values)
@@ -360,7 +417,18 @@ def build_model(design: Design, priors: ResolvedPriors | None = None) -> Any:
         else:
             mu = pt.zeros(design.n)
         for block in design.blocks:
-            effects = _block_effects(pm, pt, block, priors, beta, design, baked, data)
+            effects = _block_effects(
+                pm,
+                pt,
+                block,
+                priors,
+                beta,
+                design,
+                baked,
+                data,
+                block.label in centered,
+                centres.get(block.label, ()),
+            )
             index = data[f"idx_{block.label}"]
             # One gathered column per term: its gradient is a length-n scatter-add,
             # several times cheaper in numba than gathering whole rows of `effects`.
@@ -407,8 +475,20 @@ def _block_effects(
     design: Design,
     baked: bool,
     data: dict[str, Any],
+    centred: bool = False,
+    on_fixed: tuple[str, ...] = (),
 ) -> Any:
-    """Group-level effects of one block, shape (levels, terms): offsets or coefficients."""
+    """Group-level effects of one block, shape (levels, terms): offsets or coefficients.
+
+    Non-centred (default): ``u = z * sd`` (or ``z L'``), ``z ~ Normal(0, 1)``,
+    best when the groups' data say little next to the prior.  Centred: the
+    group coefficients ``coef_<label> ~ Normal(beta_t, sd)`` (or
+    ``MvNormal(beta_t, chol=L)``) for the terms ``on_fixed`` that have a fixed
+    effect ``beta_t`` (0 for the others), and ``u = coef - beta_t``; with no
+    such term ``u ~ Normal(0, sd)`` itself.  Best when each group's data pin its
+    coefficient down (the non-centred form then couples ``z`` and the SD;
+    centring on 0 alone would couple ``u`` and ``beta``).
+    """
     dims = (level_dim(block), term_dim(block))
     group = _sd_group(block, priors)
     params = {p: data[n] for p, n in group.data_names(f"prior_sd_{block.label}").items()}
@@ -424,6 +504,12 @@ def _block_effects(
         sd = sd_family(sd_var(block), **params, dims=term_dim(block))
         if baked:
             return pm.Normal(coef_var(block), mu=centre, sigma=sd, dims=dims)
+        if centred and not on_fixed:
+            return pm.Normal(offsets_var(block), mu=0.0, sigma=sd, dims=dims)
+        if centred:
+            mean = _fixed_centre(pt, block, beta, design, on_fixed)
+            coef = pm.Normal(coef_var(block), mu=mean, sigma=sd, dims=dims)
+            return pm.Deterministic(offsets_var(block), coef - mean, dims=dims)
         z = pm.Normal(f"z_{block.label}", 0.0, 1.0, dims=dims)
         return pm.Deterministic(offsets_var(block), z * sd, dims=dims)
     # store_in_trace=False: the SDs and correlations are stored once, under harness names.
@@ -439,8 +525,50 @@ def _block_effects(
     pm.Deterministic(corr_var(block), corr, dims=(term_dim(block), term_b_dim(block)))
     if baked:
         return pm.MvNormal(coef_var(block), mu=centre, chol=chol, dims=dims)
+    if centred and not on_fixed:
+        return pm.MvNormal(offsets_var(block), mu=pt.zeros(k), chol=chol, dims=dims)
+    if centred:
+        mean = _fixed_centre(pt, block, beta, design, on_fixed)
+        coef = pm.MvNormal(coef_var(block), mu=mean, chol=chol, dims=dims)
+        return pm.Deterministic(offsets_var(block), coef - mean, dims=dims)
     z = pm.Normal(f"z_{block.label}", 0.0, 1.0, dims=dims)
     return pm.Deterministic(offsets_var(block), pt.dot(z, chol.T), dims=dims)
+
+
+def _centred_on_fixed(design: Design, centered: Collection[str]) -> dict[str, tuple[str, ...]]:
+    """Per centred block, the terms whose group coefficients are centred on their fixed effect.
+
+    A fixed effect centres the centred block with the fewest groups that has
+    its term (ties: design order): the fixed effect is then about the mean of
+    few well-informed coefficients, as in a one-way design.  Other blocks with
+    the same term are centred on 0 (centring two blocks on one fixed effect
+    would tie both to it).
+    """
+    if design.spec.parameterization != "offsets":
+        return {}
+    taken: set[str] = set()
+    centres: dict[str, tuple[str, ...]] = {}
+    order = sorted(
+        (b for b in design.blocks if b.label in centered),
+        key=lambda b: (b.n_levels, design.blocks.index(b)),
+    )
+    for block in order:
+        terms = tuple(t for t in block.terms if t in design.fixed_terms and t not in taken)
+        taken.update(terms)
+        centres[block.label] = terms
+    return centres
+
+
+def _fixed_centre(
+    pt: Any, block: RandomBlock, beta: Any, design: Design, on_fixed: tuple[str, ...]
+) -> Any:
+    """Vector over the block's terms: ``beta_t`` for the terms in ``on_fixed``, else 0."""
+    return pt.stack(
+        [
+            beta[design.fixed_terms.index(t)] if t in on_fixed else pt.constant(0.0)
+            for t in block.terms
+        ]
+    )
 
 
 def _absorbed_terms(design: Design) -> dict[str, str]:
@@ -483,7 +611,7 @@ def _relabel(idata: Any, design: Design) -> Any:
     return idata
 
 
-def _offsets_after_sampling(design: Design) -> list[str]:
+def _offsets_after_sampling(design: Design, centered: Collection[str] = ()) -> list[str]:
     """Offsets computed from the stored draws instead of kept in the sampler's trace.
 
     ``u = z L'`` (or ``z * sd``) is as large as ``z`` itself; leaving it out of
@@ -492,15 +620,16 @@ def _offsets_after_sampling(design: Design) -> list[str]:
     """
     if design.spec.parameterization != "offsets":
         return []
-    return [offsets_var(block) for block in design.blocks]
+    # A centred block samples u itself: it is in the trace already.
+    return [offsets_var(block) for block in design.blocks if block.label not in centered]
 
 
-def _add_offsets(idata: Any, design: Design) -> Any:
+def _add_offsets(idata: Any, design: Design, centered: Collection[str] = ()) -> Any:
     """Add ``u_<label>`` to the posterior exactly as the model defines it."""
     import xarray as xr
 
     posterior = idata.posterior
-    for name in _offsets_after_sampling(design):
+    for name in _offsets_after_sampling(design, centered):
         if name in posterior:
             continue
         block = next(b for b in design.blocks if offsets_var(b) == name)
@@ -522,6 +651,78 @@ def _add_offsets(idata: Any, design: Design) -> Any:
     return idata
 
 
+@dataclass
+class Run:
+    """One sampler run of :func:`sample_once`: the draws and how they were made."""
+
+    idata: Any
+    compile_seconds: float
+    sample_seconds: float
+    cached: bool
+    key: str
+    parts: dict[str, str]
+    centered: frozenset[str]
+    target_accept: float
+    seed: int
+    chains: int
+
+
+def sample_once(
+    design: Design,
+    priors: ResolvedPriors,
+    *,
+    seed: int,
+    draws: int,
+    tune: int,
+    chains: int,
+    sampler: str,
+    target_accept: float,
+    progress: bool = False,
+    centered: Collection[str] = (),
+) -> Run:
+    """Sample the model of ``design`` once (nutpie: compile or reuse, swap data, sample).
+
+    The posterior holds ``u_<label>`` for every block whatever its
+    parameterisation, under lme4's labels.
+    """
+    centered = centered_blocks(design, centered)
+    parts = structure(design, priors, centered)
+    key = structure_key(design, priors, centered)
+    cached = False
+    if sampler == "nutpie":
+        compiled, compile_s, cached = compiled_nutpie(
+            key,
+            lambda: build_model(design, priors, centered),
+            pack_data(model_data(design, priors))[0],
+            skip=lambda model: set(_offsets_after_sampling(design, centered)),
+        )
+        idata, sample_s = sample_nutpie(
+            compiled,
+            draws=draws,
+            tune=tune,
+            chains=chains,
+            seed=seed,
+            target_accept=target_accept,
+            progress=progress,
+        )
+        idata = _relabel(_add_offsets(idata, design, centered), design)
+    else:
+        idata, sample_s = sample_pymc(
+            build_model(design, priors, centered),
+            draws=draws,
+            tune=tune,
+            chains=chains,
+            seed=seed,
+            target_accept=target_accept,
+            progress=progress,
+            nuts_sampler=sampler,
+        )
+        compile_s = 0.0
+    return Run(
+        idata, compile_s, sample_s, cached, key, parts, centered, target_accept, seed, chains
+    )
+
+
 def fit_pymc(
     spec: ModelSpec,
     data: pd.DataFrame,
@@ -534,13 +735,22 @@ def fit_pymc(
     target_accept: float = 0.8,
     progress: bool = False,
     design: Design | None = None,
+    adaptive: bool | AdaptiveSettings = True,
+    centered: Collection[str] | str | None = None,
 ) -> BayesFit:
-    """Fit ``spec`` to ``data`` with PyMC.
+    """Fit ``spec`` to ``data`` with PyMC, sampling until the diagnostics hold.
 
     With nutpie (the default) the model is compiled once per model structure
     (:func:`structure_key`) and process; later fits of the same structure to
     other data swap the data into the compiled model, without building or
     compiling anything (``compile_seconds`` is then 0).
+
+    With ``adaptive`` (the default) a first run that leaves any compared
+    quantity with R-hat > 1.01, bulk or tail ESS < 400 or any divergence is
+    followed by more rounds (other parameterisation per block, higher
+    ``target_accept``, more chains) within a budget; see
+    :mod:`harness.engines.adaptive`.  Every round is recorded in
+    ``settings["adaptive"]``.
 
     Parameters
     ----------
@@ -548,66 +758,78 @@ def fit_pymc(
     data : DataFrame
     seed : int
         Same seed, same draws (for a given sampler and versions), whether the
-        compiled model was reused or not.
+        compiled model was reused or not; later adaptive rounds use seeds
+        derived from it.
     draws, tune, chains : int
-        Per chain.  Chains beyond the machine's cores run in turn.
+        Per chain, for each run.  Chains beyond the machine's cores run in turn.
     sampler : {"nutpie", "pymc", "numpyro"}
         ``nutpie`` (numba backend, default and fastest here), PyMC's own NUTS,
         or numpyro (imported only when asked for).
     target_accept : float
-        0.8 (nutpie's and PyMC's default): no divergences on the shipped designs,
-        about 20% fewer gradient evaluations than 0.9 at the same bulk ESS.
+        Of the first run.  0.8 (nutpie's and PyMC's default) costs about 20%
+        fewer gradient evaluations than 0.9 at the same bulk ESS; the adaptive
+        loop raises it when a run diverges.
     progress : bool
         Show the sampler's progress bar.
     design : Design, optional
         A design already built from (spec, data).
+    adaptive : bool or AdaptiveSettings
+        ``True`` (default): adaptive with the default budget; ``False``: one run.
+    centered : collection of block labels, "all" or None
+        Blocks of the first run to centre (default none: all non-centred).
 
     Returns
     -------
     BayesFit
     """
+    from harness.engines.adaptive import AdaptiveSettings, sample_adaptively
+
     require_sampler(sampler)
     design = design if design is not None else build_design(spec, data)
     priors = resolve_priors(design)
-    parts = structure(design, priors)
-    key = structure_key(design, priors)
+    first_centered = centered_blocks(design, centered)
     log.info(
-        "sampling %s with %s: %d chains x %d draws",
+        "sampling %s with %s: %d chains x %d draws%s",
         spec.name or spec.formula,
         sampler,
         chains,
         draws,
+        " (adaptive)" if adaptive else "",
     )
-    cached = False
-    if sampler == "nutpie":
-        compiled, compile_s, cached = compiled_nutpie(
-            key,
-            lambda: build_model(design, priors),
-            pack_data(model_data(design, priors))[0],
-            skip=lambda model: set(_offsets_after_sampling(design)),
-        )
-        idata, sample_s = sample_nutpie(
-            compiled,
+    settings: dict[str, Any]
+    if adaptive:
+        budget = adaptive if isinstance(adaptive, AdaptiveSettings) else AdaptiveSettings()
+        outcome = sample_adaptively(
+            design,
+            priors,
+            seed=seed,
             draws=draws,
             tune=tune,
             chains=chains,
-            seed=seed,
+            sampler=sampler,
             target_accept=target_accept,
             progress=progress,
+            centered=first_centered,
+            settings=budget,
         )
-        idata = _relabel(_add_offsets(idata, design), design)
+        final, idata = outcome.final, outcome.idata
+        compile_s, sample_s = outcome.compile_seconds, outcome.sample_seconds
+        settings = {"adaptive": outcome.record}
     else:
-        idata, sample_s = sample_pymc(
-            build_model(design, priors),
+        final = sample_once(
+            design,
+            priors,
+            seed=seed,
             draws=draws,
             tune=tune,
             chains=chains,
-            seed=seed,
+            sampler=sampler,
             target_accept=target_accept,
             progress=progress,
-            nuts_sampler=sampler,
+            centered=first_centered,
         )
-        compile_s = 0.0
+        idata, compile_s, sample_s = final.idata, final.compile_seconds, final.sample_seconds
+        settings = {}
     return BayesFit(
         spec=spec,
         design=design,
@@ -616,17 +838,20 @@ def fit_pymc(
         seed=seed,
         draws=draws,
         tune=tune,
-        chains=chains,
+        chains=int(idata.posterior.sizes["chain"]),
         priors=priors,
         compile_seconds=compile_s,
         sample_seconds=sample_s,
         model_code=model_source(),
         versions=pymc_versions(sampler),
         settings={
-            "target_accept": target_accept,
-            "structure_key": key,
-            "structure": parts,
-            "compiled_model_reused": cached,
+            "target_accept": final.target_accept,
+            "centered": sorted(final.centered),
+            "chains_per_run": final.chains,
+            "structure_key": final.key,
+            "structure": final.parts,
+            "compiled_model_reused": final.cached,
+            **settings,
         },
     )
 
@@ -637,7 +862,9 @@ def refit(
     """Fit ``fit``'s model, with its settings, to new data of the same structure.
 
     The compiled model is reused (no build, no compile), which is what a
-    simulation study wants for its replicates.
+    simulation study wants for its replicates.  The refit is one run (not
+    adaptive) with the final settings of ``fit``: its parameterisation per
+    block, ``target_accept`` and chains per run.
 
     Parameters
     ----------
@@ -660,8 +887,9 @@ def refit(
         If the new data change the model's structure, naming what changed.
     """
     design = design if design is not None else build_design(fit.spec, data)
-    new = structure(design, resolve_priors(design))
-    old = fit.settings.get("structure") or structure(fit.design, fit.priors)
+    centered = list(fit.settings.get("centered", []))
+    new = structure(design, resolve_priors(design), centered)
+    old = fit.settings.get("structure") or structure(fit.design, fit.priors, centered)
     changed = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(set(old) | set(new))
@@ -678,10 +906,12 @@ def refit(
         seed=fit.seed if seed is None else seed,
         draws=fit.draws,
         tune=fit.tune,
-        chains=fit.chains,
+        chains=int(fit.settings.get("chains_per_run", fit.chains)),
         sampler=fit.sampler,
         target_accept=float(fit.settings.get("target_accept", 0.8)),
         design=design,
+        adaptive=False,
+        centered=centered,
     )
 
 

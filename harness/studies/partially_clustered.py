@@ -244,7 +244,10 @@ def fit_pymc_effect(
     """PyMC; posterior mean, SD, equal-tailed interval and tail probability of ``tx``."""
     from harness.engines.pymc import fit_pymc
 
-    fit = fit_pymc(pymc_spec(hetero), data, seed=seed, chains=chains, draws=draws, tune=tune)
+    # One run per replicate (not adaptive): the study's speed, and its diagnostics are reported.
+    fit = fit_pymc(
+        pymc_spec(hetero), data, seed=seed, chains=chains, draws=draws, tune=tune, adaptive=False
+    )
     return [posterior_row(fit, "tx", level)]
 
 

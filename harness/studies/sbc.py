@@ -116,7 +116,8 @@ def fit_sbc(
 
     from harness.engines.pymc import fit_pymc
 
-    fit = fit_pymc(SPEC, data, seed=seed, chains=chains, draws=draws, tune=tune)
+    # One run per replicate (not adaptive), for the study's speed.
+    fit = fit_pymc(SPEC, data, seed=seed, chains=chains, draws=draws, tune=tune, adaptive=False)
     post = fit.idata.posterior
     keep = thin_indices(chains * draws, n_thin)
     tail = 0.5 - level / 2
