@@ -205,8 +205,9 @@ def prior_logp(bayes: BayesFit, priors: ResolvedPriors) -> np.ndarray:
         if block.correlated and block.n_terms > 1 and corr_var(block) in posterior:
             corr = posterior[corr_var(block)].values.reshape(n, block.n_terms, block.n_terms)
             total += _lkj_logp(priors.lkj_eta, corr)
-    sigma = posterior["sigma"].values.reshape(n, -1)
-    total += _logp(priors.sigma, sigma).reshape(n, -1).sum(axis=1)
+    if "sigma" in posterior:  # binomial / Poisson models have no residual SD
+        sigma = posterior["sigma"].values.reshape(n, -1)
+        total += _logp(priors.sigma, sigma).reshape(n, -1).sum(axis=1)
     return total
 
 

@@ -119,7 +119,9 @@ def compared_quantities(idata: Any, design: Design) -> tuple[np.ndarray, list[st
         names.extend(f"{stem}[{label}]" for label in labels)
 
     add_many("beta", posterior["beta"], list(design.fixed_terms))
-    if design.sigma_levels is not None:
+    if "sigma" not in posterior:  # binomial / Poisson: no residual scale
+        pass
+    elif design.sigma_levels is not None:
         add_many("sigma", posterior["sigma"], [str(v) for v in design.sigma_levels])
     else:
         add("sigma", np.asarray(posterior["sigma"].values, dtype=float))
@@ -227,6 +229,33 @@ def describe(diag: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- parameterisation
 
 
+def _row_information(posterior: Any, design: Design) -> np.ndarray:
+    """Fisher information of each row about its linear predictor, at posterior medians.
+
+    Gaussian: ``1 / sigma_i^2``.  Binomial and Poisson: the IRLS weight of the
+    family at the linear predictor ``X beta + Z u + offset`` of the medians.
+    """
+    if "sigma" in posterior:
+        sigma = np.asarray(posterior["sigma"].median(("chain", "draw")).values, dtype=float)
+        if design.sigma_index is not None:
+            return 1.0 / sigma[np.asarray(design.sigma_index)] ** 2
+        return np.full(design.n, 1.0 / float(sigma) ** 2)
+    from harness.align import block_offsets
+
+    eta = design.X.to_numpy(dtype=float) @ np.asarray(
+        posterior["beta"].median(("chain", "draw")).values, dtype=float
+    )
+    for block in design.blocks:
+        offsets = block_offsets(posterior, block, design.spec.parameterization)
+        u = np.asarray(offsets.median(("chain", "draw")).values, dtype=float)
+        values = np.asarray(block.values, dtype=float)
+        eta = eta + np.sum(values * u[np.asarray(block.group_index)], axis=1)
+    if design.offset is not None:
+        eta = eta + np.asarray(design.offset, dtype=float)
+    _, weight = design.family.score_weights(np.asarray(design.y, float), eta, design.trials)
+    return np.asarray(weight, dtype=float)
+
+
 def information_ratios(idata: Any, design: Design) -> dict[str, dict[str, Any]]:
     """Per block: how strongly the groups' data inform their offsets, relative to the prior.
 
@@ -244,11 +273,7 @@ def information_ratios(idata: Any, design: Design) -> dict[str, dict[str, Any]]:
     from harness.engines.pymc import corr_var, sd_var
 
     posterior = idata.posterior
-    sigma = np.asarray(posterior["sigma"].median(("chain", "draw")).values, dtype=float)
-    if design.sigma_index is not None:
-        sigma_rows = sigma[np.asarray(design.sigma_index)]
-    else:
-        sigma_rows = np.full(design.n, float(sigma))
+    row_weight = _row_information(posterior, design)
     ratios: dict[str, dict[str, Any]] = {}
     for block in design.blocks:
         k = block.n_terms
@@ -260,7 +285,7 @@ def information_ratios(idata: Any, design: Design) -> dict[str, dict[str, Any]]:
         # Elementwise medians need not make a positive definite matrix: clip its eigenvalues.
         values, vectors = np.linalg.eigh(cov)
         root = vectors * np.sqrt(np.clip(values, 0.0, None))  # cov = root root'
-        weighted = np.asarray(block.values, dtype=float) / sigma_rows[:, None]
+        weighted = np.asarray(block.values, dtype=float) * np.sqrt(row_weight)[:, None]
         precision = np.zeros((block.n_levels, k, k))
         np.add.at(precision, block.group_index, weighted[:, :, None] * weighted[:, None, :])
         informed = np.trace(precision, axis1=1, axis2=2) > 0
