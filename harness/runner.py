@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from harness import progress
 from harness.spec import Design, ModelSpec, build_design
 
 if TYPE_CHECKING:
@@ -607,13 +608,18 @@ def fit_design(
     cached: dict[str, bool] = {}
     keys: dict[str, str] = {}
 
-    (freq, keys["lme4"], cached["lme4"], _), timings["lme4_load"] = _timed(
-        lambda: _fit_lme4_cached(store, design, spec, data, settings, refit)
-    )
+    progress.set_design(name)
+    with progress.stage("R fit (lme4)") as stage:
+        (freq, keys["lme4"], cached["lme4"], _), timings["lme4_load"] = _timed(
+            lambda: _fit_lme4_cached(store, design, spec, data, settings, refit)
+        )
+        stage.detail = "cached" if cached["lme4"] else ""
     timings["lme4_fit"] = float(freq.fit_seconds)
-    (bayes, nc_path, keys["pymc"], cached["pymc"]), timings["pymc_load"] = _timed(
-        lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, refit)
-    )
+    with progress.stage("PyMC fit") as stage:  # compile and sampling report inside
+        (bayes, nc_path, keys["pymc"], cached["pymc"]), timings["pymc_load"] = _timed(
+            lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, refit)
+        )
+        stage.detail = "cached" if cached["pymc"] else ""
     timings["pymc_compile"] = float(bayes.compile_seconds)
     timings["pymc_sample"] = float(bayes.sample_seconds)
 
@@ -636,13 +642,15 @@ def fit_design(
         _bayes=bayes,
         _idata_path=nc_path,
     )
-    comparison, keys["compare"], cached["compare"], timings["compare"] = _compare_cached(
-        store, freq, lambda: result.bayes, bayes, keys["lme4"], keys["pymc"], refit
-    )
+    with progress.stage("compare"):
+        comparison, keys["compare"], cached["compare"], timings["compare"] = _compare_cached(
+            store, freq, lambda: result.bayes, bayes, keys["lme4"], keys["pymc"], refit
+        )
     result.comparison = comparison
-    sm, status, sm_key, cached["same_model"], timings["same_model"] = _same_model_cached(
-        store, spec, data, freq, keys["lme4"], refit
-    )
+    with progress.stage("same-model check"):
+        sm, status, sm_key, cached["same_model"], timings["same_model"] = _same_model_cached(
+            store, spec, data, freq, keys["lme4"], refit
+        )
     result.same_model, result.same_model_status = sm, status
     if sm_key:
         keys["same_model"] = sm_key
@@ -659,7 +667,8 @@ def fit_design(
         else:
             from harness.report import render_figures
 
-            result.figures, timings["figures"] = _timed(lambda: render_figures(result))
+            with progress.stage("figures"):
+                result.figures, timings["figures"] = _timed(lambda: render_figures(result))
             cached["figures"] = False
             store.store(
                 "figures",
