@@ -708,10 +708,15 @@ def run_report_command(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     results: list[DesignResult] = []
     failures: dict[str, str] = {}
+    if len(names) > 1 and _report_workers(len(names)) > 1:
+        failures.update(_fit_in_parallel(names, out_dir, args))
     for name in names:
         path = Path(args.out) if args.out is not None else out_dir / f"{name}.html"
+        if name in failures:
+            print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
+            continue
         try:
-            result = fit_design(name, seed=args.seed, refit=args.refit)
+            result = fit_design(name, seed=args.seed, refit=args.refit and len(names) == 1)
             write_report(result, path)
         except Exception as err:
             if getattr(args, "debug", False):
@@ -728,3 +733,48 @@ def run_report_command(args: argparse.Namespace) -> int:
         print(f"index -> {index}")
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 1 if failures else 0
+
+
+def _report_workers(n_designs: int) -> int:
+    """Processes for ``report all``: one per design, at most the cores (``HARNESS_WORKERS``)."""
+    limit = os.environ.get("HARNESS_WORKERS", "").strip()
+    cores = int(limit) if limit.isdigit() and int(limit) > 0 else (os.cpu_count() or 1)
+    return max(1, min(n_designs, cores))
+
+
+def _fit_one(name: str, seed: int, refit: bool) -> str | None:
+    """Worker: fit (or load) one design into the shared cache; its error text, or None."""
+    try:
+        fit_design(name, seed=seed, refit=refit)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _fit_in_parallel(names: list[str], out_dir: Path, args: argparse.Namespace) -> dict[str, str]:
+    """Fit designs in spawned processes (R and a compiler in each), filling the fit cache.
+
+    The parent then loads each design from the cache (no R, no compile) and
+    writes the reports in index order, so output order and failure handling
+    stay those of the serial loop.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = _report_workers(len(names))
+    progress.message(f"fitting {len(names)} designs in {workers} processes")
+    failures: dict[str, str] = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {name: pool.submit(_fit_one, name, args.seed, args.refit) for name in names}
+        for name, future in futures.items():
+            try:
+                error = future.result()
+            except Exception as err:  # the worker process itself died
+                error = f"{type(err).__name__}: {err}"
+            if error is not None:
+                if getattr(args, "debug", False):
+                    raise RuntimeError(f"{name}: {error}")
+                failures[name] = error
+                log.error("%s: %s", name, error)
+    return failures
