@@ -60,10 +60,7 @@ def _split(cache: Path) -> dict[str, dict[str, float]]:
         data = json.loads(meta.read_text())
         for field in ("fit_seconds", "compile_seconds", "sample_seconds", "seconds"):
             if field in data:
-                split.setdefault(kind, {})[meta.stem] = float(data[field])
-        if kind == "pymc" and "compile_seconds" in data:
-            split.setdefault("pymc_compile", {})[meta.stem] = float(data["compile_seconds"])
-            split.setdefault("pymc_sample", {})[meta.stem] = float(data["sample_seconds"])
+                split.setdefault(f"{kind}:{field}", {})[meta.stem] = float(data[field])
     return split
 
 
@@ -96,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             work = tmpdir / "report"
             work.mkdir()
             row = _cold_and_warm(["report", "all", "--out-dir", str(work / "out")], env, work)
-            row["workers"] = os.environ.get("HARNESS_WORKERS") or os.cpu_count()
+            row["workers"] = os.environ.get("HARNESS_WORKERS") or "1 (default)"
             row["caches"] = _caches()
             payload["report_all"] = row
             print("report all:", json.dumps({k: row[k] for k in ("cold", "warm")}))

@@ -736,10 +736,18 @@ def run_report_command(args: argparse.Namespace) -> int:
 
 
 def _report_workers(n_designs: int) -> int:
-    """Processes for ``report all``: one per design, at most the cores (``HARNESS_WORKERS``)."""
-    limit = os.environ.get("HARNESS_WORKERS", "").strip()
-    cores = int(limit) if limit.isdigit() and int(limit) > 0 else (os.cpu_count() or 1)
-    return max(1, min(n_designs, cores))
+    """Processes for ``report all``: ``HARNESS_WORKERS`` (``0``: one per core), default 1.
+
+    Serial is the default because it measured faster on a 2-core machine
+    (benchmarks/bench_scale.py: cold 66 s serial against 80 s in two processes,
+    warm 1.7 s against 3.0 s): one process compiles each model structure and
+    warms numba once, while every spawned worker pays imports and compiles again.
+    """
+    text = os.environ.get("HARNESS_WORKERS", "").strip()
+    if not text.isdigit():
+        return 1
+    wanted = int(text) or (os.cpu_count() or 1)
+    return max(1, min(n_designs, wanted, os.cpu_count() or 1))
 
 
 def _fit_one(name: str, seed: int, refit: bool) -> str | None:
