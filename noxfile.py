@@ -127,6 +127,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_same_model.py", env=_env())
     session.run("python", "benchmarks/bench_study.py", env=_env())
     session.run("python", "benchmarks/bench_adaptive.py", env=_env())
+    session.run("python", "benchmarks/bench_scale.py", env=_env())
 
 
 @nox.session(python=PYTHON, default=False)

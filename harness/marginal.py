@@ -20,7 +20,10 @@ residual-SD level, so one evaluation costs ``O(groups x terms^2)`` whatever
 the number of rows: when all blocks share one grouping factor, ``M`` is block
 diagonal with one small ``K x K`` block per group and its Cholesky factor is
 unrolled element-wise across groups; otherwise (crossed or nested factors)
-``M`` is one dense ``q x q`` matrix.
+``M`` is one ``q x q`` matrix: dense (a PyTensor graph) up to
+:data:`SPARSE_THRESHOLD` columns, above it sparse, factorised with SciPy's
+SuperLU under a fill-reducing ordering (the role CHOLMOD plays in lme4) and
+evaluated in NumPy (:mod:`harness.marginal_sparse`).
 
 Everything is a PyTensor graph built from the same :class:`~harness.spec.Design`
 the PyMC model reads, compiled once per design structure; PyTensor supplies the
@@ -49,6 +52,13 @@ MAX_UNROLLED_TERMS = 6
 
 #: A dense ``q x q`` system above this size is slow without an optimised BLAS.
 DENSE_WARNING_SIZE = 2000
+
+#: Above this many random-effect columns (crossed or nested factors), ``method="auto"``
+#: factorises ``M`` sparsely instead of forming the dense ``q x q`` system.
+SPARSE_THRESHOLD = 400
+
+#: How :class:`MarginalLikelihood` may evaluate; "auto" picks with :func:`choose_method`.
+METHODS = ("auto", "grouped", "dense", "sparse")
 
 #: Compiled functions kept per design structure (shapes and blocks, not data values).
 COMPILED_CACHE_SIZE = 16
@@ -101,7 +111,7 @@ class MLEstimate:
 class _Statistics:
     """Sufficient statistics of the data, one slice per residual-SD level."""
 
-    mode: str  # "grouped" or "dense"
+    mode: str  # "grouped", "dense" or "sparse"
     n_groups: int  # J (1 in dense mode)
     n_columns: int  # K per group (q in dense mode)
     C: np.ndarray  # (L, J, K, K): sum of z z' per level and group
@@ -110,6 +120,7 @@ class _Statistics:
     counts: np.ndarray  # (L,): rows per level
     beta0: np.ndarray  # OLS estimate the response was centred on (for precision)
     block_order: list[int] = field(default_factory=list)  # design blocks in column order
+    C_sparse: list[Any] = field(default_factory=list)  # sparse mode: Z_l' Z_l per level (CSC)
 
 
 @dataclass
@@ -129,7 +140,23 @@ def _block_columns(block: RandomBlock) -> np.ndarray:
     return np.asarray(block.values, dtype=float).reshape(len(block.group_index), -1)
 
 
-def _statistics(design: Design) -> _Statistics:
+def choose_method(design: Design) -> str:
+    """How to evaluate a design's marginal likelihood: "grouped", "dense" or "sparse".
+
+    One grouping factor with few columns per group: "grouped" (``M`` is block
+    diagonal).  Otherwise "dense" up to :data:`SPARSE_THRESHOLD` random-effect
+    columns and "sparse" above, where a dense ``q x q`` system costs
+    ``O(q^3)`` time and ``O(q^2)`` memory (InstEval's 4,100 columns: minutes).
+    """
+    factors = {b.factor for b in design.blocks}
+    total_terms = sum(b.n_terms for b in design.blocks)
+    if len(factors) == 1 and total_terms <= MAX_UNROLLED_TERMS:
+        return "grouped"
+    q = sum(b.n_levels * b.n_terms for b in design.blocks)
+    return "sparse" if q > SPARSE_THRESHOLD else "dense"
+
+
+def _statistics(design: Design, method: str = "auto") -> _Statistics:
     n, p = design.n, design.X.shape[1]
     X = design.X.to_numpy(dtype=float)
     y = np.asarray(design.y, dtype=float)
@@ -142,8 +169,13 @@ def _statistics(design: Design) -> _Statistics:
     D = np.stack([d[level == lv].T @ d[level == lv] for lv in range(n_levels)])
 
     factors = {b.factor for b in design.blocks}
-    total_terms = sum(b.n_terms for b in design.blocks)
-    if len(factors) == 1 and total_terms <= MAX_UNROLLED_TERMS:
+    method = choose_method(design) if method == "auto" else method
+    if method == "grouped" and len(factors) != 1:
+        raise ValueError(
+            f"method 'grouped' needs one grouping factor; formula {design.spec.formula!r} has "
+            f"{sorted(factors)}"
+        )
+    if method == "grouped":
         group = design.blocks[0].group_index
         J = design.blocks[0].n_levels
         Zg = np.column_stack([_block_columns(b) for b in design.blocks])
@@ -156,6 +188,17 @@ def _statistics(design: Design) -> _Statistics:
 
     Z = design.Z()
     q = Z.shape[1]
+    order = [design.blocks.index(b) for b in design.lme4_block_order()]
+    if method == "sparse":
+        C_sparse = []
+        E = np.zeros((n_levels, 1, q, d.shape[1]))
+        for lv in range(n_levels):
+            rows = np.flatnonzero(level == lv)
+            Zl = Z[rows]
+            C_sparse.append((Zl.T @ Zl).tocsc())
+            E[lv, 0] = Zl.T @ d[rows]
+        C = np.zeros((n_levels, 1, 0, 0))
+        return _Statistics("sparse", 1, q, C, E, D, counts, beta0, order, C_sparse)
     if q > DENSE_WARNING_SIZE:
         log.warning(
             "marginal likelihood: %d random-effect columns over %d grouping factors need a "
@@ -172,7 +215,6 @@ def _statistics(design: Design) -> _Statistics:
         Zl = Z[rows]
         C[lv, 0] = (Zl.T @ Zl).toarray()
         E[lv, 0] = Zl.T @ d[rows]
-    order = [design.blocks.index(b) for b in design.lme4_block_order()]
     return _Statistics("dense", 1, q, C, E, D, counts, beta0, order)
 
 
@@ -239,6 +281,8 @@ class MarginalLikelihood:
     ----------
     design : Design
         From :func:`harness.spec.build_design`; the same object the PyMC model reads.
+    method : {"auto", "grouped", "dense", "sparse"}
+        How to hold ``M`` (see :func:`choose_method`, which "auto" calls).
 
     Notes
     -----
@@ -248,19 +292,23 @@ class MarginalLikelihood:
     lower triangular) and ``sigma`` (one per ``design.sigma_levels``, or one).
     """
 
-    def __init__(self, design: Design) -> None:
+    def __init__(self, design: Design, method: str = "auto") -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, not {method!r}")
         if not design.blocks:
             raise ValueError(
                 f"formula {design.spec.formula!r} has no random-effect term; the marginal "
                 "likelihood of a mixed model needs at least one (expr | factor)"
             )
         self.design = design
-        self.stats = _statistics(design)
+        self.stats = _statistics(design, method)
+        self.method = self.stats.mode
         self.n = design.n
         self.p = design.X.shape[1]
         self.n_sigma = len(design.sigma_levels) if design.sigma_levels is not None else 1
         self._token = next(_TOKENS)
-        self._entry = self._cache_entry()
+        # The sparse form is NumPy/SciPy: nothing to compile.
+        self._entry = self._cache_entry() if self.method != "sparse" else None
 
     # ------------------------------------------------------------------ graph
 
@@ -414,6 +462,12 @@ class MarginalLikelihood:
         )
 
     def _call(self, beta: np.ndarray, factors: list[np.ndarray], sigma: np.ndarray) -> list[Any]:
+        if self.method == "sparse":
+            from harness import marginal_sparse
+
+            return marginal_sparse.outputs(
+                self.stats, self.design.blocks, self.n, beta, factors, sigma
+            )
         entry = self._bind()
         if entry.function is None:
             entry.function = self._compile()
@@ -547,8 +601,54 @@ class MarginalLikelihood:
         *factors, sigma = self.unpack(theta)
         outputs = self._call(np.zeros(self.p), factors, sigma)
         deviance = -2.0 * float(outputs[3])
+        if self.method == "sparse":
+            return deviance, self._central_difference(theta)
         grads = [np.asarray(g, dtype=float) for g in outputs[4:]]
         return deviance, self._theta_gradient(theta, grads[:-1], grads[-1])
+
+    def _central_difference(self, theta: np.ndarray, step: float = 1e-5) -> np.ndarray:
+        """Gradient of the profiled deviance by central differences (sparse form).
+
+        The sparse form has no PyTensor graph to differentiate; with a handful
+        of variance parameters, ``2 x n_free`` factorisations per gradient
+        cost less than the selected inverse an analytic gradient needs.
+        """
+        grad = np.zeros_like(theta)
+        for i in range(len(theta)):
+            up, down = theta.copy(), theta.copy()
+            up[i] += step
+            down[i] -= step
+            values = []
+            for point in (up, down):
+                *factors, sigma = self.unpack(point)
+                values.append(-2.0 * float(self._call(np.zeros(self.p), factors, sigma)[3]))
+            grad[i] = (values[0] - values[1]) / (2.0 * step)
+        return grad
+
+    def pack(self, factors: list[np.ndarray], sigma: np.ndarray | float) -> np.ndarray:
+        """Inverse of :meth:`unpack`: factors and residual SDs -> unconstrained vector.
+
+        A zero SD maps to ``log(1e-10 x sigma)`` (the optimiser's floor is lower),
+        so a singular fit can still serve as a start.
+        """
+        factors = self._check_factors(factors)
+        sigma = self._check_sigma(sigma)
+        tiny = 1e-10 * float(np.max(sigma))
+        theta: list[float] = []
+        for block, F in zip(self.design.blocks, factors, strict=True):
+            k = block.n_terms
+            if block.correlated and k > 1:
+                L = psd_cholesky(F @ F.T)
+                sd = np.sqrt(np.sum(L**2, axis=1))
+                theta.extend(np.log(np.maximum(sd, tiny)).tolist())
+                for i in range(1, k):
+                    diagonal = max(L[i, i], tiny)
+                    theta.extend((L[i, :i] / diagonal).tolist())
+            else:
+                sd = np.sqrt(np.sum(F**2, axis=1))
+                theta.extend(np.log(np.maximum(sd, tiny)).tolist())
+        theta.extend(np.log(sigma).tolist())
+        return np.asarray(theta)
 
     def _start(self) -> np.ndarray:
         """Neutral start: SDs at half the OLS residual SD (per unit of each column), no correlation."""
@@ -575,9 +675,12 @@ class MarginalLikelihood:
         Parameters
         ----------
         start : array, optional
-            Unconstrained start (default: a neutral one, not lme4's estimates).
+            Unconstrained start (default: a neutral one, not lme4's estimates);
+            :meth:`pack` makes one from factors and residual SDs.
         gtol : float
-            Gradient tolerance on the deviance.
+            Gradient tolerance on the deviance.  The sparse form, whose
+            gradient comes from central differences, uses at least
+            ``1e-7 x |deviance|`` and one L-BFGS pass.
 
         Returns
         -------
@@ -605,12 +708,21 @@ class MarginalLikelihood:
         for position in range(len(x0) - self.n_sigma, len(x0)):
             bounds[position] = (None, None)
         options = {"maxiter": 5000, "ftol": 1e-16, "gtol": gtol, "maxcor": 30}
+        if self.method == "sparse":
+            # Finite-difference gradients carry ~1e-10 relative noise: ask for less.
+            *factors0, sigma0 = self.unpack(x0)
+            scale = abs(2.0 * float(self._call(np.zeros(self.p), factors0, sigma0)[3]))
+            options.update(gtol=max(gtol, 1e-7 * max(1.0, scale)), ftol=1e-14, maxiter=200)
         first = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
-        # A second pass from the first's end polishes what L-BFGS's stopping rule leaves;
-        # it may end "ABNORMAL" when there is nothing left to gain.
-        result = minimize(fun, first.x, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
-        if result.fun > first.fun:
-            result = first
+        result = first
+        if self.method != "sparse":
+            # A second pass from the first's end polishes what L-BFGS's stopping rule leaves;
+            # it may end "ABNORMAL" when there is nothing left to gain.
+            result = minimize(
+                fun, first.x, jac=True, method="L-BFGS-B", bounds=bounds, options=options
+            )
+            if result.fun > first.fun:
+                result = first
         *factors, sigma = self.unpack(result.x)
         values = self.evaluate(np.zeros(self.p), factors, sigma)
         grad = np.asarray(result.jac, float)
@@ -690,6 +802,8 @@ class MarginalLikelihood:
         factors = self._check_factors(factors)
         sigma = self._check_sigma(sigma)
         stats, blocks = self.stats, self.design.blocks
+        if stats.mode == "sparse":
+            return self._sparse_conditional_modes(beta, factors, sigma)
         w = 1.0 / sigma**2
         S = np.tensordot(w, stats.C, axes=1)
         Ew = np.tensordot(w, stats.E, axes=1)
@@ -727,6 +841,26 @@ class MarginalLikelihood:
             else:
                 d = np.concatenate([delta[i].ravel() for i in stats.block_order])[None, :]
             return float(np.einsum("ja,jab,jb->", d, M, d))
+
+        return modes, logdet_M, quadratic
+
+    def _sparse_conditional_modes(
+        self, beta: np.ndarray, factors: list[np.ndarray], sigma: np.ndarray
+    ) -> tuple[list[np.ndarray], float, Any]:
+        from harness import marginal_sparse
+
+        stats, blocks = self.stats, self.design.blocks
+        z, logdet_M, M = marginal_sparse.conditional_system(stats, blocks, beta, factors, sigma)
+        modes: list[np.ndarray] = [np.empty(0)] * len(blocks)
+        start = 0
+        for i in stats.block_order:
+            width = blocks[i].n_levels * blocks[i].n_terms
+            modes[i] = z[start : start + width].reshape(blocks[i].n_levels, blocks[i].n_terms)
+            start += width
+
+        def quadratic(delta: list[np.ndarray]) -> float:
+            d = np.concatenate([delta[i].ravel() for i in stats.block_order])
+            return float(d @ (M @ d))
 
         return modes, logdet_M, quadratic
 

@@ -68,6 +68,27 @@ def _legend_handles(
     return handles
 
 
+#: Groups drawn one per row (caterpillar, shrinkage) before a figure shows an even
+#: selection by rank instead: thousands of labelled rows take minutes to render
+#: and cannot be read.  The tables keep every group.
+MAX_GROUP_ROWS = 120
+
+#: Groups whose shrinkage arrows the two-term plane draws (points for the rest).
+MAX_GROUP_ARROWS = 150
+
+
+def _thin_rows(
+    rows: pd.DataFrame, limit: int = MAX_GROUP_ROWS, reset: bool = True
+) -> tuple[pd.DataFrame, str]:
+    """At most ``limit`` rows, evenly spaced through ``rows``' order (ends kept), and a note."""
+    note = ""
+    if len(rows) > limit:
+        keep = np.unique(np.linspace(0, len(rows) - 1, limit).round().astype(int))
+        note = f" ({len(keep)} of {len(rows)} groups, evenly spaced by rank)"
+        rows = rows.iloc[keep]
+    return (rows.reset_index(drop=True) if reset else rows), note
+
+
 def group_rows_height(n_rows: int, per_row: float = 0.22, minimum: float = 3.0) -> float:
     """Figure height (inches) that keeps one text line per group legible."""
     return max(minimum, per_row * n_rows + 1.4)
@@ -245,12 +266,12 @@ def caterpillar(
     unit_of = unit_of or {}
     part = coefs[(coefs["group_factor"] == factor) & (coefs["n_obs"] > 0)]
     terms = list(dict.fromkeys(part["term"]))
-    n_groups = part["group"].nunique()
+    n_groups = min(part["group"].nunique(), MAX_GROUP_ROWS)
     fig = _fig(max(7.0, 3.9 * len(terms)), group_rows_height(n_groups))
     axes = np.atleast_1d(fig.subplots(1, len(terms), squeeze=False)[0])
     size = _group_fontsize(n_groups)
     for ax, term in zip(axes, terms, strict=True):
-        rows = part[part["term"] == term].sort_values("lme4_coef").reset_index(drop=True)
+        rows, thinned = _thin_rows(part[part["term"] == term].sort_values("lme4_coef"))
         pos = np.arange(len(rows))
         for offset, style, est, low, high in (
             (0.17, LME4, rows["lme4_coef"], rows["lme4_lower"], rows["lme4_upper"]),
@@ -277,7 +298,7 @@ def caterpillar(
         ax.set_ylim(-0.8, len(rows) - 0.2)
         unit = unit_of.get(term, "")
         ax.set_xlabel(f"{term} coefficient" + (f" ({unit})" if unit else ""), fontsize=LABEL_SIZE)
-        ax.set_title(f"{factor}: {term}", fontsize=TITLE_SIZE)
+        ax.set_title(f"{factor}: {term}{thinned}", fontsize=TITLE_SIZE)
         _finish(ax)
     axes[0].set_ylabel(factor, fontsize=LABEL_SIZE)
     handles = _legend_handles(
@@ -446,7 +467,14 @@ def shrinkage_plot(shrink: Shrinkage, unit_of: Mapping[str, str] | None = None) 
         a, b = terms[:2]
         fig = _fig(7.5, 6.6)
         ax = fig.subplots()
-        for group, row in wide.iterrows():
+        arrows, _ = _thin_rows(wide.sort_values(("unpooled", a)), MAX_GROUP_ARROWS, reset=False)
+        if len(arrows) < len(wide):
+            ax.set_title(
+                f"arrows and labels for {len(arrows)} of {len(wide)} groups (evenly spaced "
+                f"by rank); points for all",
+                fontsize=TITLE_SIZE,
+            )
+        for group, row in arrows.iterrows():
             start = (row[("unpooled", a)], row[("unpooled", b)])
             for style in (LME4, PYMC):
                 key = "lme4" if style is LME4 else "pymc"
@@ -516,9 +544,11 @@ def shrinkage_plot(shrink: Shrinkage, unit_of: Mapping[str, str] | None = None) 
             )
     else:
         (a,) = terms
-        rows = table[table["term"] == a].sort_values("unpooled").reset_index(drop=True)
+        rows, thinned = _thin_rows(table[table["term"] == a].sort_values("unpooled"))
         fig = _fig(7.5, group_rows_height(len(rows)))
         ax = fig.subplots()
+        if thinned:
+            ax.set_title(f"{shrink.factor}{thinned}", fontsize=TITLE_SIZE)
         pos = np.arange(len(rows))
         for i, row in rows.iterrows():
             for style, key, dy in ((LME4, "lme4", 0.15), (PYMC, "pymc", -0.15)):
@@ -590,9 +620,10 @@ def z_matrix(Z: Any, column_names: Sequence[str], max_rows: int = 400) -> Figure
     max_rows : int
         Taller matrices show their first ``max_rows`` rows.
     """
-    dense = Z.toarray() if hasattr(Z, "toarray") else np.asarray(Z)
-    n_rows, n_cols = dense.shape
-    shown = dense[:max_rows]
+    # Only the rows shown are made dense: all of InstEval's Z would take 2.4 GB.
+    n_rows, n_cols = Z.shape
+    shown = Z[:max_rows]
+    shown = shown.toarray() if hasattr(shown, "toarray") else np.asarray(shown)
     fig = _fig(9.0, 6.2)
     ax = fig.subplots()
     masked = np.ma.masked_equal(shown, 0.0)
@@ -624,8 +655,9 @@ def z_matrix(Z: Any, column_names: Sequence[str], max_rows: int = 400) -> Figure
         for p, c in zip(parts, column_names, strict=True)
     ]
     starts = [i for i in range(n_cols) if i == 0 or groups[i] != groups[i - 1]]
-    for s in starts[1:]:
-        ax.axvline(s - 0.5, color="#cccccc", linewidth=0.4)
+    if len(starts) <= 200:  # beyond that the separators are a grey wash that costs seconds
+        for s in starts[1:]:
+            ax.axvline(s - 0.5, color="#cccccc", linewidth=0.4)
     step = max(1, math.ceil(len(starts) / 40))
     ticks = starts[::step]
     ax.set_xticks(ticks, [groups[i] for i in ticks], rotation=90, fontsize=7)

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from harness import progress
 from harness.cache import (
     CACHE_FORMAT,
     FitCache,
@@ -581,13 +582,18 @@ def fit_design(
     cached: dict[str, bool] = {}
     keys: dict[str, str] = {}
 
-    (freq, keys["lme4"], cached["lme4"], _), timings["lme4_load"] = _timed(
-        lambda: _fit_lme4_cached(store, design, spec, data, settings, refit)
-    )
+    progress.set_design(name)
+    with progress.stage("R fit (lme4)") as stage:
+        (freq, keys["lme4"], cached["lme4"], _), timings["lme4_load"] = _timed(
+            lambda: _fit_lme4_cached(store, design, spec, data, settings, refit)
+        )
+        stage.detail = "cached" if cached["lme4"] else ""
     timings["lme4_fit"] = float(freq.fit_seconds)
-    (bayes, nc_path, keys["pymc"], cached["pymc"]), timings["pymc_load"] = _timed(
-        lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, refit)
-    )
+    with progress.stage("PyMC fit") as stage:  # compile and sampling report inside
+        (bayes, nc_path, keys["pymc"], cached["pymc"]), timings["pymc_load"] = _timed(
+            lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, refit)
+        )
+        stage.detail = "cached" if cached["pymc"] else ""
     timings["pymc_compile"] = float(bayes.compile_seconds)
     timings["pymc_sample"] = float(bayes.sample_seconds)
 
@@ -610,13 +616,15 @@ def fit_design(
         _bayes=bayes,
         _idata_path=nc_path,
     )
-    comparison, keys["compare"], cached["compare"], timings["compare"] = _compare_cached(
-        store, freq, lambda: result.bayes, bayes, keys["lme4"], keys["pymc"], refit
-    )
+    with progress.stage("compare"):
+        comparison, keys["compare"], cached["compare"], timings["compare"] = _compare_cached(
+            store, freq, lambda: result.bayes, bayes, keys["lme4"], keys["pymc"], refit
+        )
     result.comparison = comparison
-    sm, status, sm_key, cached["same_model"], timings["same_model"] = _same_model_cached(
-        store, spec, data, freq, keys["lme4"], refit
-    )
+    with progress.stage("same-model check"):
+        sm, status, sm_key, cached["same_model"], timings["same_model"] = _same_model_cached(
+            store, spec, data, freq, keys["lme4"], refit
+        )
     result.same_model, result.same_model_status = sm, status
     if sm_key:
         keys["same_model"] = sm_key
@@ -635,7 +643,8 @@ def fit_design(
         else:
             from harness.report import render_figures
 
-            result.figures, timings["figures"] = _timed(lambda: render_figures(result))
+            with progress.stage("figures"):
+                result.figures, timings["figures"] = _timed(lambda: render_figures(result))
             cached["figures"] = False
             store.store(
                 "figures",
@@ -703,11 +712,20 @@ def run_report_command(args: argparse.Namespace) -> int:
     check_outputs({"--out" if args.out else f"report {n}": p for n, p in pages.items()})
     results: list[DesignResult] = []
     failures: dict[str, str] = {}
+    parallel = len(names) > 1 and _report_workers(len(names)) > 1
+    if parallel:
+        failures.update(_fit_in_parallel(names, out_dir, args))
     for name in names:
         path = Path(args.out) if args.out is not None else out_dir / f"{name}.html"
+        if name in failures:
+            print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
+            continue
         try:
             result = fit_design(
-                name, seed=args.seed, refit=args.refit, settings=settings_from_args(args)
+                name,
+                seed=args.seed,
+                refit=args.refit and not parallel,  # parallel workers refitted already
+                settings=settings_from_args(args),
             )
             write_report(result, path)
         except Exception as err:
@@ -725,3 +743,59 @@ def run_report_command(args: argparse.Namespace) -> int:
         print(f"index -> {index}")
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 1 if failures else 0
+
+
+def _report_workers(n_designs: int) -> int:
+    """Processes for ``report all``: ``HARNESS_WORKERS`` (``0``: one per core), default 1.
+
+    Serial is the default because it measured faster on a 2-core machine
+    (benchmarks/bench_scale.py: cold 66 s serial against 80 s in two processes,
+    warm 1.7 s against 3.0 s): one process compiles each model structure and
+    warms numba once, while every spawned worker pays imports and compiles again.
+    """
+    text = os.environ.get("HARNESS_WORKERS", "").strip()
+    if not text.isdigit():
+        return 1
+    wanted = int(text) or (os.cpu_count() or 1)
+    return max(1, min(n_designs, wanted, os.cpu_count() or 1))
+
+
+def _fit_one(name: str, seed: int, refit: bool, settings: FitSettings) -> str | None:
+    """Worker: fit (or load) one design into the shared cache; its error text, or None."""
+    try:
+        fit_design(name, seed=seed, refit=refit, settings=settings)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _fit_in_parallel(names: list[str], out_dir: Path, args: argparse.Namespace) -> dict[str, str]:
+    """Fit designs in spawned processes (R and a compiler in each), filling the fit cache.
+
+    The parent then loads each design from the cache (no R, no compile) and
+    writes the reports in index order, so output order and failure handling
+    stay those of the serial loop.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = _report_workers(len(names))
+    progress.message(f"fitting {len(names)} designs in {workers} processes")
+    failures: dict[str, str] = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {
+            name: pool.submit(_fit_one, name, args.seed, args.refit, settings_from_args(args))
+            for name in names
+        }
+        for name, future in futures.items():
+            try:
+                error = future.result()
+            except Exception as err:  # the worker process itself died
+                error = f"{type(err).__name__}: {err}"
+            if error is not None:
+                if getattr(args, "debug", False):
+                    raise RuntimeError(f"{name}: {error}")
+                failures[name] = error
+                log.error("%s: %s", name, error)
+    return failures

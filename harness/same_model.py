@@ -9,7 +9,12 @@ Monte Carlo error blur any gap.  A deterministic check can:
    ``sigma_by`` is set), and its REML criterion at the REML estimates equals
    ``REMLcrit(m)``.
 2. **Same optimum.**  Maximising that marginal likelihood from a neutral start
-   reproduces lme4's ML estimates.
+   reproduces lme4's ML estimates.  Above
+   :data:`harness.marginal.SPARSE_THRESHOLD` random-effect columns over
+   crossed or nested factors, the likelihood is factorised sparsely and the
+   maximisation starts from lme4's estimates (a neutral start costs dozens
+   of sparse factorisations more and proves no more: the optimiser must
+   still find no higher point nearby).
 3. **Same parameters.**  Both sides have the same fixed terms, the same SDs and
    correlations per grouping factor, and the same residual SD(s).
 4. **The PyMC model is that likelihood.**  The log density of the model
@@ -35,7 +40,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.marginal import MarginalLikelihood, MLEstimate, psd_cholesky, pymc_model_loglik
+from harness.marginal import (
+    MarginalLikelihood,
+    MLEstimate,
+    choose_method,
+    psd_cholesky,
+    pymc_model_loglik,
+)
 from harness.spec import Design, ModelSpec, RandomBlock, build_design
 
 log = logging.getLogger("harness")
@@ -764,7 +775,8 @@ def same_model(
     if lme4_design.family.glm:  # GLMM hook (issue 12): the Laplace identity
         return _glmm_same_model(freq, pymc_design, engine, reasons, notes, started)
 
-    marginal = MarginalLikelihood(pymc_design)
+    method = choose_method(pymc_design)
+    marginal = MarginalLikelihood(pymc_design, method=method)
     ml = lme4_ml_values(freq)
     beta, factors, sigma = project(ml, pymc_design)
     at_ml = marginal.evaluate(beta, factors, sigma)
@@ -790,7 +802,14 @@ def same_model(
                 f"(tolerance {LOGLIK_TOLERANCE:g})"
             )
 
-    optimum = marginal.maximise()
+    start = None
+    if method == "sparse":
+        start = marginal.pack(factors, sigma)
+        notes.append(
+            f"{marginal.stats.n_columns} random-effect columns over crossed or nested factors: "
+            f"sparse factorisation (SuperLU), maximisation started at {engine}'s ML estimates"
+        )
+    optimum = marginal.maximise(start=start)
     if not optimum.converged:
         notes.append(f"optimiser: {optimum.message}")
     estimates = compare_estimates(
@@ -848,7 +867,12 @@ def same_model(
         loglik_pymc_model=model_loglik,
         model_probe_gap=probe_gap,
         optimizer={
-            "method": "L-BFGS-B (scipy), beta profiled, PyTensor gradient",
+            "method": (
+                "L-BFGS-B (scipy), beta profiled, "
+                + ("central-difference gradient" if method == "sparse" else "PyTensor gradient")
+            ),
+            "linear_algebra": method,
+            "start": f"{engine}'s ML estimates" if start is not None else "neutral",
             "converged": optimum.converged,
             "message": optimum.message,
             "evaluations": optimum.n_evaluations,

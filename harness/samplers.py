@@ -162,14 +162,17 @@ def compiled_nutpie(
     if entry is None:
         import nutpie
 
-        started = time.perf_counter()
-        model = build()
-        var_names = None
-        if skip is not None:
-            left_out = skip(model)
-            var_names = [v.name for v in model.unobserved_value_vars if v.name not in left_out]
-        compiled = nutpie.compile_pymc_model(model, backend="numba", var_names=var_names)
-        seconds = time.perf_counter() - started
+        from harness import progress
+
+        with progress.stage("PyMC compile (nutpie, numba)"):
+            started = time.perf_counter()
+            model = build()
+            var_names = None
+            if skip is not None:
+                left_out = skip(model)
+                var_names = [v.name for v in model.unobserved_value_vars if v.name not in left_out]
+            compiled = nutpie.compile_pymc_model(model, backend="numba", var_names=var_names)
+            seconds = time.perf_counter() - started
         log.info("nutpie compiled the model in %.1f s", seconds)
         entry = _Entry(model, compiled, seconds, _shared_variables(model))
         COMPILED.put(key, entry)
@@ -212,20 +215,27 @@ def sample_nutpie(
     """Sample a compiled nutpie model; returns ``(idata, seconds)``."""
     import nutpie
 
+    from harness import progress as progress_lines
+
     cores = min(chains, cores or available_cores())
-    started = time.perf_counter()
-    idata = nutpie.sample(
-        compiled,
-        draws=draws,
-        tune=tune,
-        chains=chains,
-        cores=cores,
-        seed=seed,
-        progress_bar=progress,
-        target_accept=target_accept,
-        save_warmup=False,
-    )
-    return idata, time.perf_counter() - started
+    total = chains * (draws + tune)
+    with progress_lines.stage(f"sampling {chains} chains x {tune}+{draws} draws") as stage:
+        started = time.perf_counter()
+        idata = nutpie.sample(
+            compiled,
+            draws=draws,
+            tune=tune,
+            chains=chains,
+            cores=cores,
+            seed=seed,
+            # nutpie's own bar where a person watches a terminal.
+            progress_bar=progress or progress_lines.is_terminal(),
+            target_accept=target_accept,
+            save_warmup=False,
+        )
+        seconds = time.perf_counter() - started
+        stage.detail = f"{total / max(seconds, 1e-9):.0f} draws/s"
+    return idata, seconds
 
 
 def sample_pymc(

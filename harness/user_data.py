@@ -208,10 +208,17 @@ def compare_data(
     for note in design.notes:
         log.warning(note)
     _r_env()
+    from harness.scale import settings_for_scale
+
+    settings, scale_note = settings_for_scale(
+        design, settings if settings is not None else settings_from_env()
+    )
+    if scale_note:
+        design.notes.append(scale_note)
     result = fit_design(
         (spec, data),
         seed=seed,
-        settings=settings if settings is not None else settings_from_env(),
+        settings=settings,
         cache_dir=cache_dir,
         refit=refit,
         figures=figures,

@@ -230,3 +230,31 @@ def test_rank_plot(result: DesignResult, tmp_path: Path) -> None:
     assert len(_visible_axes(fig)) == draws["parameter"].nunique()
     fig.savefig(tmp_path / "rank.png")
     assert (tmp_path / "rank.png").stat().st_size > 5000
+
+
+def test_caterpillar_of_thousands_of_groups_shows_a_labelled_selection() -> None:
+    n_groups = 3000
+    rng = np.random.default_rng(2)
+    coef = rng.normal(0, 1, n_groups)
+    table = pd.DataFrame(
+        {
+            "group_factor": "s",
+            "group": [f"s{i}" for i in range(n_groups)],
+            "term": "(Intercept)",
+            "n_obs": 5,
+            "fixed": 0.0,
+            "lme4_coef": coef,
+            "lme4_lower": coef - 1,
+            "lme4_upper": coef + 1,
+            "pymc_mean": coef,
+            "pymc_lower": coef - 1,
+            "pymc_upper": coef + 1,
+        }
+    )
+    fig = plots.caterpillar(table, "s")
+    (ax,) = _visible_axes(fig)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    ordered = list(table.sort_values("lme4_coef")["group"])
+    assert len(labels) == plots.MAX_GROUP_ROWS
+    assert labels[0] == ordered[0] and labels[-1] == ordered[-1]
+    assert f"of {n_groups} groups" in ax.get_title()
