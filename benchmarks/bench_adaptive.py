@@ -2,7 +2,7 @@
 
 Run ``python benchmarks/bench_adaptive.py`` from the repository root (``nox -s bench``
 runs it too).  Each case is fitted once with :func:`harness.fit_pymc` at the
-report's settings (:class:`harness.runner.FitSettings`: 4 chains x 1000 draws,
+report's settings (:class:`harness.pipeline.runner.FitSettings`: 4 chains x 1000 draws,
 1000 tuning steps, target_accept 0.9, seed 1) and the default adaptive budget.
 Round 1 of the adaptive loop *is* the single run (same seed, same settings,
 draw for draw), so "before" is round 1 and "after" the returned draws; the
@@ -37,7 +37,7 @@ def cases() -> dict[str, Any]:
     import pandas as pd
 
     import harness as hz
-    from harness.spec import ModelSpec
+    from harness.model.spec import ModelSpec
 
     def shipped(name: str) -> Any:
         return lambda: tuple(reversed(hz.datasets.load(name)))
@@ -76,9 +76,9 @@ def _diag_row(diag: dict[str, Any]) -> dict[str, Any]:
 def run_case(name: str, make: Any, seed: int) -> dict[str, Any]:
     import harness as hz
     from harness.engines.pymc import centered_blocks, sample_once
-    from harness.priors import resolve_priors
-    from harness.runner import FitSettings
-    from harness.spec import build_design
+    from harness.model.priors import resolve_priors
+    from harness.model.spec import build_design
+    from harness.pipeline.settings import FitSettings
 
     spec, data = make()
     settings = FitSettings()

@@ -33,8 +33,8 @@ def main() -> None:
     import pymc  # noqa: F401 - imported before the clock: an import cost, not the check's
 
     import harness as hz
+    from harness.checks.same_model import same_model
     from harness.engines.lme4 import r_versions
-    from harness.same_model import same_model
 
     r_versions()  # starts R and sources fit.R
     data, spec = hz.datasets.load("sleepstudy")

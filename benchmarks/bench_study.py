@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench_study.json")
     args = parser.parse_args()
 
-    from harness.study import throughput
+    from harness.studies.command import throughput
 
     table = throughput(reps=args.reps, workers=2, modes=("local", "dask"))
     print(table.to_string(index=False))

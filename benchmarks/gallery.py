@@ -34,10 +34,11 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness.report import render_page, write_html, write_report  # noqa: E402
-from harness.report_tables import attribution_text  # noqa: E402
-from harness.runner import FitSettings, fit_design  # noqa: E402
-from harness.spec import ModelSpec  # noqa: E402
+from harness.model.spec import ModelSpec  # noqa: E402
+from harness.pipeline.runner import fit_design  # noqa: E402
+from harness.pipeline.settings import FitSettings  # noqa: E402
+from harness.report.page import render_figures, render_page, write_html, write_report  # noqa: E402
+from harness.report.tables import attribution_text  # noqa: E402
 
 log = logging.getLogger("harness")
 
@@ -224,7 +225,7 @@ def run_case(
     }
     try:
         spec = ModelSpec(case.formula, name=f"{case.name}: {case.formula}")
-        result = fit_design((spec, data), settings=settings, refit=refit)
+        result = fit_design((spec, data), settings=settings, refit=refit, render=render_figures)
         report = write_report(result, out_dir / f"{case.name}.html")
         bayes = result.bayes_info
         adaptive = bayes.settings.get("adaptive") if isinstance(bayes.settings, dict) else None

@@ -8,10 +8,10 @@ from typing import Any
 from harness import datasets
 
 # Bound eagerly: a lazily imported submodule of the same name would replace the
-# function attribute (``harness.compare`` the module vs ``hz.compare`` the function).
-from harness.compare import Comparison, compare
-from harness.same_model import SameModel, same_model
-from harness.spec import ModelSpec, Prior, build_design
+# function attribute (``harness.checks.compare`` the module vs ``hz.compare`` the function).
+from harness.checks.compare import Comparison, compare
+from harness.checks.same_model import SameModel, same_model
+from harness.model.spec import ModelSpec, Prior, build_design
 
 __version__ = "0.1.0"
 logging.getLogger("harness").addHandler(logging.NullHandler())

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import re
+import socket
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 log = logging.getLogger("harness")
@@ -142,12 +144,39 @@ def check_outputs(
         _writable_folder(path.parent, what, path)
 
 
-def _temporary(path: Path) -> Path:
+def host_tag() -> str:
+    """A short tag of this machine, so a temp file's writer can be checked only where it ran."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh temp file next to ``path``: ``.NAME.<host>-<pid>.<random>.tmp``.
+
+    The name says which process on which machine writes it, so a later run can
+    tell a killed writer's leftovers from a running writer's file.
+    """
     fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+        dir=path.parent, prefix=f".{path.name}.{host_tag()}-{os.getpid()}.", suffix=".tmp"
     )
     os.close(fd)
     return Path(tmp)
+
+
+def write_via_temp(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` by ``write(temp)`` and a rename; nothing half-written survives.
+
+    The one atomic-write primitive: :func:`atomic_write` (outputs) and the fit
+    cache (JSON entries, netCDF draws) both write through a temp file named by
+    :func:`temp_path`.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fill(tmp: Path, content: bytes) -> None:
@@ -181,7 +210,7 @@ def atomic_write(
         for path, content in targets:
             path.parent.mkdir(parents=True, exist_ok=True)
             clean_stale_temps(path)
-            tmp = _temporary(path)
+            tmp = temp_path(path)
             written.append((tmp, path))
             _fill(tmp, content)
         for _, path in written:
@@ -223,8 +252,9 @@ def _alive(pid: int) -> bool:
 def clean_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
     """Remove temporary files a killed run left next to ``path``.
 
-    ``.NAME.<pid>.<random>.tmp`` is stale when no process ``pid`` runs;
-    an older ``.NAME.<random>.tmp`` (no pid) when older than :data:`STALE_SECONDS`.
+    ``.NAME.<host>-<pid>.<random>.tmp`` (:func:`temp_path`) is stale when it
+    was written on this machine by a process that no longer runs; any other
+    ``.NAME.<random>.tmp`` when older than :data:`STALE_SECONDS`.
 
     Returns
     -------
@@ -233,7 +263,10 @@ def clean_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)\.)?[^./]+\.tmp$")
+    pattern = re.compile(
+        rf"^\.{re.escape(path.name)}\.(?:(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)\.)?[^./]+\.tmp$"
+    )
+    host = host_tag()
     removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
@@ -250,9 +283,9 @@ def clean_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
             continue
         if not stat.S_ISREG(info.st_mode):
             continue
-        pid = found[1]
-        stale = (not _alive(int(pid))) if pid else now - info.st_mtime > STALE_SECONDS
-        if stale and (pid is None or int(pid) != os.getpid()):
+        pid = int(found["pid"]) if found["pid"] and found["host"] == host else None
+        stale = (not _alive(pid)) if pid is not None else now - info.st_mtime > STALE_SECONDS
+        if stale and pid != os.getpid():
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))

@@ -37,7 +37,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _adaptive_arguments(parser: argparse.ArgumentParser) -> None:
-    """The adaptive-sampling budget (defaults: ``harness.runner.FitSettings``)."""
+    """The adaptive-sampling budget (defaults: ``harness.pipeline.runner.FitSettings``)."""
     parser.add_argument(
         "--max-rounds", type=int, default=None, help="adaptive sampling: runs at most (default 4)"
     )
@@ -71,7 +71,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from harness.runner import run_report_command
+    from harness.report.command import run_report_command
 
     return run_report_command(args)
 
@@ -114,7 +114,7 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from harness.study import run_study_command
+    from harness.studies.command import run_study_command
 
     return run_study_command(args)
 

@@ -2,13 +2,13 @@
 
 The command reads a CSV, checks it against the formula before anything is
 fitted (clear errors naming the file, column or level at fault), fits both
-engines through :func:`harness.runner.fit_design` (so fits are cached like
+engines through :func:`harness.pipeline.runner.fit_design` (so fits are cached like
 the shipped designs'), runs the likelihood-identity check, and writes the
 HTML report and, with ``--json``, the comparison tables and the same-model
 result as JSON.  Outputs appear all together or not at all: each is written
 to a temporary file and renamed only once every stage has succeeded.
 
-Sampler settings default to :class:`harness.runner.FitSettings` (4 chains of
+Sampler settings default to :class:`harness.pipeline.runner.FitSettings` (4 chains of
 1000 draws after 1000 tuning steps).  The environment variables
 ``HARNESS_DRAWS``, ``HARNESS_TUNE``, ``HARNESS_CHAINS`` and ``HARNESS_MAX_ROUNDS``
 (rounds of adaptive sampling) override them, for quick looks and for the test
@@ -34,22 +34,17 @@ import numpy as np
 import pandas as pd
 
 from harness._io import atomic_write, check_outputs
-from harness.spec import ModelSpec, build_design
+from harness.model.spec import ModelSpec, build_design
 
 if TYPE_CHECKING:
     import argparse
 
-    from harness.runner import DesignResult, FitSettings
+    from harness.pipeline.runner import DesignResult
+    from harness.pipeline.settings import FitSettings
 
 log = logging.getLogger("harness")
 
 #: Environment variables that override the sampler settings (name -> FitSettings field).
-SETTINGS_ENV = {
-    "HARNESS_DRAWS": "draws",
-    "HARNESS_TUNE": "tune",
-    "HARNESS_CHAINS": "chains",
-    "HARNESS_MAX_ROUNDS": "max_rounds",
-}
 
 JSON_FORMAT = "harness.compare/1"
 
@@ -124,26 +119,6 @@ def read_data(path: str | os.PathLike[str]) -> pd.DataFrame:
 # --------------------------------------------------------------------------- fitting
 
 
-def settings_from_env(base: FitSettings | None = None) -> FitSettings:
-    """FitSettings with ``HARNESS_DRAWS``/``TUNE``/``CHAINS``/``MAX_ROUNDS`` applied."""
-    from harness.runner import FitSettings
-
-    settings = base or FitSettings()
-    changes: dict[str, Any] = {}
-    for variable, name in SETTINGS_ENV.items():
-        text = os.environ.get(variable)
-        if text is None or not text.strip():
-            continue
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError(f"{variable}={text!r} must be a whole number") from None
-        if value < 1:
-            raise ValueError(f"{variable}={text!r} must be at least 1")
-        changes[name] = value
-    return dataclasses.replace(settings, **changes) if changes else settings
-
-
 def compare_data(
     data: pd.DataFrame,
     formula: str,
@@ -190,7 +165,7 @@ def compare_data(
     Returns
     -------
     DesignResult
-        Pass it to :func:`harness.report.write_report` or :func:`comparison_json`.
+        Pass it to :func:`harness.report.page.write_report` or :func:`comparison_json`.
 
     Raises
     ------
@@ -198,7 +173,7 @@ def compare_data(
         For a formula, column or value the harness cannot fit, before any fit.
     """
     from harness.engines.lme4 import _r_env
-    from harness.runner import fit_design
+    from harness.pipeline.runner import fit_design
 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed!r} must be a whole number from 0 to 2**32 - 1")
@@ -208,7 +183,8 @@ def compare_data(
     for note in design.notes:
         log.warning(note)
     _r_env()
-    from harness.scale import settings_for_scale
+    from harness.pipeline.scale import settings_for_scale
+    from harness.pipeline.settings import settings_from_env
 
     settings, scale_note = settings_for_scale(
         design, settings if settings is not None else settings_from_env()
@@ -221,7 +197,7 @@ def compare_data(
         settings=settings,
         cache_dir=cache_dir,
         refit=refit,
-        figures=figures,
+        render=_render_hook() if figures else None,
     )
     # Fits are cached by the cleaned data, so a cached comparison may predate this file's
     # dropped rows: the reader must still be told what was dropped.
@@ -231,6 +207,13 @@ def compare_data(
             result.comparison, notes=[*missing, *result.comparison.notes]
         )
     return result
+
+
+def _render_hook() -> Any:
+    """The report's figure renderer, handed to the pipeline (which never imports report code)."""
+    from harness.report.page import render_figures
+
+    return render_figures
 
 
 # --------------------------------------------------------------------------- JSON
@@ -372,7 +355,7 @@ def write_outputs(
     list of Path
         The files written.
     """
-    from harness.report import render_report
+    from harness.report.page import render_report
 
     items: dict[Path, str] = {}
     if json_path is not None:
@@ -405,7 +388,7 @@ def run_compare_command(args: argparse.Namespace) -> int:
     json_path = Path(args.json) if getattr(args, "json", None) is not None else None
     # Before any work: no output over the data, over the other output, or on a special file.
     check_outputs({"--out": out, "--json": json_path}, inputs=[csv])
-    from harness.runner import settings_from_args
+    from harness.pipeline.settings import settings_from_args
 
     settings = settings_from_args(args)
     data = read_data(csv)

@@ -2,7 +2,7 @@
 # private environment as fit.R (harness/engines/lme4.py), so harness_capture and
 # harness_component_name come from there.  Returns plain data.frames / vectors only.
 
-# family_name / link: validated on the Python side against harness.family.FAMILIES;
+# family_name / link: validated on the Python side against harness.model.family.FAMILIES;
 # they are looked up here in a fixed table, never parsed.
 harness_glm_family <- function(family_name, link) {
   makers <- list(binomial = stats::binomial, poisson = stats::poisson)

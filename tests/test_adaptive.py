@@ -24,9 +24,9 @@ from harness.engines.adaptive import (
     round_seed,
 )
 from harness.engines.pymc import build_model, centered_blocks, fit_pymc, structure_key
-from harness.priors import resolve_priors
-from harness.runner import FitSettings, settings_from_args
-from harness.spec import ModelSpec, build_design
+from harness.model.priors import resolve_priors
+from harness.model.spec import ModelSpec, build_design
+from harness.pipeline.settings import FitSettings, settings_from_args
 
 FUNNEL = ModelSpec("y ~ 1 + (1 | school)", name="funnel")
 
@@ -168,7 +168,7 @@ def test_settings_enter_the_cache_key_and_come_from_the_command_line(monkeypatch
     with pytest.raises(ValueError, match="max_rounds must be at least 1"):
         AdaptiveSettings(max_rounds=0)
     monkeypatch.setenv("HARNESS_MAX_ROUNDS", "1")
-    from harness.user_data import settings_from_env
+    from harness.pipeline.settings import settings_from_env
 
     assert settings_from_env().max_rounds == 1
 
@@ -340,7 +340,7 @@ def test_centred_and_non_centred_give_the_same_posterior(formula):
 
 
 def test_rounds_table_for_the_report_names_the_worst_quantities(funnel_fits):
-    from harness.report_tables import adaptive_rounds_table
+    from harness.report.tables import adaptive_rounds_table
 
     _, fits = funnel_fits
     table = adaptive_rounds_table(fits["adaptive"].settings["adaptive"])

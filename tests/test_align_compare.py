@@ -7,12 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.align import AlignmentError, check_alignment, posterior_offsets
-from harness.compare import compare, interval_overlap, offset_agreement
+from harness.checks.align import AlignmentError, check_alignment, posterior_offsets
+from harness.checks.compare import compare, interval_overlap, offset_agreement
 from harness.engines.lme4 import FreqFit
 from harness.engines.pymc import BayesFit
-from harness.priors import resolve_priors
-from harness.spec import ModelSpec, build_design
+from harness.model.priors import resolve_priors
+from harness.model.spec import ModelSpec, build_design
 
 CHAINS, DRAWS = 4, 500
 LEVELS = ["a", "b", "c", "d", "e"]

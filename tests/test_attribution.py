@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.attribution import (
+from harness.checks.attribution import (
     REMAINDER_MCSE,
     WidePrior,
     attribute_row,
@@ -15,11 +15,11 @@ from harness.attribution import (
     reweight_to_wide_prior,
     weighted_mode,
 )
-from harness.compare import compare_variance
+from harness.checks.compare import compare_variance
 from harness.engines.lme4 import FreqFit
 from harness.engines.pymc import BayesFit
-from harness.priors import resolve_priors
-from harness.spec import ModelSpec, Prior, build_design
+from harness.model.priors import resolve_priors
+from harness.model.spec import ModelSpec, Prior, build_design
 
 CHAINS, DRAWS = 4, 1000
 LEVELS = list("abcdefgh")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.spec import ModelSpec, build_design
+from harness.model.spec import ModelSpec, build_design
 from tests.test_user_data import DATA, MODELS, QUICK, ROOT, report_text, run_cli, shared_cache
 
 DYESTUFF = MODELS["dyestuff"]["formula"]

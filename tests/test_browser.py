@@ -26,7 +26,9 @@ from typing import Any
 
 import pytest
 
-from harness.runner import FitSettings, fit_design
+from harness.pipeline.runner import fit_design
+from harness.pipeline.settings import FitSettings
+from harness.report.page import render_figures
 
 pytestmark = [pytest.mark.browser, pytest.mark.r, pytest.mark.sampling]
 
@@ -256,13 +258,14 @@ def browser_path() -> str:
 
 @pytest.fixture(scope="module")
 def report_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from harness.report import write_index, write_report
+    from harness.report.page import write_index, write_report
 
     result = fit_design(
         "sleepstudy",
         seed=1,
         cache_dir=tmp_path_factory.getbasetemp() / "harness-cache",
         settings=REPORT_SETTINGS,
+        render=render_figures,
     )
     folder = tmp_path_factory.mktemp("browser-reports")
     return {

@@ -28,9 +28,12 @@ import pandas as pd
 import pytest
 from pandas.testing import assert_frame_equal, assert_series_equal
 
-import harness.cache as cache_mod
-from harness.cache import FitCache, clean_stale_temp_files, decode, encode
-from harness.runner import FitSettings, fit_design
+import harness.pipeline.cache as cache_mod
+from harness._io import host_tag
+from harness.pipeline.cache import FitCache, clean_stale_temp_files, decode, encode
+from harness.pipeline.runner import fit_design
+from harness.pipeline.settings import FitSettings
+from harness.report.page import render_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Few draws: these tests are about the cache, not about the fits.
@@ -105,8 +108,8 @@ def test_tables_round_trip_with_their_dtypes() -> None:
 
 
 def test_nested_values_round_trip() -> None:
-    from harness.priors import ResolvedPriors
-    from harness.spec import ModelSpec, Prior
+    from harness.model.priors import ResolvedPriors
+    from harness.model.spec import ModelSpec, Prior
 
     spec = ModelSpec("y ~ x + (x | g)", priors={"sigma": Prior("HalfNormal", {"sigma": 2.0})})
     priors = ResolvedPriors(
@@ -146,7 +149,7 @@ def test_unknown_values_are_refused_on_write_and_read() -> None:
         with pytest.raises(cache_mod.CacheEntryError):
             decode(doc)
     # A field of the wrong type (a table where a float belongs) is a wrong shape too.
-    spec_doc = encode(__import__("harness.spec", fromlist=["ModelSpec"]).ModelSpec("y ~ x"))
+    spec_doc = encode(__import__("harness.model.spec", fromlist=["ModelSpec"]).ModelSpec("y ~ x"))
     spec_doc["fields"]["reml"] = "yes"
     with pytest.raises(cache_mod.CacheEntryError, match="reml"):
         decode(spec_doc)
@@ -264,7 +267,7 @@ def test_stale_temp_files_are_removed_when_the_cache_opens(tmp_path: Path) -> No
         check=True,
     )
     dead_pid = int(dead.stdout)
-    host = cache_mod._host_tag()
+    host = host_tag()
     name = "0123456789abcdef01234567.nc"
     of_dead = folder / f".{name}.{host}-{dead_pid}.abc123.tmp"
     of_live = folder / f".{name}.{host}-{os.getpid()}.def456.tmp"
@@ -289,7 +292,7 @@ def test_a_writer_killed_mid_write_leaves_nothing_for_long(tmp_path: Path) -> No
     script = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from harness.cache import atomic_write
+        from harness._io import write_via_temp as atomic_write
         def slow(tmp):
             tmp.write_bytes(b"half")
             print("writing", flush=True)
@@ -337,7 +340,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     The session's shared cache: warm when other modules have fitted it already.
     """
     path = tmp_path_factory.getbasetemp() / "harness-cache"
-    return path, fit_design("sleepstudy", seed=1, cache_dir=path, settings=REPORT_SETTINGS)
+    return path, fit_design(
+        "sleepstudy", seed=1, cache_dir=path, settings=REPORT_SETTINGS, render=render_figures
+    )
 
 
 def _copy(tiny: tuple[Path, Any], tmp_path: Path) -> Path:
@@ -410,7 +415,9 @@ def test_pickles_and_damaged_entries_are_refitted(
     doc["value"] = {"result": "ok", "status": "ok", "seconds": 1.0}  # valid JSON, wrong shape
     same.write_text(json.dumps(doc))
     with caplog.at_level(logging.WARNING, logger="harness"):
-        result = fit_design("sleepstudy", seed=1, cache_dir=cache, settings=REPORT_SETTINGS)
+        result = fit_design(
+            "sleepstudy", seed=1, cache_dir=cache, settings=REPORT_SETTINGS, render=render_figures
+        )
     assert not marker.exists()
     assert not result.cached["lme4"] and not result.cached["pymc"]
     assert not result.cached["compare"] and not result.cached["same_model"]
@@ -421,7 +428,9 @@ def test_pickles_and_damaged_entries_are_refitted(
     # The refits overwrote the damage: the next run is served from the cache, quietly.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="harness"):
-        again = fit_design("sleepstudy", seed=1, cache_dir=cache, settings=REPORT_SETTINGS)
+        again = fit_design(
+            "sleepstudy", seed=1, cache_dir=cache, settings=REPORT_SETTINGS, render=render_figures
+        )
     assert all(again.cached.values()), again.cached
     assert "ignoring cache entry" not in caplog.text
     assert again.bayes.idata.posterior.sizes["draw"] == REPORT_SETTINGS.draws
@@ -433,8 +442,8 @@ def test_an_entry_of_other_data_is_refitted(
     sleepstudy: tuple[pd.DataFrame, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An lme4 entry of another data set with the same formula, copied over, is not used."""
-    from harness import runner
-    from harness.spec import build_design
+    from harness.model.spec import build_design
+    from harness.pipeline import runner
 
     data, spec = sleepstudy
     other = data.copy()
@@ -467,12 +476,14 @@ def test_read_only_cache_still_writes_the_report(
     tiny: tuple[Path, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A cache folder that cannot be created (its parent is a file): a warning, and the report."""
-    from harness.report import write_report
+    from harness.report.page import write_report
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with caplog.at_level(logging.WARNING, logger="harness"):
-        result = fit_design("sleepstudy", seed=1, cache_dir=blocker / "cache", settings=TINY)
+        result = fit_design(
+            "sleepstudy", seed=1, cache_dir=blocker / "cache", settings=TINY, render=render_figures
+        )
         out = write_report(result, tmp_path / "report.html")
     assert not any(result.cached.values())
     assert Path(out).stat().st_size > 10_000
@@ -487,8 +498,8 @@ def test_write_errors_while_storing_keep_the_fit(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from harness import runner
-    from harness.spec import build_design
+    from harness.model.spec import build_design
+    from harness.pipeline import runner
 
     def read_only(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.EROFS, "Read-only file system")

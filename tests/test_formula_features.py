@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.rformula import (
+from harness.model.rformula import (
     collinear_columns,
     model_matrix,
     parse_terms,
@@ -21,7 +21,7 @@ from harness.rformula import (
     r_sort_key,
     uncorrelated_exprs,
 )
-from harness.spec import ModelSpec, build_design, make_names, parse_formula
+from harness.model.spec import ModelSpec, build_design, make_names, parse_formula
 
 
 def features_data(n: int = 72, seed: int = 11) -> pd.DataFrame:

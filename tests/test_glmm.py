@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 import harness as hz
-from harness.family import get_family, glm_response
-from harness.laplace import laplace_loglik, maximise_laplace
-from harness.spec import ModelSpec, build_design
+from harness.checks.laplace import laplace_loglik, maximise_laplace
+from harness.model.family import get_family, glm_response
+from harness.model.spec import ModelSpec, build_design
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((ROOT / "tests" / "reference" / "glmm_lme4.json").read_text())
@@ -148,7 +148,7 @@ def test_cbind_needs_the_binomial_family():
 
 def test_pymc_model_likelihood_is_the_family_loglik():
     """The observed node of build_model's graph equals Family.loglik (binomial + Poisson offset)."""
-    from harness.same_model_glmm import pymc_conditional_loglik
+    from harness.checks.same_model_glmm import pymc_conditional_loglik
 
     for name in ("cbpp", "cbpp_probit", "insurance", "verbagg60"):
         data, spec = load(name)
@@ -158,7 +158,7 @@ def test_pymc_model_likelihood_is_the_family_loglik():
         beta = rng.normal(0, 0.3, len(design.fixed_terms))
         q = sum(b.n_levels for b in design.blocks)
         u = rng.normal(size=q)
-        from harness.laplace import lambda_matrix
+        from harness.checks.laplace import lambda_matrix
 
         eta = design.X.to_numpy() @ beta + design.Z() @ (lambda_matrix(design, theta) @ u)
         if design.offset is not None:
@@ -300,7 +300,7 @@ def test_compare_command_parses_family():
 
 @pytest.mark.r
 def test_laplace_accuracy_note_uses_quadrature_ml():
-    from harness.compare_glmm import explain_glmm_gaps, laplace_accuracy
+    from harness.checks.compare_glmm import explain_glmm_gaps, laplace_accuracy
 
     data, spec = load("cbpp")
     freq = hz.fit_lme4(spec, data, n_sims=0)
@@ -320,9 +320,9 @@ def test_laplace_accuracy_note_uses_quadrature_ml():
 def test_glmm_equations_typeset_without_sigma(name):
     from matplotlib.mathtext import MathTextParser
 
-    from harness.priors import resolve_priors
-    from harness.report import model_equations
-    from harness.report_glmm import glmm_equations
+    from harness.model.priors import resolve_priors
+    from harness.report.glmm import glmm_equations
+    from harness.report.page import model_equations
 
     data, spec = load(name)
     design = build_design(spec, data)

@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 
 from harness._io import OutputError, atomic_write_text, check_outputs, clean_stale_temps
-from harness.spec import ModelSpec, build_design, parse_formula
+from harness.model.spec import ModelSpec, build_design, parse_formula
 from tests.test_user_data import ROOT, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -147,7 +147,7 @@ def test_cli_sigma_by_reaches_r_as_data(tmp_path, monkeypatch):
     csv = tmp_path / "data.csv"
     small(groups=10, per=8).rename(columns={"arm": name}).to_csv(csv, index=False)
     before = csv.read_bytes()
-    monkeypatch.setattr("harness.runner.fit_design", lme4_only)
+    monkeypatch.setattr("harness.pipeline.runner.fit_design", lme4_only)
     argv = ["compare", str(csv), "--formula", "y ~ x + (1 | g)", "--sigma-by", name]
     rc, _, stderr = run_cli([*argv, "--out", str(tmp_path / "o.html")], tmp_path / "cache")
     assert rc == 1 and "lme4 done" in stderr
@@ -190,7 +190,7 @@ def test_cli_unknown_hostile_sigma_by_is_a_clear_error(tmp_path, monkeypatch):
     marker = tmp_path / "ran"
     csv = tmp_path / "data.csv"
     small().to_csv(csv, index=False)
-    monkeypatch.setattr("harness.runner.fit_design", no_fit)
+    monkeypatch.setattr("harness.pipeline.runner.fit_design", no_fit)
     argv = ["compare", str(csv), "--formula", "y ~ x + (1 | g)", "--sigma-by", hostile(marker)]
     rc, _, stderr = run_cli([*argv, "--out", str(tmp_path / "o.html")], tmp_path / "cache")
     assert rc == 1 and "not in the data" in stderr
@@ -489,7 +489,7 @@ def test_negative_seed_is_refused_up_front(csv_file, monkeypatch):
         with pytest.raises(SystemExit) as exit_:
             build_parser().parse_args([*command, "--seed", "-1"])
         assert exit_.value.code == 2
-    monkeypatch.setattr("harness.runner.fit_design", no_fit)
+    monkeypatch.setattr("harness.pipeline.runner.fit_design", no_fit)
     with pytest.raises(ValueError, match="seed=-1"):
         compare_data(small(), "y ~ x + (1 | g)", seed=-1)
 
@@ -507,7 +507,7 @@ def test_missing_values_note_is_logged_once(monkeypatch, caplog):
 
     data = small()
     data.loc[[0, 5], "x"] = np.nan
-    monkeypatch.setattr("harness.runner.fit_design", stop)
+    monkeypatch.setattr("harness.pipeline.runner.fit_design", stop)
     with caplog.at_level(logging.INFO, logger="harness"), pytest.raises(Stop):
         compare_data(data, "y ~ x + (1 | g)")
     notes = [r for r in caplog.records if "na.omit" in r.getMessage()]

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import marginal as marginal_module
-from harness.marginal import MarginalLikelihood, choose_method, pymc_model_loglik
-from harness.spec import ModelSpec, build_design
+from harness.checks import marginal as marginal_module
+from harness.checks.marginal import MarginalLikelihood, choose_method, pymc_model_loglik
+from harness.model.spec import ModelSpec, build_design
 from harness.user_data import read_data
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ def test_every_subpackage_is_listed_in_pyproject() -> None:
         for path in (ROOT / "harness").rglob("__init__.py")
         if "__pycache__" not in path.parts
     }
-    found.add("harness.templates")  # data only, installed as a package of its own
+    found.add("harness.report.templates")  # data only, installed as a package of its own
     found.add("harness.r_scripts")  # mapped onto the top-level r_scripts/
     assert found == _listed_packages()
 

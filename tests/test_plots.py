@@ -13,9 +13,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
-from harness import plots
-from harness import report_tables as rt
-from harness.runner import DesignResult, FitSettings, fit_design
+from harness.pipeline.runner import DesignResult, fit_design
+from harness.pipeline.settings import FitSettings
+from harness.report import plots
+from harness.report import tables as rt
+from harness.report.page import render_figures
 
 #: The default test run's one small fit (shared with test_report/test_runner/test_browser
 #: through the runner's disk cache in the session's temp folder).
@@ -29,6 +31,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> DesignResult:
         seed=1,
         cache_dir=tmp_path_factory.getbasetemp() / "harness-cache",
         settings=REPORT_SETTINGS,
+        render=render_figures,
     )
 
 
@@ -100,7 +103,7 @@ def test_caterpillar_group_names_stay_legible(n_groups: int) -> None:
 
 def test_z_matrix_picture_shape() -> None:
     import harness as hz
-    from harness.spec import build_design
+    from harness.model.spec import build_design
 
     data, spec = hz.datasets.load("partially_clustered")
     design = build_design(spec, data)

@@ -20,9 +20,9 @@ from harness.engines.pymc import (
     structure,
     structure_key,
 )
-from harness.priors import resolve_priors
-from harness.samplers import SAMPLERS, require_sampler
-from harness.spec import ModelSpec, build_design
+from harness.engines.samplers import SAMPLERS, require_sampler
+from harness.model.priors import resolve_priors
+from harness.model.spec import ModelSpec, build_design
 
 CAFE = hz.datasets.load("cafe")[1]
 
@@ -34,7 +34,7 @@ def _design(spec: ModelSpec, data: pd.DataFrame):
 
 def test_importing_harness_imports_no_sampler():
     code = (
-        "import sys, harness, harness.engines.pymc, harness.samplers\n"
+        "import sys, harness, harness.engines.pymc, harness.engines.samplers\n"
         "heavy = [m for m in ('pymc', 'pytensor', 'nutpie', 'numba', 'numpyro', 'jax') "
         "if m in sys.modules]\n"
         "print(','.join(heavy))\n"

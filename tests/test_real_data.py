@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import harness as hz
-from harness.spec import ModelSpec
+from harness.model.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = json.loads((ROOT / "tests" / "reference" / "repeated_factor_profile.json").read_text())
@@ -62,12 +62,12 @@ def test_profile_intervals_of_repeated_factor_equal_r(name):
     ],
 )
 def test_transformed_response_is_evaluated_once(formula, response, columns):
-    from harness.spec import parse_formula
+    from harness.model.spec import parse_formula
 
     data = _read("harness/datasets/sleepstudy.csv")
     parsed = parse_formula(formula)
     assert (parsed.response, parsed.response_columns) == (response, columns)
-    design = hz.spec.build_design(ModelSpec(formula), data)
+    design = hz.build_design(ModelSpec(formula), data)
     assert design.response == response
     raw = data["Reaction"].to_numpy(float)
     expected = {
@@ -85,13 +85,13 @@ def test_transformed_response_is_evaluated_once(formula, response, columns):
 def test_response_forms_outside_scope_are_refused_with_the_response_named(lhs):
     data = _read("harness/datasets/sleepstudy.csv")
     with pytest.raises(ValueError, match=re.escape(lhs)):
-        hz.spec.build_design(ModelSpec(f"{lhs} ~ Days + (1 | Subject)"), data)
+        hz.build_design(ModelSpec(f"{lhs} ~ Days + (1 | Subject)"), data)
 
 
 def test_response_transform_of_nonpositive_values_names_the_rows():
     data = _read("harness/datasets/sleepstudy.csv")
     with pytest.raises(ValueError, match=r"log\(Reaction - 300\) is not finite in \d+ row"):
-        hz.spec.build_design(ModelSpec("log(Reaction - 300) ~ Days + (1 | Subject)"), data)
+        hz.build_design(ModelSpec("log(Reaction - 300) ~ Days + (1 | Subject)"), data)
 
 
 @pytest.mark.parametrize(
@@ -104,7 +104,7 @@ def test_response_transform_of_nonpositive_values_names_the_rows():
     ],
 )
 def test_bare_bar_reads_as_lme4_reads_it(formula, fixed, expr, correlated):
-    from harness.spec import parse_formula
+    from harness.model.spec import parse_formula
 
     parsed = parse_formula(formula)
     assert parsed.fixed_rhs == fixed
@@ -129,7 +129,7 @@ def test_lme4_fits_the_same_transformed_values():
         "sqrt(Reaction) ~ Days + (Days | Subject)",
         "I(Reaction/10) ~ Days + (Days | Subject)",
     ):
-        design = hz.spec.build_design(ModelSpec(formula), data)
+        design = hz.build_design(ModelSpec(formula), data)
         response = ro.r("function(d, f) model.response(lme4::lFormula(as.formula(f), d)$fr)")
         y_r = np.asarray(response(to_r_frame(design.data), formula), dtype=float)
         np.testing.assert_allclose(y_r, design.y, rtol=1e-15, atol=0)
@@ -250,7 +250,7 @@ def test_log_response_through_harness_compare_identity_passes(tmp_path, caplog):
 
 def test_agreement_over_rounding_noise_is_undefined():
     """The issue's case: lme4 modes ~1e-14 (a singular term) gave slope 5e14 and "pass"."""
-    from harness.compare import offset_agreement
+    from harness.checks.compare import offset_agreement
 
     rng = np.random.default_rng(1)
     n = 18

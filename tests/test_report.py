@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.runner import REPORT_DESIGNS, DesignResult, FitSettings, fit_design
+from harness.pipeline.runner import REPORT_DESIGNS, DesignResult, fit_design
+from harness.pipeline.settings import FitSettings
+from harness.report.page import render_figures
 
 #: Small but real: what the default test run fits (once per session, then cached on disk).
 REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200, max_rounds=1)
@@ -27,13 +29,17 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> DesignResult:
     return fit_design(
-        "sleepstudy", seed=1, cache_dir=shared_cache(tmp_path_factory), settings=REPORT_SETTINGS
+        "sleepstudy",
+        seed=1,
+        cache_dir=shared_cache(tmp_path_factory),
+        settings=REPORT_SETTINGS,
+        render=render_figures,
     )
 
 
 @pytest.fixture(scope="module")
 def report_pair(result: DesignResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from harness.report import write_index, write_report
+    from harness.report.page import write_index, write_report
 
     folder = tmp_path_factory.mktemp("reports")
     report = write_report(result, folder / "sleepstudy.html")
@@ -105,7 +111,7 @@ def test_report_has_every_section(report_pair: dict[str, Path], result: DesignRe
 
 
 def test_verdict_table_lists_every_compared_quantity(result: DesignResult) -> None:
-    from harness.report_tables import verdict_table
+    from harness.report.tables import verdict_table
 
     table = verdict_table(result.comparison, result.same_model)
     cmp = result.comparison
@@ -123,12 +129,12 @@ def test_verdict_table_lists_every_compared_quantity(result: DesignResult) -> No
 
 
 def test_same_model_missing_is_said_not_faked(result: DesignResult, tmp_path: Path) -> None:
-    from harness.report import write_report
+    from harness.report.page import write_report
 
     missing = dataclasses.replace(
         result,
         same_model=None,
-        same_model_status="same-model check not available (harness.same_model is not installed)",
+        same_model_status="same-model check not available (harness.checks.same_model is not installed)",
     )
     html = write_report(missing, tmp_path / "r.html").read_text(encoding="utf-8")
     section = html[html.index('id="same-model"') : html.index('id="fixed"')]
@@ -154,7 +160,7 @@ def test_same_model_section_shows_the_likelihoods(
 def test_interrupted_render_keeps_the_previous_report(
     result: DesignResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import harness.report as report
+    import harness.report.page as report
 
     path = report.write_report(result, tmp_path / "sleepstudy.html")
     before = path.read_bytes()
@@ -193,7 +199,7 @@ def test_index_links_every_report_with_its_verdict(
 
 
 def test_fmt_numbers() -> None:
-    from harness.report import fmt
+    from harness.report.page import fmt
 
     assert fmt(251.40510) == "251.4"
     assert fmt(0.065551) == "0.06555"
@@ -209,9 +215,9 @@ def test_model_equations_typeset_for_every_design(name: str) -> None:
     from matplotlib.mathtext import MathTextParser
 
     import harness as hz
-    from harness.priors import resolve_priors
-    from harness.report import model_equations
-    from harness.spec import build_design
+    from harness.model.priors import resolve_priors
+    from harness.model.spec import build_design
+    from harness.report.page import model_equations
 
     data, spec = hz.datasets.load(name)
     design = build_design(spec, data)
@@ -235,9 +241,14 @@ def test_model_equations_typeset_for_every_design(name: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", REPORT_DESIGNS)
 def test_every_design_reports(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from harness.report import write_report
+    from harness.report.page import write_report
 
-    result = fit_design(name, cache_dir=shared_cache(tmp_path_factory), settings=REPORT_SETTINGS)
+    result = fit_design(
+        name,
+        cache_dir=shared_cache(tmp_path_factory),
+        settings=REPORT_SETTINGS,
+        render=render_figures,
+    )
     html = write_report(result, tmp_path_factory.mktemp(name) / f"{name}.html").read_text("utf-8")
     assert "https://" not in html and 'id="verdict-table"' in html
     if name.startswith("partially_clustered"):

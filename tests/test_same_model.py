@@ -3,7 +3,7 @@
 The first group of tests needs no R: the marginal likelihood is checked against
 a dense multivariate normal, against lme4 numbers recorded at full precision
 (tests/reference/same_model_lme4.R), and against the PyMC model's own density.
-The second group runs lme4/nlme live through :func:`harness.same_model.same_model`.
+The second group runs lme4/nlme live through :func:`harness.checks.same_model.same_model`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import pytest
 import scipy.stats as st
 
 import harness as hz
-from harness import marginal as marginal_module
-from harness.marginal import MarginalLikelihood, psd_cholesky, pymc_model_loglik
-from harness.same_model import (
+from harness.checks import marginal as marginal_module
+from harness.checks.marginal import MarginalLikelihood, psd_cholesky, pymc_model_loglik
+from harness.checks.same_model import (
     ParameterValues,
     _blocks_from_theta,
     compare_estimates,
@@ -29,7 +29,7 @@ from harness.same_model import (
     parameter_names,
     same_model,
 )
-from harness.spec import ModelSpec, RandomBlock, build_design
+from harness.model.spec import ModelSpec, RandomBlock, build_design
 from tests.conftest import REFERENCE
 
 REFERENCE_MODELS = json.loads((REFERENCE / "same_model_lme4.json").read_text())["models"]

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 import harness as hz
-from harness.priors import resolve_priors
-from harness.spec import BarTerm, ModelSpec, build_design, parse_formula
+from harness.model.priors import resolve_priors
+from harness.model.spec import BarTerm, ModelSpec, build_design, parse_formula
 
 
 def test_parse_lme4_bars():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import harness as hz
-from harness import samplers
+from harness.engines import samplers
 from harness.engines.pymc import clear_compiled, refit
 
 pytestmark = pytest.mark.sampling

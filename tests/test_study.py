@@ -17,7 +17,7 @@ from scipy import stats
 
 from harness.studies import partially_clustered as pc
 from harness.studies import sbc
-from harness.study import (
+from harness.studies.command import (
     VOLATILE_COLUMNS,
     Fitter,
     Study,
@@ -85,8 +85,8 @@ def test_lm_fitter_is_the_pooled_t_test():
 def test_pymc_fitters_reuse_one_compiled_model_across_replicates():
     """Same structure key for every replicate of a condition: each worker compiles once."""
     from harness.engines.pymc import structure_key
-    from harness.priors import resolve_priors
-    from harness.spec import build_design
+    from harness.model.priors import resolve_priors
+    from harness.model.spec import build_design
 
     cell = pc.type1_study().conditions[0]
     for spec in (pc.pymc_spec(False), pc.pymc_spec(True)):
@@ -271,7 +271,7 @@ def test_more_replicates_extend_and_fewer_select(tmp_path: Path):
 
 
 def test_report_is_self_contained(tmp_path: Path):
-    from harness.study import study_tables, write_study_report
+    from harness.studies.command import study_tables, write_study_report
 
     study = _lm_study()
     run = run_study(study, tmp_path, reps=5, workers=1, progress=False)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.spec import ModelSpec, build_design
-from harness.user_data import read_data, settings_from_env, write_outputs
+from harness.model.spec import ModelSpec, build_design
+from harness.pipeline.settings import settings_from_env
+from harness.user_data import read_data, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"

@@ -14,7 +14,7 @@ from harness.datasets.cafe import simulate_cafe
 from harness.datasets.cbpp import load_cbpp
 from harness.datasets.partially_clustered import simulate_partially_clustered
 from harness.datasets.sleepstudy import load_sleepstudy
-from harness.spec import ModelSpec
+from harness.model.spec import ModelSpec
 
 __all__ = [
     "DATASETS",

@@ -3,7 +3,7 @@
 After each run every compared quantity is checked: the fixed effects
 ``beta``, the residual SD(s) ``sigma``, each block's SDs ``sd_<label>`` and
 off-diagonal correlations ``corr_<label>``, and the aligned offsets of every
-group that has data on the term (the groups :func:`harness.compare` agrees
+group that has data on the term (the groups :func:`harness.checks.compare` agrees
 over).  A quantity fails with R-hat > 1.01 or bulk or tail ESS < 400
 (ArviZ's rank-normalised ``rhat`` and ``ess``); any divergence fails the run.
 Then, in this order, the loop
@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,8 +45,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from harness.engines.pymc import Run
-    from harness.priors import ResolvedPriors
-    from harness.spec import Design
+    from harness.model.priors import ResolvedPriors
+    from harness.model.spec import Design
 
 log = logging.getLogger("harness")
 
@@ -97,12 +97,12 @@ class AdaptiveSettings:
 def compared_quantities(idata: Any, design: Design) -> tuple[np.ndarray, list[str]]:
     """Draws of every compared scalar quantity, shape (chain, draw, quantity), and their names.
 
-    Offsets are the aligned ones (:func:`harness.align.block_offsets`) of the
+    Offsets are the aligned ones (:func:`harness.checks.align.block_offsets`) of the
     groups with data on the term; groups informed by the prior alone are left
     out, as the agreement metrics leave them out.
     """
-    from harness.align import block_offsets, informed_counts
-    from harness.engines.pymc import corr_var, sd_var
+    from harness.checks.align import block_offsets, informed_counts
+    from harness.names import corr_var, sd_var
 
     posterior = idata.posterior
     columns: list[np.ndarray] = []
@@ -240,7 +240,7 @@ def _row_information(posterior: Any, design: Design) -> np.ndarray:
         if design.sigma_index is not None:
             return 1.0 / sigma[np.asarray(design.sigma_index)] ** 2
         return np.full(design.n, 1.0 / float(sigma) ** 2)
-    from harness.align import block_offsets
+    from harness.checks.align import block_offsets
 
     eta = design.X.to_numpy(dtype=float) @ np.asarray(
         posterior["beta"].median(("chain", "draw")).values, dtype=float
@@ -270,7 +270,7 @@ def information_ratios(idata: Any, design: Design) -> dict[str, dict[str, Any]]:
     (which misses collinear columns: an intercept far from the data's ``x``
     is informed less than ``n_j`` says, which is why the rule uses the eigenvalue).
     """
-    from harness.engines.pymc import corr_var, sd_var
+    from harness.names import corr_var, sd_var
 
     posterior = idata.posterior
     row_weight = _row_information(posterior, design)
@@ -402,6 +402,7 @@ def sample_adaptively(
     progress: bool = False,
     centered: Collection[str] = (),
     settings: AdaptiveSettings | None = None,
+    sample_once: Callable[..., Run],
 ) -> Outcome:
     """Run the sampler in rounds until the diagnostics hold or the budget is spent.
 
@@ -414,6 +415,9 @@ def sample_adaptively(
     centered : collection of str
         Blocks centred in the first run.
     settings : AdaptiveSettings, optional
+    sample_once : callable
+        One sampler run, :func:`harness.engines.pymc.sample_once` (passed in by
+        ``fit_pymc``, so this module never imports the model builder back).
 
     Returns
     -------
@@ -425,8 +429,6 @@ def sample_adaptively(
         ``kept``, ``sample_seconds``, ``compile_seconds``), ``reliable``,
         ``budget_spent``, ``reason``, ``draws_sampled`` and ``seconds``.
     """
-    from harness.engines.pymc import sample_once
-
     settings = settings or AdaptiveSettings()
     max_draws = settings.max_draws if settings.max_draws is not None else 4 * chains * draws
     started = time.perf_counter()

@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from harness import _resources
-from harness.family import GlmResponse, glm_response
-from harness.rformula import FORMULA_FUNCTIONS, _scan, model_matrix, parse_terms
-from harness.spec import (
+from harness.model.family import GlmResponse, glm_response
+from harness.model.rformula import FORMULA_FUNCTIONS, _scan, model_matrix, parse_terms
+from harness.model.spec import (
     BarTerm,
     Design,
     ModelSpec,
@@ -246,7 +246,7 @@ class RNames:
     """The one place where user names become R data: columns renamed, formulas rebuilt.
 
     R sees only internal column names ``v1_``, ``v2_``, ... and formulas rebuilt
-    from the harness's own parse (:func:`harness.spec.parse_formula`) out of
+    from the harness's own parse (:func:`harness.model.spec.parse_formula`) out of
     those names, numbers, operators and the allowed functions; R checks the
     formula's symbols against :attr:`symbols` before evaluating it.  Every name
     R returns is mapped back with :meth:`user`, so tables spell terms, factors
@@ -734,7 +734,7 @@ def fit_glmer_agq(spec: ModelSpec, data: pd.DataFrame, n_agq: int) -> dict[str, 
     """glmer with ``nAGQ = n_agq`` adaptive Gauss-Hermite points (one scalar random effect).
 
     Returns the raw tables (``fixed``, ``variance``, ``info`` with ``loglik``,
-    ``ml_beta``, ``ml_theta``) for the quadrature check of :mod:`harness.laplace`.
+    ``ml_beta``, ``ml_theta``) for the quadrature check of :mod:`harness.checks.laplace`.
     """
     design = build_design(spec, data)
     if not design.family.glm:

@@ -1,4 +1,4 @@
-"""The Bayesian engine: a PyMC model built from a :class:`~harness.spec.Design`.
+"""The Bayesian engine: a PyMC model built from a :class:`~harness.model.spec.Design`.
 
 The model only reads the design (as Bambi's backend only reads its spec).  It
 is built by indexing: each random-effects block contributes
@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from harness.priors import ResolvedPriors, resolve_priors
-from harness.samplers import (
+from harness.engines.samplers import (
     COMPILED,
     SAMPLERS,
     compiled_nutpie,
@@ -32,7 +31,17 @@ from harness.samplers import (
     sample_nutpie,
     sample_pymc,
 )
-from harness.spec import Design, ModelSpec, Prior, RandomBlock, build_design
+from harness.model.priors import ResolvedPriors, resolve_priors
+from harness.model.spec import Design, ModelSpec, Prior, RandomBlock, build_design
+from harness.names import (
+    coef_var,
+    corr_var,
+    level_dim,
+    offsets_var,
+    sd_var,
+    term_b_dim,
+    term_dim,
+)
 
 if TYPE_CHECKING:
     from harness.engines.adaptive import AdaptiveSettings
@@ -54,37 +63,6 @@ __all__ = [
     "structure",
     "structure_key",
 ]
-
-
-def level_dim(block: RandomBlock) -> str:
-    """Name of the coordinate holding a block's group levels."""
-    return f"{block.label}__level"
-
-
-def term_dim(block: RandomBlock) -> str:
-    """Name of the coordinate holding a block's term names."""
-    return f"{block.label}__term"
-
-
-def term_b_dim(block: RandomBlock) -> str:
-    """Second term coordinate of a block's correlation matrix."""
-    return f"{block.label}__term_b"
-
-
-def offsets_var(block: RandomBlock) -> str:
-    return f"u_{block.label}"
-
-
-def coef_var(block: RandomBlock) -> str:
-    return f"coef_{block.label}"
-
-
-def sd_var(block: RandomBlock) -> str:
-    return f"sd_{block.label}"
-
-
-def corr_var(block: RandomBlock) -> str:
-    return f"corr_{block.label}"
 
 
 @dataclass
@@ -372,7 +350,7 @@ def build_model(
     Parameters
     ----------
     design : Design
-        From :func:`harness.spec.build_design`.
+        From :func:`harness.model.spec.build_design`.
     priors : ResolvedPriors, optional
         Defaults to ``resolve_priors(design)``.
     centered : collection of str
@@ -811,6 +789,7 @@ def fit_pymc(
             progress=progress,
             centered=first_centered,
             settings=budget,
+            sample_once=sample_once,
         )
         final, idata = outcome.final, outcome.idata
         compile_s, sample_s = outcome.compile_seconds, outcome.sample_seconds

@@ -1,4 +1,4 @@
-"""Simulation studies: coverage, bias, Type I error, power and SBC (see :mod:`harness.study`).
+"""Simulation studies: coverage, bias, Type I error, power and SBC (see :mod:`harness.studies.command`).
 
 Modules: ``core`` (conditions, fitters, seeds, one task), ``partially_clustered``
 and ``sbc`` (the studies), ``summary`` (measures with Monte Carlo SEs),

@@ -43,6 +43,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness._io import write_via_temp
 from harness.studies.core import Study, Task, rows_to_frame, run_task, sort_results
 from harness.studies.environment import die_with_parent, prepare_child_environment
 
@@ -76,7 +77,9 @@ class ResultStore:
             # Keep conditions and fitters of earlier runs of a larger grid.
             manifest["conditions"] = {**old.get("conditions", {}), **manifest["conditions"]}
             manifest["fitters"] = {**old.get("fitters", {}), **manifest["fitters"]}
-        _atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
+        write_via_temp(
+            path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        )
 
     def parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet")) if self.folder.exists() else []
@@ -120,9 +123,7 @@ class ResultStore:
             return
         frame = rows_to_frame(rows, self.study)
         name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, self.folder / name)
+        write_via_temp(self.folder / name, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def _check_manifest(old: dict[str, Any], new: dict[str, Any], out_dir: Path) -> None:
@@ -148,12 +149,6 @@ def _check_manifest(old: dict[str, Any], new: dict[str, Any], out_dir: Path) -> 
                 f"{out_dir}: fitter {name!r} ran with settings "
                 f"{old['fitters'][name]}, now {settings}; use another --out-dir"
             )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- running

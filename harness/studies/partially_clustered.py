@@ -51,7 +51,7 @@ import pandas as pd
 from scipy import stats
 
 from harness.datasets.partially_clustered import simulate_partially_clustered
-from harness.spec import ModelSpec, Prior
+from harness.model.spec import ModelSpec, Prior
 from harness.studies.core import Condition, Fitter, Study
 
 FORMULA = "y ~ 1 + tx + (0 + tx | group)"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import platform
 import time
@@ -13,14 +11,13 @@ from typing import Any
 
 import pandas as pd
 
+from harness.report.html import figure_to_data_uri, template_env
 from harness.studies import figures
 from harness.studies.core import Study
 from harness.studies.sbc import sbc_summary
 from harness.studies.summary import nominal_check, summarise, verdicts
 
 log = logging.getLogger("harness")
-
-TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
 
 @dataclass
@@ -75,9 +72,7 @@ def sbc_sentences(table: pd.DataFrame, alpha: float = 0.01) -> list[str]:
 
 
 def _png(fig: Any) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return str(figure_to_data_uri(fig)["uri"])
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -155,8 +150,6 @@ def render_study_report(
     runs: pd.DataFrame | None = None,
 ) -> str:
     """The report's HTML."""
-    import jinja2
-
     tables = tables or study_tables(study, results)
     summary = tables.summary
     figs: list[dict[str, str]] = []
@@ -232,11 +225,7 @@ def render_study_report(
         "median_fit_seconds",
     ]
     conditions = pd.DataFrame([{"condition": c.id, **dict(c.params)} for c in study.conditions])
-    template = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        autoescape=jinja2.select_autoescape(["html", "j2"]),
-        undefined=jinja2.StrictUndefined,
-    ).get_template("study.html.j2")
+    template = template_env().get_template("study.html.j2")
     failures = results[results["error"].notna()]
     return template.render(
         study=study,

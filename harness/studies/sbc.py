@@ -27,7 +27,7 @@ import pandas as pd
 from scipy import stats
 
 from harness.datasets.cafe import simulate_cafe
-from harness.spec import ModelSpec, Prior, build_design
+from harness.model.spec import ModelSpec, Prior, build_design
 from harness.studies.core import Condition, Fitter, Study
 
 SPEC = ModelSpec("wait ~ 1 + afternoon + (1 + afternoon | cafe)", priors="m14.1", name="cafe_sbc")
@@ -46,7 +46,7 @@ PARAMETERS: dict[str, tuple[str, dict[str, str]]] = {
 
 @cache
 def _priors() -> Any:
-    from harness.priors import resolve_priors
+    from harness.model.priors import resolve_priors
 
     return resolve_priors(build_design(SPEC, simulate_cafe(seed=0)))
 

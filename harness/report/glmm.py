@@ -15,9 +15,11 @@ import re
 import numpy as np
 import pandas as pd
 
-from harness.compare import Comparison
-from harness.engines.pymc import BayesFit, corr_var, sd_var
-from harness.report_tables import (
+from harness.checks.compare import Comparison
+from harness.engines.pymc import BayesFit
+from harness.model.spec import Design
+from harness.names import corr_var, sd_var
+from harness.report.tables import (
     Z95,
     _block_offsets,
     _lme4_covariance,
@@ -26,7 +28,6 @@ from harness.report_tables import (
     panel_factor,
     x_column,
 )
-from harness.spec import Design
 
 __all__ = ["glmm_equations", "glmm_new_group_table", "glmm_predictive_table", "glmm_response_label"]
 
@@ -180,7 +181,7 @@ def glmm_new_group_table(
 def glmm_equations(design: Design, equations: dict[str, list[str]]) -> dict[str, list[str]]:
     """The gaussian model forms rewritten for the family: ``logit(p) = X beta + Z u``, ...
 
-    ``equations`` is :func:`harness.report.model_equations`'s output; its
+    ``equations`` is :func:`harness.report.page.model_equations`'s output; its
     linear predictor and priors are kept, the likelihood lines replaced.
     """
     family = design.family

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.spec import Design, Prior
+from harness.model.spec import Design, Prior
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from harness.spec import Design
+from harness.model.spec import Design
 
 #: Random-effect columns above which profile intervals and REsim are skipped.
 LARGE_DESIGN_COLUMNS = 1000

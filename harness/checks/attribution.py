@@ -49,7 +49,7 @@ import pandas as pd
 
 if TYPE_CHECKING:
     from harness.engines.pymc import BayesFit
-    from harness.priors import ResolvedPriors
+    from harness.model.priors import ResolvedPriors
 
 log = logging.getLogger("harness")
 
@@ -189,7 +189,7 @@ def prior_logp(bayes: BayesFit, priors: ResolvedPriors) -> np.ndarray:
     matrix.  The offsets' standard-normal prior is the same under every
     profile and cancels.
     """
-    from harness.engines.pymc import corr_var, sd_var, term_dim
+    from harness.names import corr_var, sd_var, term_dim
 
     posterior = bayes.idata.posterior
     n = posterior.sizes["chain"] * posterior.sizes["draw"]
@@ -241,8 +241,8 @@ class WidePrior:
 
 def wide_priors(bayes: BayesFit) -> ResolvedPriors:
     """The wide (``flat`` profile) priors for ``bayes``'s design."""
-    from harness.priors import resolve_priors
-    from harness.spec import Design
+    from harness.model.priors import resolve_priors
+    from harness.model.spec import Design
 
     design = bayes.design
     wide_design = Design(**{**design.__dict__, "spec": design.spec.with_(priors=WIDE_PROFILE)})
@@ -551,7 +551,7 @@ def conditional_modes(
     import scipy.sparse as sp
     from scipy.sparse.linalg import spsolve
 
-    from harness.marginal import psd_cholesky
+    from harness.checks.marginal import psd_cholesky
 
     Z = design.Z()
     lambdas = []
@@ -595,14 +595,14 @@ def attribute_agreement(
     """Explain each agreement row's correlation deficit ``1 - r`` in correlation units.
 
     The deficit telescopes over offsets computed as conditional modes at three
-    sets of variance components (:mod:`harness.attribution`'s docstring).
+    sets of variance components (:mod:`harness.checks.attribution`'s docstring).
 
     Parameters
     ----------
     agreement : DataFrame
-        From :func:`harness.compare.offset_agreement`.
+        From :func:`harness.checks.compare.offset_agreement`.
     offsets : DataFrame
-        From :func:`harness.compare.compare_offsets`.
+        From :func:`harness.checks.compare.compare_offsets`.
     design : Design
     vc_lme4, vc_post, vc_wide : dict
         Variance components by lme4 component name: lme4's estimates, the

@@ -23,9 +23,9 @@ unrolled element-wise across groups; otherwise (crossed or nested factors)
 ``M`` is one ``q x q`` matrix: dense (a PyTensor graph) up to
 :data:`SPARSE_THRESHOLD` columns, above it sparse, factorised with SciPy's
 SuperLU under a fill-reducing ordering (the role CHOLMOD plays in lme4) and
-evaluated in NumPy (:mod:`harness.marginal_sparse`).
+evaluated in NumPy (:mod:`harness.checks.marginal_sparse`).
 
-Everything is a PyTensor graph built from the same :class:`~harness.spec.Design`
+Everything is a PyTensor graph built from the same :class:`~harness.model.spec.Design`
 the PyMC model reads, compiled once per design structure; PyTensor supplies the
 gradient the optimiser (:meth:`MarginalLikelihood.maximise`) uses.
 """
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.spec import Design, RandomBlock
+from harness.model.spec import Design, RandomBlock
 
 log = logging.getLogger("harness")
 
@@ -280,7 +280,7 @@ class MarginalLikelihood:
     Parameters
     ----------
     design : Design
-        From :func:`harness.spec.build_design`; the same object the PyMC model reads.
+        From :func:`harness.model.spec.build_design`; the same object the PyMC model reads.
     method : {"auto", "grouped", "dense", "sparse"}
         How to hold ``M`` (see :func:`choose_method`, which "auto" calls).
 
@@ -463,7 +463,7 @@ class MarginalLikelihood:
 
     def _call(self, beta: np.ndarray, factors: list[np.ndarray], sigma: np.ndarray) -> list[Any]:
         if self.method == "sparse":
-            from harness import marginal_sparse
+            from harness.checks import marginal_sparse
 
             return marginal_sparse.outputs(
                 self.stats, self.design.blocks, self.n, beta, factors, sigma
@@ -847,7 +847,7 @@ class MarginalLikelihood:
     def _sparse_conditional_modes(
         self, beta: np.ndarray, factors: list[np.ndarray], sigma: np.ndarray
     ) -> tuple[list[np.ndarray], float, Any]:
-        from harness import marginal_sparse
+        from harness.checks import marginal_sparse
 
         stats, blocks = self.stats, self.design.blocks
         z, logdet_M, M = marginal_sparse.conditional_system(stats, blocks, beta, factors, sigma)
@@ -910,7 +910,7 @@ def _pymc_logp(design: Design) -> tuple[Any, Any]:
     from pymc.model.transform.conditioning import remove_value_transforms
 
     from harness.engines.pymc import build_model, model_data, pack_data, structure_key
-    from harness.priors import resolve_priors
+    from harness.model.priors import resolve_priors
 
     priors = resolve_priors(design)
     key = structure_key(design, priors)
@@ -971,7 +971,7 @@ def pymc_model_loglik(
         ``at_mode`` (the recovered log-likelihood at ``z*``), ``max_probe_gap``
         (largest difference between the recoveries at ``z*`` and at the probes).
     """
-    from harness.engines.pymc import sd_var
+    from harness.names import sd_var
 
     if design.spec.parameterization != "offsets":
         raise ValueError(

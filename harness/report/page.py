@@ -1,4 +1,4 @@
-"""Render a :class:`~harness.runner.DesignResult` to one self-contained HTML page.
+"""Render a :class:`~harness.pipeline.runner.DesignResult` to one self-contained HTML page.
 
 Images are inline (PNG, or SVG for the equations, as ``data:`` URIs), the
 style sheet is inline, and nothing points outside the file: opening a report
@@ -6,7 +6,7 @@ makes no network request.  Pages are written atomically (a temporary file in
 the same folder, then ``os.replace``), so an interrupted run leaves the
 previous page intact.
 
-The templates live in ``harness/templates``: ``base.html.j2`` (blocks
+The templates live in ``harness/report/templates``: ``base.html.j2`` (blocks
 ``title``, ``head``, ``header``, ``nav``, ``content``, ``footer``; the
 style sheet ``style.css`` inline), ``macros.html.j2`` (tables, verdict
 badges, figures) and the pages that extend them.  Other pages (simulation
@@ -16,122 +16,34 @@ studies) can reuse them through :func:`template_env`, :func:`render_page`,
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import io
 import logging
-import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
-from harness._io import atomic_write_text
+from harness.report.html import (
+    figure_to_data_uri,
+    fmt,
+    render_page,
+    write_html,
+)
 
 if TYPE_CHECKING:
-    import jinja2
     from matplotlib.figure import Figure
 
-    from harness.runner import DesignResult
-    from harness.spec import Design
+    from harness.model.spec import Design
+    from harness.pipeline.runner import DesignResult
 
 log = logging.getLogger("harness")
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
 VERDICTS = ("pass", "look", "fail", "unreliable")
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def fmt(value: Any, digits: int = 4) -> str:
-    """A number with ``digits`` significant digits; dashes for missing values."""
-    if value is None:
-        return "—"
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if math.isnan(number):
-        return "—"
-    if math.isinf(number):
-        return "∞" if number > 0 else "−∞"
-    if number != 0 and abs(number) < 1e-3:
-        return f"{number:.{max(digits - 1, 1)}e}"
-    if abs(number) >= 10**digits:
-        return f"{number:.0f}"
-    return f"{number:.{digits}g}"
-
-
-@cache
-def template_env() -> jinja2.Environment:
-    """The Jinja2 environment of the harness templates (autoescaped HTML, strict undefined)."""
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "j2")),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["fmt"] = fmt
-    return env
-
-
-def render_page(template: str, context: Mapping[str, Any]) -> str:
-    """Render one template of ``harness/templates`` with ``context``."""
-    return template_env().get_template(template).render(**context)
-
-
-def write_html(text: str, path: str | os.PathLike[str]) -> Path:
-    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, then rename.
-
-    A failure at any point leaves the previous file (if any) untouched and
-    removes the temporary file; a path that exists and is not a regular file
-    (a FIFO, device node, symbolic link) is refused (:mod:`harness._io`).
-    """
-    return atomic_write_text(path, text)
-
-
-def figure_to_data_uri(fig: Figure, fmt_: str = "png", dpi: int = 110) -> dict[str, Any]:
-    """Render a Figure to an inline image: ``{"uri", "width", "height"}`` (CSS pixels)."""
-    buffer = io.BytesIO()
-    fig.savefig(
-        buffer,
-        format=fmt_,
-        dpi=dpi,
-        bbox_inches="tight",
-        pad_inches=0.08,
-        facecolor="white",
-        metadata={"Software": None} if fmt_ == "png" else {"Date": None},
-    )
-    payload = buffer.getvalue()
-    width, height = fig.get_size_inches() * 100  # CSS size: 100 px per inch of figure
-    # The true size after bbox_inches="tight": from the PNG header, or the SVG's pt size.
-    if fmt_ == "png":
-        px_w, px_h = int.from_bytes(payload[16:20], "big"), int.from_bytes(payload[20:24], "big")
-        width, height = px_w * 100 / dpi, px_h * 100 / dpi
-    else:
-        head = payload[:2000].decode("utf-8", "replace")
-        found = re.search(r'width="([\d.]+)pt"\s+height="([\d.]+)pt"', head)
-        if found:
-            width, height = float(found[1]) * 100 / 72, float(found[2]) * 100 / 72
-    mime = "image/png" if fmt_ == "png" else "image/svg+xml"
-    return {
-        "uri": f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}",
-        "width": round(width),
-        "height": round(height),
-    }
 
 
 def _image(fig: Figure, alt: str, caption: str = "", fmt_: str = "png") -> dict[str, Any]:
@@ -276,8 +188,8 @@ def render_figures(result: DesignResult) -> dict[str, Any]:
     The runner caches this dict under a hash of the fits and the plotting
     code, so warm re-runs skip plotting (and loading the draws) entirely.
     """
-    from harness import plots
-    from harness import report_tables as rt
+    from harness.report import plots
+    from harness.report import tables as rt
 
     cmp, design, bayes = result.comparison, result.design, result.bayes
     unit_of = {t: rt.coefficient_unit(t, design) for t in design.fixed_terms}
@@ -363,8 +275,8 @@ def render_figures(result: DesignResult) -> dict[str, Any]:
         )
     ]
     equations = model_equations(design, bayes.priors)
-    if design.family.glm:  # GLMM hook (issue 12): link-scale forms, see harness/report_glmm.py
-        from harness import report_glmm
+    if design.family.glm:  # GLMM hook (issue 12): link-scale forms, see harness/report/glmm.py
+        from harness.report import glmm as report_glmm
 
         equations = report_glmm.glmm_equations(design, equations)
         y_label = report_glmm.glmm_response_label(design)
@@ -423,7 +335,7 @@ def _verdict_counts(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
 
 
 def _verdict_rows(result: DesignResult) -> list[dict[str, Any]]:
-    from harness.report_tables import verdict_table
+    from harness.report.tables import verdict_table
 
     table = verdict_table(
         result.comparison,
@@ -443,7 +355,7 @@ def _priors_rows(bayes: Any) -> list[dict[str, str]]:
 
 def _response_note(result: DesignResult) -> str:
     """Say what the likelihood is of when the formula transforms the response."""
-    from harness.spec import parse_formula
+    from harness.model.spec import parse_formula
 
     design = getattr(result, "design", None)
     if design is None:
@@ -551,7 +463,7 @@ def report_context(result: DesignResult, figures: Mapping[str, Any]) -> dict[str
     ]
     diagnostics, offsets_summary = _split_diagnostics(cmp.diagnostics)
     adaptive = bayes.settings.get("adaptive")
-    from harness.report_tables import adaptive_rounds_table
+    from harness.report.tables import adaptive_rounds_table
 
     return {
         "title": f"{result.name}: lme4 vs PyMC",
@@ -629,7 +541,7 @@ def write_report(result: DesignResult, path: str | os.PathLike[str]) -> Path:
     Parameters
     ----------
     result : DesignResult
-        From :func:`harness.runner.fit_design`.  Its cached figures are used
+        From :func:`harness.pipeline.runner.fit_design`.  Its cached figures are used
         when present; otherwise they are drawn now.
     path : path
 

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from harness.align import check_alignment, informed_counts, posterior_offsets
-from harness.attribution import (
+from harness.checks.align import check_alignment, informed_counts, posterior_offsets
+from harness.checks.attribution import (
     BOUNDARY_COR,
     BOUNDARY_SD_RATIO,
     REMAINDER_VARIANCE_SD,
@@ -29,7 +29,7 @@ from harness.attribution import (
     reweight_to_wide_prior,
     weighted_summary,
 )
-from harness.engines.pymc import corr_var, sd_var
+from harness.names import corr_var, sd_var
 
 if TYPE_CHECKING:
     from harness.engines.lme4 import FreqFit
@@ -227,7 +227,7 @@ def compare_fixed(
     """Fixed effects side by side, with differences in lme4 SEs and in MCSEs.
 
     ``explanation`` and ``attribution`` split each gap into the prior, Monte
-    Carlo error and a remainder (:mod:`harness.attribution`); ``wide`` is the
+    Carlo error and a remainder (:mod:`harness.checks.attribution`); ``wide`` is the
     wide-prior posterior (computed when not given).
     """
     wide = wide if wide is not None else reweight_to_wide_prior(bayes)
@@ -326,7 +326,7 @@ def compare_variance(
     ``explanation`` and ``attribution`` split each gap (posterior median minus
     lme4's estimate) into the prior, the summary (median of a skewed posterior
     against its mode), a boundary (a singular fit, a correlation at +/-1),
-    Monte Carlo error and a remainder (:mod:`harness.attribution`).
+    Monte Carlo error and a remainder (:mod:`harness.checks.attribution`).
     """
     wide = wide if wide is not None else reweight_to_wide_prior(bayes)
     source = wide.source(bayes)
@@ -675,7 +675,7 @@ def explain_agreement(
 
 
 def attribution_tolerance() -> float:
-    from harness.attribution import REMAINDER_CORRELATION
+    from harness.checks.attribution import REMAINDER_CORRELATION
 
     return REMAINDER_CORRELATION
 
@@ -759,7 +759,7 @@ def compare(
         )
     uncertainty = UNCERTAINTY_SOURCES.copy()
     if freq.design.family.glm:  # GLMM hook (issue 12): glmer's likelihood is an approximation
-        from harness.compare_glmm import GLMM_UNCERTAINTY, explain_glmm_gaps
+        from harness.checks.compare_glmm import GLMM_UNCERTAINTY, explain_glmm_gaps
 
         variance, glmm_notes = explain_glmm_gaps(freq, variance)
         notes.extend(glmm_notes)

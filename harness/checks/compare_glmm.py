@@ -7,7 +7,7 @@ components too small, Breslow & Lin 1995), so a gap between glmer's SD and
 the posterior is expected there and is not a failure of either engine.  For
 one scalar random-effects term the size of that approximation is measured
 here: the log-likelihood at glmer's estimates by 25-point adaptive
-Gauss-Hermite quadrature (:mod:`harness.laplace`), and the quadrature ML
+Gauss-Hermite quadrature (:mod:`harness.checks.laplace`), and the quadrature ML
 estimates themselves.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.laplace import laplace_loglik, maximise_laplace
+from harness.checks.laplace import laplace_loglik, maximise_laplace
 
 log = logging.getLogger("harness")
 

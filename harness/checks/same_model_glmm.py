@@ -3,7 +3,7 @@
 glmer's ``logLik`` is itself an approximation (Laplace, ``nAGQ = 1``), so the
 identity checked here is: the Laplace approximation of the PyMC model's
 marginal likelihood, from the harness's own design, at glmer's estimates,
-equals glmer's ``logLik`` (:mod:`harness.laplace`).  Level 2 maximises that
+equals glmer's ``logLik`` (:mod:`harness.checks.laplace`).  Level 2 maximises that
 approximation and compares the maximiser with glmer's estimates.  The PyMC
 model's own log density (the graph :func:`harness.engines.pymc.build_model`
 makes) is tied in by evaluating it at the conditional modes: its conditional
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.laplace import laplace_loglik, maximise_laplace, theta_size
-from harness.spec import Design
+from harness.checks.laplace import laplace_loglik, maximise_laplace, theta_size
+from harness.model.spec import Design
 
 log = logging.getLogger("harness")
 
@@ -64,7 +64,8 @@ def pymc_conditional_loglik(
     """
     if any(b.n_terms > 1 and b.correlated for b in design.blocks):
         return None
-    from harness.engines.pymc import build_model, sd_var
+    from harness.engines.pymc import build_model
+    from harness.names import sd_var
 
     model = build_model(design)
     point: dict[str, Any] = {"beta": np.asarray(beta, dtype=float)}

@@ -32,7 +32,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import optimize
 
-from harness.spec import Design
+from harness.model.spec import Design
 
 log = logging.getLogger("harness")
 

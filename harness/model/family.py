@@ -5,7 +5,7 @@ response distribution: its links, how the response is read from the
 formula's left-hand side (``cbind(successes, failures)``, a 0/1 column, a
 count), which values are valid, the PyMC likelihood given the linear
 predictor ``eta``, the log-likelihood and IRLS weights the Laplace
-approximation needs (:mod:`harness.laplace`), and what the report calls the
+approximation needs (:mod:`harness.checks.laplace`), and what the report calls the
 scale.  A later family (negative binomial, Gamma) is one more subclass
 registered in :data:`FAMILIES`.
 

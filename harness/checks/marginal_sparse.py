@@ -1,6 +1,6 @@
 """The marginal likelihood with a sparse ``M``, for crossed and nested factors at scale.
 
-:mod:`harness.marginal` writes the likelihood through
+:mod:`harness.checks.marginal` writes the likelihood through
 ``M = I + Lambda' Z' R^-1 Z Lambda``.  With two or more grouping factors ``M``
 is not block diagonal, but it is sparse: one non-zero per pair of levels that
 share a row.  lme4 factorises it with CHOLMOD; SciPy has no sparse Cholesky,

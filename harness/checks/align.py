@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from harness.engines.pymc import coef_var, level_dim, offsets_var, term_dim
+from harness.names import coef_var, level_dim, offsets_var, term_dim
 
 if TYPE_CHECKING:
     from harness.engines.lme4 import FreqFit
     from harness.engines.pymc import BayesFit
-    from harness.spec import RandomBlock
+    from harness.model.spec import RandomBlock
 
 OFFSET_DIMS = ("chain", "draw", "group", "term")
 

@@ -2,7 +2,7 @@
 
 The formula string is the single source of truth.  lme4 receives it verbatim;
 the PyMC side receives the design built here.  Its fixed-effects matrix and
-each random-effects block come from :mod:`harness.rformula` (``formulae``
+each random-effects block come from :mod:`harness.model.rformula` (``formulae``
 parses; R's term algebra, ``model.matrix`` coding and column names are kept
 there because formulae's differ), and the blocks follow lme4's own rules
 (``findbars``, ``||`` splitting, ``a/b`` nesting, ``a:b`` levels, block order
@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from harness.family import glm_response
-from harness.rformula import (
+from harness.model.family import glm_response
+from harness.model.rformula import (
     FORMULA_FUNCTIONS,
     UNSUPPORTED_CALLS,
     Terms,
@@ -106,12 +106,12 @@ class ModelSpec:
     parameterization: Parameterization = "offsets"
     reml: bool = True
     name: str | None = None
-    # GLMM hook (issue 12): see harness/family.py.
+    # GLMM hook (issue 12): see harness/model/family.py.
     family: str = "gaussian"
     link: str | None = None
 
     def __post_init__(self) -> None:
-        from harness.family import get_family
+        from harness.model.family import get_family
 
         get_family(self.family, self.link)  # unknown family or link: refused here
         if self.parameterization not in ("offsets", "baked_in"):
@@ -441,8 +441,8 @@ class Design:
 
     @property
     def family(self) -> Any:
-        """The response family (:mod:`harness.family`)."""
-        from harness.family import get_family
+        """The response family (:mod:`harness.model.family`)."""
+        from harness.model.family import get_family
 
         return get_family(self.spec.family, self.spec.link)
 

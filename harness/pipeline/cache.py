@@ -38,8 +38,6 @@ import json
 import logging
 import os
 import re
-import socket
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,6 +45,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from harness._io import host_tag, write_via_temp
 
 log = logging.getLogger("harness")
 
@@ -60,17 +60,17 @@ STALE_TMP_SECONDS = 3600.0
 ALLOWED_CLASSES: dict[str, tuple[str, str]] = {
     "FreqFit": ("harness.engines.lme4", "FreqFit"),
     "BayesFit": ("harness.engines.pymc", "BayesFit"),
-    "Comparison": ("harness.compare", "Comparison"),
-    "SameModel": ("harness.same_model", "SameModel"),
-    "BlockValue": ("harness.same_model", "BlockValue"),
-    "ParameterValues": ("harness.same_model", "ParameterValues"),
-    "ResolvedPriors": ("harness.priors", "ResolvedPriors"),
-    "ModelSpec": ("harness.spec", "ModelSpec"),
-    "Prior": ("harness.spec", "Prior"),
-    "Design": ("harness.spec", "Design"),
-    "RandomBlock": ("harness.spec", "RandomBlock"),
-    "BarTerm": ("harness.spec", "BarTerm"),
-    "ParsedFormula": ("harness.spec", "ParsedFormula"),
+    "Comparison": ("harness.checks.compare", "Comparison"),
+    "SameModel": ("harness.checks.same_model", "SameModel"),
+    "BlockValue": ("harness.checks.same_model", "BlockValue"),
+    "ParameterValues": ("harness.checks.same_model", "ParameterValues"),
+    "ResolvedPriors": ("harness.model.priors", "ResolvedPriors"),
+    "ModelSpec": ("harness.model.spec", "ModelSpec"),
+    "Prior": ("harness.model.spec", "Prior"),
+    "Design": ("harness.model.spec", "Design"),
+    "RandomBlock": ("harness.model.spec", "RandomBlock"),
+    "BarTerm": ("harness.model.spec", "BarTerm"),
+    "ParsedFormula": ("harness.model.spec", "ParsedFormula"),
 }
 
 _KEY_RE = re.compile(r"^[0-9a-f]{24}$")
@@ -504,33 +504,9 @@ def _check_annotation(value: Any, annotation: Any, where: str) -> None:
 # --------------------------------------------------------------------------- files
 
 
-def _host_tag() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def temp_path(path: Path) -> Path:
-    """A fresh temp file next to ``path``, named so a later run can tell whether its writer died."""
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.{_host_tag()}-{os.getpid()}.", suffix=".tmp"
-    )
-    os.close(fd)
-    return Path(tmp)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through ``write(temp)`` and a rename; nothing half-written survives."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(payload))
+    """Write ``payload`` to ``path`` through a temp file (:func:`harness._io.write_via_temp`)."""
+    write_via_temp(path, lambda tmp: tmp.write_bytes(payload))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -547,7 +523,7 @@ def clean_stale_temp_files(root: Path, max_age: float = STALE_TMP_SECONDS) -> li
     """Remove temp files a killed writer left in the cache's own folders.
 
     A temp file goes when its writer (same host) is no longer running, or when
-    it is older than ``max_age`` seconds.  Only files named by :func:`temp_path`
+    it is older than ``max_age`` seconds.  Only files named by :func:`harness._io.temp_path`
     inside ``root/<kind>/`` are touched.
 
     Returns
@@ -556,7 +532,7 @@ def clean_stale_temp_files(root: Path, max_age: float = STALE_TMP_SECONDS) -> li
         The files removed.
     """
     removed: list[Path] = []
-    host, now = _host_tag(), time.time()
+    host, now = host_tag(), time.time()
     for kind in KINDS:
         folder = root / kind
         try:
@@ -764,7 +740,7 @@ class FitCache:
         try:
             for suffix, writer in (files or {}).items():
                 side = self.path(kind, key, suffix)
-                atomic_write(side, writer)
+                write_via_temp(side, writer)
                 doc["files"][suffix] = {"size": side.stat().st_size, "sha256": file_digest(side)}
             if files:
                 payload = json.dumps(doc).encode()  # no sort_keys: dict order is data

@@ -6,7 +6,7 @@ so re-rendering a report never refits:
 ========== ===================================================================
 lme4       data hash, spec key, lme4 settings, R/lme4/nlme versions, R + bridge code
 pymc       data hash, spec key, sampler settings, seed, PyMC/PyTensor/nutpie versions, model code
-same_model the lme4 key, the PyMC versions, ``harness/same_model.py``
+same_model the lme4 key, the PyMC versions, ``harness/checks/same_model.py``
 compare    the lme4 and PyMC keys, ``compare.py`` and ``align.py``
 figures    the compare and same-model keys, ``plots.py``, ``report_tables.py``, ``report.py``
 ========== ===================================================================
@@ -16,7 +16,7 @@ both.  On a cache hit nothing imports rpy2, starts R, or compiles a model:
 the R versions in the lme4 key come from one ``Rscript`` call (or, without
 R, from the newest cached fit of the same data, spec and settings).
 
-The cache (:mod:`harness.cache`) lives in ``$HARNESS_CACHE_DIR``, else the
+The cache (:mod:`harness.pipeline.cache`) lives in ``$HARNESS_CACHE_DIR``, else the
 user's cache folder (``platformdirs.user_cache_dir("harness")``, e.g.
 ``~/.cache/harness``).  Its contract:
 
@@ -42,7 +42,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -54,22 +53,21 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from harness import progress
-from harness.cache import (
+from harness.model.spec import Design, ModelSpec, build_design
+from harness.pipeline.cache import (
     CACHE_FORMAT,
     FitCache,
     check_shape,
     resolve_cache_dir,
 )
-from harness.cache import digest as _digest
-from harness.cache import load_idata as _load_idata
-from harness.spec import Design, ModelSpec, build_design
+from harness.pipeline.cache import digest as _digest
+from harness.pipeline.cache import load_idata as _load_idata
+from harness.pipeline.settings import FitSettings
 from harness.versions import PY_PACKAGES as _PY_PACKAGES
 from harness.versions import python_versions, r_versions_cheap
 
 if TYPE_CHECKING:
-    import argparse
-
-    from harness.compare import Comparison
+    from harness.checks.compare import Comparison
     from harness.engines.lme4 import FreqFit
     from harness.engines.pymc import BayesFit
 
@@ -78,72 +76,7 @@ log = logging.getLogger("harness")
 #: The designs ``harness report all`` writes, in index order.
 REPORT_DESIGNS = ("cafe", "sleepstudy", "partially_clustered", "partially_clustered_hetero", "cbpp")
 
-_PACKAGE = Path(__file__).resolve().parent
-
-
-@dataclass(frozen=True)
-class FitSettings:
-    """Engine settings that enter the cache keys.
-
-    Parameters
-    ----------
-    draws, tune, chains : int
-        PyMC draws and tuning steps per chain, and the number of chains.
-    sampler : str
-        ``"nutpie"``, ``"pymc"`` or ``"numpyro"``.
-    target_accept : float
-    profile : bool
-        Profile-likelihood intervals for lme4's variance components.
-    n_sims : int
-        ``merTools::REsim`` draws (0 skips them).
-    lme4_seed : int
-        Seed of REsim; fixed so that a new PyMC seed leaves the lme4 fit cached.
-    adaptive : bool
-        Sample in rounds until the diagnostics hold (:mod:`harness.engines.adaptive`).
-    max_rounds, max_draws, max_seconds
-        The adaptive budget (:class:`harness.engines.adaptive.AdaptiveSettings`):
-        sampler runs, post-warm-up draws over all runs (None: four times the
-        first run's), wall seconds.
-    """
-
-    draws: int = 1000
-    tune: int = 1000
-    chains: int = 4
-    sampler: str = "nutpie"
-    target_accept: float = 0.9
-    profile: bool = True
-    n_sims: int = 1000
-    lme4_seed: int = 1
-    adaptive: bool = True
-    max_rounds: int = 4
-    max_draws: int | None = None
-    max_seconds: float = 300.0
-
-    def adaptive_settings(self) -> Any:
-        """``AdaptiveSettings`` for :func:`harness.engines.pymc.fit_pymc`, or False."""
-        if not self.adaptive:
-            return False
-        from harness.engines.adaptive import AdaptiveSettings
-
-        return AdaptiveSettings(
-            max_rounds=self.max_rounds, max_draws=self.max_draws, max_seconds=self.max_seconds
-        )
-
-    def lme4_part(self) -> dict[str, Any]:
-        return {"profile": self.profile, "n_sims": self.n_sims, "lme4_seed": self.lme4_seed}
-
-    def pymc_part(self) -> dict[str, Any]:
-        return {
-            "draws": self.draws,
-            "tune": self.tune,
-            "chains": self.chains,
-            "sampler": self.sampler,
-            "target_accept": self.target_accept,
-            "adaptive": self.adaptive,
-            "max_rounds": self.max_rounds,
-            "max_draws": self.max_draws,
-            "max_seconds": self.max_seconds,
-        }
+_PACKAGE = Path(__file__).resolve().parents[1]  # the harness package folder
 
 
 @dataclass
@@ -203,16 +136,35 @@ class DesignResult:
 # --------------------------------------------------------------------------- keys and versions
 
 
+_SOURCE_SUFFIXES = (".py", ".R", ".j2", ".css")
+
+
 @cache
 def _source_hash(*relative: str) -> str:
-    """Hash of harness source files (a change in the code that produced a result invalidates it)."""
+    """Hash of the code that produced a result: whole subpackages, so no file list can go stale.
+
+    Each entry is a file or a folder under the package (``"model"``,
+    ``"engines/lme4.py"``) or beside it (``"r_scripts"``); a folder counts with
+    every ``.py``, ``.R``, ``.j2`` and ``.css`` file below it, by relative path.
+    """
     h = hashlib.sha256()
     for rel in relative:
         path = _PACKAGE / rel
-        if not path.is_file():
+        if not path.exists():
             path = _PACKAGE.parent / rel
+        files = (
+            sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix in _SOURCE_SUFFIXES and "__pycache__" not in p.parts
+            )
+            if path.is_dir()
+            else [path]
+        )
         h.update(rel.encode())
-        h.update(path.read_bytes() if path.is_file() else b"<missing>")
+        for file in files:
+            h.update(str(file.relative_to(path)).encode() if path.is_dir() else b"")
+            h.update(file.read_bytes() if file.is_file() else b"<missing>")
     return h.hexdigest()[:16]
 
 
@@ -223,9 +175,7 @@ def _lme4_key_parts(design: Design, spec: ModelSpec, settings: FitSettings) -> d
         "data": design.data_hash(),
         "spec": spec.key(),
         "settings": settings.lme4_part(),
-        "code": _source_hash(
-            "engines/lme4.py", "spec.py", "r_scripts/fit.R", "r_scripts/glmm.R", "family.py"
-        ),
+        "code": _source_hash("model", "engines/lme4.py", "r_scripts"),
     }
 
 
@@ -242,7 +192,7 @@ def _pymc_key_parts(
         "seed": int(seed),
         "versions": {k: py[k] for k in _PY_PACKAGES},
         "code": _source_hash(
-            "engines/pymc.py", "engines/adaptive.py", "priors.py", "spec.py", "family.py"
+            "model", "engines/pymc.py", "engines/adaptive.py", "engines/samplers.py"
         ),
     }
 
@@ -378,35 +328,17 @@ def _same_model_cached(
     refit: bool,
 ) -> tuple[Any | None, str, str | None, bool, float]:
     """(result, status line, key, cached, seconds); never a fake pass."""
-    source = _PACKAGE / "same_model.py"
-    if not source.is_file():
-        return (
-            None,
-            "same-model check not available (harness.same_model is not installed)",
-            None,
-            False,
-            0.0,
-        )
     py = python_versions()
     parts = {
         "format": CACHE_FORMAT,
         "kind": "same_model",
         "lme4": lme4_key,
         "versions": {k: py[k] for k in _PY_PACKAGES},
-        "code": _source_hash(
-            "same_model.py",
-            "marginal.py",
-            "engines/pymc.py",
-            "priors.py",
-            "spec.py",
-            "same_model_glmm.py",
-            "laplace.py",
-            "family.py",
-        ),
+        "code": _source_hash("model", "engines", "checks", "r_scripts"),
     }
     key = _digest(parts)
     if not refit:
-        from harness.same_model import SameModel
+        from harness.checks.same_model import SameModel
 
         shape = {"result": SameModel, "status": str, "seconds": (float, int)}
         hit = store.load("same_model", key, parts, shape=shape)
@@ -414,7 +346,7 @@ def _same_model_cached(
             value = hit[0]
             return value["result"], value["status"], key, True, value["seconds"]
     try:
-        from harness.same_model import same_model
+        from harness.checks.same_model import same_model
     except ImportError as err:
         return None, f"same-model check not available ({err})", None, False, 0.0
     try:
@@ -453,21 +385,19 @@ def _compare_cached(
         "kind": "compare",
         "lme4": lme4_key,
         "pymc": pymc_key,
-        "code": _source_hash(
-            "compare.py", "align.py", "attribution.py", "compare_glmm.py", "laplace.py"
-        ),
+        "code": _source_hash("model", "engines", "checks"),
     }
     key = _digest(parts)
     # The fits are the runner's own: the entry refers to them instead of storing them again.
     context = {"freq": freq, "bayes": bayes_info}
     if not refit:
-        from harness.compare import Comparison
+        from harness.checks.compare import Comparison
 
         shape = {"comparison": Comparison, "seconds": (float, int)}
         hit = store.load("compare", key, parts, shape=shape, context=context)
         if hit is not None:
             return hit[0]["comparison"], key, True, hit[0]["seconds"]
-    from harness.compare import compare
+    from harness.checks.compare import compare
 
     with warnings.catch_warnings():
         # R-hat/ESS of the constant diagonal of a correlation matrix divide 0 by 0 inside
@@ -490,21 +420,25 @@ def _compare_cached(
     return comparison, key, False, seconds
 
 
-def figures_key_parts(result: DesignResult) -> dict[str, Any]:
-    """What a design's rendered figures depend on."""
+def figures_key_parts(
+    result: DesignResult, render: Callable[[DesignResult], Any] | None = None
+) -> dict[str, Any]:
+    """What a design's rendered figures depend on: the fits, the renderer and its package."""
+    renderer = f"{render.__module__}.{render.__qualname__}" if render is not None else None
     return {
         "format": CACHE_FORMAT,
         "kind": "figures",
         "compare": result.keys.get("compare"),
         "same_model": result.keys.get("same_model"),
         "name": result.name,
-        "code": _source_hash("plots.py", "report_tables.py", "report.py", "report_glmm.py"),
+        "renderer": renderer,
+        "code": _source_hash("report"),
     }
 
 
-def figures_key(result: DesignResult) -> str:
+def figures_key(result: DesignResult, render: Callable[[DesignResult], Any] | None = None) -> str:
     """Cache key of a design's rendered figures."""
-    return _digest(figures_key_parts(result))
+    return _digest(figures_key_parts(result, render))
 
 
 _IMAGE_URI_PREFIXES = ("data:image/png;base64,", "data:image/svg+xml;base64,")
@@ -549,7 +483,7 @@ def fit_design(
     cache_dir: str | os.PathLike[str] | None = None,
     refit: bool = False,
     settings: FitSettings | None = None,
-    figures: bool = True,
+    render: Callable[[DesignResult], dict[str, Any]] | None = None,
 ) -> DesignResult:
     """Fit a design with both engines (or load the fits from the cache) and compare them.
 
@@ -567,8 +501,11 @@ def fit_design(
         Ignore cached entries (and overwrite them).
     settings : FitSettings, optional
         Sampler and lme4 settings; default :class:`FitSettings()`.
-    figures : bool
-        Also render (or load) the report's figures, cached like the fits.
+    render : callable, optional
+        Draws the report's figures from the result (the report passes
+        :func:`harness.report.page.render_figures`); they are cached like the
+        fits.  The pipeline never imports report code: without ``render``,
+        ``result.figures`` stays None and a report draws them when it writes.
 
     Returns
     -------
@@ -628,8 +565,8 @@ def fit_design(
     result.same_model, result.same_model_status = sm, status
     if sm_key:
         keys["same_model"] = sm_key
-    if figures:
-        fparts = figures_key_parts(result)
+    if render is not None:
+        fparts = figures_key_parts(result, render)
         fkey = _digest(fparts)
         keys["figures"] = fkey
         fshape = {"figures": _check_figures, "seconds": (float, int)}
@@ -641,10 +578,8 @@ def fit_design(
                 hit[0]["seconds"],
             )
         else:
-            from harness.report import render_figures
-
             with progress.stage("figures"):
-                result.figures, timings["figures"] = _timed(lambda: render_figures(result))
+                result.figures, timings["figures"] = _timed(lambda: render(result))
             cached["figures"] = False
             store.store(
                 "figures",
@@ -654,148 +589,3 @@ def fit_design(
                 {"seconds": timings["figures"]},
             )
     return result
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def settings_from_args(args: argparse.Namespace, base: FitSettings | None = None) -> FitSettings:
-    """``base`` (default: :func:`harness.user_data.settings_from_env`) with the CLI's budget."""
-    from harness.user_data import settings_from_env
-
-    settings = base if base is not None else settings_from_env()
-    changes: dict[str, Any] = {}
-    for name in ("max_rounds", "max_draws", "max_seconds"):
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, not {value}")
-        changes[name] = value
-    if getattr(args, "no_adaptive", False):
-        changes["adaptive"] = False
-    return dataclasses.replace(settings, **changes) if changes else settings
-
-
-def run_report_command(args: argparse.Namespace) -> int:
-    """``harness report DESIGN|all``: fit (or load), write the report(s) and, for ``all``, the index.
-
-    Returns
-    -------
-    int
-        0 when every report was written, 1 when any design failed (the
-        others are still written, and the index says which failed).
-    """
-    from harness import datasets
-    from harness.report import write_index, write_report
-
-    started = time.perf_counter()
-    if args.design == "all":
-        if args.out is not None:
-            raise ValueError("--out names one file; with 'all' use --out-dir")
-        names = list(REPORT_DESIGNS)
-    elif args.design in datasets.DATASETS:
-        names = [args.design]
-    else:
-        raise ValueError(
-            f"unknown design {args.design!r}; choose one of {sorted(datasets.DATASETS)} or 'all'"
-        )
-    out_dir = Path(args.out_dir)
-    from harness._io import check_outputs
-
-    # Before any fit: every page's path is writable and not a special file.
-    pages = {
-        name: Path(args.out) if args.out is not None else out_dir / f"{name}.html" for name in names
-    }
-    if args.design == "all":
-        pages["index"] = out_dir / "index.html"
-    check_outputs({"--out" if args.out else f"report {n}": p for n, p in pages.items()})
-    results: list[DesignResult] = []
-    failures: dict[str, str] = {}
-    parallel = len(names) > 1 and _report_workers(len(names)) > 1
-    if parallel:
-        failures.update(_fit_in_parallel(names, out_dir, args))
-    for name in names:
-        path = Path(args.out) if args.out is not None else out_dir / f"{name}.html"
-        if name in failures:
-            print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
-            continue
-        try:
-            result = fit_design(
-                name,
-                seed=args.seed,
-                refit=args.refit and not parallel,  # parallel workers refitted already
-                settings=settings_from_args(args),
-            )
-            write_report(result, path)
-        except Exception as err:
-            if getattr(args, "debug", False):
-                raise
-            failures[name] = f"{type(err).__name__}: {err}"
-            log.error("%s: %s", name, err)
-            print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
-            continue
-        fits = "cached" if result.cached["lme4"] and result.cached["pymc"] else "fitted"
-        print(f"{name}: {result.verdict} ({fits}) -> {path}")
-        results.append(result)
-    if args.design == "all":
-        index = write_index(results, out_dir / "index.html", failures)
-        print(f"index -> {index}")
-    print(f"done in {time.perf_counter() - started:.1f} s")
-    return 1 if failures else 0
-
-
-def _report_workers(n_designs: int) -> int:
-    """Processes for ``report all``: ``HARNESS_WORKERS`` (``0``: one per core), default 1.
-
-    Serial is the default because it measured faster on a 2-core machine
-    (benchmarks/bench_scale.py: cold 66 s serial against 80 s in two processes,
-    warm 1.7 s against 3.0 s): one process compiles each model structure and
-    warms numba once, while every spawned worker pays imports and compiles again.
-    """
-    text = os.environ.get("HARNESS_WORKERS", "").strip()
-    if not text.isdigit():
-        return 1
-    wanted = int(text) or (os.cpu_count() or 1)
-    return max(1, min(n_designs, wanted, os.cpu_count() or 1))
-
-
-def _fit_one(name: str, seed: int, refit: bool, settings: FitSettings) -> str | None:
-    """Worker: fit (or load) one design into the shared cache; its error text, or None."""
-    try:
-        fit_design(name, seed=seed, refit=refit, settings=settings)
-    except Exception as err:
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def _fit_in_parallel(names: list[str], out_dir: Path, args: argparse.Namespace) -> dict[str, str]:
-    """Fit designs in spawned processes (R and a compiler in each), filling the fit cache.
-
-    The parent then loads each design from the cache (no R, no compile) and
-    writes the reports in index order, so output order and failure handling
-    stay those of the serial loop.
-    """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    workers = _report_workers(len(names))
-    progress.message(f"fitting {len(names)} designs in {workers} processes")
-    failures: dict[str, str] = {}
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {
-            name: pool.submit(_fit_one, name, args.seed, args.refit, settings_from_args(args))
-            for name in names
-        }
-        for name, future in futures.items():
-            try:
-                error = future.result()
-            except Exception as err:  # the worker process itself died
-                error = f"{type(err).__name__}: {err}"
-            if error is not None:
-                if getattr(args, "debug", False):
-                    raise RuntimeError(f"{name}: {error}")
-                failures[name] = error
-                log.error("%s: %s", name, error)
-    return failures

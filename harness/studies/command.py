@@ -38,7 +38,7 @@ compiled PyMC model per structure).
 
 In Python::
 
-    from harness.study import get_study, run_study, summarise
+    from harness.studies.command import get_study, run_study, summarise
     run = run_study(get_study("smoke"), "out/smoke", reps=10)
     summarise(run.results)
 """

@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from harness.compare import Comparison
+    from harness.checks.compare import Comparison
     from harness.engines.lme4 import FreqFit
     from harness.engines.pymc import BayesFit
-    from harness.spec import Design, RandomBlock
+    from harness.model.spec import Design, RandomBlock
 
 log = logging.getLogger("harness")
 
@@ -98,7 +98,7 @@ def component_draws(
     bayes: BayesFit, component: str, max_draws: int | None = None
 ) -> np.ndarray | None:
     """Posterior draws of one lme4-named variance component (None if PyMC has no such parameter)."""
-    from harness.engines.pymc import corr_var, sd_var, term_b_dim, term_dim
+    from harness.names import corr_var, sd_var, term_b_dim, term_dim
 
     posterior = bayes.idata.posterior
     if component == "sigma":
@@ -186,7 +186,7 @@ def group_coefficients(cmp: Comparison, bayes: BayesFit, prob: float = 0.95) -> 
     estimates, fixed-effect uncertainty left out, as ``coef()`` shows it).
     PyMC: the same sum per draw, mean and central ``prob`` interval.
     """
-    from harness.align import posterior_offsets
+    from harness.checks.align import posterior_offsets
 
     beta_hat = dict(zip(cmp.fixed["term"], cmp.fixed["lme4_estimate"], strict=True))
     beta = bayes.idata.posterior["beta"]
@@ -302,7 +302,7 @@ def shrinkage(cmp: Comparison, coefs: pd.DataFrame, design: Design) -> list[Shri
             Zg, yg = values[mask], y[mask]
             ok = mask.sum() > len(terms) and np.linalg.matrix_rank(Zg) == len(terms)
             if ok and design.family.glm:  # GLMM hook (issue 12): per-group GLM, link scale
-                from harness.family import fit_glm
+                from harness.model.family import fit_glm
 
                 trials = design.trials[mask] if design.trials is not None else None
                 offset = fixed_rest[mask] + (
@@ -368,7 +368,7 @@ def ml_variance(freq: FreqFit, design: Design) -> dict[str, float]:
         out["sigma"] = float(sigma)
     blocks = design.lme4_block_order()
     if "theta" in ml:
-        from harness.same_model import _blocks_from_theta
+        from harness.checks.same_model import _blocks_from_theta
 
         if sigma is None or isinstance(sigma, dict):
             return out
@@ -421,7 +421,7 @@ def x_column(design: Design) -> str | None:
 
 def _block_offsets(bayes: BayesFit, max_draws: int) -> dict[str, np.ndarray]:
     """Per block label: offsets (sample, level, term)."""
-    from harness.align import block_offsets
+    from harness.checks.align import block_offsets
 
     posterior = bayes.idata.posterior
     return {
@@ -508,7 +508,7 @@ def new_group_table(
     with the estimates' own uncertainty left out.  PyMC: per draw a new
     group effect from that draw's covariance, plus residual noise.
     """
-    from harness.engines.pymc import corr_var, sd_var
+    from harness.names import corr_var, sd_var
 
     rng = np.random.default_rng(seed)
     x = x_column(design)

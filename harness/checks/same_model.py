@@ -4,13 +4,13 @@ Posterior summaries cannot prove two programs fit the same model: priors and
 Monte Carlo error blur any gap.  A deterministic check can:
 
 1. **Likelihood identity.**  The PyMC model's marginal log-likelihood
-   (:mod:`harness.marginal`, random effects integrated out) at lme4's ML
+   (:mod:`harness.checks.marginal`, random effects integrated out) at lme4's ML
    estimates equals ``logLik(refitML(m))`` (nlme's ML ``logLik`` when
    ``sigma_by`` is set), and its REML criterion at the REML estimates equals
    ``REMLcrit(m)``.
 2. **Same optimum.**  Maximising that marginal likelihood from a neutral start
    reproduces lme4's ML estimates.  Above
-   :data:`harness.marginal.SPARSE_THRESHOLD` random-effect columns over
+   :data:`harness.checks.marginal.SPARSE_THRESHOLD` random-effect columns over
    crossed or nested factors, the likelihood is factorised sparsely and the
    maximisation starts from lme4's estimates (a neutral start costs dozens
    of sparse factorisations more and proves no more: the optimiser must
@@ -20,7 +20,7 @@ Monte Carlo error blur any gap.  A deterministic check can:
 4. **The PyMC model is that likelihood.**  The log density of the model
    :func:`harness.engines.pymc.build_model` builds, with its standardised
    offsets at their conditional mode, recovers the same number
-   (:func:`harness.marginal.pymc_model_loglik`).
+   (:func:`harness.checks.marginal.pymc_model_loglik`).
 
 Parameters are named as lme4 names them, by grouping factor (not by how ``||``
 splits a term): ``(Intercept)``, ``Subject: sd(Days)``,
@@ -40,14 +40,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.marginal import (
+from harness.checks.marginal import (
     MarginalLikelihood,
     MLEstimate,
     choose_method,
     psd_cholesky,
     pymc_model_loglik,
 )
-from harness.spec import Design, ModelSpec, RandomBlock, build_design
+from harness.model.spec import Design, ModelSpec, RandomBlock, build_design
 
 log = logging.getLogger("harness")
 
@@ -895,8 +895,8 @@ def _glmm_same_model(
     notes: list[str],
     started: float,
 ) -> SameModel:
-    """``same_model`` for glmer fits: see :mod:`harness.same_model_glmm`."""
-    from harness.same_model_glmm import glmm_same_model
+    """``same_model`` for glmer fits: see :mod:`harness.checks.same_model_glmm`."""
+    from harness.checks.same_model_glmm import glmm_same_model
 
     checks = glmm_same_model(freq, pymc_design, engine, reasons, notes)
     loglik_lme4 = float(freq.loglik)

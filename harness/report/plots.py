@@ -24,7 +24,7 @@ from matplotlib.patches import Ellipse
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from harness.report_tables import Shrinkage
+    from harness.report.tables import Shrinkage
 
 LME4 = {"color": "#000000", "marker": "o", "linestyle": "-", "label": "lme4"}
 PYMC = {"color": "#D55E00", "marker": "s", "linestyle": "--", "label": "PyMC"}
@@ -259,7 +259,7 @@ def caterpillar(
     Parameters
     ----------
     coefs : DataFrame
-        From :func:`harness.report_tables.group_coefficients`.
+        From :func:`harness.report.tables.group_coefficients`.
     factor : str
     unit_of : mapping, optional
     """
@@ -327,7 +327,7 @@ def variance_density(
     ----------
     draws : DataFrame
         (component, value): posterior draws, from
-        :func:`harness.report_tables.variance_draws`.
+        :func:`harness.report.tables.variance_draws`.
     variance : DataFrame
         ``Comparison.variance`` (lme4 estimate, interval, PyMC median, HDI).
     ml : mapping, optional
@@ -450,7 +450,7 @@ def shrinkage_plot(shrink: Shrinkage, unit_of: Mapping[str, str] | None = None) 
     Parameters
     ----------
     shrink : Shrinkage
-        From :func:`harness.report_tables.shrinkage`.
+        From :func:`harness.report.tables.shrinkage`.
     unit_of : mapping, optional
     """
     unit_of = unit_of or {}
@@ -716,7 +716,7 @@ def predictive_panels(
     Parameters
     ----------
     pred : DataFrame
-        From :func:`harness.report_tables.predictive_table`.
+        From :func:`harness.report.tables.predictive_table`.
     x_label, y_label : str
         Axis labels with units.
     max_panels : int
@@ -827,7 +827,7 @@ def new_group_plot(table: pd.DataFrame, y_label: str, engine: str = "lme4") -> F
     Parameters
     ----------
     table : DataFrame
-        From :func:`harness.report_tables.new_group_table`.
+        From :func:`harness.report.tables.new_group_table`.
     y_label : str
     engine : str
         Name of the frequentist engine for the legend.
@@ -884,7 +884,7 @@ def rank_plot(draws: pd.DataFrame, bins: int = 20) -> Figure:
     Parameters
     ----------
     draws : DataFrame
-        (parameter, chain, draw, value), from :func:`harness.report_tables.rank_draws`.
+        (parameter, chain, draw, value), from :func:`harness.report.tables.rank_draws`.
     bins : int
     """
     from scipy.stats import rankdata

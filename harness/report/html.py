@@ -1,0 +1,115 @@
+"""HTML helpers shared by every page the harness writes (design, index, study, gallery).
+
+Number formatting, the Jinja2 environment of ``harness/report/templates``,
+inline images (figures as data URIs: pages stay self-contained and work
+offline) and atomic writes of the finished page.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import re
+from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from harness._io import atomic_write_text
+
+if TYPE_CHECKING:
+    import jinja2
+    from matplotlib.figure import Figure
+
+__all__ = ["TEMPLATES", "figure_to_data_uri", "fmt", "render_page", "template_env", "write_html"]
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number with ``digits`` significant digits; dashes for missing values."""
+    if value is None:
+        return "—"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(number):
+        return "—"
+    if math.isinf(number):
+        return "∞" if number > 0 else "−∞"
+    if number != 0 and abs(number) < 1e-3:
+        return f"{number:.{max(digits - 1, 1)}e}"
+    if abs(number) >= 10**digits:
+        return f"{number:.0f}"
+    return f"{number:.{digits}g}"
+
+
+@cache
+def template_env() -> jinja2.Environment:
+    """The Jinja2 environment of the harness templates (autoescaped HTML, strict undefined)."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "j2")),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["fmt"] = fmt
+    return env
+
+
+def render_page(template: str, context: Mapping[str, Any]) -> str:
+    """Render one template of ``harness/report/templates`` with ``context``."""
+    return template_env().get_template(template).render(**context)
+
+
+def write_html(text: str, path: str | os.PathLike[str]) -> Path:
+    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, then rename.
+
+    A failure at any point leaves the previous file (if any) untouched and
+    removes the temporary file; a path that exists and is not a regular file
+    (a FIFO, device node, symbolic link) is refused (:mod:`harness._io`).
+    """
+    return atomic_write_text(path, text)
+
+
+def figure_to_data_uri(fig: Figure, fmt_: str = "png", dpi: int = 110) -> dict[str, Any]:
+    """Render a Figure to an inline image: ``{"uri", "width", "height"}`` (CSS pixels)."""
+    buffer = io.BytesIO()
+    fig.savefig(
+        buffer,
+        format=fmt_,
+        dpi=dpi,
+        bbox_inches="tight",
+        pad_inches=0.08,
+        facecolor="white",
+        metadata={"Software": None} if fmt_ == "png" else {"Date": None},
+    )
+    payload = buffer.getvalue()
+    width, height = fig.get_size_inches() * 100  # CSS size: 100 px per inch of figure
+    # The true size after bbox_inches="tight": from the PNG header, or the SVG's pt size.
+    if fmt_ == "png":
+        px_w, px_h = int.from_bytes(payload[16:20], "big"), int.from_bytes(payload[20:24], "big")
+        width, height = px_w * 100 / dpi, px_h * 100 / dpi
+    else:
+        head = payload[:2000].decode("utf-8", "replace")
+        found = re.search(r'width="([\d.]+)pt"\s+height="([\d.]+)pt"', head)
+        if found:
+            width, height = float(found[1]) * 100 / 72, float(found[2]) * 100 / 72
+    mime = "image/png" if fmt_ == "png" else "image/svg+xml"
+    return {
+        "uri": f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}",
+        "width": round(width),
+        "height": round(height),
+    }
