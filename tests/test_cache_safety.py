@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = FitSettings(draws=50, tune=50, chains=2, n_sims=50, profile=False)
 #: The default test run's one small fit, shared through the session's disk cache
 #: (tests/test_runner.py and tests/test_report.py fit it with the same settings).
-REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200)
+REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200, max_rounds=1)
 
 
 def _round_trip(value: Any, context: dict[str, Any] | None = None) -> Any:
