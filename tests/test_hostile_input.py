@@ -24,7 +24,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness._io import OutputError, atomic_write_text, check_outputs, clean_stale_temps
+from harness._io import (
+    OutputError,
+    atomic_write_text,
+    check_outputs,
+    clean_stale_temps,
+    host_tag,
+)
 from harness.model.spec import ModelSpec, build_design, parse_formula
 from tests.test_user_data import ROOT, run_cli
 
@@ -416,19 +422,22 @@ def test_stale_temporary_files_are_cleaned_up(tmp_path):
     out = tmp_path / "report.html"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".report.html.{dead.pid}.k1ll3d.tmp"
+    host = host_tag()
+    stale = tmp_path / f".report.html.{host}-{dead.pid}.k1ll3d.tmp"
     stale.write_text("half")
     legacy = tmp_path / ".report.html.avgn8q0y.tmp"
     legacy.write_text("half")
     os.utime(legacy, (time.time() - 7200, time.time() - 7200))
-    running = tmp_path / f".report.html.{os.getppid()}.wr1t1ng.tmp"  # a live writer's
+    running = tmp_path / f".report.html.{host}-{os.getppid()}.wr1t1ng.tmp"  # a live writer's
     running.write_text("in progress")
+    elsewhere = tmp_path / f".report.html.00000000-{dead.pid}.r3m0t3.tmp"  # another machine's
+    elsewhere.write_text("in progress there")
     other = tmp_path / ".other.html.1.x.tmp"
     other.write_text("not ours")
     atomic_write_text(out, "<html></html>")
     assert out.read_text() == "<html></html>"
     assert not stale.exists() and not legacy.exists()
-    assert running.exists() and other.exists()
+    assert running.exists() and other.exists() and elsewhere.exists()
     assert clean_stale_temps(out) == []
 
 

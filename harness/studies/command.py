@@ -63,7 +63,7 @@ from harness.studies.core import (
     replicate_seeds,
     run_task,
 )
-from harness.studies.execute import ResultStore, StudyRun, run_study, throughput
+from harness.studies.execute import ResultStore, StudyRun, run_study
 from harness.studies.report import StudyTables, study_tables, write_study_report
 from harness.studies.sbc import ecdf_band, ecdf_difference, rank_uniformity, sbc_summary
 from harness.studies.summary import nominal_check, performance, summarise, verdicts
@@ -97,7 +97,6 @@ __all__ = [
     "sbc_summary",
     "study_tables",
     "summarise",
-    "throughput",
     "verdicts",
     "write_study_report",
 ]
