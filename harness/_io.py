@@ -162,7 +162,7 @@ def temp_path(path: Path) -> Path:
     return Path(tmp)
 
 
-def write_via_temp(path: Path, write: Callable[[Path], None]) -> None:
+def write_via_temp(path: Path, write: Callable[[Path], object]) -> None:
     """Write ``path`` by ``write(temp)`` and a rename; nothing half-written survives.
 
     The one atomic-write primitive: :func:`atomic_write` (outputs) and the fit

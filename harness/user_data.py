@@ -357,7 +357,7 @@ def write_outputs(
     """
     from harness.report.page import render_report
 
-    items: dict[Path, str] = {}
+    items: dict[str | os.PathLike[str], str] = {}
     if json_path is not None:
         payload = json.dumps(
             comparison_json(result, source=source, rows_read=rows_read),

@@ -503,8 +503,8 @@ def _sentence(
             f"held at lme4's values ({extra['conditional_mode']:.4g}, a joint mode as lme4's is) "
             f"{_fmt(extra['wide_mode'] - extra['conditional_mode'])}"
         )
-    elif parts.get("summary"):
-        pieces.append(f"the {how} of a skewed posterior against its mode {_fmt(parts['summary'])}")
+    elif summary := parts.get("summary"):
+        pieces.append(f"the {how} of a skewed posterior against its mode {_fmt(summary)}")
     remainder = float(parts["remainder"] or 0.0)
     in_mcse = f"{remainder / mcse:+.1f} MCSE" if mcse > 0 else "n/a MCSE"
     pieces.append(f"the rest is {_fmt(remainder)} = {in_mcse} (MCSE {mcse:.2g})")
@@ -636,7 +636,8 @@ def attribute_agreement(
     for frame in modes.values():
         table = table.merge(frame, on=["group_factor", "group", "term"], how="left")
     out = agreement.copy()
-    attributions, explanations, explained = [], [], []
+    attributions: list[dict[str, float | None]] = []
+    explanations, explained = [], []
     for (_, row), ok in zip(out.iterrows(), passes, strict=True):
         part = table[
             (table["group_factor"] == row["group_factor"])

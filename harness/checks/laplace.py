@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 import pandas as pd
@@ -66,6 +67,15 @@ class LaplaceResult:
         return self.loglik - self.saturated_loglik
 
 
+class LaplaceOptimum(TypedDict):
+    """What :func:`maximise_laplace` returns."""
+
+    theta: np.ndarray
+    beta: pd.Series
+    loglik: float
+    message: str
+
+
 def theta_size(design: Design) -> int:
     """Number of covariance parameters: k(k+1)/2 per correlated block, 1 per term otherwise."""
     return sum(b.n_terms * (b.n_terms + 1) // 2 for b in design.blocks)
@@ -79,25 +89,25 @@ def _block_factor(theta: np.ndarray, k: int) -> np.ndarray:
     return T
 
 
-def lambda_matrix(design: Design, theta: Sequence[float]) -> sp.csc_matrix:
+def lambda_matrix(design: Design, theta: Sequence[float] | np.ndarray) -> sp.csc_matrix:
     """``Lambda(theta)`` in the column order of :meth:`Design.Z` (lme4's ``Lambdat`` transposed)."""
-    theta = np.asarray(theta, dtype=float)
-    if theta.size != theta_size(design):
+    theta_v = np.asarray(theta, dtype=float)
+    if theta_v.size != theta_size(design):
         raise ValueError(
-            f"theta has {theta.size} values; the design's random effects need {theta_size(design)}"
+            f"theta has {theta_v.size} values; the design's random effects need {theta_size(design)}"
         )
     pieces, start = [], 0
     for block in design.blocks:
         k = block.n_terms
         m = k * (k + 1) // 2
-        T = _block_factor(theta[start : start + m], k)
+        T = _block_factor(theta_v[start : start + m], k)
         start += m
         pieces.append(sp.kron(sp.identity(block.n_levels), sp.csr_matrix(T)))
     return sp.block_diag(pieces, format="csc")
 
 
 def _as_vector(
-    values: Mapping[str, float] | Sequence[float], names: list[str], what: str
+    values: Mapping[str, float] | Sequence[float] | np.ndarray, names: list[str], what: str
 ) -> np.ndarray:
     if isinstance(values, Mapping):
         missing = [n for n in names if n not in values]
@@ -192,8 +202,8 @@ def _pirls_lme4(
 
 def laplace_loglik(
     design: Design,
-    theta: Mapping[str, float] | Sequence[float],
-    beta: Mapping[str, float] | Sequence[float],
+    theta: Mapping[str, float] | Sequence[float] | np.ndarray,
+    beta: Mapping[str, float] | Sequence[float] | np.ndarray,
     *,
     n_agq: int = 1,
     tol: float = 1e-12,
@@ -314,13 +324,13 @@ def _agq(
 
 def maximise_laplace(
     design: Design,
-    theta0: Sequence[float] | None = None,
-    beta0: Sequence[float] | None = None,
+    theta0: Sequence[float] | np.ndarray | None = None,
+    beta0: Sequence[float] | np.ndarray | None = None,
     *,
     n_agq: int = 1,
     lme4_start: np.ndarray | None = None,
     lme4_tol: float = 1e-7,
-) -> dict[str, object]:
+) -> LaplaceOptimum:
     """Maximise the approximate log-likelihood over (theta, beta) (level 2 of "same model?").
 
     Diagonal entries of each block's factor are kept non-negative, as lme4's
@@ -331,7 +341,7 @@ def maximise_laplace(
     """
     p = len(design.fixed_terms)
     t = theta_size(design)
-    lower = []
+    lower: list[float] = []
     for block in design.blocks:
         k = block.n_terms
         cols, rows = np.triu_indices(k)
@@ -344,7 +354,7 @@ def maximise_laplace(
             beta_start[design.fixed_terms.index("(Intercept)")] = centre
     else:
         beta_start = np.asarray(beta0, dtype=float)
-    state = {"u": None}
+    state: dict[str, np.ndarray | None] = {"u": None}
 
     def negative(params: np.ndarray) -> float:
         if lme4_start is not None:

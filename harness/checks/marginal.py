@@ -397,6 +397,7 @@ class MarginalLikelihood:
     def _bind(self) -> _Compiled:
         """Put this design's statistics into the shared variables before a call."""
         entry = self._entry
+        assert entry is not None, "the sparse form has no compiled functions to bind"
         if entry.owner != self._token:
             for name in ("C", "E", "D", "counts", "beta0"):
                 entry.data[name].set_value(np.asarray(getattr(self.stats, name), dtype=float))
@@ -404,6 +405,7 @@ class MarginalLikelihood:
         return entry
 
     def _shared(self) -> dict[str, Any]:
+        assert self._entry is not None, "the sparse form has no shared variables"
         return self._entry.data
 
     def _profiled(self, pt: Any, G: Any) -> tuple[Any, Any, Any]:

@@ -141,7 +141,9 @@ _LOG = re.compile(rf"^log\s*\(\s*(?P<col>{_NAME})\s*\)$")
 
 
 def _split_plus(text: str) -> list[str]:
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text:
         depth += ch == "("
         depth -= ch == ")"
@@ -353,6 +355,7 @@ class Binomial(Family):
             failures = _counts(frame, spec.failures, "failures column")
             trials = successes + failures
         else:
+            assert spec.trials is not None  # binary (neither given) returned above
             trials = _counts(frame, spec.trials, "trials column")
             over = successes > trials
             if over.any():

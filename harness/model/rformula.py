@@ -400,7 +400,7 @@ def _subsets_upto(base: list[frozenset[int]], power: int) -> Iterator[frozenset[
     seen: set[frozenset[int]] = set()
     frontier = list(dict.fromkeys(base))
     for _ in range(power):
-        grown = []
+        grown: list[frozenset[int]] = []
         for term in frontier:
             if term not in seen:
                 seen.add(term)

@@ -51,6 +51,7 @@ def _to_response(design: Design, eta: np.ndarray) -> np.ndarray:
 def _draw(design: Design, mean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One posterior predictive draw per entry of ``mean``, on the plotted scale."""
     if design.family.name == "binomial":
+        assert design.trials is not None  # a binomial design always carries its trials
         n = np.broadcast_to(design.trials, mean.shape).astype(np.int64)
         return rng.binomial(n, np.clip(mean, 0, 1)) / np.maximum(n, 1)
     return rng.poisson(mean).astype(float)
