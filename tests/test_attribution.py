@@ -259,3 +259,127 @@ def test_singular_fit_is_a_look_with_a_boundary_explanation_not_a_fail():
     assert row["attribution"]["remainder"] == 0.0
     assert "boundary" in row["explanation"]
     assert "ess_tail" in table.columns
+
+
+# --------------------------------------------------------------------------- fixed effects
+
+
+def _unbalanced() -> pd.DataFrame:
+    # Unequal group sizes and a covariate whose group means differ: the GLS estimate then
+    # depends on the variance components (in a balanced one-way layout it would not).
+    rng = np.random.default_rng(5)
+    sizes = [2, 3, 4, 6, 9, 12]
+    g = np.repeat([f"g{i}" for i in range(len(sizes))], sizes)
+    x = rng.normal(size=g.size) + np.repeat(np.arange(len(sizes)) * 0.5, sizes)
+    u = np.repeat(rng.normal(scale=1.5, size=len(sizes)), sizes)
+    y = 2.0 + 0.7 * x + u + rng.normal(size=g.size)
+    return pd.DataFrame({"y": y, "x": x, "g": g})
+
+
+def _gls(design, sd: float, sigma: float) -> np.ndarray:
+    """Dense GLS, written out independently of MarginalLikelihood."""
+    X = design.X.to_numpy(float)
+    Z = design.Z().toarray()
+    V = sd**2 * Z @ Z.T + sigma**2 * np.eye(design.n)
+    Vi_X = np.linalg.solve(V, X)
+    return np.linalg.solve(X.T @ Vi_X, Vi_X.T @ design.y)
+
+
+def _fixed_fits(sd_draws: np.ndarray, sd_hat: float, chains: int = 2):
+    import dataclasses
+
+    spec = ModelSpec("y ~ 1 + x + (1 | g)", priors="flat")
+    design = build_design(spec, _unbalanced())
+    n = sd_draws.size
+    shape = (chains, n // chains)
+    idata = az.from_dict(
+        posterior={
+            "beta": np.zeros((*shape, 2)),
+            "sd_g": sd_draws.reshape(*shape, 1),
+            "sigma": np.ones(shape),
+        },
+        sample_stats={"diverging": np.zeros(shape, bool)},
+        coords={"fixed_term": ["(Intercept)", "x"], "g__term": ["(Intercept)"]},
+        dims={"beta": ["fixed_term"], "sd_g": ["g__term"]},
+    )
+    bayes = BayesFit(
+        spec=spec,
+        design=design,
+        idata=idata,
+        sampler="constructed",
+        seed=0,
+        draws=shape[1],
+        tune=0,
+        chains=chains,
+        priors=resolve_priors(design),
+        compile_seconds=0.0,
+        sample_seconds=0.0,
+        model_code="",
+    )
+    beta_hat = _gls(design, sd_hat, 1.0)
+    fixed = pd.DataFrame({"term": ["(Intercept)", "x"], "estimate": beta_hat, "se": [0.5, 0.1]})
+    freq = dataclasses.replace(_freq(design, sd_hat), fixed=fixed)
+    return freq, bayes, beta_hat
+
+
+def test_variance_component_share_is_the_mean_gls_estimate_minus_lme4s():
+    from harness.checks.attribution import integrate_variance_components
+
+    rng = np.random.default_rng(8)
+    sd_draws = np.abs(rng.normal(1.5, 1.0, 100)) + 0.05
+    freq, bayes, beta_hat = _fixed_fits(sd_draws, 1.2)
+    weights = rng.uniform(0.5, 1.5, 100)
+    weights /= weights.sum()
+    wide = WidePrior("psis", 0.1, weights)
+    result = integrate_variance_components(freq, bayes, wide)
+    assert result is not None and result.n_draws == 100
+    gls = np.array([_gls(bayes.design, s, 1.0) for s in sd_draws])
+    expected = weights @ gls - beta_hat
+    got = np.array([result.shares["(Intercept)"], result.shares["x"]])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    assert abs(expected[1]) > 1e-3  # the constructed case has a real share
+    assert result.check < 1e-6  # GLS at lme4's components reproduces lme4's estimate
+
+
+def test_variance_component_share_is_zero_at_lme4s_components():
+    from harness.checks.attribution import integrate_variance_components
+
+    freq, bayes, _ = _fixed_fits(np.full(100, 1.2), 1.2)
+    result = integrate_variance_components(freq, bayes, _uniform(100))
+    assert result is not None
+    assert max(abs(v) for v in result.shares.values()) < 1e-9
+
+
+def test_variance_component_share_needs_lme4s_estimate_to_be_its_gls():
+    import dataclasses
+
+    from harness.checks.attribution import integrate_variance_components
+
+    freq, bayes, beta_hat = _fixed_fits(np.full(100, 1.2), 1.2)
+    shifted = freq.fixed.assign(estimate=beta_hat + np.array([0.5, 0.1]))
+    wrong = dataclasses.replace(freq, fixed=shifted)
+    assert integrate_variance_components(wrong, bayes, _uniform(100)) is None
+
+
+def test_fixed_row_counts_the_variance_component_share_in_summary():
+    rng = np.random.default_rng(9)
+    draws = rng.normal(1.3, 0.1, (CHAINS, DRAWS))
+    n = CHAINS * DRAWS
+    attr = attribute_row(
+        draws,
+        1.0,
+        how="mean",
+        wide_values=draws.ravel(),
+        wide=_uniform(n),
+        scale=0.1,
+        scale_name="lme4 SE",
+        tolerance=0.025,
+        tolerance_text="0.25 lme4 SE",
+        use_mode=False,
+        integration=0.3,
+    )
+    # Without the share the 0.3 gap is 3 SE and unexplained; with it only MC noise is left.
+    assert attr.attribution["summary"] == pytest.approx(0.3)
+    assert attr.attribution["remainder"] == pytest.approx(float(draws.mean()) - 1.3)
+    assert attr.explained
+    assert "variance components" in attr.explanation

@@ -12,7 +12,17 @@ split, in the row's own units, into
     correlations), or, when the Pareto k-hat exceeds 0.7, from a refit with
     the wide prior;
 ``summary``
-    a posterior median (or mean) against a point estimate: the wide-prior
+    a posterior median (or mean) against a point estimate.  For a fixed
+    effect of a Gaussian model it is the share of integrating over the
+    variance components: lme4's estimate is the GLS estimate at the REML
+    variance components, ``beta_hat(theta_hat)``, while the posterior mean is
+    ``E_theta[E[beta | theta, y]]``, and with flat priors on ``beta``
+    ``E[beta | theta, y]`` is the GLS estimate at ``theta``.  So the summary's
+    share is the wide-prior-weighted mean of the GLS estimates at
+    :data:`INTEGRATION_DRAWS` evenly spaced posterior draws of the variance
+    components minus the GLS estimate at lme4's own (which reproduces lme4's
+    estimate; a mismatch beyond :data:`GLS_CHECK_SE` lme4 SEs drops the share
+    with a note).  GLMMs keep 0 here.  For a variance component: the wide-prior
     posterior's summary minus its mode.  With flat priors the fixed effects
     integrate out into the REML likelihood, so the mode of a variance
     component's marginal posterior sits near lme4's REML estimate; the
@@ -71,6 +81,10 @@ MIN_CONDITION_ESS = 50.0
 #: Other components enter the conditioning when their draws correlate this much (at most 3).
 CONDITION_MIN_CORRELATION = 0.2
 CONDITION_MAX = 3
+#: Posterior draws (evenly spaced, so deterministic) at which the GLS fixed effects are recomputed.
+INTEGRATION_DRAWS = 300
+#: The GLS estimate at lme4's variance components must reproduce lme4's to this many lme4 SEs.
+GLS_CHECK_SE = 0.01
 
 
 # --------------------------------------------------------------------------- weighted summaries
@@ -376,6 +390,7 @@ def attribute_row(
     boundary: str | None = None,
     use_mode: bool = True,
     conditioning: list[tuple[np.ndarray, float]] | None = None,
+    integration: float | None = None,
 ) -> RowAttribution:
     """Split ``summary(draws) - estimate`` into prior, summary, boundary and remainder.
 
@@ -410,6 +425,10 @@ def attribute_row(
         (Gaussian, :data:`CONDITION_BANDWIDTH` posterior SDs) around lme4's
         values give the mode conditional on them, and the distance between the
         two modes joins the summary's share.
+    integration : float, optional
+        Without ``use_mode`` (fixed effects): the share of integrating over
+        the variance components (:func:`integrate_variance_components`), which
+        becomes the summary's share.
     """
     import arviz as az
 
@@ -446,9 +465,12 @@ def attribute_row(
         extra["wide_mode"] = mode
         extra["skew"] = at_wide - mode
     else:
-        parts["summary"] = 0.0
+        share = float(integration) if integration is not None else 0.0
+        parts["summary"] = share
         parts["boundary"] = 0.0
-        parts["remainder"] = at_wide - estimate
+        parts["remainder"] = at_wide - estimate - share
+        if integration is not None:
+            extra["variance_components"] = share
     remainder = float(parts["remainder"] or 0.0)
     limit = max(REMAINDER_MCSE * mcse, tolerance)
     explained = abs(remainder) <= limit
@@ -503,6 +525,12 @@ def _sentence(
             f"held at lme4's values ({extra['conditional_mode']:.4g}, a joint mode as lme4's is) "
             f"{_fmt(extra['wide_mode'] - extra['conditional_mode'])}"
         )
+    elif "variance_components" in extra:
+        pieces.append(
+            f"the summary accounts for {_fmt(parts['summary'] or 0.0)}: the posterior mean "
+            "averages the GLS estimate over the variance components' posterior, lme4's is the "
+            "GLS estimate at its own (REML) variance components"
+        )
     elif summary := parts.get("summary"):
         pieces.append(f"the {how} of a skewed posterior against its mode {_fmt(summary)}")
     remainder = float(parts["remainder"] or 0.0)
@@ -512,6 +540,133 @@ def _sentence(
     if wide.note:
         text += f" [{wide.note}]"
     return text
+
+
+# --------------------------------------------------------------------------- fixed effects
+
+
+@dataclass
+class VarianceIntegration:
+    """What integrating over the variance components moves each fixed effect by.
+
+    ``shares`` (term -> amount) is the wide-prior-weighted mean of the GLS
+    estimates at ``n_draws`` posterior draws minus ``at_lme4``, the GLS
+    estimate at lme4's own variance components; ``check`` is the largest
+    ``|at_lme4 - lme4's estimate|`` in lme4 SEs.
+    """
+
+    shares: dict[str, float]
+    at_lme4: dict[str, float]
+    n_draws: int
+    check: float
+    gls_draws: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 0)))
+    weights: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+
+def draw_factors(bayes: BayesFit, index: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Block factors and residual SDs of the given (flattened, chain-major) posterior draws.
+
+    Returns
+    -------
+    factors : list of array (len(index), k, k)
+        One per ``design.blocks``, with ``F F'`` the block's covariance.
+    sigma : array (len(index), n_sigma)
+    """
+    from harness.checks.marginal import psd_cholesky
+    from harness.names import corr_var, sd_var
+
+    posterior = bayes.idata.posterior
+    n = posterior.sizes["chain"] * posterior.sizes["draw"]
+    factors = []
+    for block in bayes.design.blocks:
+        k = block.n_terms
+        sds = posterior[sd_var(block)].values.reshape(n, k)[index]
+        if block.correlated and k > 1 and corr_var(block) in posterior:
+            corr = posterior[corr_var(block)].values.reshape(n, k, k)[index]
+            cov = corr * sds[:, :, None] * sds[:, None, :]
+            factors.append(np.stack([psd_cholesky(0.5 * (c + c.T)) for c in cov]))
+        else:
+            factors.append(np.stack([np.diag(s) for s in sds]))
+    sigma = posterior["sigma"].values.reshape(n, -1)[index]
+    return factors, sigma
+
+
+def integrate_variance_components(
+    freq: Any, bayes: BayesFit, wide: WidePrior, n_draws: int = INTEGRATION_DRAWS
+) -> VarianceIntegration | None:
+    """The fixed effects' share of integrating over the variance components.
+
+    Parameters
+    ----------
+    freq : FreqFit
+        lme4's (or nlme's) fit; its variance components give ``beta_hat(theta_hat)``.
+    bayes : BayesFit
+    wide : WidePrior
+        The weights the integral is taken under (the wide-prior posterior).
+    n_draws : int
+        Evenly spaced draws of the weighted fit (deterministic thinning).
+
+    Returns
+    -------
+    VarianceIntegration or None
+        None for GLMMs (no GLS estimate), designs without random effects, and
+        when the GLS estimate at lme4's variance components does not
+        reproduce lme4's estimate (logged).
+    """
+    from harness.checks.marginal import MarginalLikelihood
+    from harness.checks.same_model import lme4_ml_values, lme4_reml_values, project
+
+    if bayes.spec.family != "gaussian" or not bayes.design.blocks or freq.fixed.empty:
+        return None
+    source = wide.source(bayes)
+    design = source.design
+    terms = [str(t) for t in freq.fixed["term"]]
+    if not set(terms) <= set(design.fixed_terms):
+        return None
+    try:
+        values = lme4_reml_values(freq) or lme4_ml_values(freq)
+        beta_hat, factors_hat, sigma_hat = project(values, design)
+        marginal = MarginalLikelihood(design)
+        at_lme4 = marginal.evaluate(beta_hat, factors_hat, sigma_hat)["beta_gls"]
+    except (ValueError, KeyError, np.linalg.LinAlgError) as err:
+        log.warning("GLS fixed effects at lme4's variance components: %s", err)
+        return None
+    position = {t: i for i, t in enumerate(design.fixed_terms)}
+    idx = [position[t] for t in terms]
+    estimate = freq.fixed["estimate"].to_numpy(float)
+    se = freq.fixed["se"].to_numpy(float)
+    scale = np.where(se > 0, se, np.maximum(np.abs(estimate), 1.0))
+    check = float(np.max(np.abs(at_lme4[idx] - estimate) / scale))
+    if check > GLS_CHECK_SE:
+        log.warning(
+            "the GLS estimate at lme4's variance components differs from lme4's estimate by "
+            "%.3g lme4 SE; no variance-component share for the fixed effects",
+            check,
+        )
+        return None
+    n = wide.weights.shape[0]
+    index = np.unique(np.linspace(0, n - 1, min(n_draws, n)).round().astype(int))
+    weights = wide.weights[index]
+    if not np.isfinite(weights).all() or weights.sum() <= 0:
+        return None
+    weights = weights / weights.sum()
+    factors, sigma = draw_factors(source, index)
+    gls = np.empty((len(index), len(idx)))
+    for row in range(len(index)):
+        drawn = [f[row] for f in factors]
+        gls[row] = marginal.evaluate(beta_hat, drawn, sigma[row])["beta_gls"][idx]
+    mean = weights @ gls
+    shares = {
+        t: float(mean[j] - at_lme4[i]) for j, (t, i) in enumerate(zip(terms, idx, strict=True))
+    }
+    return VarianceIntegration(
+        shares=shares,
+        at_lme4={t: float(at_lme4[i]) for t, i in zip(terms, idx, strict=True)},
+        n_draws=len(index),
+        check=check,
+        gls_draws=gls,
+        weights=weights,
+    )
 
 
 # --------------------------------------------------------------------------- offsets

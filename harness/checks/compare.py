@@ -25,6 +25,7 @@ from harness.checks.attribution import (
     WidePrior,
     attribute_agreement,
     attribute_row,
+    integrate_variance_components,
     pick_conditioning,
     reweight_to_wide_prior,
     weighted_summary,
@@ -227,11 +228,14 @@ def compare_fixed(
     """Fixed effects side by side, with differences in lme4 SEs and in MCSEs.
 
     ``explanation`` and ``attribution`` split each gap into the prior, Monte
-    Carlo error and a remainder (:mod:`harness.checks.attribution`); ``wide`` is the
-    wide-prior posterior (computed when not given).
+    Carlo error, the summary (for Gaussian models: integrating over the variance
+    components against lme4's GLS estimate at its own) and a remainder
+    (:mod:`harness.checks.attribution`); ``wide`` is the wide-prior posterior
+    (computed when not given).
     """
     wide = wide if wide is not None else reweight_to_wide_prior(bayes)
     beta = bayes.idata.posterior["beta"]
+    integration = integrate_variance_components(freq, bayes, wide)
     rows = []
     for record in freq.fixed.to_dict("records"):
         term = record["term"]
@@ -253,6 +257,7 @@ def compare_fixed(
             tolerance=TOLERANCES["fixed_pass_se"] * se,
             tolerance_text=f"{TOLERANCES['fixed_pass_se']} lme4 SE",
             use_mode=False,
+            integration=integration.shares.get(term) if integration is not None else None,
         )
         if not _row_reliable(stats, bayes):
             verdict = "unreliable"
