@@ -346,3 +346,21 @@ def test_glmer_profile_interval_for_the_sd_matches_r():
     assert row["ci_method"] == "profile"
     assert row["lower"] == pytest.approx(ref["lower"]["sd_(Intercept)|herd"], abs=1e-6)
     assert row["upper"] == pytest.approx(ref["upper"]["sd_(Intercept)|herd"], abs=1e-6)
+
+
+@pytest.mark.r
+@pytest.mark.sampling
+def test_shipped_cbpp_report_renders(tmp_path):
+    """``harness report cbpp`` end to end: the GLMM page renders (link scale, no sigma row)."""
+    from harness.pipeline.runner import fit_design
+    from harness.pipeline.settings import FitSettings
+    from harness.report.page import render_figures, write_report
+
+    settings = FitSettings(draws=200, tune=200, chains=2, n_sims=0, profile=False, max_rounds=1)
+    result = fit_design(
+        "cbpp", seed=1, cache_dir=tmp_path / "cache", settings=settings, render=render_figures
+    )
+    page = write_report(result, tmp_path / "cbpp.html").read_text()
+    assert "cbind(incidence, size - incidence)" in page
+    assert "binomial" in page
+    assert "sigma" not in set(result.comparison.variance["component"])

@@ -358,7 +358,7 @@ def _response_note(result: DesignResult) -> str:
     from harness.model.spec import parse_formula
 
     design = getattr(result, "design", None)
-    if design is None:
+    if design is None or design.family.glm:  # a GLMM's response is counts, never transformed
         return ""
     parsed = parse_formula(design.spec.formula)
     if not parsed.transformed_response:
