@@ -15,7 +15,17 @@ Then, in this order, the loop
    a smaller minimum ESS per gradient evaluation) the earlier run is kept;
 2. on divergences **raises target_accept** along 0.8 -> 0.9 -> 0.95 -> 0.99
    (the draws of a divergent run are discarded: they are biased);
-3. otherwise **adds chains**: nutpie cannot continue a chain, so as many new
+3. when R-hat alone fails (bulk and tail ESS already at the target, no
+   divergences) **restarts with a longer warm-up**: all kept chains are
+   replaced by a fresh run with the warm-up doubled (at most
+   ``AdaptiveSettings.max_tune_factor`` times the first run's).  High ESS with
+   R-hat above the target means some chain(s) settled somewhere else (a
+   mass matrix adapted badly, or a slow direction such as an intercept
+   against nested group intercepts): more chains of the same warm-up do not
+   cure that, and dropping the odd chain would choose draws by how they
+   look.  The per-chain z-scores of the worst quantity
+   (:func:`chain_disagreement`) go into the round's evidence;
+4. otherwise **adds chains**: nutpie cannot continue a chain, so as many new
    chains as the first run had are sampled with a derived seed and
    concatenated with the kept ones.  Chains of the same model, the same
    settings and independent seeds, each after its own warm-up, are
@@ -71,6 +81,9 @@ class AdaptiveSettings:
         the time spent plus the last run's sampling time fits.
     rhat_max, ess_min : float
         The targets: R-hat at most ``rhat_max``, bulk and tail ESS at least ``ess_min``.
+    max_tune_factor : int
+        The longest warm-up of a restart, in multiples of the first run's
+        (restarts double it: x2, x4, ...); 1 turns restarts off.
     """
 
     max_rounds: int = 4
@@ -78,6 +91,7 @@ class AdaptiveSettings:
     max_seconds: float = 300.0
     rhat_max: float = 1.01
     ess_min: float = 400.0
+    max_tune_factor: int = 4
 
     def __post_init__(self) -> None:
         if self.max_rounds < 1:
@@ -86,6 +100,8 @@ class AdaptiveSettings:
             raise ValueError(f"max_draws must be at least 1, not {self.max_draws}")
         if not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be positive, not {self.max_seconds}")
+        if self.max_tune_factor < 1:
+            raise ValueError(f"max_tune_factor must be at least 1, not {self.max_tune_factor}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -224,6 +240,61 @@ def describe(diag: dict[str, Any]) -> str:
         parts.append(f"min bulk ESS {diag['min_ess_bulk']:.0f} ({diag['min_ess_bulk_quantity']})")
         parts.append(f"min tail ESS {diag['min_ess_tail']:.0f} ({diag['min_ess_tail_quantity']})")
     return "; ".join(parts)
+
+
+def rhat_only(diag: dict[str, Any], settings: AdaptiveSettings) -> bool:
+    """Does R-hat alone fail: bulk and tail ESS at the target and no divergences?
+
+    That is the signature of chains that disagree (one adapted badly, or
+    settled in a slow direction) rather than of too few draws.
+    """
+    if diag["ok"] or diag["divergences"] or diag["max_r_hat"] is None:
+        return False
+    ess = [v for v in (diag["min_ess_bulk"], diag["min_ess_tail"]) if v is not None]
+    return diag["max_r_hat"] > settings.rhat_max and all(v >= settings.ess_min for v in ess)
+
+
+def chain_disagreement(draws: np.ndarray) -> list[float]:
+    """How far each chain's mean lies from the other chains', in standard errors.
+
+    Parameters
+    ----------
+    draws : array, shape (chain, draw)
+        One quantity.
+
+    Returns
+    -------
+    list of float
+        Per chain ``(mean_c - mean_others) / sqrt(se_c^2 + se_others^2)``,
+        each standard error from the chain's (or the others' pooled) bulk ESS;
+        ``|z|`` well above 3 marks a chain that sampled somewhere else.
+    """
+    import arviz as az
+
+    values = np.asarray(draws, dtype=float)
+    n_chains = values.shape[0]
+    if n_chains < 2:
+        return [0.0] * n_chains
+
+    def mean_and_se(block: np.ndarray) -> tuple[float, float]:
+        ess = float(az.ess(block, method="mean")) if block.shape[1] > 3 else float(block.size)
+        sd = float(block.std(ddof=1))
+        return float(block.mean()), sd / math.sqrt(max(ess, 1.0))
+
+    scores = []
+    for c in range(n_chains):
+        mine, se_mine = mean_and_se(values[c : c + 1])
+        others, se_others = mean_and_se(np.delete(values, c, axis=0))
+        scale = math.hypot(se_mine, se_others)
+        scores.append(float((mine - others) / scale) if scale > 0 else 0.0)
+    return scores
+
+
+def _disagreement_evidence(idata: Any, design: Design, diag: dict[str, Any]) -> dict[str, Any]:
+    values, names = compared_quantities(idata, design)
+    name = diag["max_r_hat_quantity"]
+    scores = chain_disagreement(values[:, :, names.index(name)])
+    return {"quantity": name, "chain_z": [round(z, 2) for z in scores]}
 
 
 # --------------------------------------------------------------------------- parameterisation
@@ -424,7 +495,7 @@ def sample_adaptively(
     Outcome
         ``record`` holds ``settings``, ``rounds`` (one dict per run: ``round``,
         ``seed``, ``action``, ``why``, ``target_accept``, ``parameterization``
-        per block, ``chains``, ``draws``, ``before`` and ``after`` (see
+        per block, ``chains``, ``draws``, ``tune``, ``before`` and ``after`` (see
         :func:`diagnose`; ``after`` describes the draws kept after the round),
         ``kept``, ``sample_seconds``, ``compile_seconds``), ``reliable``,
         ``budget_spent``, ``reason``, ``draws_sampled`` and ``seconds``.
@@ -433,13 +504,15 @@ def sample_adaptively(
     max_draws = settings.max_draws if settings.max_draws is not None else 4 * chains * draws
     started = time.perf_counter()
 
-    def run(round_number: int, n_chains: int, accept: float, blocks: Collection[str]) -> Run:
+    def run(
+        round_number: int, n_chains: int, accept: float, blocks: Collection[str], warmup: int
+    ) -> Run:
         return sample_once(
             design,
             priors,
             seed=round_seed(seed, round_number),
             draws=draws,
-            tune=tune,
+            tune=warmup,
             chains=n_chains,
             sampler=sampler,
             target_accept=accept,
@@ -447,7 +520,8 @@ def sample_adaptively(
             centered=blocks,
         )
 
-    current = run(1, chains, target_accept, centered)
+    current = run(1, chains, target_accept, centered, tune)
+    current_tune = tune  # warm-up of the kept draws
     kept_idata = current.idata
     compile_s, sample_s = current.compile_seconds, current.sample_seconds
     draws_sampled = chains * draws
@@ -462,6 +536,7 @@ def sample_adaptively(
             "parameterization": _labels(design, current.centered),
             "chains": chains,
             "draws": draws,
+            "tune": tune,
             "before": None,
             "after": diag,
             "kept": True,
@@ -491,6 +566,7 @@ def sample_adaptively(
                 suggestion = None
         accept = current.target_accept
         blocks = current.centered
+        warmup = current_tune
         if suggestion is not None:
             action, blocks, add_chains = "re-parameterise", suggestion, False
             why = f"{problem}; rule (data/prior precision > 1 -> centred): " + ", ".join(
@@ -507,6 +583,16 @@ def sample_adaptively(
                 break
             action, accept, add_chains = "raise target_accept", step, False
             why = f"{problem}: target_accept {current.target_accept} -> {step}"
+        elif rhat_only(diag, settings) and 2 * current_tune <= settings.max_tune_factor * tune:
+            action, warmup, add_chains = "restart with longer warm-up", 2 * current_tune, False
+            evidence = _disagreement_evidence(kept_idata, design, diag)
+            why = (
+                f"{problem}: R-hat fails with ESS at the target (chains disagree; z of each "
+                f"chain's mean of {evidence['quantity']} against the others: "
+                + ", ".join(f"{z:+.1f}" for z in evidence["chain_z"])
+                + f"): all {diag['chains']} chains replaced by {chains} with warm-up "
+                f"{current_tune} -> {warmup}"
+            )
         else:
             action, add_chains = "add chains", True
             why = f"{problem}: {chains} more chains with a derived seed"
@@ -521,7 +607,9 @@ def sample_adaptively(
                 f"budget spent: {draws_sampled} draws sampled, another {planned_draws} "
                 f"would pass max_draws {max_draws}"
             )
-        elif elapsed + last_run_seconds > settings.max_seconds:
+        elif elapsed + last_run_seconds * (warmup + draws) / (current_tune + draws) > (
+            settings.max_seconds
+        ):
             budget_spent = True
             reason = (
                 f"budget spent: {elapsed:.0f} s used, another round (~{last_run_seconds:.0f} s) "
@@ -532,7 +620,7 @@ def sample_adaptively(
             break
         number = len(rounds) + 1
         log.info("adaptive round %d: %s (%s)", number, action, why)
-        new = run(number, chains, accept, blocks)
+        new = run(number, chains, accept, blocks, warmup)
         compile_s += new.compile_seconds
         sample_s += new.sample_seconds
         draws_sampled += planned_draws
@@ -545,7 +633,7 @@ def sample_adaptively(
         else:
             if action == "re-parameterise":
                 before_switch = (current, kept_idata, diag)
-            current, kept_idata = new, new.idata
+            current, kept_idata, current_tune = new, new.idata, warmup
         diag = after = diagnose(kept_idata, design, settings)
         note = ""
         if action == "re-parameterise" and before_switch is not None and not diag["ok"]:
@@ -553,6 +641,7 @@ def sample_adaptively(
             if _worse(diag, old_diag):
                 note = "samples worse than before: the earlier parameterisation and draws are kept"
                 current, kept_idata, diag = old_run, old_idata, old_diag
+                current_tune = tune
                 kept_flag = False
         rounds.append(
             {
@@ -564,6 +653,7 @@ def sample_adaptively(
                 "parameterization": _labels(design, new.centered),
                 "chains": chains,
                 "draws": draws,
+                "tune": warmup,
                 "before": before,
                 "after": after,
                 "kept": kept_flag,
@@ -584,6 +674,7 @@ def sample_adaptively(
             "target_accept": current.target_accept,
             "parameterization": _labels(design, current.centered),
             "chains": int(kept_idata.posterior.sizes["chain"]),
+            "tune": current_tune,
         },
     }
     level = logging.INFO if diag["ok"] else logging.WARNING
