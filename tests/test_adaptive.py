@@ -17,6 +17,7 @@ import pytest
 
 import harness as hz
 from harness.engines.adaptive import (
+    ODD_CHAIN_Z,
     AdaptiveSettings,
     chain_disagreement,
     concat_chains,
@@ -324,7 +325,7 @@ def test_a_chain_that_sampled_elsewhere_is_scored_and_triggers_a_restart_not_mor
     draws[2] += 0.3  # one chain settled elsewhere: ~9 standard errors of its mean
     scores = chain_disagreement(draws)
     assert int(np.argmax(np.abs(scores))) == 2
-    assert scores[2] > 5.0
+    assert scores[2] > ODD_CHAIN_Z
     assert max(abs(z) for k, z in enumerate(scores) if k != 2) < scores[2] - 2.0
     # The signature: R-hat fails although ESS is far above the target.
     r_hat = float(az.rhat(draws))
@@ -337,9 +338,9 @@ def test_a_chain_that_sampled_elsewhere_is_scored_and_triggers_a_restart_not_mor
     assert not rhat_only(_diag(1.02, 250.0, 900.0), settings)
     assert not rhat_only(_diag(1.02, 900.0, 900.0, divergences=3), settings)
     assert not rhat_only(_diag(1.005, 900.0, 900.0), settings)
-    # Chains that agree score near zero.
-    calm = chain_disagreement(rng.normal(size=(4, 1000)))
-    assert max(abs(z) for z in calm) < 4.0
+    # Chains that agree (slow mixing, not a stray chain) stay under the threshold.
+    calm = chain_disagreement(rng.normal(size=(8, 1000)))
+    assert max(abs(z) for z in calm) < ODD_CHAIN_Z
 
 
 def test_max_tune_factor_must_be_at_least_one():

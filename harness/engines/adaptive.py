@@ -16,15 +16,18 @@ Then, in this order, the loop
 2. on divergences **raises target_accept** along 0.8 -> 0.9 -> 0.95 -> 0.99
    (the draws of a divergent run are discarded: they are biased);
 3. when R-hat alone fails (bulk and tail ESS already at the target, no
-   divergences) **restarts with a longer warm-up**: all kept chains are
+   divergences) and a chain stands out (its mean of the worst quantity more
+   than :data:`ODD_CHAIN_Z` standard errors from the other chains')
+   **restarts with a longer warm-up**: all kept chains are
    replaced by a fresh run with the warm-up doubled (at most
    ``AdaptiveSettings.max_tune_factor`` times the first run's).  High ESS with
-   R-hat above the target means some chain(s) settled somewhere else (a
-   mass matrix adapted badly, or a slow direction such as an intercept
-   against nested group intercepts): more chains of the same warm-up do not
+   R-hat above the target and a stray chain mean it settled somewhere else
+   (its mass matrix adapted badly): more chains of the same warm-up do not
    cure that, and dropping the odd chain would choose draws by how they
-   look.  The per-chain z-scores of the worst quantity
-   (:func:`chain_disagreement`) go into the round's evidence;
+   look.  Without a stray chain the same signature is slow mixing (R-hat's
+   own noise shrinks with more draws), and chains are added.  The per-chain
+   z-scores of the worst quantity (:func:`chain_disagreement`) go into the
+   round's evidence either way;
 4. otherwise **adds chains**: nutpie cannot continue a chain, so as many new
    chains as the first run had are sampled with a derived seed and
    concatenated with the kept ones.  Chains of the same model, the same
@@ -62,6 +65,11 @@ log = logging.getLogger("harness")
 
 #: target_accept steps on divergences (a run at 0.8 goes to 0.9, then 0.95, then 0.99).
 TARGET_ACCEPT_STEPS = (0.8, 0.9, 0.95, 0.99)
+
+#: A chain whose mean lies further than this many standard errors from the
+#: others' (:func:`chain_disagreement`) sampled somewhere else.  Agreeing chains
+#: give roughly standard normal scores; 4 keeps false alarms rare over 8-16 chains.
+ODD_CHAIN_Z = 4.0
 
 
 @dataclass(frozen=True)
@@ -583,19 +591,35 @@ def sample_adaptively(
                 break
             action, accept, add_chains = "raise target_accept", step, False
             why = f"{problem}: target_accept {current.target_accept} -> {step}"
-        elif rhat_only(diag, settings) and 2 * current_tune <= settings.max_tune_factor * tune:
-            action, warmup, add_chains = "restart with longer warm-up", 2 * current_tune, False
-            evidence = _disagreement_evidence(kept_idata, design, diag)
-            why = (
-                f"{problem}: R-hat fails with ESS at the target (chains disagree; z of each "
-                f"chain's mean of {evidence['quantity']} against the others: "
-                + ", ".join(f"{z:+.1f}" for z in evidence["chain_z"])
-                + f"): all {diag['chains']} chains replaced by {chains} with warm-up "
-                f"{current_tune} -> {warmup}"
-            )
         else:
-            action, add_chains = "add chains", True
-            why = f"{problem}: {chains} more chains with a derived seed"
+            if rhat_only(diag, settings):
+                evidence = _disagreement_evidence(kept_idata, design, diag)
+                scores = ", ".join(f"{z:+.1f}" for z in evidence["chain_z"])
+                odd = max(abs(z) for z in evidence["chain_z"]) > ODD_CHAIN_Z
+            else:
+                odd = False
+            if odd and 2 * current_tune <= settings.max_tune_factor * tune:
+                action, warmup, add_chains = "restart with longer warm-up", 2 * current_tune, False
+                why = (
+                    f"{problem}: R-hat fails with ESS at the target and a chain stands out "
+                    f"(z of each chain's mean of {evidence['quantity']} against the others: "
+                    f"{scores}; |z| > {ODD_CHAIN_Z:g}): all {diag['chains']} chains replaced "
+                    f"by {chains} with warm-up {current_tune} -> {warmup}"
+                )
+            else:
+                action, add_chains = "add chains", True
+                why = f"{problem}: {chains} more chains with a derived seed"
+                if evidence:
+                    why += (
+                        f" (R-hat fails with ESS at the target; z of each chain's mean of "
+                        f"{evidence['quantity']}: {scores}"
+                        + (
+                            f"; no chain beyond |z| {ODD_CHAIN_Z:g}: slow mixing, not a stray "
+                            "chain, so more draws)"
+                            if not odd
+                            else "; warm-up already at its longest)"
+                        )
+                    )
         # Budget: rounds, draws, seconds.
         planned_draws = chains * draws
         elapsed = time.perf_counter() - started
