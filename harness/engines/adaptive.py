@@ -592,27 +592,29 @@ def sample_adaptively(
             action, accept, add_chains = "raise target_accept", step, False
             why = f"{problem}: target_accept {current.target_accept} -> {step}"
         else:
+            disagreement: dict[str, Any] = {}
+            odd = False
             if rhat_only(diag, settings):
-                evidence = _disagreement_evidence(kept_idata, design, diag)
-                scores = ", ".join(f"{z:+.1f}" for z in evidence["chain_z"])
-                odd = max(abs(z) for z in evidence["chain_z"]) > ODD_CHAIN_Z
-            else:
-                odd = False
+                disagreement = _disagreement_evidence(kept_idata, design, diag)
+                # Next to the centring rule's evidence when that rule chose no change.
+                evidence = {**evidence, "chain_disagreement": disagreement}
+                scores = ", ".join(f"{z:+.1f}" for z in disagreement["chain_z"])
+                odd = max(abs(z) for z in disagreement["chain_z"]) > ODD_CHAIN_Z
             if odd and 2 * current_tune <= settings.max_tune_factor * tune:
                 action, warmup, add_chains = "restart with longer warm-up", 2 * current_tune, False
                 why = (
                     f"{problem}: R-hat fails with ESS at the target and a chain stands out "
-                    f"(z of each chain's mean of {evidence['quantity']} against the others: "
+                    f"(z of each chain's mean of {disagreement['quantity']} against the others: "
                     f"{scores}; |z| > {ODD_CHAIN_Z:g}): all {diag['chains']} chains replaced "
                     f"by {chains} with warm-up {current_tune} -> {warmup}"
                 )
             else:
                 action, add_chains = "add chains", True
                 why = f"{problem}: {chains} more chains with a derived seed"
-                if evidence:
+                if disagreement:
                     why += (
                         f" (R-hat fails with ESS at the target; z of each chain's mean of "
-                        f"{evidence['quantity']}: {scores}"
+                        f"{disagreement['quantity']}: {scores}"
                         + (
                             f"; no chain beyond |z| {ODD_CHAIN_Z:g}: slow mixing, not a stray "
                             "chain, so more draws)"
