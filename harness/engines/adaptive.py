@@ -24,8 +24,11 @@ Then, in this order, the loop
    R-hat above the target and a stray chain mean it settled somewhere else
    (its mass matrix adapted badly): more chains of the same warm-up do not
    cure that, and dropping the odd chain would choose draws by how they
-   look.  Without a stray chain the same signature is slow mixing (R-hat's
-   own noise shrinks with more draws), and chains are added.  The per-chain
+   look.  Without a stray chain the same signature is slow mixing: R-hat
+   over chains of ``n`` effective draws each is inflated by roughly ``1/n``
+   whatever the number of chains, so the loop **restarts with longer
+   chains** (twice the draws per chain, while the draws budget allows) rather
+   than adding chains.  The per-chain
    z-scores of the worst quantity (:func:`chain_disagreement`) go into the
    round's evidence either way;
 4. otherwise **adds chains**: nutpie cannot continue a chain, so as many new
@@ -513,13 +516,18 @@ def sample_adaptively(
     started = time.perf_counter()
 
     def run(
-        round_number: int, n_chains: int, accept: float, blocks: Collection[str], warmup: int
+        round_number: int,
+        n_chains: int,
+        accept: float,
+        blocks: Collection[str],
+        warmup: int,
+        length: int,
     ) -> Run:
         return sample_once(
             design,
             priors,
             seed=round_seed(seed, round_number),
-            draws=draws,
+            draws=length,
             tune=warmup,
             chains=n_chains,
             sampler=sampler,
@@ -528,8 +536,8 @@ def sample_adaptively(
             centered=blocks,
         )
 
-    current = run(1, chains, target_accept, centered, tune)
-    current_tune = tune  # warm-up of the kept draws
+    current = run(1, chains, target_accept, centered, tune, draws)
+    current_tune, current_draws = tune, draws  # warm-up and chain length of the kept draws
     kept_idata = current.idata
     compile_s, sample_s = current.compile_seconds, current.sample_seconds
     draws_sampled = chains * draws
@@ -574,7 +582,7 @@ def sample_adaptively(
                 suggestion = None
         accept = current.target_accept
         blocks = current.centered
-        warmup = current_tune
+        warmup, length = current_tune, current_draws
         if suggestion is not None:
             action, blocks, add_chains = "re-parameterise", suggestion, False
             why = f"{problem}; rule (data/prior precision > 1 -> centred): " + ", ".join(
@@ -608,6 +616,16 @@ def sample_adaptively(
                     f"{scores}; |z| > {ODD_CHAIN_Z:g}): all {diag['chains']} chains replaced "
                     f"by {chains} with warm-up {current_tune} -> {warmup}"
                 )
+            elif disagreement and draws_sampled + 2 * chains * current_draws <= max_draws:
+                # R-hat over chains of ~n effective draws each carries noise of order
+                # 1/n that more chains do not shrink: longer chains do.
+                action, length, add_chains = "restart with longer chains", 2 * current_draws, False
+                why = (
+                    f"{problem}: R-hat fails with ESS at the target and no chain stands out "
+                    f"(z of each chain's mean of {disagreement['quantity']}: {scores}): slow "
+                    f"mixing, R-hat needs more effective draws per chain: all {diag['chains']} "
+                    f"chains replaced by {chains} of {length} draws"
+                )
             else:
                 action, add_chains = "add chains", True
                 why = f"{problem}: {chains} more chains with a derived seed"
@@ -623,7 +641,7 @@ def sample_adaptively(
                         )
                     )
         # Budget: rounds, draws, seconds.
-        planned_draws = chains * draws
+        planned_draws = chains * length
         elapsed = time.perf_counter() - started
         if len(rounds) >= settings.max_rounds:
             budget_spent, reason = True, f"budget spent: {settings.max_rounds} rounds"
@@ -633,7 +651,7 @@ def sample_adaptively(
                 f"budget spent: {draws_sampled} draws sampled, another {planned_draws} "
                 f"would pass max_draws {max_draws}"
             )
-        elif elapsed + last_run_seconds * (warmup + draws) / (current_tune + draws) > (
+        elif elapsed + last_run_seconds * (warmup + length) / (current_tune + current_draws) > (
             settings.max_seconds
         ):
             budget_spent = True
@@ -646,7 +664,7 @@ def sample_adaptively(
             break
         number = len(rounds) + 1
         log.info("adaptive round %d: %s (%s)", number, action, why)
-        new = run(number, chains, accept, blocks, warmup)
+        new = run(number, chains, accept, blocks, warmup, length)
         compile_s += new.compile_seconds
         sample_s += new.sample_seconds
         draws_sampled += planned_draws
@@ -659,7 +677,8 @@ def sample_adaptively(
         else:
             if action == "re-parameterise":
                 before_switch = (current, kept_idata, diag)
-            current, kept_idata, current_tune = new, new.idata, warmup
+            current, kept_idata = new, new.idata
+            current_tune, current_draws = warmup, length
         diag = after = diagnose(kept_idata, design, settings)
         note = ""
         if action == "re-parameterise" and before_switch is not None and not diag["ok"]:
@@ -667,7 +686,7 @@ def sample_adaptively(
             if _worse(diag, old_diag):
                 note = "samples worse than before: the earlier parameterisation and draws are kept"
                 current, kept_idata, diag = old_run, old_idata, old_diag
-                current_tune = tune
+                current_tune, current_draws = tune, draws
                 kept_flag = False
         rounds.append(
             {
@@ -678,7 +697,7 @@ def sample_adaptively(
                 "target_accept": new.target_accept,
                 "parameterization": _labels(design, new.centered),
                 "chains": chains,
-                "draws": draws,
+                "draws": length,
                 "tune": warmup,
                 "before": before,
                 "after": after,
