@@ -720,6 +720,7 @@ def sample_adaptively(
             "parameterization": _labels(design, current.centered),
             "chains": int(kept_idata.posterior.sizes["chain"]),
             "tune": current_tune,
+            "draws": current_draws,
         },
     }
     level = logging.INFO if diag["ok"] else logging.WARNING
