@@ -17,10 +17,13 @@ import pytest
 
 import harness as hz
 from harness.engines.adaptive import (
+    ODD_CHAIN_Z,
     AdaptiveSettings,
+    chain_disagreement,
     concat_chains,
     diagnose,
     information_ratios,
+    rhat_only,
     round_seed,
 )
 from harness.engines.pymc import build_model, centered_blocks, fit_pymc, structure_key
@@ -300,6 +303,49 @@ def test_added_chains_are_concatenated_after_the_kept_ones():
     assert list(joined.posterior.chain.values) == [0, 1, 2, 3, 4]
     np.testing.assert_array_equal(joined.posterior["x"].values[2:], second.posterior["x"].values)
     assert joined.sample_stats.sizes["chain"] == 5
+
+
+def _diag(r_hat: float, bulk: float, tail: float, divergences: int = 0) -> dict:
+    settings = AdaptiveSettings()
+    ok = r_hat <= settings.rhat_max and min(bulk, tail) >= settings.ess_min and not divergences
+    return {
+        "ok": ok,
+        "max_r_hat": r_hat,
+        "min_ess_bulk": bulk,
+        "min_ess_tail": tail,
+        "divergences": divergences,
+    }
+
+
+def test_a_chain_that_sampled_elsewhere_is_scored_and_triggers_a_restart_not_more_chains():
+    import arviz as az
+
+    rng = np.random.default_rng(7)
+    draws = rng.normal(size=(4, 1000))
+    draws[2] += 0.3  # one chain settled elsewhere: ~9 standard errors of its mean
+    scores = chain_disagreement(draws)
+    assert int(np.argmax(np.abs(scores))) == 2
+    assert scores[2] > ODD_CHAIN_Z
+    assert max(abs(z) for k, z in enumerate(scores) if k != 2) < scores[2] - 2.0
+    # The signature: R-hat fails although ESS is far above the target.
+    r_hat = float(az.rhat(draws))
+    bulk = float(az.ess(draws, method="bulk"))
+    tail = float(az.ess(draws, method="tail"))
+    assert r_hat > 1.01 and min(bulk, tail) > 400
+    settings = AdaptiveSettings()
+    assert rhat_only(_diag(r_hat, bulk, tail), settings)
+    # Too few draws, divergences, or nothing failing: not this remedy.
+    assert not rhat_only(_diag(1.02, 250.0, 900.0), settings)
+    assert not rhat_only(_diag(1.02, 900.0, 900.0, divergences=3), settings)
+    assert not rhat_only(_diag(1.005, 900.0, 900.0), settings)
+    # Chains that agree (slow mixing, not a stray chain) stay under the threshold.
+    calm = chain_disagreement(rng.normal(size=(8, 1000)))
+    assert max(abs(z) for z in calm) < ODD_CHAIN_Z
+
+
+def test_max_tune_factor_must_be_at_least_one():
+    with pytest.raises(ValueError, match="max_tune_factor"):
+        AdaptiveSettings(max_tune_factor=0)
 
 
 # --------------------------------------------------------------------------- slow

@@ -15,7 +15,23 @@ Then, in this order, the loop
    a smaller minimum ESS per gradient evaluation) the earlier run is kept;
 2. on divergences **raises target_accept** along 0.8 -> 0.9 -> 0.95 -> 0.99
    (the draws of a divergent run are discarded: they are biased);
-3. otherwise **adds chains**: nutpie cannot continue a chain, so as many new
+3. when R-hat alone fails (bulk and tail ESS already at the target, no
+   divergences) and a chain stands out (its mean of the worst quantity more
+   than :data:`ODD_CHAIN_Z` standard errors from the other chains')
+   **restarts with a longer warm-up**: all kept chains are
+   replaced by a fresh run with the warm-up doubled (at most
+   ``AdaptiveSettings.max_tune_factor`` times the first run's).  High ESS with
+   R-hat above the target and a stray chain mean it settled somewhere else
+   (its mass matrix adapted badly): more chains of the same warm-up do not
+   cure that, and dropping the odd chain would choose draws by how they
+   look.  Without a stray chain the same signature is slow mixing: R-hat
+   over chains of ``n`` effective draws each is inflated by roughly ``1/n``
+   whatever the number of chains, so the loop **restarts with longer
+   chains** (twice the draws per chain, while the draws budget allows) rather
+   than adding chains.  The per-chain
+   z-scores of the worst quantity (:func:`chain_disagreement`) go into the
+   round's evidence either way;
+4. otherwise **adds chains**: nutpie cannot continue a chain, so as many new
    chains as the first run had are sampled with a derived seed and
    concatenated with the kept ones.  Chains of the same model, the same
    settings and independent seeds, each after its own warm-up, are
@@ -53,6 +69,11 @@ log = logging.getLogger("harness")
 #: target_accept steps on divergences (a run at 0.8 goes to 0.9, then 0.95, then 0.99).
 TARGET_ACCEPT_STEPS = (0.8, 0.9, 0.95, 0.99)
 
+#: A chain whose mean lies further than this many standard errors from the
+#: others' (:func:`chain_disagreement`) sampled somewhere else.  Agreeing chains
+#: give roughly standard normal scores; 4 keeps false alarms rare over 8-16 chains.
+ODD_CHAIN_Z = 4.0
+
 
 @dataclass(frozen=True)
 class AdaptiveSettings:
@@ -71,6 +92,9 @@ class AdaptiveSettings:
         the time spent plus the last run's sampling time fits.
     rhat_max, ess_min : float
         The targets: R-hat at most ``rhat_max``, bulk and tail ESS at least ``ess_min``.
+    max_tune_factor : int
+        The longest warm-up of a restart, in multiples of the first run's
+        (restarts double it: x2, x4, ...); 1 turns restarts off.
     """
 
     max_rounds: int = 4
@@ -78,6 +102,7 @@ class AdaptiveSettings:
     max_seconds: float = 300.0
     rhat_max: float = 1.01
     ess_min: float = 400.0
+    max_tune_factor: int = 4
 
     def __post_init__(self) -> None:
         if self.max_rounds < 1:
@@ -86,6 +111,8 @@ class AdaptiveSettings:
             raise ValueError(f"max_draws must be at least 1, not {self.max_draws}")
         if not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be positive, not {self.max_seconds}")
+        if self.max_tune_factor < 1:
+            raise ValueError(f"max_tune_factor must be at least 1, not {self.max_tune_factor}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -224,6 +251,61 @@ def describe(diag: dict[str, Any]) -> str:
         parts.append(f"min bulk ESS {diag['min_ess_bulk']:.0f} ({diag['min_ess_bulk_quantity']})")
         parts.append(f"min tail ESS {diag['min_ess_tail']:.0f} ({diag['min_ess_tail_quantity']})")
     return "; ".join(parts)
+
+
+def rhat_only(diag: dict[str, Any], settings: AdaptiveSettings) -> bool:
+    """Does R-hat alone fail: bulk and tail ESS at the target and no divergences?
+
+    That is the signature of chains that disagree (one adapted badly, or
+    settled in a slow direction) rather than of too few draws.
+    """
+    if diag["ok"] or diag["divergences"] or diag["max_r_hat"] is None:
+        return False
+    ess = [v for v in (diag["min_ess_bulk"], diag["min_ess_tail"]) if v is not None]
+    return diag["max_r_hat"] > settings.rhat_max and all(v >= settings.ess_min for v in ess)
+
+
+def chain_disagreement(draws: np.ndarray) -> list[float]:
+    """How far each chain's mean lies from the other chains', in standard errors.
+
+    Parameters
+    ----------
+    draws : array, shape (chain, draw)
+        One quantity.
+
+    Returns
+    -------
+    list of float
+        Per chain ``(mean_c - mean_others) / sqrt(se_c^2 + se_others^2)``,
+        each standard error from the chain's (or the others' pooled) bulk ESS;
+        ``|z|`` well above 3 marks a chain that sampled somewhere else.
+    """
+    import arviz as az
+
+    values = np.asarray(draws, dtype=float)
+    n_chains = values.shape[0]
+    if n_chains < 2:
+        return [0.0] * n_chains
+
+    def mean_and_se(block: np.ndarray) -> tuple[float, float]:
+        ess = float(az.ess(block, method="mean")) if block.shape[1] > 3 else float(block.size)
+        sd = float(block.std(ddof=1))
+        return float(block.mean()), sd / math.sqrt(max(ess, 1.0))
+
+    scores = []
+    for c in range(n_chains):
+        mine, se_mine = mean_and_se(values[c : c + 1])
+        others, se_others = mean_and_se(np.delete(values, c, axis=0))
+        scale = math.hypot(se_mine, se_others)
+        scores.append(float((mine - others) / scale) if scale > 0 else 0.0)
+    return scores
+
+
+def _disagreement_evidence(idata: Any, design: Design, diag: dict[str, Any]) -> dict[str, Any]:
+    values, names = compared_quantities(idata, design)
+    name = diag["max_r_hat_quantity"]
+    scores = chain_disagreement(values[:, :, names.index(name)])
+    return {"quantity": name, "chain_z": [round(z, 2) for z in scores]}
 
 
 # --------------------------------------------------------------------------- parameterisation
@@ -424,7 +506,7 @@ def sample_adaptively(
     Outcome
         ``record`` holds ``settings``, ``rounds`` (one dict per run: ``round``,
         ``seed``, ``action``, ``why``, ``target_accept``, ``parameterization``
-        per block, ``chains``, ``draws``, ``before`` and ``after`` (see
+        per block, ``chains``, ``draws``, ``tune``, ``before`` and ``after`` (see
         :func:`diagnose`; ``after`` describes the draws kept after the round),
         ``kept``, ``sample_seconds``, ``compile_seconds``), ``reliable``,
         ``budget_spent``, ``reason``, ``draws_sampled`` and ``seconds``.
@@ -433,13 +515,20 @@ def sample_adaptively(
     max_draws = settings.max_draws if settings.max_draws is not None else 4 * chains * draws
     started = time.perf_counter()
 
-    def run(round_number: int, n_chains: int, accept: float, blocks: Collection[str]) -> Run:
+    def run(
+        round_number: int,
+        n_chains: int,
+        accept: float,
+        blocks: Collection[str],
+        warmup: int,
+        length: int,
+    ) -> Run:
         return sample_once(
             design,
             priors,
             seed=round_seed(seed, round_number),
-            draws=draws,
-            tune=tune,
+            draws=length,
+            tune=warmup,
             chains=n_chains,
             sampler=sampler,
             target_accept=accept,
@@ -447,7 +536,8 @@ def sample_adaptively(
             centered=blocks,
         )
 
-    current = run(1, chains, target_accept, centered)
+    current = run(1, chains, target_accept, centered, tune, draws)
+    current_tune, current_draws = tune, draws  # warm-up and chain length of the kept draws
     kept_idata = current.idata
     compile_s, sample_s = current.compile_seconds, current.sample_seconds
     draws_sampled = chains * draws
@@ -462,6 +552,7 @@ def sample_adaptively(
             "parameterization": _labels(design, current.centered),
             "chains": chains,
             "draws": draws,
+            "tune": tune,
             "before": None,
             "after": diag,
             "kept": True,
@@ -491,6 +582,7 @@ def sample_adaptively(
                 suggestion = None
         accept = current.target_accept
         blocks = current.centered
+        warmup, length = current_tune, current_draws
         if suggestion is not None:
             action, blocks, add_chains = "re-parameterise", suggestion, False
             why = f"{problem}; rule (data/prior precision > 1 -> centred): " + ", ".join(
@@ -508,10 +600,48 @@ def sample_adaptively(
             action, accept, add_chains = "raise target_accept", step, False
             why = f"{problem}: target_accept {current.target_accept} -> {step}"
         else:
-            action, add_chains = "add chains", True
-            why = f"{problem}: {chains} more chains with a derived seed"
+            disagreement: dict[str, Any] = {}
+            odd = False
+            if rhat_only(diag, settings):
+                disagreement = _disagreement_evidence(kept_idata, design, diag)
+                # Next to the centring rule's evidence when that rule chose no change.
+                evidence = {**evidence, "chain_disagreement": disagreement}
+                scores = ", ".join(f"{z:+.1f}" for z in disagreement["chain_z"])
+                odd = max(abs(z) for z in disagreement["chain_z"]) > ODD_CHAIN_Z
+            if odd and 2 * current_tune <= settings.max_tune_factor * tune:
+                action, warmup, add_chains = "restart with longer warm-up", 2 * current_tune, False
+                why = (
+                    f"{problem}: R-hat fails with ESS at the target and a chain stands out "
+                    f"(z of each chain's mean of {disagreement['quantity']} against the others: "
+                    f"{scores}; |z| > {ODD_CHAIN_Z:g}): all {diag['chains']} chains replaced "
+                    f"by {chains} with warm-up {current_tune} -> {warmup}"
+                )
+            elif disagreement and draws_sampled + 2 * chains * current_draws <= max_draws:
+                # R-hat over chains of ~n effective draws each carries noise of order
+                # 1/n that more chains do not shrink: longer chains do.
+                action, length, add_chains = "restart with longer chains", 2 * current_draws, False
+                why = (
+                    f"{problem}: R-hat fails with ESS at the target and no chain stands out "
+                    f"(z of each chain's mean of {disagreement['quantity']}: {scores}): slow "
+                    f"mixing, R-hat needs more effective draws per chain: all {diag['chains']} "
+                    f"chains replaced by {chains} of {length} draws"
+                )
+            else:
+                action, add_chains = "add chains", True
+                why = f"{problem}: {chains} more chains with a derived seed"
+                if disagreement:
+                    why += (
+                        f" (R-hat fails with ESS at the target; z of each chain's mean of "
+                        f"{disagreement['quantity']}: {scores}"
+                        + (
+                            f"; no chain beyond |z| {ODD_CHAIN_Z:g}: slow mixing, not a stray "
+                            "chain, so more draws)"
+                            if not odd
+                            else "; warm-up already at its longest)"
+                        )
+                    )
         # Budget: rounds, draws, seconds.
-        planned_draws = chains * draws
+        planned_draws = chains * length
         elapsed = time.perf_counter() - started
         if len(rounds) >= settings.max_rounds:
             budget_spent, reason = True, f"budget spent: {settings.max_rounds} rounds"
@@ -521,7 +651,9 @@ def sample_adaptively(
                 f"budget spent: {draws_sampled} draws sampled, another {planned_draws} "
                 f"would pass max_draws {max_draws}"
             )
-        elif elapsed + last_run_seconds > settings.max_seconds:
+        elif elapsed + last_run_seconds * (warmup + length) / (current_tune + current_draws) > (
+            settings.max_seconds
+        ):
             budget_spent = True
             reason = (
                 f"budget spent: {elapsed:.0f} s used, another round (~{last_run_seconds:.0f} s) "
@@ -532,7 +664,7 @@ def sample_adaptively(
             break
         number = len(rounds) + 1
         log.info("adaptive round %d: %s (%s)", number, action, why)
-        new = run(number, chains, accept, blocks)
+        new = run(number, chains, accept, blocks, warmup, length)
         compile_s += new.compile_seconds
         sample_s += new.sample_seconds
         draws_sampled += planned_draws
@@ -546,6 +678,7 @@ def sample_adaptively(
             if action == "re-parameterise":
                 before_switch = (current, kept_idata, diag)
             current, kept_idata = new, new.idata
+            current_tune, current_draws = warmup, length
         diag = after = diagnose(kept_idata, design, settings)
         note = ""
         if action == "re-parameterise" and before_switch is not None and not diag["ok"]:
@@ -553,6 +686,7 @@ def sample_adaptively(
             if _worse(diag, old_diag):
                 note = "samples worse than before: the earlier parameterisation and draws are kept"
                 current, kept_idata, diag = old_run, old_idata, old_diag
+                current_tune, current_draws = tune, draws
                 kept_flag = False
         rounds.append(
             {
@@ -563,7 +697,8 @@ def sample_adaptively(
                 "target_accept": new.target_accept,
                 "parameterization": _labels(design, new.centered),
                 "chains": chains,
-                "draws": draws,
+                "draws": length,
+                "tune": warmup,
                 "before": before,
                 "after": after,
                 "kept": kept_flag,
@@ -584,6 +719,8 @@ def sample_adaptively(
             "target_accept": current.target_accept,
             "parameterization": _labels(design, current.centered),
             "chains": int(kept_idata.posterior.sizes["chain"]),
+            "tune": current_tune,
+            "draws": current_draws,
         },
     }
     level = logging.INFO if diag["ok"] else logging.WARNING
