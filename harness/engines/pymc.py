@@ -815,7 +815,7 @@ def fit_pymc(
         idata=idata,
         sampler=sampler,
         seed=seed,
-        draws=draws,
+        draws=int(idata.posterior.sizes["draw"]),  # kept per chain (a restart may lengthen them)
         tune=tune,
         chains=int(idata.posterior.sizes["chain"]),
         priors=priors,
