@@ -563,8 +563,10 @@ def sample_adaptively(
     ]
     last_run_seconds = current.sample_seconds
     reparameterized = False
-    # (run, idata, diagnosis) to return to when a re-parameterisation samples worse
+    # (run, idata, diagnosis) to return to when a re-parameterisation or restart samples worse
     before_switch: tuple[Run, Any, dict[str, Any]] | None = None
+    # A restart throws the kept draws away: only after more chains were tried, and only once.
+    chains_added = restarted = False
     budget_spent = False
     reason = ""
     while True:
@@ -608,7 +610,8 @@ def sample_adaptively(
                 evidence = {**evidence, "chain_disagreement": disagreement}
                 scores = ", ".join(f"{z:+.1f}" for z in disagreement["chain_z"])
                 odd = max(abs(z) for z in disagreement["chain_z"]) > ODD_CHAIN_Z
-            if odd and 2 * current_tune <= settings.max_tune_factor * tune:
+            may_restart = chains_added and not restarted
+            if odd and may_restart and 2 * current_tune <= settings.max_tune_factor * tune:
                 action, warmup, add_chains = "restart with longer warm-up", 2 * current_tune, False
                 why = (
                     f"{problem}: R-hat fails with ESS at the target and a chain stands out "
@@ -616,7 +619,11 @@ def sample_adaptively(
                     f"{scores}; |z| > {ODD_CHAIN_Z:g}): all {diag['chains']} chains replaced "
                     f"by {chains} with warm-up {current_tune} -> {warmup}"
                 )
-            elif disagreement and draws_sampled + 2 * chains * current_draws <= max_draws:
+            elif (
+                disagreement
+                and may_restart
+                and draws_sampled + 2 * chains * current_draws <= max_draws
+            ):
                 # R-hat over chains of ~n effective draws each carries noise of order
                 # 1/n that more chains do not shrink: longer chains do.
                 action, length, add_chains = "restart with longer chains", 2 * current_draws, False
@@ -671,22 +678,27 @@ def sample_adaptively(
         last_run_seconds = new.sample_seconds
         before = diag
         kept_flag = True
+        restart = action.startswith("restart")
+        previous_length = (current_tune, current_draws)
         if add_chains:
             kept_idata = concat_chains(kept_idata, new.idata)
             current = new
+            chains_added = True
         else:
-            if action == "re-parameterise":
-                before_switch = (current, kept_idata, diag)
+            before_switch = (current, kept_idata, diag)
+            restarted = restarted or restart
             current, kept_idata = new, new.idata
             current_tune, current_draws = warmup, length
         diag = after = diagnose(kept_idata, design, settings)
         note = ""
-        if action == "re-parameterise" and before_switch is not None and not diag["ok"]:
+        revertible = action == "re-parameterise" or restart
+        if revertible and before_switch is not None and not diag["ok"]:
             old_run, old_idata, old_diag = before_switch
             if _worse(diag, old_diag):
-                note = "samples worse than before: the earlier parameterisation and draws are kept"
+                what = "draws" if restart else "parameterisation and draws"
+                note = f"samples worse than before: the earlier {what} are kept"
                 current, kept_idata, diag = old_run, old_idata, old_diag
-                current_tune, current_draws = tune, draws
+                current_tune, current_draws = previous_length
                 kept_flag = False
         rounds.append(
             {
