@@ -54,25 +54,6 @@ harness_fit_glmer <- function(data, formula, symbols, family_name, link, nAGQ = 
     stringsAsFactors = FALSE
   )
 
-  # Profile-likelihood intervals for the SDs (and correlations) only: parm = "theta_"
-  # keeps the cost to one profile per covariance parameter.
-  if (isTRUE(profile)) {
-    prof <- harness_capture(tryCatch(
-      confint(fit, parm = "theta_", method = "profile", oldNames = FALSE, level = level),
-      error = function(e) { notes <<- c(notes, paste("profile CI failed:", conditionMessage(e))); NULL }
-    ))
-    notes <- c(notes, prof$notes)
-    ci <- prof$value
-    if (!is.null(ci)) {
-      pname <- ifelse(variance$kind == "sd", sprintf("sd_%s|%s", variance$term, variance$group_factor),
-                      sprintf("cor_%s.%s|%s", variance$term2, variance$term, variance$group_factor))
-      hit <- match(pname, rownames(ci))
-      variance$lower <- ci[hit, 1]
-      variance$upper <- ci[hit, 2]
-      variance$ci_method[!is.na(hit)] <- "profile"
-    }
-  }
-
   # Conditional modes and conditional SDs on the link scale.
   re <- as.data.frame(ranef(fit, condVar = TRUE))
   ranef_table <- data.frame(
@@ -97,6 +78,26 @@ harness_fit_glmer <- function(data, formula, symbols, family_name, link, nAGQ = 
   devfun <- harness_capture(update(fit, devFunOnly = TRUE))$value
   lp0 <- as.numeric(environment(devfun)$lp0)
   tol_pwrss <- as.numeric(environment(devfun)$tolPwrss)
+  # Profile-likelihood intervals for the SDs (and correlations) only: parm = "theta_"
+  # keeps the cost to one profile per covariance parameter.  Last: profiling a glmerMod
+  # leaves its internal state (the conditional modes, ranef()) at the profile's last point.
+  if (isTRUE(profile)) {
+    prof <- harness_capture(tryCatch(
+      confint(fit, parm = "theta_", method = "profile", oldNames = FALSE, level = level),
+      error = function(e) { notes <<- c(notes, paste("profile CI failed:", conditionMessage(e))); NULL }
+    ))
+    notes <- c(notes, prof$notes)
+    ci <- prof$value
+    if (!is.null(ci)) {
+      pname <- ifelse(variance$kind == "sd", sprintf("sd_%s|%s", variance$term, variance$group_factor),
+                      sprintf("cor_%s.%s|%s", variance$term2, variance$term, variance$group_factor))
+      hit <- match(pname, rownames(ci))
+      variance$lower <- ci[hit, 1]
+      variance$upper <- ci[hit, 2]
+      variance$ci_method[!is.na(hit)] <- "profile"
+    }
+  }
+
   info <- list(
     engine = "lme4",
     method = if (nAGQ > 1) sprintf("ML (adaptive Gauss-Hermite, %d points)", nAGQ) else "ML (Laplace)",

@@ -364,3 +364,15 @@ def test_shipped_cbpp_report_renders(tmp_path):
     assert "cbind(incidence, size - incidence)" in page
     assert "binomial" in page
     assert "sigma" not in set(result.comparison.variance["component"])
+
+
+@pytest.mark.r
+def test_profile_intervals_leave_the_conditional_modes_alone():
+    """Profiling a glmerMod moves its internal state; the modes are read before it."""
+    data, spec = hz.datasets.load("cbpp")
+    plain = hz.fit_lme4(spec, data)
+    profiled = hz.fit_lme4(spec, data, profile=True)
+    np.testing.assert_allclose(profiled.ranef["mode"], plain.ranef["mode"], rtol=1e-10)
+    np.testing.assert_allclose(profiled.ranef["condsd"], plain.ranef["condsd"], rtol=1e-10)
+    assert profiled.ranef["mode"].abs().max() > 0.1
+    assert profiled.loglik == pytest.approx(plain.loglik, abs=1e-10)
