@@ -776,7 +776,16 @@ def attribute_agreement(
     """
     blocks = list(design.blocks)
     modes = {}
-    for name, vc in (("lme4", vc_lme4), ("post", vc_post), ("wide", vc_wide)):
+    no_modes = "the conditional modes could not be computed; no attribution"
+    # A GLMM's conditional modes are not a linear function of the data (glmer finds them
+    # by penalised IRLS), so the closed-form chain below is for gaussian models only.
+    glm = bool(getattr(design.family, "glm", False))
+    if glm:
+        no_modes = (
+            "no attribution for a binomial/Poisson model: its conditional modes are not linear "
+            "in the data, so the closed-form split of 1 - r does not apply"
+        )
+    for name, vc in () if glm else (("lme4", vc_lme4), ("post", vc_post), ("wide", vc_wide)):
         try:
             covs = _block_covariances(None, vc, blocks)
             modes[name] = conditional_modes(design, covs, sigma_rows[name]).rename(
@@ -805,7 +814,7 @@ def attribute_agreement(
         if not modes or not np.isfinite(r):
             attributions.append({s: None for s in ("mcse", *SOURCES)})
             if np.isfinite(r):
-                text = "the conditional modes could not be computed; no attribution"
+                text = no_modes
             elif len(x) >= 3 and np.std(x) == 0:
                 rmse = float(np.sqrt(np.mean((y - x) ** 2)))
                 text = (

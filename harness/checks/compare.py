@@ -624,15 +624,16 @@ def explain_agreement(
                 np.asarray(values.values, dtype=float).ravel(), wide.weights, "median"
             )
     design = bayes.design
-    try:
-        sigma_rows = {
-            "lme4": _sigma_rows(design, vc_lme4),
-            "post": _sigma_rows(design, vc_post),
-            "wide": _sigma_rows(design, vc_wide),
-        }
-    except KeyError as err:
-        log.warning("no residual SD for the conditional modes: %s", err)
-        sigma_rows = {}
+    sigma_rows: dict[str, np.ndarray] = {}
+    if not design.family.glm:  # a GLMM has no residual SD; attribute_agreement says why
+        try:
+            sigma_rows = {
+                "lme4": _sigma_rows(design, vc_lme4),
+                "post": _sigma_rows(design, vc_post),
+                "wide": _sigma_rows(design, vc_wide),
+            }
+        except KeyError as err:
+            log.warning("no residual SD for the conditional modes: %s", err)
     mcse = []
     for factor, draws in posterior_offsets(bayes).items():
         values = az.mcse(xr.Dataset({"u": draws}), method="mean")["u"].to_pandas().stack()
