@@ -47,6 +47,26 @@ harness_component_name <- function(grp, var1, var2) {
                 sprintf("%s: cor(%s,%s)", grp, var1, var2)))
 }
 
+# Rows of confint(fit, method = "profile", oldNames = FALSE) for each variance row, or NULL.
+# Matched by position, not by pasted names: confint's first rows are the theta parameters in
+# getME(fit, "theta") order, which is VarCorr's order = "lower.tri" (per block the lower
+# triangle column by column: sd, cor, ..., sd), then "sigma" (lmer only).  Names would not
+# do: lme4 calls the second block of a repeated factor "Subject.1" in VarCorr but
+# "sd_Days|Subject" in confint, and (1 | g) + (1 | g) gives two rows of the same name.
+harness_profile_rows <- function(ci, variance, n_theta) {
+  is_vc <- variance$kind != "sigma"
+  has_sigma <- any(!is_vc)
+  theta_rows <- seq_len(n_theta)
+  lines_up <- nrow(ci) >= n_theta + has_sigma && sum(is_vc) == n_theta &&
+    all(sub("_.*$", "", rownames(ci)[theta_rows]) == variance$kind[is_vc]) &&
+    (!has_sigma || rownames(ci)[n_theta + 1] == "sigma")
+  if (!lines_up) return(NULL)
+  hit <- rep(NA_integer_, nrow(variance))
+  hit[is_vc] <- theta_rows
+  hit[!is_vc] <- n_theta + 1L
+  hit
+}
+
 harness_fit_lmer <- function(data, formula, symbols, REML = TRUE, profile = FALSE,
                              n_sims = 1000L, seed = 1L, level = 0.95) {
   formula <- harness_formula(formula, symbols)
@@ -99,22 +119,10 @@ harness_fit_lmer <- function(data, formula, symbols, REML = TRUE, profile = FALS
     notes <- c(notes, prof$notes)
     ci <- prof$value
     if (!is.null(ci)) {
-      # Match by position, not by pasted names: confint's first rows are the theta
-      # parameters in getME(fit, "theta") order, which is VarCorr's order = "lower.tri"
-      # (per block the lower triangle column by column: sd, cor, ..., sd), then "sigma".  Names would not do: lme4 calls the
-      # second block of a repeated factor "Subject.1" in VarCorr but "sd_Days|Subject"
-      # in confint, and (1 | g) + (1 | g) gives two rows of the same name.
-      n_theta <- length(getME(fit, "theta"))
-      theta_rows <- seq_len(n_theta)
-      is_vc <- variance$kind != "sigma"
-      hit <- rep(NA_integer_, nrow(variance))
-      if (nrow(ci) > n_theta && sum(is_vc) == n_theta &&
-          all(sub("_.*$", "", rownames(ci)[theta_rows]) == variance$kind[is_vc]) &&
-          rownames(ci)[n_theta + 1] == "sigma") {
-        hit[is_vc] <- theta_rows
-        hit[!is_vc] <- n_theta + 1L
-      } else {
+      hit <- harness_profile_rows(ci, variance, length(getME(fit, "theta")))
+      if (is.null(hit)) {
         notes <- c(notes, "profile CI rows do not line up with the variance components; not used")
+        hit <- rep(NA_integer_, nrow(variance))
       }
       variance$lower <- ci[hit, 1]
       variance$upper <- ci[hit, 2]

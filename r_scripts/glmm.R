@@ -89,9 +89,11 @@ harness_fit_glmer <- function(data, formula, symbols, family_name, link, nAGQ = 
     notes <- c(notes, prof$notes)
     ci <- prof$value
     if (!is.null(ci)) {
-      pname <- ifelse(variance$kind == "sd", sprintf("sd_%s|%s", variance$term, variance$group_factor),
-                      sprintf("cor_%s.%s|%s", variance$term2, variance$term, variance$group_factor))
-      hit <- match(pname, rownames(ci))
+      hit <- harness_profile_rows(ci, variance, length(getME(fit, "theta")))
+      if (is.null(hit)) {
+        notes <- c(notes, "profile CI rows do not line up with the variance components; not used")
+        hit <- rep(NA_integer_, nrow(variance))
+      }
       variance$lower <- ci[hit, 1]
       variance$upper <- ci[hit, 2]
       variance$ci_method[!is.na(hit)] <- "profile"
