@@ -66,6 +66,12 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("reports"), help="folder for 'all'")
     p.add_argument("--seed", type=_seed, default=1, help="PyMC seed")
     p.add_argument("--refit", action="store_true", help="ignore the fit cache")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes for 'all' (default: HARNESS_WORKERS, else one per core; 1: serial)",
+    )
     _adaptive_arguments(p)
     p.set_defaults(func=_cmd_report)
 

@@ -27,6 +27,10 @@ HEARTBEAT_SECONDS = 5.0
 
 _design: contextvars.ContextVar[str] = contextvars.ContextVar("harness_progress_design", default="")
 _lock = threading.Lock()
+#: Stages now running, outermost first: only the innermost one beats (no doubled lines).
+_active: list[Stage] = []
+#: When the last line was written (perf_counter), so a beat fills silences, not intervals.
+_last_write = [0.0]
 
 
 def enabled() -> bool:
@@ -48,6 +52,8 @@ def _stream() -> TextIO:
 
 
 def _is_terminal(stream: TextIO) -> bool:
+    if os.environ.get("HARNESS_PROGRESS_PLAIN"):  # worker processes sharing one terminal
+        return False
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
@@ -62,6 +68,7 @@ def is_terminal() -> bool:
 def _write(text: str, *, overwrite: bool = False) -> None:
     stream = _stream()
     with _lock:
+        _last_write[0] = time.perf_counter()
         if overwrite:
             stream.write("\r\033[K" + text)
         else:
@@ -131,12 +138,20 @@ def stage(name: str, *, eta: float | None = None) -> Iterator[Stage]:
     done = threading.Event()
 
     def beat() -> None:
-        interval = 1.0 if terminal else HEARTBEAT_SECONDS
+        # Wake often, write only after a silence: however stages nest and start, no
+        # gap on a log exceeds HEARTBEAT_SECONDS.
+        interval = 1.0 if terminal else min(0.5, HEARTBEAT_SECONDS / 2)
         while not done.wait(interval):
-            _write(current.running_text(), overwrite=terminal)
+            with _lock:
+                innermost = bool(_active) and _active[-1] is current
+                silent = time.perf_counter() - _last_write[0]
+            if innermost and (terminal or silent >= HEARTBEAT_SECONDS - interval):
+                _write(current.running_text(), overwrite=terminal)
 
     if terminal:
         _write(f"{current.label} ...", overwrite=True)
+    with _lock:
+        _active.append(current)
     thread = threading.Thread(target=beat, name="harness-progress", daemon=True)
     thread.start()
     failed = True
@@ -146,6 +161,9 @@ def stage(name: str, *, eta: float | None = None) -> Iterator[Stage]:
     finally:
         done.set()
         thread.join()
+        with _lock:
+            if current in _active:
+                _active.remove(current)
         status = "failed after" if failed else "done in"
         detail = f" ({current.detail})" if current.detail and not failed else ""
         _write(f"{current.label}: {status} {current.elapsed():.1f} s{detail}", overwrite=terminal)

@@ -30,6 +30,36 @@ def test_stage_lines_and_heartbeat_off_a_terminal(monkeypatch, capsys):
     assert not any("\r" in line for line in err)
 
 
+def test_only_the_innermost_stage_beats(monkeypatch, capsys):
+    monkeypatch.setattr(progress, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.delenv("HARNESS_QUIET", raising=False)
+    monkeypatch.setenv("HARNESS_PROGRESS", "1")
+    progress.set_design("demo")
+    with progress.stage("PyMC fit"):
+        with progress.stage("PyMC compile"):
+            time.sleep(0.3)
+        time.sleep(0.3)
+    err = capsys.readouterr().err.splitlines()
+    inner_done = next(
+        i for i, line in enumerate(err) if line.startswith("demo: PyMC compile: done")
+    )
+    before, after = err[:inner_done], err[inner_done + 1 :]
+    assert any(line.startswith("demo: PyMC compile: still running") for line in before)
+    assert not any(line.startswith("demo: PyMC fit: still running") for line in before)
+    # Once the inner stage is over, the outer one beats again.
+    assert any(line.startswith("demo: PyMC fit: still running") for line in after)
+
+
+def test_plain_lines_in_workers_even_on_a_terminal(monkeypatch):
+    class Terminal:
+        def isatty(self):
+            return True
+
+    assert progress._is_terminal(Terminal())
+    monkeypatch.setenv("HARNESS_PROGRESS_PLAIN", "1")
+    assert not progress._is_terminal(Terminal())
+
+
 def test_failed_stage_says_so(monkeypatch, capsys):
     monkeypatch.setenv("HARNESS_PROGRESS", "1")
     monkeypatch.delenv("HARNESS_QUIET", raising=False)

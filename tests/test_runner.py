@@ -79,6 +79,73 @@ def test_new_seed_refits_pymc_only(cache: Path, monkeypatch: pytest.MonkeyPatch)
     assert not (draws[0] == draws[1]).all()
 
 
+@pytest.mark.r
+@pytest.mark.sampling
+def test_missing_stages_reads_the_cache_without_fitting(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _forbid(
+        monkeypatch,
+        (import_module("harness.engines.lme4"), "fit_lme4"),
+        (import_module("harness.engines.pymc"), "fit_pymc"),
+    )
+    kwargs = {"cache_dir": cache, "settings": REPORT_SETTINGS, "render": render_figures}
+    assert runner.missing_stages("sleepstudy", seed=1, **kwargs) == []
+    # A new seed needs PyMC and what builds on it; the lme4 side is shared.
+    assert runner.missing_stages("sleepstudy", seed=99, **kwargs) == ["pymc", "compare", "figures"]
+    # Without a renderer the figures are not asked for.
+    assert runner.missing_stages(
+        "sleepstudy", seed=99, cache_dir=cache, settings=REPORT_SETTINGS
+    ) == [
+        "pymc",
+        "compare",
+    ]
+
+
+@pytest.mark.r
+def test_fit_stages_fills_the_cache_for_a_later_fit_design(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's R task (lme4 and the same-model check) is what fit_design loads later."""
+    kwargs = {"cache_dir": tmp_path, "settings": REPORT_SETTINGS}
+    assert runner.missing_stages("partially_clustered", **kwargs) == [
+        "lme4",
+        "pymc",
+        "compare",
+        "same_model",
+    ]
+    seconds = runner.fit_stages("partially_clustered", ("lme4", "same_model"), **kwargs)
+    assert set(seconds) == {"lme4", "same_model"}
+    assert runner.missing_stages("partially_clustered", **kwargs) == ["pymc", "compare"]
+    with pytest.raises(ValueError, match="not \\['figures'\\]"):
+        runner.fit_stages("partially_clustered", ("figures",), **kwargs)
+
+
+@pytest.mark.r
+@pytest.mark.sampling
+def test_refit_by_stage_redraws_only_the_figures(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _forbid(
+        monkeypatch,
+        (import_module("harness.engines.lme4"), "fit_lme4"),
+        (import_module("harness.engines.pymc"), "fit_pymc"),
+        (import_module("harness.checks.compare"), "compare"),
+    )
+    result = fit_design(
+        "sleepstudy",
+        seed=1,
+        cache_dir=cache,
+        settings=REPORT_SETTINGS,
+        render=render_figures,
+        refit={"figures"},
+    )
+    assert not result.cached["figures"] and result.figures is not None
+    assert result.cached["lme4"] and result.cached["pymc"] and result.cached["compare"]
+    with pytest.raises(ValueError, match="unknown stages"):
+        fit_design("sleepstudy", cache_dir=cache, refit={"everything"})
+
+
 def test_keys_follow_what_changed() -> None:
     import harness as hz
     from harness.model.spec import build_design

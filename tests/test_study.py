@@ -316,7 +316,7 @@ def test_smoke_study_runs_on_local_processes(smoke_local):
 @pytest.mark.r
 def test_dask_local_cluster_gives_the_local_table(smoke_local, tmp_path: Path):
     distributed = pytest.importorskip("distributed")
-    from harness.studies.environment import prepare_child_environment
+    from harness.child_processes import prepare_child_environment
 
     prepare_child_environment()  # this process already runs R (see its docstring)
     with (

@@ -44,7 +44,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -197,6 +197,27 @@ def _pymc_key_parts(
     }
 
 
+def _same_model_key_parts(lme4_key: str) -> dict[str, Any]:
+    py = python_versions()
+    return {
+        "format": CACHE_FORMAT,
+        "kind": "same_model",
+        "lme4": lme4_key,
+        "versions": {k: py[k] for k in _PY_PACKAGES},
+        "code": _source_hash("model", "engines", "checks", "r_scripts"),
+    }
+
+
+def _compare_key_parts(lme4_key: str, pymc_key: str) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT,
+        "kind": "compare",
+        "lme4": lme4_key,
+        "pymc": pymc_key,
+        "code": _source_hash("model", "engines", "checks"),
+    }
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -328,14 +349,7 @@ def _same_model_cached(
     refit: bool,
 ) -> tuple[Any | None, str, str | None, bool, float]:
     """(result, status line, key, cached, seconds); never a fake pass."""
-    py = python_versions()
-    parts = {
-        "format": CACHE_FORMAT,
-        "kind": "same_model",
-        "lme4": lme4_key,
-        "versions": {k: py[k] for k in _PY_PACKAGES},
-        "code": _source_hash("model", "engines", "checks", "r_scripts"),
-    }
+    parts = _same_model_key_parts(lme4_key)
     key = _digest(parts)
     if not refit:
         from harness.checks.same_model import SameModel
@@ -380,13 +394,7 @@ def _compare_cached(
     pymc_key: str,
     refit: bool,
 ) -> tuple[Comparison, str, bool, float]:
-    parts = {
-        "format": CACHE_FORMAT,
-        "kind": "compare",
-        "lme4": lme4_key,
-        "pymc": pymc_key,
-        "code": _source_hash("model", "engines", "checks"),
-    }
+    parts = _compare_key_parts(lme4_key, pymc_key)
     key = _digest(parts)
     # The fits are the runner's own: the entry refers to them instead of storing them again.
     context = {"freq": freq, "bayes": bayes_info}
@@ -476,12 +484,138 @@ def _bayes_class() -> type:
     return BayesFit
 
 
+#: The cached stages of one design, in the order :func:`fit_design` runs them.
+STAGES = ("lme4", "pymc", "compare", "same_model", "figures")
+
+
+def _refit_set(refit: bool | Collection[str]) -> frozenset[str]:
+    """``refit`` as the set of stages to recompute (True: all, False: none)."""
+    if isinstance(refit, bool):
+        return frozenset(STAGES) if refit else frozenset()
+    unknown = sorted(set(refit) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stages to refit {unknown}; choose from {list(STAGES)}")
+    return frozenset(refit)
+
+
+def fit_stages(
+    name_or_pair: str | tuple[ModelSpec, pd.DataFrame],
+    stages: Collection[str],
+    *,
+    seed: int = 1,
+    cache_dir: str | os.PathLike[str] | None = None,
+    refit: bool = False,
+    settings: FitSettings | None = None,
+) -> dict[str, float]:
+    """Fit some stages of a design into the cache (for worker processes); their seconds.
+
+    ``"lme4"`` fits lme4 (R); ``"same_model"`` also needs only the lme4 fit;
+    ``"pymc"`` compiles and samples without starting R.  A later
+    :func:`fit_design` with the same arguments loads what these stored.
+
+    Parameters
+    ----------
+    name_or_pair : str or (ModelSpec, DataFrame)
+        As for :func:`fit_design`.
+    stages : collection of str
+        Some of ``"lme4"``, ``"same_model"``, ``"pymc"``.
+    seed, cache_dir, refit, settings
+        As for :func:`fit_design`.
+
+    Returns
+    -------
+    dict
+        Seconds per stage run (0 for a cache hit is not reported: a hit's own
+        recorded seconds are).
+    """
+    unknown = sorted(set(stages) - {"lme4", "same_model", "pymc"})
+    if unknown:
+        raise ValueError(f"fit_stages runs lme4, same_model and pymc, not {unknown}")
+    settings = settings or FitSettings()
+    store = FitCache(resolve_cache_dir(cache_dir))
+    name, _, spec, data = _resolve(name_or_pair)
+    design = build_design(spec, data)
+    progress.set_design(name)
+    seconds: dict[str, float] = {}
+    if "lme4" in stages or "same_model" in stages:
+        with progress.stage("R fit (lme4)") as stage:
+            (freq, lme4_key, hit, _), seconds["lme4"] = _timed(
+                lambda: _fit_lme4_cached(store, design, spec, data, settings, refit)
+            )
+            stage.detail = "cached" if hit else ""
+        if "same_model" in stages:
+            with progress.stage("same-model check"):
+                *_, seconds["same_model"] = _same_model_cached(
+                    store, spec, data, freq, lme4_key, refit
+                )
+    if "pymc" in stages:
+        with progress.stage("PyMC fit") as stage:
+            (*_, hit), seconds["pymc"] = _timed(
+                lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, refit)
+            )
+            stage.detail = "cached" if hit else ""
+    return seconds
+
+
+def missing_stages(
+    name_or_pair: str | tuple[ModelSpec, pd.DataFrame],
+    *,
+    seed: int = 1,
+    cache_dir: str | os.PathLike[str] | None = None,
+    settings: FitSettings | None = None,
+    render: Callable[[DesignResult], Any] | None = None,
+) -> list[str]:
+    """The stages of :func:`fit_design` that have no cache entry yet (nothing is fitted).
+
+    Keys are computed as :func:`fit_design` computes them; an entry that is
+    present but damaged counts as present (the run that loads it refits it).
+    Without R the lme4 key cannot be known and every stage counts as missing.
+    """
+    settings = settings or FitSettings()
+    store = FitCache(resolve_cache_dir(cache_dir))
+    name, description, spec, data = _resolve(name_or_pair)
+    design = build_design(spec, data)
+    r_versions = r_versions_cheap()
+    if r_versions is None:
+        return list(STAGES)
+    keys = {
+        "lme4": _digest({**_lme4_key_parts(design, spec, settings), "versions": r_versions}),
+        "pymc": _digest(_pymc_key_parts(design, spec, settings, seed)),
+    }
+    keys["compare"] = _digest(_compare_key_parts(keys["lme4"], keys["pymc"]))
+    keys["same_model"] = _digest(_same_model_key_parts(keys["lme4"]))
+    missing = [
+        stage for stage in STAGES[:-1] if not store.path(stage, keys[stage], ".json").is_file()
+    ]
+    if render is not None:
+        stub = DesignResult(
+            name=name,
+            description=description,
+            spec=spec,
+            data=data,
+            design=design,
+            freq=None,  # type: ignore[arg-type]  # figures_key reads only keys and name
+            comparison=None,  # type: ignore[arg-type]
+            same_model=None,
+            same_model_status="",
+            seed=seed,
+            settings=settings,
+            timings={},
+            cached={},
+            keys=keys,
+            versions={},
+        )
+        if not store.path("figures", figures_key(stub, render), ".json").is_file():
+            missing.append("figures")
+    return missing
+
+
 def fit_design(
     name_or_pair: str | tuple[ModelSpec, pd.DataFrame],
     *,
     seed: int = 1,
     cache_dir: str | os.PathLike[str] | None = None,
-    refit: bool = False,
+    refit: bool | Collection[str] = False,
     settings: FitSettings | None = None,
     render: Callable[[DesignResult], dict[str, Any]] | None = None,
 ) -> DesignResult:
@@ -497,8 +631,10 @@ def fit_design(
     cache_dir : path, optional
         Cache folder; default ``$HARNESS_CACHE_DIR``, else the user's cache folder
         (``platformdirs.user_cache_dir("harness")``).
-    refit : bool
-        Ignore cached entries (and overwrite them).
+    refit : bool or collection of str
+        Ignore cached entries (and overwrite them): all of them, or those of
+        the named :data:`STAGES` (a worker that refitted both engines asks
+        for ``{"compare", "same_model", "figures"}`` next).
     settings : FitSettings, optional
         Sampler and lme4 settings; default :class:`FitSettings()`.
     render : callable, optional
@@ -512,6 +648,7 @@ def fit_design(
     DesignResult
     """
     settings = settings or FitSettings()
+    redo = _refit_set(refit)
     store = FitCache(resolve_cache_dir(cache_dir))
     name, description, spec, data = _resolve(name_or_pair)
     design = build_design(spec, data)
@@ -522,13 +659,13 @@ def fit_design(
     progress.set_design(name)
     with progress.stage("R fit (lme4)") as stage:
         (freq, keys["lme4"], cached["lme4"], _), timings["lme4_load"] = _timed(
-            lambda: _fit_lme4_cached(store, design, spec, data, settings, refit)
+            lambda: _fit_lme4_cached(store, design, spec, data, settings, "lme4" in redo)
         )
         stage.detail = "cached" if cached["lme4"] else ""
     timings["lme4_fit"] = float(freq.fit_seconds)
     with progress.stage("PyMC fit") as stage:  # compile and sampling report inside
         (bayes, nc_path, keys["pymc"], cached["pymc"]), timings["pymc_load"] = _timed(
-            lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, refit)
+            lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, "pymc" in redo)
         )
         stage.detail = "cached" if cached["pymc"] else ""
     timings["pymc_compile"] = float(bayes.compile_seconds)
@@ -555,12 +692,18 @@ def fit_design(
     )
     with progress.stage("compare"):
         comparison, keys["compare"], cached["compare"], timings["compare"] = _compare_cached(
-            store, freq, lambda: result.bayes, bayes, keys["lme4"], keys["pymc"], refit
+            store,
+            freq,
+            lambda: result.bayes,
+            bayes,
+            keys["lme4"],
+            keys["pymc"],
+            "compare" in redo,
         )
     result.comparison = comparison
     with progress.stage("same-model check"):
         sm, status, sm_key, cached["same_model"], timings["same_model"] = _same_model_cached(
-            store, spec, data, freq, keys["lme4"], refit
+            store, spec, data, freq, keys["lme4"], "same_model" in redo
         )
     result.same_model, result.same_model_status = sm, status
     if sm_key:
@@ -570,7 +713,7 @@ def fit_design(
         fkey = _digest(fparts)
         keys["figures"] = fkey
         fshape = {"figures": _check_figures, "seconds": (float, int)}
-        hit = None if refit else store.load("figures", fkey, fparts, shape=fshape)
+        hit = None if "figures" in redo else store.load("figures", fkey, fparts, shape=fshape)
         if hit is not None:
             result.figures, cached["figures"], timings["figures"] = (
                 hit[0]["figures"],

@@ -3,22 +3,22 @@
 Composes the pipeline (:func:`harness.pipeline.runner.fit_design`) with the
 report (:func:`harness.report.page.render_figures` as the render hook, then
 :func:`~harness.report.page.write_report`); the pipeline itself never imports
-report code.  With ``HARNESS_WORKERS`` > 1 the designs are fitted in spawned
-processes first (each fills the fit cache), then written here in index order.
+report code.  When several designs need fitting and more than one core is
+free, their stages run in spawned processes first
+(:mod:`harness.pipeline.schedule`; each task fills the fit cache), then the
+pages are written here in index order.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harness import progress
 from harness._io import check_outputs
-from harness.pipeline.runner import REPORT_DESIGNS, DesignResult, fit_design
+from harness.pipeline.runner import REPORT_DESIGNS, STAGES, DesignResult, fit_design
 from harness.pipeline.settings import FitSettings, settings_from_args
 from harness.report.page import render_figures, write_index, write_report
 
@@ -60,9 +60,13 @@ def run_report_command(args: argparse.Namespace) -> int:
     check_outputs({"--out" if args.out else f"report {n}": p for n, p in pages.items()})
     results: list[DesignResult] = []
     failures: dict[str, str] = {}
-    parallel = len(names) > 1 and _report_workers(len(names)) > 1
+    settings = settings_from_args(args)
+    workers = _report_workers(args, names, settings)
+    parallel = workers > 1
+    in_workers: set[str] = set()
     if parallel:
-        failures.update(_fit_in_parallel(names, out_dir, args))
+        in_workers, worker_failures = _fit_in_parallel(names, workers, args, settings)
+        failures.update(worker_failures)
     for name in names:
         path = Path(args.out) if args.out is not None else out_dir / f"{name}.html"
         if name in failures:
@@ -74,7 +78,7 @@ def run_report_command(args: argparse.Namespace) -> int:
                 render=render_figures,
                 seed=args.seed,
                 refit=args.refit and not parallel,  # parallel workers refitted already
-                settings=settings_from_args(args),
+                settings=settings,
             )
             write_report(result, path)
         except Exception as err:
@@ -84,7 +88,11 @@ def run_report_command(args: argparse.Namespace) -> int:
             log.error("%s: %s", name, err)
             print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
             continue
-        fits = "cached" if result.cached["lme4"] and result.cached["pymc"] else "fitted"
+        fits = (
+            "fitted"
+            if name in in_workers or not (result.cached["lme4"] and result.cached["pymc"])
+            else "cached"
+        )
         print(f"{name}: {result.verdict} ({fits}) -> {path}")
         results.append(result)
     if args.design == "all":
@@ -94,57 +102,66 @@ def run_report_command(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _report_workers(n_designs: int) -> int:
-    """Processes for ``report all``: ``HARNESS_WORKERS`` (``0``: one per core), default 1.
+def _report_workers(args: argparse.Namespace, names: list[str], settings: FitSettings) -> int:
+    """Worker processes for this run: 1 (serial) unless several designs need fitting.
 
-    Serial is the default because it measured faster on a 2-core machine
-    (benchmarks/bench_scale.py: cold 66 s serial against 80 s in two processes,
-    warm 1.7 s against 3.0 s): one process compiles each model structure and
-    warms numba once, while every spawned worker pays imports and compiles again.
+    ``--workers`` or ``HARNESS_WORKERS`` set the number (``0``: one per core;
+    default: the cores this process may use).  Serial when only one design is
+    asked for, when ``--workers 1``, and when every stage of every design is
+    already in the cache (spawning would only add start-up time).
     """
-    text = os.environ.get("HARNESS_WORKERS", "").strip()
-    if not text.isdigit():
+    from harness.pipeline.runner import missing_stages
+    from harness.pipeline.schedule import default_workers
+
+    wanted = getattr(args, "workers", None)
+    if len(names) < 2 or default_workers(len(names), wanted) < 2:
         return 1
-    wanted = int(text) or (os.cpu_count() or 1)
-    return max(1, min(n_designs, wanted, os.cpu_count() or 1))
-
-
-def _fit_one(name: str, seed: int, refit: bool, settings: FitSettings) -> str | None:
-    """Worker: fit (or load) one design into the shared cache; its error text, or None."""
+    if args.refit:
+        return default_workers(len(names), wanted)
     try:
-        fit_design(name, seed=seed, refit=refit, settings=settings, render=render_figures)
-    except Exception as err:
-        return f"{type(err).__name__}: {err}"
-    return None
+        todo = [
+            n
+            for n in names
+            if missing_stages(n, seed=args.seed, settings=settings, render=render_figures)
+        ]
+    except Exception as err:  # the serial loop reports a broken design with its own error
+        log.debug("could not check the cache (%s); fitting serially", err)
+        return 1
+    return default_workers(len(todo), wanted) if len(todo) >= 2 else 1
 
 
-def _fit_in_parallel(names: list[str], out_dir: Path, args: argparse.Namespace) -> dict[str, str]:
-    """Fit designs in spawned processes (R and a compiler in each), filling the fit cache.
+def _fit_in_parallel(
+    names: list[str], workers: int, args: argparse.Namespace, settings: FitSettings
+) -> tuple[set[str], dict[str, str]]:
+    """Fit the designs' stages in spawned processes (:mod:`harness.pipeline.schedule`).
 
     The parent then loads each design from the cache (no R, no compile) and
     writes the reports in index order, so output order and failure handling
-    stay those of the serial loop.
+    stay those of the serial loop.  Returns the designs given tasks, and the
+    failed ones with their errors.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from harness.pipeline import schedule
+    from harness.pipeline.runner import missing_stages
 
-    workers = _report_workers(len(names))
-    progress.message(f"fitting {len(names)} designs in {workers} processes")
-    failures: dict[str, str] = {}
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {
-            name: pool.submit(_fit_one, name, args.seed, args.refit, settings_from_args(args))
-            for name in names
+    missing = (
+        {n: list(STAGES) for n in names}
+        if args.refit
+        else {
+            n: missing_stages(n, seed=args.seed, settings=settings, render=render_figures)
+            for n in names
         }
-        for name, future in futures.items():
-            try:
-                error = future.result()
-            except Exception as err:  # the worker process itself died
-                error = f"{type(err).__name__}: {err}"
-            if error is not None:
-                if getattr(args, "debug", False):
-                    raise RuntimeError(f"{name}: {error}")
-                failures[name] = error
-                log.error("%s: %s", name, error)
-    return failures
+    )
+    tasks = schedule.plan(missing)
+    failures = schedule.run(
+        tasks,
+        schedule.execute_design_task,
+        workers=workers,
+        arguments=(args.seed, bool(args.refit), settings, render_figures),
+        initializer=schedule.worker_init,
+        initargs=(logging.getLogger().getEffectiveLevel(),),
+    )
+    if failures and getattr(args, "debug", False):
+        raise RuntimeError("; ".join(f"{n}: {e}" for n, e in failures.items()))
+    for name, error in failures.items():
+        log.error("%s: %s", name, error)
+    return {task.design for task in tasks}, failures

@@ -44,8 +44,8 @@ from typing import Any
 import pandas as pd
 
 from harness._io import write_via_temp
+from harness.child_processes import die_with_parent, prepare_child_environment
 from harness.studies.core import Study, Task, rows_to_frame, run_task, sort_results
-from harness.studies.environment import die_with_parent, prepare_child_environment
 
 log = logging.getLogger("harness")
 

@@ -54,7 +54,7 @@ class Helper:
     """One helper process and the pipe to it."""
 
     def __init__(self) -> None:
-        from harness.studies.environment import prepare_child_environment
+        from harness.child_processes import prepare_child_environment
 
         prepare_child_environment()
         env = dict(os.environ)
@@ -112,8 +112,8 @@ def main() -> int:
     import logging
     import warnings
 
+    from harness.child_processes import die_with_parent
     from harness.studies.core import run_task
-    from harness.studies.environment import die_with_parent
 
     die_with_parent()
     requests = sys.stdin.buffer

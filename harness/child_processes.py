@@ -1,4 +1,4 @@
-"""What a study's child processes inherit and how they end (both executors and the Dask helper)."""
+"""What child processes (study executors, the Dask helper, report workers) inherit and how they end."""
 
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ def die_with_parent() -> None:
     """End this process when the process that started it ends.
 
     Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere a daemon thread
-    watches the parent's id.  A worker holds nothing to save (results are
-    written by the parent), so it may die at any point.
+    watches the parent's id.  A worker holds nothing to save (a study's results
+    are written by the parent, a report worker's cache entries are written
+    atomically), so it may die at any point.
     """
     import signal
     import threading
