@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
-__all__ = ["die_with_parent", "prepare_child_environment"]
+__all__ = ["die_with_parent", "init_worker", "prepare_child_environment", "spawn_pool"]
 
 
 def prepare_child_environment() -> None:
@@ -59,3 +60,35 @@ def die_with_parent() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="harness-parent-watch", daemon=True).start()
+
+
+def init_worker(log_level: int) -> None:
+    """In a worker of the harness's own pools: end with the parent, log like the parent,
+    and write plain progress lines (two processes share the terminal, so neither may
+    rewrite "its" line)."""
+    import logging
+
+    die_with_parent()
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    os.environ["HARNESS_PROGRESS_PLAIN"] = "1"
+
+
+def spawn_pool(workers: int) -> Any:
+    """A ``ProcessPoolExecutor`` of spawned workers set up by :func:`init_worker`.
+
+    Spawned, not forked: the parent may hold R, numba's compiler and threads.
+    Shut it down with ``wait=False`` once its results are in: processes that
+    hold R and compiled models take seconds to exit, and are joined at the
+    interpreter's exit instead.
+    """
+    import logging
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    prepare_child_environment()  # this process may have started R already
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=init_worker,
+        initargs=(logging.getLogger().getEffectiveLevel(),),
+    )

@@ -133,6 +133,7 @@ def compare_data(
     cache_dir: str | os.PathLike[str] | None = None,
     refit: bool = False,
     figures: bool = True,
+    side_process: bool = False,
 ) -> DesignResult:
     """Fit your own data with lme4 and PyMC, compare them and run the same-model check.
 
@@ -161,6 +162,9 @@ def compare_data(
         Ignore cached fits.
     figures : bool
         Render the report's figures too.
+    side_process : bool
+        Fit lme4 in a second process while this one compiles the PyMC model
+        (see :func:`harness.pipeline.runner.fit_design`); the command line does.
 
     Returns
     -------
@@ -182,7 +186,8 @@ def compare_data(
     design = build_design(spec, data)
     for note in design.notes:
         log.warning(note)
-    _r_env()
+    if not side_process or not _r_ready():
+        _r_env()  # starts R here (the side process would start its own), or says what is missing
     from harness.pipeline.scale import settings_for_scale
     from harness.pipeline.settings import settings_from_env
 
@@ -198,6 +203,7 @@ def compare_data(
         cache_dir=cache_dir,
         refit=refit,
         render=_render_hook() if figures else None,
+        side_process=side_process,
     )
     # Fits are cached by the cleaned data, so a cached comparison may predate this file's
     # dropped rows: the reader must still be told what was dropped.
@@ -207,6 +213,16 @@ def compare_data(
             result.comparison, notes=[*missing, *result.comparison.notes]
         )
     return result
+
+
+def _r_ready() -> bool:
+    """R with lme4 and nlme is installed (one ``Rscript`` call; rpy2 and R not started here)."""
+    from harness.versions import r_versions_cheap
+
+    versions = r_versions_cheap()
+    return versions is not None and all(
+        versions.get(package) not in (None, "missing") for package in ("lme4", "nlme")
+    )
 
 
 def _render_hook() -> Any:
@@ -402,6 +418,7 @@ def run_compare_command(args: argparse.Namespace) -> int:
         family=getattr(args, "family", "gaussian"),
         link=getattr(args, "link", None),
         settings=settings,
+        side_process=True,
     )
     written = write_outputs(result, out, json_path, source=str(csv), rows_read=len(data))
     same = result.same_model_status or "not run"

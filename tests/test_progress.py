@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness import progress
+from harness.engines.samplers import available_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,6 +116,8 @@ def test_cli_compare_prints_one_line_per_stage(tmp_path):
         )
     assert any("draws/s" in line for line in lines)
     assert "\r" not in done.stderr
+    if available_cores() >= 2:  # lme4 fitted beside the PyMC compile, loaded from the cache
+        assert any("fitted in a second process" in line for line in lines), done.stderr
     quiet = _run(["--quiet", *args, "--out", str(tmp_path / "b.html")], env)
     assert quiet.returncode == 0, quiet.stderr
     assert "dyestuff: " not in quiet.stderr

@@ -610,6 +610,23 @@ def missing_stages(
     return missing
 
 
+def _lme4_side_wanted(
+    store: FitCache, design: Design, spec: ModelSpec, settings: FitSettings, redo: frozenset[str]
+) -> bool:
+    """Whether a side process should fit lme4: it is not cached, R is there, a core is free."""
+    from harness.engines.samplers import available_cores
+
+    if available_cores() < 2:
+        return False
+    r_versions = r_versions_cheap()
+    if r_versions is None or r_versions.get("lme4") in (None, "missing"):
+        return False  # the serial path raises the clear error
+    if redo & {"lme4", "same_model"}:
+        return True
+    key = _digest({**_lme4_key_parts(design, spec, settings), "versions": r_versions})
+    return not store.path("lme4", key, ".json").is_file()
+
+
 def fit_design(
     name_or_pair: str | tuple[ModelSpec, pd.DataFrame],
     *,
@@ -618,6 +635,7 @@ def fit_design(
     refit: bool | Collection[str] = False,
     settings: FitSettings | None = None,
     render: Callable[[DesignResult], dict[str, Any]] | None = None,
+    side_process: bool = False,
 ) -> DesignResult:
     """Fit a design with both engines (or load the fits from the cache) and compare them.
 
@@ -642,6 +660,11 @@ def fit_design(
         :func:`harness.report.page.render_figures`); they are cached like the
         fits.  The pipeline never imports report code: without ``render``,
         ``result.figures`` stays None and a report draws them when it writes.
+    side_process : bool
+        When lme4 must be fitted and a second core is free, fit it (and run
+        the same-model check) in a spawned process while this one compiles
+        and samples the PyMC model; the command line does this.  Errors of
+        that side are raised here as in the serial order.
 
     Returns
     -------
@@ -657,17 +680,44 @@ def fit_design(
     keys: dict[str, str] = {}
 
     progress.set_design(name)
+    side = None
+    if side_process and _lme4_side_wanted(store, design, spec, settings, redo):
+        from harness.pipeline import side_process as side_module
+
+        side = side_module.start(
+            fit_stages,
+            name_or_pair,
+            ("lme4", "same_model"),
+            seed=seed,
+            cache_dir=store.root,
+            refit=bool(redo & {"lme4", "same_model"}),
+            settings=settings,
+        )
+        redo = redo - {"lme4", "same_model"}  # refitted over there
+    if side is not None:
+        with progress.stage("PyMC fit") as stage:  # compile and sampling report inside
+            (bayes, nc_path, keys["pymc"], cached["pymc"]), timings["pymc_load"] = _timed(
+                lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, "pymc" in redo)
+            )
+            stage.detail = "cached" if cached["pymc"] else ""
+        with progress.stage("waiting for the R fit"):
+            side_seconds = side.result()
     with progress.stage("R fit (lme4)") as stage:
         (freq, keys["lme4"], cached["lme4"], _), timings["lme4_load"] = _timed(
             lambda: _fit_lme4_cached(store, design, spec, data, settings, "lme4" in redo)
         )
         stage.detail = "cached" if cached["lme4"] else ""
+        if side is not None:
+            cached["lme4"] = False  # fitted just now, in the side process
+            timings["lme4_load"] = side_seconds.get("lme4", timings["lme4_load"])
+            stage.detail = "fitted in a second process"
     timings["lme4_fit"] = float(freq.fit_seconds)
-    with progress.stage("PyMC fit") as stage:  # compile and sampling report inside
-        (bayes, nc_path, keys["pymc"], cached["pymc"]), timings["pymc_load"] = _timed(
-            lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, "pymc" in redo)
-        )
-        stage.detail = "cached" if cached["pymc"] else ""
+    if side is None:
+        with progress.stage("PyMC fit") as stage:  # compile and sampling report inside
+            (bayes, nc_path, keys["pymc"], cached["pymc"]), timings["pymc_load"] = _timed(
+                lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, "pymc" in redo)
+            )
+            stage.detail = "cached" if cached["pymc"] else ""
     timings["pymc_compile"] = float(bayes.compile_seconds)
     timings["pymc_sample"] = float(bayes.sample_seconds)
 

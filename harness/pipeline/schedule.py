@@ -159,8 +159,6 @@ def run(
     *,
     workers: int,
     arguments: tuple[Any, ...] = (),
-    initializer: Callable[..., None] | None = None,
-    initargs: tuple[Any, ...] = (),
 ) -> dict[str, str]:
     """Run ``execute(task, *arguments)`` for every task in spawned worker processes.
 
@@ -174,16 +172,15 @@ def run(
         Worker processes.
     arguments : tuple
         Passed to ``execute`` after the task (picklable).
-    initializer, initargs
-        Run once in each worker before its first task.
 
     Returns
     -------
     dict
         Design -> error text, for designs with a failed or blocked task.
     """
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, Future, wait
+
+    from harness.child_processes import spawn_pool
 
     designs = list(dict.fromkeys(task.design for task in tasks))
     order = sorted(tasks, key=lambda t: (designs.index(t.design), KINDS.index(t.kind)))
@@ -193,14 +190,8 @@ def run(
     failed: dict[Task, str] = {}
     estimate = Estimate(workers)
     started = time.perf_counter()
-    from harness.child_processes import prepare_child_environment
-
-    prepare_child_environment()  # this process may have started R already
-    context = multiprocessing.get_context("spawn")
     progress.message(f"{len(tasks)} tasks for {len(designs)} designs in {workers} processes")
-    pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=initializer, initargs=initargs
-    )
+    pool = spawn_pool(workers)
     try:
         while True:
             while len(running) < workers:
@@ -238,9 +229,7 @@ def run(
             if not running and next_task(order, tasks, running, done, failed) is None:
                 break
     finally:
-        # Once every task is in, the caller need not wait for the workers to exit (seconds
-        # for processes holding R and compiled models): they are joined at interpreter exit.
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)  # see spawn_pool
     failures: dict[str, str] = {}
     for task, error in failed.items():
         failures.setdefault(task.design, f"{task.kind} stage: {error}")
@@ -262,16 +251,6 @@ def default_workers(n_tasks: int, wanted: int | None = None) -> int:
         text = os.environ.get("HARNESS_WORKERS", "").strip()
         wanted = int(text) if text.isdigit() else 0
     return max(1, min(n_tasks, wanted or cores, cores))
-
-
-def worker_init(log_level: int) -> None:
-    """In each worker: end with the parent, the parent's log level, and plain progress lines
-    (two processes share the terminal, so neither may rewrite "its" line)."""
-    from harness.child_processes import die_with_parent
-
-    die_with_parent()
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
-    os.environ["HARNESS_PROGRESS_PLAIN"] = "1"
 
 
 def execute_design_task(

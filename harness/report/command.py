@@ -79,6 +79,7 @@ def run_report_command(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 refit=args.refit and not parallel,  # parallel workers refitted already
                 settings=settings,
+                side_process=len(names) == 1,
             )
             write_report(result, path)
         except Exception as err:
@@ -157,8 +158,6 @@ def _fit_in_parallel(
         schedule.execute_design_task,
         workers=workers,
         arguments=(args.seed, bool(args.refit), settings, render_figures),
-        initializer=schedule.worker_init,
-        initargs=(logging.getLogger().getEffectiveLevel(),),
     )
     if failures and getattr(args, "debug", False):
         raise RuntimeError("; ".join(f"{n}: {e}" for n, e in failures.items()))

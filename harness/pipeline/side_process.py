@@ -1,0 +1,37 @@
+"""One function run in a spawned process while this one works on (the lme4 side of a fit).
+
+A single design has two independent expensive halves: R fitting lme4 (and the
+same-model check, which needs only that fit) and numba compiling the PyMC
+model.  Both are single-threaded, so on a machine with a free core the R half
+runs beside the compile; it leaves its products in the fit cache, from which
+the caller then loads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class SideResult(Generic[T]):
+    """The pending result of :func:`start`; :meth:`result` waits and re-raises its error."""
+
+    def __init__(self, pool: Any, future: Any) -> None:
+        self._pool = pool
+        self._future = future
+
+    def result(self) -> T:
+        try:
+            return self._future.result()  # type: ignore[no-any-return]
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def start(function: Callable[..., T], *args: Any, **kwargs: Any) -> SideResult[T]:
+    """Run ``function(*args, **kwargs)`` in a new spawned process; arguments must pickle."""
+    from harness.child_processes import spawn_pool
+
+    pool = spawn_pool(1)
+    return SideResult(pool, pool.submit(function, *args, **kwargs))
