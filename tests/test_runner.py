@@ -228,3 +228,31 @@ def test_cached_lme4_fit_serves_a_machine_without_r(
     result = fit_design("sleepstudy", seed=1, cache_dir=cache, settings=REPORT_SETTINGS)
     assert result.cached["lme4"] and result.cached["pymc"]
     assert result.freq.versions["lme4"]  # the versions recorded when it was fitted
+
+
+@pytest.mark.r
+def test_side_process_fits_lme4_and_is_stopped_when_pymc_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import multiprocessing
+
+    from harness.engines.samplers import available_cores
+
+    if available_cores() < 2:
+        pytest.skip("the side process needs a second core")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the PyMC stage broke")
+
+    monkeypatch.setattr(runner, "_fit_pymc_cached", broken)
+    with pytest.raises(RuntimeError, match="PyMC stage broke"):
+        fit_design(
+            "partially_clustered",
+            cache_dir=tmp_path,
+            settings=REPORT_SETTINGS,
+            side_process=True,
+        )
+    # The R worker was ended, not left to run on (or to be waited for at exit).
+    for child in multiprocessing.active_children():
+        child.join(timeout=10)
+    assert not [c for c in multiprocessing.active_children() if c.is_alive()]

@@ -694,12 +694,21 @@ def fit_design(
             settings=settings,
         )
         redo = redo - {"lme4", "same_model"}  # refitted over there
-    if side is not None:
+
+    def pymc_stage() -> tuple[BayesFit, Path]:
         with progress.stage("PyMC fit") as stage:  # compile and sampling report inside
-            (bayes, nc_path, keys["pymc"], cached["pymc"]), timings["pymc_load"] = _timed(
+            (fit, path, keys["pymc"], cached["pymc"]), timings["pymc_load"] = _timed(
                 lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, "pymc" in redo)
             )
             stage.detail = "cached" if cached["pymc"] else ""
+        return fit, path
+
+    if side is not None:
+        try:
+            bayes, nc_path = pymc_stage()
+        except BaseException:
+            side.abandon()
+            raise
         with progress.stage("waiting for the R fit"):
             side_seconds = side.result()
     with progress.stage("R fit (lme4)") as stage:
@@ -713,11 +722,7 @@ def fit_design(
             stage.detail = "fitted in a second process"
     timings["lme4_fit"] = float(freq.fit_seconds)
     if side is None:
-        with progress.stage("PyMC fit") as stage:  # compile and sampling report inside
-            (bayes, nc_path, keys["pymc"], cached["pymc"]), timings["pymc_load"] = _timed(
-                lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, "pymc" in redo)
-            )
-            stage.detail = "cached" if cached["pymc"] else ""
+        bayes, nc_path = pymc_stage()
     timings["pymc_compile"] = float(bayes.compile_seconds)
     timings["pymc_sample"] = float(bayes.sample_seconds)
 

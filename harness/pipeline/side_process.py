@@ -28,6 +28,22 @@ class SideResult(Generic[T]):
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def abandon(self) -> None:
+        """The caller failed: end the worker now instead of waiting for it at exit.
+
+        Its cache entries are written atomically, so stopping it mid-fit leaves
+        no half-written entry.
+        """
+        self._future.cancel()
+        # ProcessPoolExecutor has no public way to stop a busy worker before Python 3.14.
+        stop = getattr(self._pool, "terminate_workers", None)
+        if stop is not None:
+            stop()
+            return
+        for process in list(getattr(self._pool, "_processes", {}).values()):
+            process.terminate()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
 
 def start(function: Callable[..., T], *args: Any, **kwargs: Any) -> SideResult[T]:
     """Run ``function(*args, **kwargs)`` in a new spawned process; arguments must pickle."""
