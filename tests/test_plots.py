@@ -113,6 +113,39 @@ def test_z_matrix_picture_shape() -> None:
     assert "110 columns" in ax.get_xlabel() and "observation" in ax.get_ylabel()
 
 
+def _legend_wider_than_figure() -> Figure:
+    """A constrained-layout figure whose figure legend sticks out on both sides."""
+    fig = plots._fig(3.0, 2.5)
+    axes = fig.subplots(1, 2, sharey=True)
+    for k, ax in enumerate(axes):
+        ax.plot([0, 1, 2], [k, 2 * k, 1], label=f"a rather long legend entry number {k}")
+        ax.set_title(f"panel {k}")
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
+    return fig
+
+
+def test_inline_image_is_what_a_tight_savefig_draws() -> None:
+    import base64
+    import io
+
+    from harness.report.html import PAD_INCHES, figure_to_data_uri
+
+    image = figure_to_data_uri(_legend_wider_than_figure())
+    buffer = io.BytesIO()
+    _legend_wider_than_figure().savefig(
+        buffer,
+        format="png",
+        dpi=110,
+        bbox_inches="tight",
+        pad_inches=PAD_INCHES,
+        facecolor="white",
+        metadata={"Software": None},
+    )
+    # Laid out once, not inside savefig: same pixels, and the overhanging legend is kept.
+    assert base64.b64decode(image["uri"].split(",", 1)[1]) == buffer.getvalue()
+    assert image["width"] > 300 + 10
+
+
 # --------------------------------------------------------------------------- from a real fit
 
 

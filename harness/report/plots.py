@@ -34,6 +34,12 @@ GRID_COLOR = "#dddddd"
 TICK_SIZE = 8
 LABEL_SIZE = 9
 TITLE_SIZE = 10
+#: ``set_title(..., y=PINNED)`` keeps a title at the top of its axes.  By default
+#: matplotlib re-places every title each time the figure is laid out or drawn, measuring
+#: the x axis and the y axis's offset text (say "1e6") in case they reach above the axes:
+#: a third of the cost of a grid of panels.  Pinned only where nothing can: x ticks at
+#: the bottom and a y axis without an offset (group names, counts from 0, hidden labels).
+PINNED = 1.0
 
 
 def _fig(width: float, height: float) -> Figure:
@@ -298,7 +304,7 @@ def caterpillar(
         ax.set_ylim(-0.8, len(rows) - 0.2)
         unit = unit_of.get(term, "")
         ax.set_xlabel(f"{term} coefficient" + (f" ({unit})" if unit else ""), fontsize=LABEL_SIZE)
-        ax.set_title(f"{factor}: {term}{thinned}", fontsize=TITLE_SIZE)
+        ax.set_title(f"{factor}: {term}{thinned}", fontsize=TITLE_SIZE, y=PINNED)
         _finish(ax)
     axes[0].set_ylabel(factor, fontsize=LABEL_SIZE)
     handles = _legend_handles(
@@ -548,7 +554,7 @@ def shrinkage_plot(shrink: Shrinkage, unit_of: Mapping[str, str] | None = None) 
         fig = _fig(7.5, group_rows_height(len(rows)))
         ax = fig.subplots()
         if thinned:
-            ax.set_title(f"{shrink.factor}{thinned}", fontsize=TITLE_SIZE)
+            ax.set_title(f"{shrink.factor}{thinned}", fontsize=TITLE_SIZE, y=PINNED)
         pos = np.arange(len(rows))
         for i, row in rows.iterrows():
             for style, key, dy in ((LME4, "lme4", 0.15), (PYMC, "pymc", -0.15)):
@@ -705,6 +711,30 @@ def equations(lines: Sequence[str], fontsize: float = 13.0) -> Figure:
 # --------------------------------------------------------------------------- predictions
 
 
+def _same_limits(axes: Sequence[Axes], one_x: float | None = None) -> None:
+    """One pair of limits for panels drawn apart, as ``sharex``/``sharey`` would give them.
+
+    The limits are the union of every panel's data with matplotlib's own
+    margins; with ``one_x`` (a panel whose group has a single covariate value)
+    the x range is that value +-0.4 with one tick there.  Only the outer
+    panels keep tick labels.  Shared axes would do the same, but each of them
+    consults all the others whenever its limits are read, which for a grid of
+    20-30 panels costs more than drawing them.
+    """
+    first = axes[0]
+    for ax in axes[1:]:
+        first.update_datalim(ax.dataLim.get_points())
+    first.autoscale_view()
+    xlim = (one_x - 0.4, one_x + 0.4) if one_x is not None else first.get_xlim()
+    ylim = first.get_ylim()
+    for ax in axes:
+        ax.set_xlim(xlim)
+        ax.set_ylim(ylim)
+        if one_x is not None:
+            ax.set_xticks([one_x])
+        ax.label_outer()
+
+
 def predictive_panels(
     pred: pd.DataFrame, x_label: str, y_label: str, max_panels: int = 30
 ) -> Figure:
@@ -727,21 +757,22 @@ def predictive_panels(
     ncols = min(6, max(1, len(shown)))
     nrows = max(1, math.ceil(len(shown) / ncols))
     fig = _fig(min(2.0 * ncols + 1.0, 13.0), 1.85 * nrows + 1.0)
-    axes = np.atleast_1d(
-        fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True).ravel()
+    grid = fig.add_gridspec(nrows, ncols)
+    rows_of = dict(list(pred.groupby("group", sort=False, observed=True)))
+    # Per group and covariate value: what the lines and the band join, in one pass.
+    means = pred.groupby(["group", "x"], observed=True).agg(
+        lme4=("lme4_fit", "mean"),
+        mu=("pymc_mu", "mean"),
+        lower=("pymc_lower", "mean"),
+        upper=("pymc_upper", "mean"),
     )
-    for ax, group in zip(axes, shown, strict=False):
-        rows = pred[pred["group"] == group]
-        by_x = (
-            rows.groupby("x")
-            .agg(
-                lme4=("lme4_fit", "mean"),
-                mu=("pymc_mu", "mean"),
-                lower=("pymc_lower", "mean"),
-                upper=("pymc_upper", "mean"),
-            )
-            .reset_index()
-        )
+    axes = []
+    one_x = None  # the covariate value of a group that has only one
+    for i, group in enumerate(shown):
+        ax = fig.add_subplot(grid[i // ncols, i % ncols])
+        axes.append(ax)
+        rows = rows_of[group]
+        by_x = means.loc[group].reset_index()
         if len(by_x) > 1:
             ax.fill_between(by_x["x"], by_x["lower"], by_x["upper"], **BAND)
             ax.plot(by_x["x"], by_x["lme4"], color=LME4["color"], linewidth=1.3)
@@ -758,8 +789,7 @@ def predictive_panels(
                 capsize=3,
             )
             ax.plot(x0 - 0.12, by_x["lme4"], "o", color=LME4["color"], markersize=5)
-            ax.set_xlim(x0 - 0.4, x0 + 0.4)
-            ax.set_xticks([x0])
+            one_x = x0
         ax.plot(
             rows["x"],
             rows["y"],
@@ -769,10 +799,10 @@ def predictive_panels(
             markersize=3.2,
             markeredgewidth=0.8,
         )
-        ax.set_title(str(group), fontsize=TICK_SIZE, pad=2)
+        # The first column keeps the y tick labels, and with them a possible offset text.
+        ax.set_title(str(group), fontsize=TICK_SIZE, pad=2, y=PINNED if i % ncols else None)
         _finish(ax)
-    for ax in axes[len(shown) :]:
-        ax.set_visible(False)
+    _same_limits(axes, one_x)
     # The x label goes under the lowest panel of each column (the legend takes the figure's foot).
     for column in range(ncols):
         visible = [i for i in range(column, len(shown), ncols)]
@@ -913,7 +943,7 @@ def rank_plot(draws: pd.DataFrame, bins: int = 20) -> Figure:
             )
         expected = len(ranks) / len(chains) / bins
         ax.axhline(expected, color="#999999", linewidth=0.8)
-        ax.set_title(name, fontsize=TICK_SIZE)
+        ax.set_title(name, fontsize=TICK_SIZE, y=PINNED)  # counts from 0: no offset text
         ax.set_xlabel("rank of draw (all chains)", fontsize=TICK_SIZE)
         ax.set_ylabel("draws per bin", fontsize=TICK_SIZE)
         ax.set_ylim(0, None)
