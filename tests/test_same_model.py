@@ -118,6 +118,28 @@ def test_dense_form_equals_grouped_form(monkeypatch):
     assert a["reml_criterion"] == pytest.approx(b["reml_criterion"], abs=1e-9)
 
 
+@pytest.mark.parametrize("name", ["sleepstudy", "partially_clustered_hetero", "cafe"])
+def test_gls_beta_of_many_draws_equals_one_evaluation_each(name):
+    """The stacked NumPy GLS (attribution's integral over draws) is evaluate()'s beta_gls."""
+    data, spec = hz.datasets.load(name)
+    design = build_design(spec, data)
+    marginal = MarginalLikelihood(design)
+    rng = np.random.default_rng(3)
+    scale = np.std(design.y) / 4
+    factors = [
+        np.tril(rng.uniform(0.0, 2.0, (9, b.n_terms, b.n_terms))) * scale for b in design.blocks
+    ]
+    factors[0][0] = 0.0  # a singular draw: every SD of the first block at zero
+    sigma = rng.uniform(0.5, 1.5, (9, marginal.n_sigma)) * scale
+    many = marginal.gls_beta_many(factors, sigma)
+    one_by_one = [
+        marginal.evaluate(np.zeros(marginal.p), [F[d] for F in factors], sigma[d])["beta_gls"]
+        for d in range(9)
+    ]
+    assert marginal.method == "grouped"
+    np.testing.assert_allclose(many, np.stack(one_by_one), rtol=1e-10, atol=1e-10 * scale)
+
+
 @pytest.mark.parametrize("name", sorted(REFERENCE_MODELS))
 def test_likelihood_identity_against_recorded_lme4(name):
     """logLik(refitML(m)) and REMLcrit(m), recorded from R, at lme4's own estimates."""

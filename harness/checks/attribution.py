@@ -179,12 +179,12 @@ def pick_conditioning(
 # --------------------------------------------------------------------------- the wide prior
 
 
-def _logp(prior: Any, values: np.ndarray) -> np.ndarray:
-    """Log density of a harness Prior at values (PyMC's own logp, so any family works)."""
+def _logp_graph(prior: Any, values: np.ndarray) -> Any:
+    """Log density of a harness Prior at values, as a PyMC graph (PyMC's own logp: any family)."""
     import pymc as pm
 
     dist = getattr(pm, prior.dist).dist(**dict(prior.params))
-    return np.asarray(pm.logp(dist, np.asarray(values, dtype=float)).eval(), dtype=float)
+    return pm.logp(dist, np.asarray(values, dtype=float))
 
 
 def _lkj_logp(eta: float, corr: np.ndarray) -> np.ndarray:
@@ -203,26 +203,58 @@ def prior_logp(bayes: BayesFit, priors: ResolvedPriors) -> np.ndarray:
     matrix.  The offsets' standard-normal prior is the same under every
     profile and cancels.
     """
+    return prior_logps(bayes, [priors])[0]
+
+
+def prior_logps(bayes: BayesFit, profiles: list[ResolvedPriors]) -> list[np.ndarray]:
+    """:func:`prior_logp` under each of several priors, from one compiled PyTensor function.
+
+    Compiling costs far more than evaluating these densities, so every term
+    of every profile is evaluated by one function (``.eval()`` per term
+    compiled ten functions per comparison); the terms are then added in the
+    order :func:`prior_logp` documents.
+    """
+    import pytensor
+
     from harness.names import corr_var, sd_var, term_dim
 
     posterior = bayes.idata.posterior
     n = posterior.sizes["chain"] * posterior.sizes["draw"]
-    total = np.zeros(n)
-    beta = posterior["beta"]
-    for term, prior in priors.fixed.items():
-        total += _logp(prior, beta.sel(fixed_term=term).values.reshape(n))
-    for block in bayes.design.blocks:
-        sds = posterior[sd_var(block)]
-        for term in block.terms:
-            values = sds.sel({term_dim(block): term}).values.reshape(n)
-            total += _logp(priors.sd[(block.label, term)], values)
-        if block.correlated and block.n_terms > 1 and corr_var(block) in posterior:
-            corr = posterior[corr_var(block)].values.reshape(n, block.n_terms, block.n_terms)
-            total += _lkj_logp(priors.lkj_eta, corr)
-    if "sigma" in posterior:  # binomial / Poisson models have no residual SD
-        sigma = posterior["sigma"].values.reshape(n, -1)
-        total += _logp(priors.sigma, sigma).reshape(n, -1).sum(axis=1)
-    return total
+    graphs: list[Any] = []
+    plans: list[list[tuple[str, Any]]] = []  # per profile: ("graph", index) or ("array", values)
+    for priors in profiles:
+        plan: list[tuple[str, Any]] = []
+        beta = posterior["beta"]
+        for term, prior in priors.fixed.items():
+            graphs.append(_logp_graph(prior, beta.sel(fixed_term=term).values.reshape(n)))
+            plan.append(("graph", len(graphs) - 1))
+        for block in bayes.design.blocks:
+            sds = posterior[sd_var(block)]
+            for term in block.terms:
+                values = sds.sel({term_dim(block): term}).values.reshape(n)
+                graphs.append(_logp_graph(priors.sd[(block.label, term)], values))
+                plan.append(("graph", len(graphs) - 1))
+            if block.correlated and block.n_terms > 1 and corr_var(block) in posterior:
+                corr = posterior[corr_var(block)].values.reshape(n, block.n_terms, block.n_terms)
+                plan.append(("array", _lkj_logp(priors.lkj_eta, corr)))
+        if "sigma" in posterior:  # binomial / Poisson models have no residual SD
+            sigma = posterior["sigma"].values.reshape(n, -1)
+            graphs.append(_logp_graph(priors.sigma, sigma))
+            plan.append(("sigma", len(graphs) - 1))
+        plans.append(plan)
+    values = pytensor.function([], graphs)() if graphs else []
+    totals = []
+    for plan in plans:
+        total = np.zeros(n)
+        for kind, item in plan:
+            if kind == "array":
+                total += item
+            elif kind == "graph":
+                total += np.asarray(values[item], dtype=float)
+            else:
+                total += np.asarray(values[item], dtype=float).reshape(n, -1).sum(axis=1)
+        totals.append(total)
+    return totals
 
 
 @dataclass
@@ -281,7 +313,8 @@ def reweight_to_wide_prior(bayes: BayesFit, *, refit: bool = True) -> WidePrior:
     import arviz as az
 
     wide = wide_priors(bayes)
-    log_w = prior_logp(bayes, wide) - prior_logp(bayes, bayes.priors)
+    wide_logp, fit_logp = prior_logps(bayes, [wide, bayes.priors])
+    log_w = wide_logp - fit_logp
     n = log_w.shape[0]
     if bayes.priors.profile == WIDE_PROFILE and not _has_overrides(bayes):
         return WidePrior("psis", 0.0, np.full(n, 1.0 / n), note="the fit's prior is the wide one")
@@ -625,9 +658,12 @@ def integrate_variance_components(
         return None
     try:
         values = lme4_reml_values(freq) or lme4_ml_values(freq)
-        beta_hat, factors_hat, sigma_hat = project(values, design)
+        _, factors_hat, sigma_hat = project(values, design)
         marginal = MarginalLikelihood(design)
-        at_lme4 = marginal.evaluate(beta_hat, factors_hat, sigma_hat)["beta_gls"]
+        at_lme4 = marginal.gls_beta_many(
+            [np.asarray(F, dtype=float)[None] for F in factors_hat],
+            np.atleast_1d(np.asarray(sigma_hat, dtype=float))[None],
+        )[0]
     except (ValueError, KeyError, np.linalg.LinAlgError) as err:
         log.warning("GLS fixed effects at lme4's variance components: %s", err)
         return None
@@ -651,10 +687,7 @@ def integrate_variance_components(
         return None
     weights = weights / weights.sum()
     factors, sigma = draw_factors(source, index)
-    gls = np.empty((len(index), len(idx)))
-    for row in range(len(index)):
-        drawn = [f[row] for f in factors]
-        gls[row] = marginal.evaluate(beta_hat, drawn, sigma[row])["beta_gls"][idx]
+    gls = marginal.gls_beta_many(factors, sigma)[:, idx]
     mean = weights @ gls
     shares = {
         t: float(mean[j] - at_lme4[i]) for j, (t, i) in enumerate(zip(terms, idx, strict=True))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import TypedDict
 
 import numpy as np
@@ -96,14 +97,25 @@ def lambda_matrix(design: Design, theta: Sequence[float] | np.ndarray) -> sp.csc
         raise ValueError(
             f"theta has {theta_v.size} values; the design's random effects need {theta_size(design)}"
         )
-    pieces, start = [], 0
+    # Block diagonal with one copy of each block's factor per level, written out as
+    # coordinates (the nonzeros of I_J (x) T): the optimisers call this hundreds of times,
+    # and scipy's kron and block_diag cost more than everything else in an evaluation.
+    rows, cols, data = [], [], []
+    start, column = 0, 0
     for block in design.blocks:
         k = block.n_terms
         m = k * (k + 1) // 2
         T = _block_factor(theta_v[start : start + m], k)
         start += m
-        pieces.append(sp.kron(sp.identity(block.n_levels), sp.csr_matrix(T)))
-    return sp.block_diag(pieces, format="csc")
+        r, c = np.nonzero(T)
+        offsets = column + k * np.arange(block.n_levels)
+        rows.append((offsets[:, None] + r[None, :]).ravel())
+        cols.append((offsets[:, None] + c[None, :]).ravel())
+        data.append(np.tile(T[r, c], block.n_levels))
+        column += k * block.n_levels
+    return sp.csc_matrix(
+        (np.concatenate(data), (np.concatenate(rows), np.concatenate(cols))), shape=(column, column)
+    )
 
 
 def _as_vector(
@@ -211,6 +223,7 @@ def laplace_loglik(
     u_start: np.ndarray | None = None,
     lme4_start: np.ndarray | None = None,
     lme4_tol: float = 1e-7,
+    Z: sp.csc_matrix | None = None,
 ) -> LaplaceResult:
     """The Laplace (``n_agq = 1``) or adaptive Gauss-Hermite log-likelihood at (theta, beta).
 
@@ -231,6 +244,8 @@ def laplace_loglik(
         what glmer's reported ``logLik`` is; otherwise they are solved to ``tol``
         (the exact Laplace approximation, which differs from lme4's by its IRLS
         tolerance, about 1e-4 on cbpp).
+    Z : sparse matrix, optional
+        ``design.Z()``, when the caller has it already (an optimiser's loop).
 
     Returns
     -------
@@ -249,7 +264,7 @@ def laplace_loglik(
             f"the design has {[(b.label, b.terms) for b in design.blocks]}"
         )
     Lam = lambda_matrix(design, theta_v)
-    M = (design.Z() @ Lam).tocsc()
+    M = ((design.Z() if Z is None else Z) @ Lam).tocsc()
     fixed_eta = design.X.to_numpy(dtype=float) @ beta_v
     if design.offset is not None:
         fixed_eta = fixed_eta + design.offset
@@ -292,6 +307,14 @@ def laplace_loglik(
     )
 
 
+@cache
+def _hermgauss(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Hermite nodes and weights (the same every call; NumPy recomputes them each time)."""
+    nodes, weights = np.polynomial.hermite.hermgauss(n)
+    nodes.flags.writeable = weights.flags.writeable = False
+    return nodes, weights
+
+
 def _agq(
     design: Design,
     M: sp.csc_matrix,
@@ -306,17 +329,19 @@ def _agq(
     group = block.group_index
     # One scalar block: row i's column of Z Lambda is its group's; M is diagonal per group.
     m = np.asarray(M.sum(axis=1)).ravel()
-    nodes, weights = np.polynomial.hermite.hermgauss(n_agq)
+    nodes, weights = _hermgauss(n_agq)
     s = 1.0 / np.sqrt(h)  # conditional SD of u given y (Fisher information at the mode)
     q = u_hat.size
+    # Every node at once: one call of the family's log density (its per-call overhead was
+    # most of the cost of a quadrature), row k of each array for node k.
+    u = u_hat[None, :] + np.sqrt(2.0) * s[None, :] * nodes[:, None]
+    eta = fixed_eta[None, :] + m[None, :] * u[:, group]
+    pointwise = family.loglik(design.y, family.link.inverse(eta), design.trials)
     terms = np.empty((n_agq, q))
     for k, (x, w) in enumerate(zip(nodes, weights, strict=True)):
-        u = u_hat + np.sqrt(2.0) * s * x
-        eta = fixed_eta + m * u[group]
-        pointwise = family.loglik(design.y, family.link.inverse(eta), design.trials)
-        per_group = np.bincount(group, weights=pointwise, minlength=q)
+        per_group = np.bincount(group, weights=pointwise[k], minlength=q)
         # log of w e^{x^2} * g(u) with g = prod p * phi(u); the sqrt(2) s Jacobian added below
-        terms[k] = np.log(w) + x**2 + per_group - 0.5 * u**2 - 0.5 * np.log(2 * np.pi)
+        terms[k] = np.log(w) + x**2 + per_group - 0.5 * u[k] ** 2 - 0.5 * np.log(2 * np.pi)
     top = terms.max(axis=0)
     per_group = top + np.log(np.exp(terms - top).sum(axis=0)) + np.log(np.sqrt(2.0) * s)
     return float(per_group.sum())
@@ -355,6 +380,7 @@ def maximise_laplace(
     else:
         beta_start = np.asarray(beta0, dtype=float)
     state: dict[str, np.ndarray | None] = {"u": None}
+    Z = design.Z()
 
     def negative(params: np.ndarray) -> float:
         if lme4_start is not None:
@@ -365,10 +391,11 @@ def maximise_laplace(
                 n_agq=n_agq,
                 lme4_start=lme4_start,
                 lme4_tol=lme4_tol,
+                Z=Z,
             )
         else:
             result = laplace_loglik(
-                design, params[:t], params[t:], n_agq=n_agq, tol=1e-10, u_start=state["u"]
+                design, params[:t], params[t:], n_agq=n_agq, tol=1e-10, u_start=state["u"], Z=Z
             )
             state["u"] = result.u
         return -result.loglik

@@ -528,6 +528,70 @@ class MarginalLikelihood:
         """
         return self.evaluate(np.zeros(self.p), factors, sigma)["reml_criterion"]
 
+    def gls_beta_many(self, factors: list[np.ndarray], sigma: np.ndarray) -> np.ndarray:
+        """GLS fixed effects (``evaluate(...)["beta_gls"]``) at many variance components at once.
+
+        Parameters
+        ----------
+        factors : list of arrays (S, k_b, k_b)
+            One stack of square-root factors per block, ``design.blocks`` order.
+        sigma : array (S, n_sigma)
+            Residual SD(s) of each of the S draws.
+
+        Returns
+        -------
+        array (S, p)
+
+        Notes
+        -----
+        The grouped form is computed in NumPy over the whole stack (the same
+        algebra as :meth:`_core` and :meth:`_profiled`: ``G = D_w - B' M^-1 B``,
+        ``beta = beta0 + G_xx^-1 G_xy``), which for hundreds of draws is two
+        orders of magnitude faster than one compiled call per draw; the dense
+        and sparse forms call :meth:`evaluate` draw by draw.
+        """
+        sigma = np.asarray(sigma, dtype=float).reshape(len(sigma), -1)
+        if sigma.shape[1] == 1 and self.n_sigma > 1:
+            sigma = np.repeat(sigma, self.n_sigma, axis=1)
+        stacks = [np.asarray(F, dtype=float) for F in factors]
+        if self.method != "grouped" or self.p == 0:
+            zero = np.zeros(self.p)
+            return np.stack(
+                [
+                    self.evaluate(zero, [F[d] for F in stacks], sigma[d])["beta_gls"]
+                    for d in range(len(sigma))
+                ]
+            ).reshape(len(sigma), self.p)
+        for d in (0, len(sigma) - 1):  # shapes and values, checked as evaluate checks them
+            self._check_factors([F[d] for F in stacks])
+            self._check_sigma(sigma[d])
+        if np.any(sigma <= 0):
+            raise ValueError("residual SDs must be positive")
+        stats = self.stats
+        K, J, m = stats.n_columns, stats.n_groups, stats.E.shape[-1]
+        out = np.empty((len(sigma), self.p))
+        # Draws in chunks of about a million numbers per (draw, group, K, K|m) array.
+        chunk = max(1, 2**20 // max(1, J * K * max(K, m)))
+        for start in range(0, len(sigma), chunk):
+            rows = slice(start, start + chunk)
+            w = 1.0 / sigma[rows] ** 2  # (s, L)
+            F = np.zeros((w.shape[0], K, K))
+            offset = 0
+            for i in stats.block_order:
+                k = self.design.blocks[i].n_terms
+                F[:, offset : offset + k, offset : offset + k] = stacks[i][rows]
+                offset += k
+            S = np.einsum("sl,ljab->sjab", w, stats.C)
+            Ew = np.einsum("sl,ljam->sjam", w, stats.E)
+            Dw = np.einsum("sl,lab->sab", w, stats.D)
+            Ft = np.swapaxes(F, 1, 2)[:, None]
+            M = Ft @ S @ F[:, None] + np.eye(K)
+            B = Ft @ Ew  # (s, J, K, m)
+            G = Dw - np.einsum("sjka,sjkb->sab", B, np.linalg.solve(M, B))
+            delta = np.linalg.solve(G[:, 1:, 1:], G[:, 1:, :1])[..., 0]
+            out[rows] = stats.beta0 + delta
+        return out
+
     def _check_factors(self, factors: list[np.ndarray]) -> list[np.ndarray]:
         if len(factors) != len(self.design.blocks):
             raise ValueError(
