@@ -121,6 +121,8 @@ def _legend_wider_than_figure() -> Figure:
         ax.plot([0, 1, 2], [k, 2 * k, 1], label=f"a rather long legend entry number {k}")
         ax.set_title(f"panel {k}")
     fig.legend(loc="outside lower center", ncols=2, frameon=False)
+    fig.suptitle("a suptitle above the panels")
+    fig.supylabel("a label for both")
     return fig
 
 
@@ -141,7 +143,8 @@ def test_inline_image_is_what_a_tight_savefig_draws() -> None:
         facecolor="white",
         metadata={"Software": None},
     )
-    # Laid out once, not inside savefig: same pixels, and the overhanging legend is kept.
+    # Laid out once and its box taken from the layout, not measured inside savefig: the
+    # same pixels, the overhanging legend kept, the suptitle and supylabel edges exact.
     assert base64.b64decode(image["uri"].split(",", 1)[1]) == buffer.getvalue()
     assert image["width"] > 300 + 10
 
