@@ -86,6 +86,20 @@ def design(name: str) -> Iterator[None]:
         _design.reset(token)
 
 
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """No progress lines inside (e.g. loading from the cache what workers just reported)."""
+    before = os.environ.get("HARNESS_QUIET")
+    os.environ["HARNESS_QUIET"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HARNESS_QUIET", None)
+        else:
+            os.environ["HARNESS_QUIET"] = before
+
+
 def set_design(name: str) -> None:
     """Name the design for the stages that follow in this context (a runner's loop)."""
     _design.set(name)

@@ -11,12 +11,14 @@ pages are written here in index order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness import progress
 from harness._io import check_outputs
 from harness.pipeline.runner import REPORT_DESIGNS, STAGES, DesignResult, fit_design
 from harness.pipeline.settings import FitSettings, settings_from_args
@@ -73,14 +75,17 @@ def run_report_command(args: argparse.Namespace) -> int:
             print(f"{name}: FAILED: {failures[name]}", file=sys.stderr)
             continue
         try:
-            result = fit_design(
-                name,
-                render=render_figures,
-                seed=args.seed,
-                refit=args.refit and not parallel,  # parallel workers refitted already
-                settings=settings,
-                side_process=len(names) == 1,
-            )
+            # Designs the workers fitted load from the cache: their stages were reported there.
+            loading = progress.silenced() if name in in_workers else contextlib.nullcontext()
+            with loading:
+                result = fit_design(
+                    name,
+                    render=render_figures,
+                    seed=args.seed,
+                    refit=args.refit and not parallel,  # parallel workers refitted already
+                    settings=settings,
+                    side_process=len(names) == 1,
+                )
             write_report(result, path)
         except Exception as err:
             if getattr(args, "debug", False):

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 LME4 = {"color": "#000000", "marker": "o", "linestyle": "-", "label": "lme4"}
 PYMC = {"color": "#D55E00", "marker": "s", "linestyle": "--", "label": "PyMC"}
 UNPOOLED = {"color": "#56B4E9", "marker": "^", "linestyle": ":", "label": "no pooling"}
-BAND = {"color": "#D55E00", "alpha": 0.18, "linewidth": 0}
+BAND: dict[str, Any] = {"color": "#D55E00", "alpha": 0.18, "linewidth": 0}
 GRID_COLOR = "#dddddd"
 TICK_SIZE = 8
 LABEL_SIZE = 9
