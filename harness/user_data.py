@@ -186,7 +186,9 @@ def compare_data(
     design = build_design(spec, data)
     for note in design.notes:
         log.warning(note)
-    if not side_process or not _r_ready():
+    from harness.versions import r_ready_cheap
+
+    if not side_process or not r_ready_cheap():
         _r_env()  # starts R here (the side process would start its own), or says what is missing
     from harness.pipeline.scale import settings_for_scale
     from harness.pipeline.settings import settings_from_env
@@ -213,16 +215,6 @@ def compare_data(
             result.comparison, notes=[*missing, *result.comparison.notes]
         )
     return result
-
-
-def _r_ready() -> bool:
-    """R with lme4 and nlme is installed (one ``Rscript`` call; rpy2 and R not started here)."""
-    from harness.versions import r_versions_cheap
-
-    versions = r_versions_cheap()
-    return versions is not None and all(
-        versions.get(package) not in (None, "missing") for package in ("lme4", "nlme")
-    )
 
 
 def _render_hook() -> Any:

@@ -81,6 +81,25 @@ def r_versions_cheap() -> dict[str, str] | None:
     return {k: (v if v is not None else "missing") for k, v in versions.items()}
 
 
+def r_ready_cheap() -> bool:
+    """rpy2 is importable and R has lme4 and nlme (one ``Rscript`` call; R is not started).
+
+    When this says no, a caller starts R in-process, which raises the error
+    that names what to install.
+    """
+    from importlib.util import find_spec
+
+    try:
+        if find_spec("rpy2") is None:
+            return False
+    except (ImportError, ValueError):  # e.g. sys.modules["rpy2"] is None
+        return False
+    versions = r_versions_cheap()
+    return versions is not None and all(
+        versions.get(package) not in (None, "missing") for package in ("lme4", "nlme")
+    )
+
+
 def python_versions() -> dict[str, str]:
     """Versions of the Python packages that shape a fit, without importing them."""
     versions = {"python": platform.python_version()}

@@ -64,7 +64,7 @@ from harness.pipeline.cache import digest as _digest
 from harness.pipeline.cache import load_idata as _load_idata
 from harness.pipeline.settings import FitSettings
 from harness.versions import PY_PACKAGES as _PY_PACKAGES
-from harness.versions import python_versions, r_versions_cheap
+from harness.versions import python_versions, r_ready_cheap, r_versions_cheap
 
 if TYPE_CHECKING:
     from harness.checks.compare import Comparison
@@ -616,11 +616,11 @@ def _lme4_side_wanted(
     """Whether a side process should fit lme4: it is not cached, R is there, a core is free."""
     from harness.engines.samplers import available_cores
 
-    if available_cores() < 2:
-        return False
-    r_versions = r_versions_cheap()
-    if r_versions is None or r_versions.get("lme4") in (None, "missing"):
+    if available_cores() < 2 or not r_ready_cheap():
         return False  # the serial path raises the clear error
+    r_versions = r_versions_cheap()  # read (and cached) by r_ready_cheap already
+    if r_versions is None:
+        return False
     if redo & {"lme4", "same_model"}:
         return True
     key = _digest({**_lme4_key_parts(design, spec, settings), "versions": r_versions})
