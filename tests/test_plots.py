@@ -130,6 +130,8 @@ def test_inline_image_is_what_a_tight_savefig_draws() -> None:
     import base64
     import io
 
+    from PIL import Image
+
     from harness.report.html import PAD_INCHES, figure_to_data_uri
 
     image = figure_to_data_uri(_legend_wider_than_figure())
@@ -144,8 +146,13 @@ def test_inline_image_is_what_a_tight_savefig_draws() -> None:
         metadata={"Software": None},
     )
     # Laid out once and its box taken from the layout, not measured inside savefig: the
-    # same pixels, the overhanging legend kept, the suptitle and supylabel edges exact.
-    assert base64.b64decode(image["uri"].split(",", 1)[1]) == buffer.getvalue()
+    # same pixels, the overhanging legend kept, the suptitle and supylabel edges exact;
+    # written without the alpha channel of an opaque figure.
+    inline = Image.open(io.BytesIO(base64.b64decode(image["uri"].split(",", 1)[1])))
+    assert inline.mode == "RGB"
+    saved = np.asarray(Image.open(buffer).convert("RGBA"))
+    assert np.all(saved[..., 3] == 255)
+    np.testing.assert_array_equal(np.asarray(inline), saved[..., :3])
     assert image["width"] > 300 + 10
 
 

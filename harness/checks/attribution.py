@@ -216,6 +216,7 @@ def prior_logps(bayes: BayesFit, profiles: list[ResolvedPriors]) -> list[np.ndar
     """
     import pytensor
 
+    from harness.checks.marginal import compile_mode
     from harness.names import corr_var, sd_var, term_dim
 
     posterior = bayes.idata.posterior
@@ -242,7 +243,9 @@ def prior_logps(bayes: BayesFit, profiles: list[ResolvedPriors]) -> list[np.ndar
             graphs.append(_logp_graph(priors.sigma, sigma))
             plan.append(("sigma", len(graphs) - 1))
         plans.append(plan)
-    values = pytensor.function([], graphs)() if graphs else []
+    # Python thunks and light rewrites (as for the marginal likelihood): the C linker's
+    # module cache alone takes a second to open in a fresh process.
+    values = pytensor.function([], graphs, mode=compile_mode())() if graphs else []
     totals = []
     for plan in plans:
         total = np.zeros(n)
