@@ -156,6 +156,50 @@ def test_inline_image_is_what_a_tight_savefig_draws() -> None:
     assert image["width"] > 300 + 10
 
 
+def _predictive_table(n_groups: int, xs: list[float]) -> pd.DataFrame:
+    rng = np.random.default_rng(5)
+    rows = []
+    for g in range(n_groups):
+        for x in xs:
+            for _ in range(3):
+                mu = 10 * g + 2 * x
+                rows.append(
+                    {
+                        "group_factor": "g",
+                        "group": f"g{g}",
+                        "x": x,
+                        "y": mu + rng.normal(),
+                        "lme4_fit": mu,
+                        "pymc_mu": mu + 0.1,
+                        "pymc_lower": mu - 2,
+                        "pymc_upper": mu + 2,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_predictive_panels_share_limits_and_outer_labels() -> None:
+    table = _predictive_table(8, [0.0, 1.0, 2.0])  # 6 + 2 panels
+    fig = plots.predictive_panels(table, "x", "y")
+    _draw(fig)
+    axes = _visible_axes(fig)
+    assert len(axes) == 8
+    assert len({ax.get_xlim() for ax in axes}) == 1 and len({ax.get_ylim() for ax in axes}) == 1
+    low, high = axes[0].get_ylim()
+    assert low < table["pymc_lower"].min() and high > table["pymc_upper"].max()
+    for i, ax in enumerate(axes):
+        y_labels = [t for t in ax.get_yticklabels() if t.get_visible() and t.get_text()]
+        x_labels = [t for t in ax.get_xticklabels() if t.get_visible() and t.get_text()]
+        assert bool(y_labels) == (i % 6 == 0)  # first column only
+        assert bool(x_labels) == (i >= 2)  # the lowest panel of each column
+    # Groups observed at one covariate value: every panel shows that value alone.
+    single = plots.predictive_panels(_predictive_table(3, [1.0]), "x", "y")
+    assert {ax.get_xlim() for ax in _visible_axes(single)} == {(0.6, 1.4)}
+    # No group with two observations: a figure that says so, not an error.
+    empty = plots.predictive_panels(_predictive_table(2, [1.0]).drop_duplicates("group"), "x", "y")
+    assert "0 of 2 groups" in empty.get_suptitle()
+
+
 # --------------------------------------------------------------------------- from a real fit
 
 

@@ -802,7 +802,8 @@ def predictive_panels(
         # The first column keeps the y tick labels, and with them a possible offset text.
         ax.set_title(str(group), fontsize=TICK_SIZE, pad=2, y=PINNED if i % ncols else None)
         _finish(ax)
-    _same_limits(axes, one_x)
+    if axes:
+        _same_limits(axes, one_x)
     # The x label goes under the lowest panel of each column (the legend takes the figure's foot).
     for column in range(ncols):
         visible = [i for i in range(column, len(shown), ncols)]
