@@ -432,13 +432,19 @@ def figures_key_parts(
     result: DesignResult, render: Callable[[DesignResult], Any] | None = None
 ) -> dict[str, Any]:
     """What a design's rendered figures depend on: the fits, the renderer and its package."""
+    return _figures_key_parts(result.name, result.keys, render)
+
+
+def _figures_key_parts(
+    name: str, keys: dict[str, str], render: Callable[..., Any] | None
+) -> dict[str, Any]:
     renderer = f"{render.__module__}.{render.__qualname__}" if render is not None else None
     return {
         "format": CACHE_FORMAT,
         "kind": "figures",
-        "compare": result.keys.get("compare"),
-        "same_model": result.keys.get("same_model"),
-        "name": result.name,
+        "compare": keys.get("compare"),
+        "same_model": keys.get("same_model"),
+        "name": name,
         "renderer": renderer,
         "code": _source_hash("report"),
     }
@@ -573,7 +579,7 @@ def missing_stages(
     """
     settings = settings or FitSettings()
     store = FitCache(resolve_cache_dir(cache_dir))
-    name, description, spec, data = _resolve(name_or_pair)
+    name, _, spec, data = _resolve(name_or_pair)
     design = build_design(spec, data)
     r_versions = r_versions_cheap()
     if r_versions is None:
@@ -588,24 +594,8 @@ def missing_stages(
         stage for stage in STAGES[:-1] if not store.path(stage, keys[stage], ".json").is_file()
     ]
     if render is not None:
-        stub = DesignResult(
-            name=name,
-            description=description,
-            spec=spec,
-            data=data,
-            design=design,
-            freq=None,  # type: ignore[arg-type]  # figures_key reads only keys and name
-            comparison=None,  # type: ignore[arg-type]
-            same_model=None,
-            same_model_status="",
-            seed=seed,
-            settings=settings,
-            timings={},
-            cached={},
-            keys=keys,
-            versions={},
-        )
-        if not store.path("figures", figures_key(stub, render), ".json").is_file():
+        figures = _digest(_figures_key_parts(name, keys, render))
+        if not store.path("figures", figures, ".json").is_file():
             missing.append("figures")
     return missing
 
