@@ -163,6 +163,7 @@ def compiled_nutpie(
         import nutpie
 
         from harness import progress
+        from harness.engines.nutpie_entry import light_entry_points
 
         with progress.stage("PyMC compile (nutpie, numba)"):
             started = time.perf_counter()
@@ -171,7 +172,8 @@ def compiled_nutpie(
             if skip is not None:
                 left_out = skip(model)
                 var_names = [v.name for v in model.unobserved_value_vars if v.name not in left_out]
-            compiled = nutpie.compile_pymc_model(model, backend="numba", var_names=var_names)
+            with light_entry_points():
+                compiled = nutpie.compile_pymc_model(model, backend="numba", var_names=var_names)
             seconds = time.perf_counter() - started
         log.info("nutpie compiled the model in %.1f s", seconds)
         entry = _Entry(model, compiled, seconds, _shared_variables(model))
