@@ -115,3 +115,27 @@ def test_same_model_picks_the_sparse_path(monkeypatch):
     assert result.ok, result.reasons
     assert result.loglik_pymc == pytest.approx(ref["loglik_ml"], abs=1e-6)
     assert result.reml_criterion_pymc == pytest.approx(ref["reml_criterion"], abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["penicillin", "pastes"])
+def test_one_ordering_serves_every_point_including_a_boundary(name):
+    """M's ordering is found once per design; with it the factor equals SuperLU's own."""
+    from harness.checks import marginal_sparse
+
+    design = _design(name)
+    sparse = MarginalLikelihood(design, method="sparse")
+    dense = MarginalLikelihood(design, method="dense")
+    ordering = marginal_sparse.fill_reducing_ordering(sparse.stats, design.blocks)
+    assert sorted(ordering) == list(range(sparse.stats.n_columns))
+    assert marginal_sparse.fill_reducing_ordering(sparse.stats, design.blocks) is ordering
+    for seed in (3, 4):
+        beta, factors, sigma = _random_point(design, dense, seed)
+        if seed == 4:  # a boundary: the first factor's SD is zero
+            factors[0] = np.zeros_like(factors[0])
+        M, B, _, _ = marginal_sparse.weighted_system(sparse.stats, design.blocks, factors, sigma)
+        own, ordered = marginal_sparse.SparseFactor(M), marginal_sparse.SparseFactor(M, ordering)
+        assert ordered.logdet == pytest.approx(own.logdet, abs=1e-10)
+        np.testing.assert_allclose(ordered.solve(B), own.solve(B), rtol=0, atol=1e-10)
+        a, b = dense.evaluate(beta, factors, sigma), sparse.evaluate(beta, factors, sigma)
+        assert b["loglik"] == pytest.approx(a["loglik"], abs=1e-10)
+    assert sparse.stats.sparse_ordering is ordering

@@ -200,6 +200,24 @@ def test_predictive_panels_share_limits_and_outer_labels() -> None:
     assert "0 of 2 groups" in empty.get_suptitle()
 
 
+def test_panel_rows_follow_first_appearance_and_skip_groups_of_one() -> None:
+    from harness.model.spec import ModelSpec, build_design
+
+    frame = pd.DataFrame(
+        {
+            "g": ["c", "c", "a", "b", "b", "d", "d", "a", "e", "e"],
+            "x": np.arange(10.0),
+            "y": np.random.default_rng(0).normal(size=10),
+        }
+    )
+    frame.loc[2, "g"] = "z"  # "z" has one row; "a" then has one too (row 7)
+    design = build_design(ModelSpec("y ~ x + (1 | g)"), frame)
+    rows = rt.panel_rows(design, max_groups=2)
+    assert list(frame.loc[rows, "g"]) == ["c", "c", "b", "b"]
+    assert list(rt.panel_rows(design)) == list(range(10))
+    assert rt.panel_counts(design) == {"groups": 6, "single_observation_groups": 2}
+
+
 # --------------------------------------------------------------------------- from a real fit
 
 
@@ -308,6 +326,15 @@ def test_predictive_and_new_group_figures(result: DesignResult) -> None:
     ).max()
     fig = plots.new_group_plot(new, "Reaction (ms)")
     assert _visible_axes(fig)[0].get_ylabel() == "Reaction (ms)"
+    # Only the rows the panels show, with the counts of every group for the title.
+    few = rt.predictive_table(cmp, result.bayes, design, max_groups=5)
+    first = list(design.blocks[0].levels[:5])
+    assert list(dict.fromkeys(few["group"])) == first and len(few) == 5 * 10
+    full = pred.set_index("row").loc[few["row"]]
+    np.testing.assert_allclose(few["lme4_fit"], full["lme4_fit"], rtol=1e-12)
+    np.testing.assert_allclose(few["pymc_mu"], full["pymc_mu"], rtol=1e-12)
+    title = plots.predictive_panels(few, "Days (days)", "Reaction (ms)", max_panels=5)
+    assert title.get_suptitle() == "5 of 18 groups of Subject (first 5 shown)"
 
 
 @pytest.mark.r

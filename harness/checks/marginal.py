@@ -121,6 +121,7 @@ class _Statistics:
     beta0: np.ndarray  # OLS estimate the response was centred on (for precision)
     block_order: list[int] = field(default_factory=list)  # design blocks in column order
     C_sparse: list[Any] = field(default_factory=list)  # sparse mode: Z_l' Z_l per level (CSC)
+    sparse_ordering: Any = None  # sparse mode: M's fill-reducing ordering, found once
 
 
 @dataclass

@@ -39,6 +39,11 @@ class SparseFactor:
     ----------
     M : sparse matrix
         Symmetric positive definite.
+    ordering : array of int, optional
+        A symmetric fill-reducing permutation of ``M``'s rows and columns
+        (:func:`fill_reducing_ordering`).  Without it SuperLU orders ``M``
+        itself, which was two thirds of each factorisation of InstEval's
+        4,100 x 4,100 ``M`` (0.19 s against 0.06 s).
 
     Raises
     ------
@@ -46,10 +51,14 @@ class SparseFactor:
         If a pivot is not positive (``M`` is not positive definite).
     """
 
-    def __init__(self, M: sp.spmatrix) -> None:
+    def __init__(self, M: sp.spmatrix, ordering: np.ndarray | None = None) -> None:
+        self.ordering = ordering
+        matrix = sp.csc_matrix(M)
+        if ordering is not None:
+            matrix = matrix[ordering][:, ordering].tocsc()
         self.lu = splu(
-            sp.csc_matrix(M),
-            permc_spec="MMD_AT_PLUS_A",
+            matrix,
+            permc_spec="MMD_AT_PLUS_A" if ordering is None else "NATURAL",
             diag_pivot_thresh=0.0,
             options={"SymmetricMode": True},
         )
@@ -62,7 +71,37 @@ class SparseFactor:
         self.logdet = float(np.sum(np.log(pivots)))
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
-        return self.lu.solve(np.asarray(rhs, dtype=float))
+        rhs = np.asarray(rhs, dtype=float)
+        if self.ordering is None:
+            return self.lu.solve(rhs)
+        solution = np.empty_like(rhs)
+        solution[self.ordering] = self.lu.solve(rhs[self.ordering])
+        return solution
+
+
+def fill_reducing_ordering(stats: Any, blocks: list[Any]) -> np.ndarray:
+    """A fill-reducing symmetric ordering of ``M``, found once per design and kept on ``stats``.
+
+    ``M``'s non-zeros are fixed by the design (which levels share rows), not by
+    the variance components, so one ordering serves every evaluation.  It is
+    found on ``M`` at full square-root factors (lower triangles of ones): the
+    pattern of any other ``M`` of the design lies inside it, also at a boundary
+    where a factor is zero.  ``M[o][:, o]`` is the matrix SuperLU factorises
+    after its own ordering, ``o = argsort(perm_c)``.
+    """
+    ordering = getattr(stats, "sparse_ordering", None)
+    if ordering is None or len(ordering) != stats.n_columns:
+        full = [np.tril(np.ones((block.n_terms, block.n_terms))) for block in blocks]
+        M, _, _, _ = weighted_system(stats, blocks, full, np.ones(len(stats.C_sparse)))
+        lu = splu(
+            sp.csc_matrix(M),
+            permc_spec="MMD_AT_PLUS_A",
+            diag_pivot_thresh=0.0,
+            options={"SymmetricMode": True},
+        )
+        ordering = np.argsort(lu.perm_c)
+        stats.sparse_ordering = ordering
+    return ordering
 
 
 def weighted_system(stats: Any, blocks: list[Any], factors: list[np.ndarray], sigma: np.ndarray):
@@ -89,7 +128,7 @@ def outputs(
 ) -> list[Any]:
     """``[loglik, reml_criterion, beta_gls, loglik_profiled]``, the dense graph's outputs."""
     M, B, Dw, _ = weighted_system(stats, blocks, factors, sigma)
-    factor = SparseFactor(M)
+    factor = SparseFactor(M, fill_reducing_ordering(stats, blocks))
     G = Dw - B.T @ factor.solve(B)
     G = 0.5 * (G + G.T)
     logdet_R = float(np.sum(stats.counts * 2.0 * np.log(sigma)))
@@ -119,5 +158,5 @@ def conditional_system(
     """Mode of the standardised effects (Z's column order), ``log|M|`` and ``M``."""
     M, B, _, _ = weighted_system(stats, blocks, factors, sigma)
     v = np.concatenate([[1.0], -(np.asarray(beta, float) - stats.beta0)])
-    factor = SparseFactor(M)
+    factor = SparseFactor(M, fill_reducing_ordering(stats, blocks))
     return factor.solve(B @ v), factor.logdet, M

@@ -25,7 +25,9 @@ from harness.report.tables import (
     _lme4_covariance,
     _stack,
     fixed_draws,
+    panel_counts,
     panel_factor,
+    panel_rows,
     x_column,
 )
 
@@ -64,12 +66,14 @@ def glmm_predictive_table(
     seed: int = 1,
     max_draws: int = 1000,
     prob: float = 0.95,
+    max_groups: int | None = None,
 ) -> pd.DataFrame:
     """Per observation: observed proportion/count, lme4's and PyMC's fitted mean, predictive interval.
 
     lme4: inverse link of ``offset + X beta_hat + Z b_hat`` (conditional
     modes).  PyMC: the same per draw, and a draw from the family for the
-    predictive interval.
+    predictive interval.  With ``max_groups``, only the rows of the groups the
+    panels show (:func:`harness.report.tables.panel_rows`).
     """
     rng = np.random.default_rng(seed)
     beta = fixed_draws(bayes, max_draws)[design.fixed_terms].to_numpy()
@@ -94,7 +98,7 @@ def glmm_predictive_table(
     factor = panel_factor(design)
     block = next(b for b in design.blocks if b.factor == factor)
     x = x_column(design)
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "row": np.arange(design.n),
             "group_factor": factor,
@@ -111,6 +115,10 @@ def glmm_predictive_table(
             "pymc_upper": np.quantile(y_rep, (1 + prob) / 2, axis=0),
         }
     )
+    # Rows are picked after the fact: the family's draws take every row's trials.
+    table = table.iloc[panel_rows(design, max_groups)].reset_index(drop=True)
+    table.attrs.update(panel_counts(design))
+    return table
 
 
 def glmm_new_group_table(

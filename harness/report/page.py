@@ -296,7 +296,7 @@ def _draw_figures(result: DesignResult) -> dict[str, Any]:
     out["equation_legend"] = equation_legend(design)
     glmm = design.family.glm  # GLMM hook (issue 12)
     predictive = report_glmm.glmm_predictive_table if glmm else rt.predictive_table
-    pred = predictive(cmp, bayes, design, seed=result.seed)
+    pred = predictive(cmp, bayes, design, seed=result.seed, max_groups=plots.MAX_PANELS)
     x = rt.x_column(design)
     out["predictive"] = [
         _image(

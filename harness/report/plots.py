@@ -735,8 +735,12 @@ def _same_limits(axes: Sequence[Axes], one_x: float | None = None) -> None:
         ax.label_outer()
 
 
+#: Most per-group panels one figure draws.
+MAX_PANELS = 30
+
+
 def predictive_panels(
-    pred: pd.DataFrame, x_label: str, y_label: str, max_panels: int = 30
+    pred: pd.DataFrame, x_label: str, y_label: str, max_panels: int = MAX_PANELS
 ) -> Figure:
     """Per group: observed points, both engines' fitted lines, PyMC's 95% predictive band.
 
@@ -811,11 +815,13 @@ def predictive_panels(
             axes[visible[-1]].set_xlabel(x_label, fontsize=LABEL_SIZE)
             axes[visible[-1]].tick_params(labelbottom=True)
     fig.supylabel(y_label, fontsize=LABEL_SIZE)
-    skipped = len(sizes) - len(groups)
-    note = f"{len(shown)} of {len(sizes)} groups of {pred['group_factor'].iloc[0]}"
+    # A table of the shown groups only carries the counts of all of them in its attrs.
+    total = int(pred.attrs.get("groups", len(sizes)))
+    skipped = int(pred.attrs.get("single_observation_groups", len(sizes) - len(groups)))
+    note = f"{len(shown)} of {total} groups of {pred['group_factor'].iloc[0]}"
     if skipped:
         note += f" ({skipped} with one observation left out)"
-    if len(groups) > len(shown):
+    if total - skipped > len(shown):
         note += f" (first {max_panels} shown)"
     fig.suptitle(note, fontsize=TITLE_SIZE)
     handles = [

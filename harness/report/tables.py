@@ -447,6 +447,37 @@ def _lme4_sigma_per_row(cmp: Comparison, design: Design) -> np.ndarray:
     return by_level[design.sigma_index]
 
 
+def panel_rows(design: Design, max_groups: int | None = None) -> np.ndarray:
+    """Rows of the groups per-group panels can show, in row order.
+
+    The panels (:func:`harness.report.plots.predictive_panels`) draw groups of
+    :func:`panel_factor` with more than one observation, in order of first
+    appearance, at most ``max_groups`` of them; with ``max_groups=None`` every
+    row.  InstEval's 73,421 rows made the full table 8 s of its figures.
+    """
+    if max_groups is None:
+        return np.arange(design.n)
+    factor = panel_factor(design)
+    index = next(b for b in design.blocks if b.factor == factor).group_index
+    sizes = np.bincount(index)
+    _, first = np.unique(index, return_index=True)
+    order = np.argsort(first, kind="stable")  # groups by first appearance
+    eligible = [g for g in order if sizes[g] > 1][:max_groups]
+    return np.flatnonzero(np.isin(index, eligible))
+
+
+def panel_counts(design: Design) -> dict[str, int]:
+    """How many groups the panel factor has, and how many of them have one observation.
+
+    Kept in a predictive table's ``attrs`` (``groups``, ``single_observation_groups``), so
+    the panels' title counts every group when the table holds only the shown ones.
+    """
+    factor = panel_factor(design)
+    index = next(b for b in design.blocks if b.factor == factor).group_index
+    sizes = np.bincount(index)
+    return {"groups": int(np.sum(sizes > 0)), "single_observation_groups": int(np.sum(sizes == 1))}
+
+
 def predictive_table(
     cmp: Comparison,
     bayes: BayesFit,
@@ -454,44 +485,52 @@ def predictive_table(
     seed: int = 1,
     max_draws: int = 1000,
     prob: float = 0.95,
+    max_groups: int | None = None,
 ) -> pd.DataFrame:
     """Per observation: observed y, lme4's fitted value, PyMC's fitted mean and predictive interval.
 
     lme4: ``X beta_hat + Z u_hat`` (conditional modes).  PyMC: ``mu`` per
-    draw, and ``y_rep = mu + sigma * e`` for the predictive interval.
+    draw, and ``y_rep = mu + sigma * e`` for the predictive interval.  With
+    ``max_groups``, only the rows of the groups the panels show
+    (:func:`panel_rows`).
     """
     rng = np.random.default_rng(seed)
+    rows = panel_rows(design, max_groups)
+    X = design.X.to_numpy(float)[rows]
     beta = fixed_draws(bayes, max_draws)[design.fixed_terms].to_numpy()
-    mu = beta @ design.X.to_numpy(float).T
+    mu = beta @ X.T
     beta_hat = cmp.fixed.set_index("term").loc[design.fixed_terms, "lme4_estimate"].to_numpy(float)
-    lme4_fit = design.X.to_numpy(float) @ beta_hat
+    lme4_fit = X @ beta_hat
     modes = cmp.offsets.set_index(["group_factor", "group", "term"])["lme4_mode"]
     offsets = _block_offsets(bayes, max_draws)
     for block in design.blocks:
-        u = offsets[block.label][:, block.group_index, :]  # (sample, n, k)
-        mu = mu + np.einsum("snk,nk->sn", u, block.values)
+        index, values = block.group_index[rows], block.values[rows]
+        u = offsets[block.label][:, index, :]  # (sample, rows, k)
+        mu = mu + np.einsum("snk,nk->sn", u, values)
         hat = np.array(
             [[modes.get((block.factor, lvl, t), 0.0) for t in block.terms] for lvl in block.levels]
         )
-        lme4_fit = lme4_fit + (hat[block.group_index] * block.values).sum(axis=1)
-    sigma = _sigma_per_row(bayes, design, max_draws)
+        lme4_fit = lme4_fit + (hat[index] * values).sum(axis=1)
+    sigma = _sigma_per_row(bayes, design, max_draws)[:, rows]
     y_rep = mu + sigma * rng.standard_normal(mu.shape)
     factor = panel_factor(design)
     block = next(b for b in design.blocks if b.factor == factor)
     x = x_column(design)
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
-            "row": np.arange(design.n),
+            "row": rows,
             "group_factor": factor,
-            "group": [block.levels[i] for i in block.group_index],
-            "x": design.data[x].to_numpy(float) if x else np.zeros(design.n),
-            "y": design.y,
+            "group": [block.levels[i] for i in block.group_index[rows]],
+            "x": design.data[x].to_numpy(float)[rows] if x else np.zeros(len(rows)),
+            "y": np.asarray(design.y)[rows],
             "lme4_fit": lme4_fit,
             "pymc_mu": mu.mean(axis=0),
             "pymc_lower": np.quantile(y_rep, (1 - prob) / 2, axis=0),
             "pymc_upper": np.quantile(y_rep, (1 + prob) / 2, axis=0),
         }
     )
+    table.attrs.update(panel_counts(design))
+    return table
 
 
 def new_group_table(
