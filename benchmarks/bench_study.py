@@ -21,9 +21,9 @@ from collections.abc import Sequence  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
+from harness.child_processes import prepare_child_environment  # noqa: E402
 from harness.studies.catalog import get_study  # noqa: E402
 from harness.studies.core import Study  # noqa: E402
-from harness.studies.environment import prepare_child_environment  # noqa: E402
 from harness.studies.execute import run_study  # noqa: E402
 
 

@@ -6,7 +6,13 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["die_with_parent", "init_worker", "prepare_child_environment", "spawn_pool"]
+__all__ = [
+    "die_with_parent",
+    "init_worker",
+    "prepare_child_environment",
+    "quiet_library_notices",
+    "spawn_pool",
+]
 
 
 def prepare_child_environment() -> None:
@@ -30,6 +36,20 @@ def prepare_child_environment() -> None:
         return
     if current.split(os.pathsep)[0] != libdir:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, current])
+
+
+def quiet_library_notices() -> None:
+    """Hide notices a library addresses to its own users, not to the harness's.
+
+    ArviZ 0.x announces its coming 1.0 refactor with a ``FutureWarning`` once a day
+    at import; a harness user never calls ArviZ, so in the console it is only noise
+    that arrives in the middle of the progress lines.  Other warnings are untouched.
+    """
+    import warnings
+
+    warnings.filterwarnings(
+        "ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning
+    )
 
 
 def die_with_parent() -> None:
@@ -70,6 +90,7 @@ def init_worker(log_level: int) -> None:
     import logging
 
     die_with_parent()
+    quiet_library_notices()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
     os.environ["HARNESS_PROGRESS_PLAIN"] = "1"
     # Registered first, so it runs last: R's and the other libraries' exit handlers still

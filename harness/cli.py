@@ -183,6 +183,9 @@ def run() -> None:
 
     # Registered before the work starts, so it runs after every handler the work registers.
     atexit.register(exit_now)
+    from harness.child_processes import quiet_library_notices
+
+    quiet_library_notices()
     try:
         status = main()
     except SystemExit as stop:  # argparse's usage errors and --help

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,3 +52,36 @@ def test_a_failed_command_exits_1_with_one_line(tmp_path: Path) -> None:
     done = _run(code)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("harness compare: error:")
+
+
+def test_arviz_refactor_notice_is_hidden_and_other_warnings_are_not(tmp_path: Path) -> None:
+    import os
+
+    # ArviZ shows its notice once a day, stamped in the user cache: an empty cache shows it.
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "plain")}
+    plain = subprocess.run(
+        [sys.executable, "-c", "import arviz"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+    if "ArviZ is undergoing" not in plain.stderr:
+        pytest.skip("this ArviZ shows no refactor notice")
+    code = (
+        "import warnings, harness.cli as cli\n"
+        "def main(argv=None):\n"
+        "    import arviz\n"
+        "    warnings.warn('a notice of our own', FutureWarning)\n"
+        "    return 0\n"
+        "cli.main = main\n"
+        "cli.run()\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cli")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ArviZ is undergoing" not in done.stderr
+    assert "a notice of our own" in done.stderr
