@@ -72,6 +72,8 @@ def test_estimate_uses_the_latest_duration_of_each_kind():
     estimate = schedule.Estimate(workers=2)
     assert estimate.left([Task("a", "r")], {}) == schedule.DEFAULT_SECONDS["r"] / 2
     estimate.add(Task("a", "pymc"), 40.0)  # the first compile, with the warm-up
+    pymc = schedule.DEFAULT_SECONDS["pymc"]
+    assert estimate.left([Task("c", "pymc"), Task("d", "pymc")], {}) == pytest.approx(pymc)
     estimate.add(Task("b", "pymc"), 10.0)
     assert estimate.left([Task("c", "pymc"), Task("d", "pymc")], {}) == pytest.approx(10.0)
 

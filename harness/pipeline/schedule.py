@@ -132,7 +132,9 @@ class Estimate:
     """Seconds left, from the latest finished task of each kind (an ETA, not a promise).
 
     The latest, not the mean: the first PyMC task carries the compiler's
-    warm-up and the ones after it are faster.
+    warm-up and the ones after it are faster.  For the same reason that first
+    one alone counts for no more than :data:`DEFAULT_SECONDS` (a cold 45 s
+    compile once made the estimate jump from 55 s to 98 s and back to 44 s).
     """
 
     def __init__(self, workers: int) -> None:
@@ -144,7 +146,11 @@ class Estimate:
 
     def typical(self, kind: str) -> float:
         values = self.seen.get(kind)
-        return values[-1] if values else DEFAULT_SECONDS[kind]
+        if not values:
+            return DEFAULT_SECONDS[kind]
+        if kind == "pymc" and len(values) == 1:
+            return min(values[0], DEFAULT_SECONDS[kind])
+        return values[-1]
 
     def left(self, pending: Iterable[Task], running: Mapping[Task, float]) -> float:
         now = time.perf_counter()
