@@ -47,6 +47,7 @@ SMALL_FORMULA = "weight ~ Time + (1 | Chick)"
 _DONE = re.compile(r"^(?P<design>[^:\[\]]+): (?P<stage>[^:]+): done in (?P<seconds>[0-9.]+) s")
 _STAGES = {
     "R fit (lme4)": "r_fit",
+    "PyMC fit": "pymc_fit",
     "PyMC compile (nutpie, numba)": "compile",
     "compare": "compare",
     "same-model check": "same_model",
@@ -98,11 +99,14 @@ def _run(args: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
 
 
 def split(stderr: str) -> dict[str, dict[str, float]]:
-    """Seconds per design and stage from progress lines; the longest line wins.
+    """Seconds per design and stage from progress lines, summed over the lines of a stage.
 
-    In ``report all`` with workers the parent loads each design from the cache
-    after the workers fitted it (``done in 0.0 s (cached)``): the longest
-    duration of a stage is the one that did the work.
+    Adaptive sampling compiles and samples once per round, so a stage can end
+    several times (InstEval: two compiles and four sampling runs); the sum is
+    the time spent.  ``pymc_fit`` is the whole PyMC stage (compiles, sampling
+    runs, the diagnostics between rounds, storing the draws).  In ``report
+    all`` with workers the parent loads each design from the cache after the
+    workers fitted it (``done in 0.0 s (cached)``), which adds nothing.
     """
     table: dict[str, dict[str, float]] = {}
     for line in stderr.splitlines():
@@ -114,7 +118,7 @@ def split(stderr: str) -> dict[str, dict[str, float]]:
         if key is None:
             continue
         row = table.setdefault(match["design"], {})
-        row[key] = max(row.get(key, 0.0), float(match["seconds"]))
+        row[key] = round(row.get(key, 0.0) + float(match["seconds"]), 2)
     return table
 
 

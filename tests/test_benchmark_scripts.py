@@ -30,3 +30,36 @@ def test_benchmark_script_starts(script: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+
+
+def test_scale_split_sums_the_rounds_of_a_stage() -> None:
+    """Adaptive sampling compiles and samples once per round: the split is their sum, and the
+    parent's cache loads in ``report all`` add nothing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "benchmarks/bench_scale.py")
+    assert spec is not None and spec.loader is not None
+    bench_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_scale)
+    stderr = "\n".join(
+        [
+            "ie: PyMC compile (nutpie, numba): done in 12.5 s",
+            "ie: sampling 2 chains x 300+300 draws: done in 19.6 s (61 draws/s)",
+            "ie: R fit (lme4): done in 37.5 s",
+            "ie: PyMC compile (nutpie, numba): done in 12.5 s",
+            "ie: sampling 2 chains x 300+300 draws: done in 21.5 s (56 draws/s)",
+            "ie: PyMC fit: done in 80.0 s",
+            "[3/3 tasks, 90 s] ie: finish done in 9.0 s; about 0 s left",
+            "ie: R fit (lme4): done in 0.0 s (cached)",
+            "ie: figures: done in 7.7 s",
+        ]
+    )
+    assert bench_scale.split(stderr) == {
+        "ie": {
+            "compile": 25.0,
+            "sampling": 41.1,
+            "r_fit": 37.5,
+            "pymc_fit": 80.0,
+            "figures": 7.7,
+        }
+    }
