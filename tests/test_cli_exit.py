@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(code: str) -> subprocess.CompletedProcess[str]:
+def _run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
     )
 
 
@@ -55,18 +56,8 @@ def test_a_failed_command_exits_1_with_one_line(tmp_path: Path) -> None:
 
 
 def test_arviz_refactor_notice_is_hidden_and_other_warnings_are_not(tmp_path: Path) -> None:
-    import os
-
     # ArviZ shows its notice once a day, stamped in the user cache: an empty cache shows it.
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "plain")}
-    plain = subprocess.run(
-        [sys.executable, "-c", "import arviz"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env=env,
-    )
+    plain = _run("import arviz", {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "plain")})
     if "ArviZ is undergoing" not in plain.stderr:
         pytest.skip("this ArviZ shows no refactor notice")
     code = (
@@ -78,10 +69,7 @@ def test_arviz_refactor_notice_is_hidden_and_other_warnings_are_not(tmp_path: Pa
         "cli.main = main\n"
         "cli.run()\n"
     )
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cli")}
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
-    )
+    done = _run(code, {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cli")})
     assert done.returncode == 0, done.stderr
     assert "ArviZ is undergoing" not in done.stderr
     assert "a notice of our own" in done.stderr

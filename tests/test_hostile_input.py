@@ -140,7 +140,7 @@ def test_cli_sigma_by_reaches_r_as_data(tmp_path, monkeypatch):
     import harness as hz
 
     class Stop(Exception):
-        pass
+        """Raised in place of the fit: the test ends where the fit would begin."""
 
     fits = []
 
@@ -508,7 +508,7 @@ def test_missing_values_note_is_logged_once(monkeypatch, caplog):
     from harness.user_data import compare_data
 
     class Stop(Exception):
-        pass
+        """Raised in place of the fit: the test ends where the fit would begin."""
 
     def stop(*args: object, **kwargs: object) -> None:
         build_design(ModelSpec("y ~ x + (1 | g)"), args[0][1])  # as fit_design does

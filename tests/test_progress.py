@@ -70,13 +70,19 @@ def test_failed_stage_says_so(monkeypatch, capsys):
 
 
 def test_quiet_and_library_default_are_silent(monkeypatch, capsys):
+    monkeypatch.delenv("HARNESS_QUIET", raising=False)
+    monkeypatch.setenv("HARNESS_PROGRESS", "1")
+    with progress.stage("figures"):
+        time.sleep(0.01)
+    assert "figures: done in" in capsys.readouterr().err  # the same stage, switched on, speaks
     monkeypatch.delenv("HARNESS_PROGRESS", raising=False)
     with progress.stage("figures"):
-        pass
+        time.sleep(0.01)
+    assert capsys.readouterr().err == ""
     monkeypatch.setenv("HARNESS_PROGRESS", "1")
     monkeypatch.setenv("HARNESS_QUIET", "1")
     with progress.stage("figures"):
-        pass
+        time.sleep(0.01)
     assert capsys.readouterr().err == ""
 
 
