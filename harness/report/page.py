@@ -19,7 +19,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -194,11 +195,36 @@ def render_figures(result: DesignResult) -> dict[str, Any]:
         return _draw_figures(result)
 
 
-def _draw_figures(result: DesignResult) -> dict[str, Any]:
-    from harness.report import plots
+def _figure(
+    what: str,
+    draw: Callable[[], Figure],
+    alt: str,
+    caption: str = "",
+    fmt_: str = "png",
+) -> dict[str, Any]:
+    """One figure as an inline image, or a note naming it and why it could not be drawn.
+
+    A figure is never worth a lost report: whatever ``draw`` (or rendering its
+    image) raises is logged and shown in the figure's place.
+    """
+    try:
+        return _image(draw(), alt, caption, fmt_)
+    except Exception as err:  # any failure of one figure becomes its note
+        return _figure_note(what, err)
+
+
+def _figure_note(what: str, err: BaseException) -> dict[str, Any]:
+    why = str(err).strip() or "no message"
+    log.warning("figure not drawn: %s (%s: %s)", what, type(err).__name__, why)
+    log.debug("figure %s", what, exc_info=err)
+    return _note(f"The figure “{what}” could not be drawn: {why} ({type(err).__name__}).")
+
+
+def _units(result: DesignResult) -> tuple[dict[str, str], dict[str, str]]:
+    """Unit of each coefficient and of each variance component, for the axis labels."""
     from harness.report import tables as rt
 
-    cmp, design, bayes = result.comparison, result.design, result.bayes
+    cmp, design = result.comparison, result.design
     unit_of = {t: rt.coefficient_unit(t, design) for t in design.fixed_terms}
     for block in design.blocks:
         for term in block.terms:
@@ -217,53 +243,89 @@ def _draw_figures(result: DesignResult) -> dict[str, Any]:
     if design.family.glm:  # GLMM hook (issue 12): coefficients are on the link scale
         unit_of = dict.fromkeys(unit_of, design.family.scale_name)
         var_units = dict.fromkeys(var_units, design.family.scale_name)
+    return unit_of, var_units
+
+
+def _draw_figures(result: DesignResult) -> dict[str, Any]:
+    from harness.report import plots
+    from harness.report import tables as rt
+
+    cmp, design, bayes = result.comparison, result.design, result.bayes
+    glmm = design.family.glm  # GLMM hook (issue 12)
+    if glmm:
+        from harness.report import glmm as report_glmm
+    try:
+        unit_of, var_units = _units(result)
+    except Exception as err:  # units only label axes: draw without them
+        log.warning("figures drawn without units (%s: %s)", type(err).__name__, err)
+        unit_of, var_units = {}, {}
     out: dict[str, Any] = {}
     factors = list(dict.fromkeys(b.factor for b in design.blocks))
-    y_label = rt.response_label(design)
+    try:  # GLMMs plot proportions or counts (harness/report/glmm.py)
+        y_label = report_glmm.glmm_response_label(design) if glmm else rt.response_label(design)
+    except Exception as err:  # a label is no reason to lose the figures
+        log.warning("figures labelled without units (%s: %s)", type(err).__name__, err)
+        y_label = str(design.response)
 
     out["forest"] = [
-        _image(
-            plots.forest_plot(cmp.fixed, unit_of),
+        _figure(
+            "fixed effects (forest plot)",
+            lambda: plots.forest_plot(cmp.fixed, unit_of),
             "Forest plot of the fixed effects from lme4 and PyMC",
         )
     ]
-    coefs = rt.group_coefficients(cmp, bayes)
     out["ranef"] = [
-        _image(
-            plots.ranef_scatter(cmp.offsets, f, unit_of),
+        _figure(
+            f"random effects of {f} (lme4 modes against PyMC offsets)",
+            partial(plots.ranef_scatter, cmp.offsets, f, unit_of),
             f"lme4 conditional modes against PyMC posterior offsets for {f}",
             f"{f}: each point is one group; error bars ±1 conditional SD (lme4, "
             "horizontal) and ±1 posterior SD (PyMC, vertical); dashed: y = x.",
         )
         for f in factors
     ]
-    out["caterpillar"] = [
-        _image(
-            plots.caterpillar(coefs, f, unit_of),
-            f"Per-group coefficients for {f} from both engines",
-            f"{f}: per-group coefficients (fixed + random effect), sorted by lme4.",
-        )
-        for f in factors
-    ]
-    ml = rt.ml_variance(result.freq, design)
+    coefs: pd.DataFrame | None = None
+    try:
+        coefs = rt.group_coefficients(cmp, bayes)
+    except Exception as err:  # the figures that need it become notes
+        out["caterpillar"] = [_figure_note(f"per-group coefficients of {f}", err) for f in factors]
+        out["shrinkage"] = [_figure_note("shrinkage", err)]
+    else:
+        out["caterpillar"] = [
+            _figure(
+                f"per-group coefficients of {f} (caterpillar plot)",
+                partial(plots.caterpillar, coefs, f, unit_of),
+                f"Per-group coefficients for {f} from both engines",
+                f"{f}: per-group coefficients (fixed + random effect), sorted by lme4.",
+            )
+            for f in factors
+        ]
     out["variance"] = [
-        _image(
-            plots.variance_density(
+        _figure(
+            "variance components (posterior densities)",
+            lambda: plots.variance_density(
                 rt.variance_draws(bayes, cmp.variance),
                 cmp.variance,
-                ml,
+                rt.ml_variance(result.freq, design),
                 var_units,
                 result.freq.method,
             ),
             "Posterior densities of the variance components with lme4's estimates",
         )
     ]
-    out["shrinkage"] = []
-    for shrink in rt.shrinkage(cmp, coefs, design):
+    shrinks: list[Any] = []
+    if coefs is not None:
+        out["shrinkage"] = []
+        try:
+            shrinks = rt.shrinkage(cmp, coefs, design)
+        except Exception as err:
+            out["shrinkage"].append(_figure_note("shrinkage", err))
+    for shrink in shrinks:
         if shrink.table["unpooled"].notna().any():
             out["shrinkage"].append(
-                _image(
-                    plots.shrinkage_plot(shrink, unit_of),
+                _figure(
+                    f"shrinkage of {shrink.factor}",
+                    partial(plots.shrinkage_plot, shrink, unit_of),
                     f"Shrinkage plot for {shrink.factor}",
                     f"{shrink.factor}: " + (shrink.note or "every group fitted on its own"),
                 )
@@ -276,46 +338,68 @@ def _draw_figures(result: DesignResult) -> dict[str, Any]:
                 )
             )
     out["z"] = [
-        _image(
-            plots.z_matrix(design.Z(), design.Z_column_names()),
+        _figure(
+            "random-effects design matrix Z",
+            lambda: plots.z_matrix(design.Z(), design.Z_column_names()),
             "Picture of the random-effects design matrix Z",
         )
     ]
-    equations = model_equations(design, bayes.priors)
-    if design.family.glm:  # GLMM hook (issue 12): link-scale forms, see harness/report/glmm.py
-        from harness.report import glmm as report_glmm
-
-        equations = report_glmm.glmm_equations(design, equations)
-        y_label = report_glmm.glmm_response_label(design)
-    for name, lines in equations.items():
-        try:
-            out[f"eq_{name}"] = [_image(plots.equations(lines), " ; ".join(lines), fmt_="svg")]
-        except Exception as err:  # a name mathtext cannot typeset: show the source instead
-            log.warning("mathtext could not render the %s equations (%s); showing text", name, err)
-            out[f"eq_{name}"] = [_note("\n".join(lines))]
-    out["equation_legend"] = equation_legend(design)
-    glmm = design.family.glm  # GLMM hook (issue 12)
+    try:
+        equations = model_equations(design, bayes.priors)
+        if glmm:  # link-scale forms, see harness/report/glmm.py
+            equations = report_glmm.glmm_equations(design, equations)
+    except Exception as err:
+        out["eq_matrix"] = [_figure_note("model equations", err)]
+        out["eq_varying"] = []
+    else:
+        for name, lines in equations.items():
+            try:
+                out[f"eq_{name}"] = [_image(plots.equations(lines), " ; ".join(lines), fmt_="svg")]
+            except Exception as err:  # a name mathtext cannot typeset: show the source instead
+                log.warning(
+                    "mathtext could not render the %s equations (%s); showing text", name, err
+                )
+                out[f"eq_{name}"] = [_note("\n".join(lines))]
+    try:
+        out["equation_legend"] = equation_legend(design)
+    except Exception as err:
+        log.warning("no key to the equations' symbols (%s: %s)", type(err).__name__, err)
+        out["equation_legend"] = []
     predictive = report_glmm.glmm_predictive_table if glmm else rt.predictive_table
-    pred = predictive(cmp, bayes, design, seed=result.seed, max_groups=plots.MAX_PANELS)
-    x = rt.x_column(design)
+
+    def predictive_panels() -> Figure:
+        pred = predictive(cmp, bayes, design, seed=result.seed, max_groups=plots.MAX_PANELS)
+        x = rt.x_column(design)
+        return plots.predictive_panels(pred, rt.column_label(x) if x else "observation", y_label)
+
     out["predictive"] = [
-        _image(
-            plots.predictive_panels(pred, rt.column_label(x) if x else "observation", y_label),
+        _figure(
+            "observed data and fitted values per group",
+            predictive_panels,
             "Observed data per group with both engines' fitted values",
         )
     ]
-    new_group = (report_glmm.glmm_new_group_table if glmm else rt.new_group_table)(
-        cmp, bayes, design, seed=result.seed
-    )
-    out["new_group"] = [
-        _image(
-            plots.new_group_plot(new_group, y_label, engine=result.freq.engine),
-            "Prediction for a new group from both engines",
-        )
-    ]
-    out["new_group_table"] = new_group.to_dict("records")
+    new_group_table = report_glmm.glmm_new_group_table if glmm else rt.new_group_table
+    try:
+        new_group = new_group_table(cmp, bayes, design, seed=result.seed)
+    except Exception as err:
+        out["new_group"] = [_figure_note("prediction for a new group", err)]
+        out["new_group_table"] = []
+    else:
+        out["new_group"] = [
+            _figure(
+                "prediction for a new group",
+                lambda: plots.new_group_plot(new_group, y_label, engine=result.freq.engine),
+                "Prediction for a new group from both engines",
+            )
+        ]
+        out["new_group_table"] = new_group.to_dict("records")
     out["rank"] = [
-        _image(plots.rank_plot(rt.rank_draws(bayes)), "Rank plots of the main parameters per chain")
+        _figure(
+            "rank plots per chain",
+            lambda: plots.rank_plot(rt.rank_draws(bayes)),
+            "Rank plots of the main parameters per chain",
+        )
     ]
     return out
 

@@ -74,6 +74,124 @@ def _legend_handles(
     return handles
 
 
+class FigureDataError(ValueError):
+    """A figure has nothing it can draw (an empty table, no group with data).
+
+    The report turns it, like any other exception of a figure, into a note in
+    the figure's place (:func:`harness.report.page.render_figures`).
+    """
+
+
+def _require(table: Any, what: str) -> None:
+    if len(table) == 0:
+        raise FigureDataError(f"nothing to draw: {what}")
+
+
+def _sd_or_nan(values: Any) -> np.ndarray:
+    sd = np.asarray(values, dtype=float)
+    return np.where(sd >= 0, sd, np.nan)
+
+
+def intervals(
+    ax: Axes,
+    pos: Any,
+    centre: Any,
+    low: Any,
+    high: Any,
+    style: Mapping[str, Any],
+    *,
+    vertical: bool = False,
+    linewidth: float = 1.5,
+    linestyle: str = "-",
+    capsize: float = 3.0,
+    markersize: float = 5.0,
+    mark: bool = True,
+) -> np.ndarray:
+    """Point estimates with their intervals, safe for any bounds.
+
+    matplotlib's ``errorbar`` takes the widths ``centre - low`` and ``high -
+    centre`` and refuses a negative one, which an estimate outside its own
+    interval gives (a profile interval of a fit that did not reach its
+    optimum, a mean outside a skewed predictive interval).  Here each interval
+    is the segment between its bounds, whatever their order, and the point is
+    drawn where it is; a NaN draws nothing.
+
+    Parameters
+    ----------
+    ax : Axes
+    pos : array-like
+        Position of each row on the other axis (y, or x when ``vertical``).
+    centre, low, high : array-like
+        The point and its bounds.
+    style : mapping
+        ``color`` and ``marker``.
+    vertical : bool
+        Intervals along y (at x = ``pos``) instead of along x.
+    mark : bool
+        Write a short note beside each row whose interval is undefined (a NaN
+        bound) or does not contain its point, or whose point is undefined.
+
+    Returns
+    -------
+    array of bool
+        Which rows were marked so.
+    """
+    pos, centre, low, high = (
+        np.atleast_1d(np.asarray(v, dtype=float))
+        for v in np.broadcast_arrays(pos, centre, low, high)
+    )
+    color = style["color"]
+    segments = ax.vlines if vertical else ax.hlines
+    both = np.isfinite(low) & np.isfinite(high)
+    segments(
+        pos[both], low[both], high[both], color=color, linestyle=linestyle, linewidth=linewidth
+    )
+    cap = "_" if vertical else "|"
+    for bound in (low, high):
+        ok = np.isfinite(bound)
+        if ok.any() and capsize > 0:
+            xy = (pos[ok], bound[ok]) if vertical else (bound[ok], pos[ok])
+            ax.plot(*xy, linestyle="none", marker=cap, markersize=2 * capsize, color=color)
+    defined = np.isfinite(centre)
+    xy = (pos[defined], centre[defined]) if vertical else (centre[defined], pos[defined])
+    ax.plot(*xy, linestyle="none", marker=style["marker"], markersize=markersize, color=color)
+    lo, hi = np.fmin(low, high), np.fmax(low, high)
+    outside = defined & both & ((centre < lo) | (centre > hi))
+    undefined = ~both | ~defined
+    if mark:
+        for i in np.flatnonzero(outside | undefined):
+            if not defined[i]:
+                text = "estimate undefined"
+            elif not both[i]:
+                text = "interval undefined"
+            else:
+                text = "estimate outside its interval"
+            if vertical:
+                ax.annotate(
+                    text,
+                    (pos[i], centre[i] if defined[i] else 0.5),
+                    xytext=(4, 0),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color="#555555",
+                    rotation=90,
+                    va="center",
+                    xycoords=("data", "data" if defined[i] else "axes fraction"),
+                )
+            else:
+                ax.annotate(
+                    text,
+                    (centre[i] if defined[i] else 0.5, pos[i]),
+                    xytext=(0, 6),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color="#555555",
+                    ha="center",
+                    xycoords=("data" if defined[i] else "axes fraction", "data"),
+                )
+    return outside | undefined
+
+
 #: Groups drawn one per row (caterpillar, shrinkage) before a figure shows an even
 #: selection by rank instead: thousands of labelled rows take minutes to render
 #: and cannot be read.  The tables keep every group.
@@ -124,6 +242,7 @@ def forest_plot(fixed: pd.DataFrame, units: Mapping[str, str] | None = None) -> 
         One panel per term (terms have different scales).
     """
     units = units or {}
+    _require(fixed, "no fixed effects")
     n = len(fixed)
     fig = _fig(8.0, 0.35 + 1.25 * n)
     axes = np.atleast_1d(fig.subplots(n, 1, squeeze=False)[:, 0])
@@ -132,20 +251,17 @@ def forest_plot(fixed: pd.DataFrame, units: Mapping[str, str] | None = None) -> 
             (1, LME4, row["lme4_estimate"], row["lme4_lower"], row["lme4_upper"]),
             (0, PYMC, row["pymc_mean"], row["pymc_lower"], row["pymc_upper"]),
         ):
-            ax.errorbar(
-                est,
+            intervals(
+                ax,
                 y,
-                xerr=[[est - low], [high - est]],
-                fmt=style["marker"],
-                color=style["color"],
-                ecolor=style["color"],
-                elinewidth=2,
+                est,
+                low,
+                high,
+                style,
+                linewidth=2,
+                linestyle=style["linestyle"],
                 capsize=4,
                 markersize=7,
-                linestyle="none",
-            )
-            ax.plot(
-                [low, high], [y, y], color=style["color"], linestyle=style["linestyle"], linewidth=2
             )
         ax.set_yticks(
             [1, 0], ["lme4: estimate, 95% CI", "PyMC: mean, 95% HDI"], fontsize=LABEL_SIZE
@@ -197,17 +313,21 @@ def ranef_scatter(
     """
     unit_of = unit_of or {}
     part = offsets[(offsets["group_factor"] == factor) & (offsets["n_obs"] > 0)]
+    _require(part, f"no group of {factor} has data")
     terms = list(dict.fromkeys(part["term"]))
     fig = _fig(4.6 * len(terms) + 0.4, 4.8)
     axes = np.atleast_1d(fig.subplots(1, len(terms), squeeze=False)[0])
     for ax, term in zip(axes, terms, strict=True):
         rows = part[part["term"] == term]
         x, y = rows["lme4_mode"].to_numpy(float), rows["pymc_mean"].to_numpy(float)
+        # An SD below 0 is no SD: drawn as undefined (NaN), never as a crash.
+        condsd = _sd_or_nan(rows["lme4_condsd"])
+        post_sd = _sd_or_nan(rows["pymc_sd"])
         ax.errorbar(
             x,
             y,
-            xerr=rows["lme4_condsd"],
-            yerr=rows["pymc_sd"],
+            xerr=condsd,
+            yerr=post_sd,
             fmt="o",
             color="#000000",
             ecolor="#999999",
@@ -215,22 +335,26 @@ def ranef_scatter(
             markersize=4,
             capsize=0,
         )
-        low = np.nanmin(np.r_[x - rows["lme4_condsd"], y - rows["pymc_sd"]])
-        high = np.nanmax(np.r_[x + rows["lme4_condsd"], y + rows["pymc_sd"]])
+        ends = np.r_[x - condsd, y - post_sd, x + condsd, y + post_sd, x, y]
+        ends = ends[np.isfinite(ends)]
+        if len(ends) == 0:
+            raise FigureDataError(f"{factor}: {term}: no defined mode or posterior mean")
         ax.plot(
-            [low, high],
-            [low, high],
+            [ends.min(), ends.max()],
+            [ends.min(), ends.max()],
             color="#D55E00",
             linestyle="--",
             linewidth=1.2,
             label="identity (y = x)",
         )
-        z = np.abs(y - x) / np.sqrt(
-            rows["lme4_condsd"].to_numpy(float) ** 2 + rows["pymc_sd"].to_numpy(float) ** 2
-        )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.abs(y - x) / np.sqrt(condsd**2 + post_sd**2)
         picks = list(
             dict.fromkeys(
-                [*np.argsort(-np.nan_to_num(z))[:n_labels], *np.argsort(-np.abs(x))[:n_labels]]
+                [
+                    *np.argsort(-np.nan_to_num(z, posinf=0.0))[:n_labels],
+                    *np.argsort(-np.nan_to_num(np.abs(x)))[:n_labels],
+                ]
             )
         )
         _label_points(ax, x, y, list(rows["group"]), picks)
@@ -271,6 +395,7 @@ def caterpillar(
     """
     unit_of = unit_of or {}
     part = coefs[(coefs["group_factor"] == factor) & (coefs["n_obs"] > 0)]
+    _require(part, f"no group of {factor} has data")
     terms = list(dict.fromkeys(part["term"]))
     n_groups = min(part["group"].nunique(), MAX_GROUP_ROWS)
     fig = _fig(max(7.0, 3.9 * len(terms)), group_rows_height(n_groups))
@@ -346,6 +471,7 @@ def variance_density(
     from scipy.stats import gaussian_kde
 
     ml, unit_of = ml or {}, unit_of or {}
+    _require(variance, "no variance components")
     rows = variance.to_dict("records")
     ncols = 2 if len(rows) > 1 else 1
     nrows = math.ceil(len(rows) / ncols)
@@ -353,6 +479,7 @@ def variance_density(
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
     for ax, row in zip(axes, rows, strict=False):
         values = draws.loc[draws["component"] == row["component"], "value"].to_numpy(float)
+        values = values[np.isfinite(values)]
         if len(values) > 1 and np.std(values) > 0:
             low, high = np.quantile(values, [0.001, 0.999])
             pad = 0.1 * (high - low)
@@ -370,31 +497,13 @@ def variance_density(
         ax.axvline(row["lme4_estimate"], color=LME4["color"], linewidth=1.6)
         if row["component"] in ml and method != "ML":
             ax.axvline(ml[row["component"]], color=LME4["color"], linewidth=1.2, linestyle=":")
-        if not (pd.isna(row["lme4_lower"]) or pd.isna(row["lme4_upper"])):
-            ax.errorbar(
-                row["lme4_estimate"],
-                1.12 * top,
-                xerr=[
-                    [row["lme4_estimate"] - row["lme4_lower"]],
-                    [row["lme4_upper"] - row["lme4_estimate"]],
-                ],
-                fmt=LME4["marker"],
-                color=LME4["color"],
-                capsize=3,
-                markersize=5,
+        # No lme4 interval is common (no profile asked for) and said in the tables: not marked.
+        has_ci = not (pd.isna(row["lme4_lower"]) or pd.isna(row["lme4_upper"]))
+        if has_ci:
+            intervals(
+                ax, 1.12 * top, row["lme4_estimate"], row["lme4_lower"], row["lme4_upper"], LME4
             )
-        ax.errorbar(
-            row["pymc_median"],
-            1.04 * top,
-            xerr=[
-                [row["pymc_median"] - row["pymc_lower"]],
-                [row["pymc_upper"] - row["pymc_median"]],
-            ],
-            fmt=PYMC["marker"],
-            color=PYMC["color"],
-            capsize=3,
-            markersize=5,
-        )
+        intervals(ax, 1.04 * top, row["pymc_median"], row["pymc_lower"], row["pymc_upper"], PYMC)
         ax.set_ylim(0, 1.22 * top)
         unit = unit_of.get(row["component"], "")
         ax.set_xlabel(row["component"] + (f" ({unit})" if unit else ""), fontsize=LABEL_SIZE)
@@ -527,7 +636,11 @@ def shrinkage_plot(shrink: Shrinkage, unit_of: Mapping[str, str] | None = None) 
         )
         centre = (shrink.population.get(a, 0.0), shrink.population.get(b, 0.0))
         ax.plot(*centre, marker="*", color="black", markersize=13, linestyle="none")
-        if shrink.covariance is not None and shrink.covariance.shape[0] >= 2:
+        if (
+            shrink.covariance is not None
+            and shrink.covariance.shape[0] >= 2
+            and np.all(np.isfinite(shrink.covariance[:2, :2]))
+        ):
             for level in (0.5, 0.8, 0.95):
                 _ellipse(ax, centre, shrink.covariance[:2, :2], level)
         ax.set_xlabel(label(a), fontsize=LABEL_SIZE)
@@ -628,6 +741,8 @@ def z_matrix(Z: Any, column_names: Sequence[str], max_rows: int = 400) -> Figure
     """
     # Only the rows shown are made dense: all of InstEval's Z would take 2.4 GB.
     n_rows, n_cols = Z.shape
+    if n_rows == 0 or n_cols == 0:
+        raise FigureDataError(f"Z has shape {n_rows} x {n_cols}")
     shown = Z[:max_rows]
     shown = shown.toarray() if hasattr(shown, "toarray") else np.asarray(shown)
     fig = _fig(9.0, 6.2)
@@ -755,6 +870,7 @@ def predictive_panels(
         Axis labels with units.
     max_panels : int
     """
+    _require(pred, "no observations to show")
     sizes = pred.groupby("group", sort=False, observed=True).size()
     groups = list(sizes[sizes > 1].index)
     shown = groups[:max_panels]
@@ -783,14 +899,16 @@ def predictive_panels(
             ax.plot(by_x["x"], by_x["mu"], color=PYMC["color"], linestyle="--", linewidth=1.3)
         else:  # one covariate value in this group: points with the predictive interval
             x0 = float(by_x["x"].iloc[0])
-            ax.errorbar(
+            intervals(
+                ax,
                 x0 + 0.12,
                 by_x["mu"],
-                yerr=[by_x["mu"] - by_x["lower"], by_x["upper"] - by_x["mu"]],
-                fmt="s",
-                color=PYMC["color"],
+                by_x["lower"],
+                by_x["upper"],
+                PYMC,
+                vertical=True,
                 markersize=4,
-                capsize=3,
+                linewidth=1.2,
             )
             ax.plot(x0 - 0.12, by_x["lme4"], "o", color=LME4["color"], markersize=5)
             one_x = x0
@@ -869,21 +987,23 @@ def new_group_plot(table: pd.DataFrame, y_label: str, engine: str = "lme4") -> F
     engine : str
         Name of the frequentist engine for the legend.
     """
+    _require(table, "no covariate profile")
     n = len(table)
     fig = _fig(max(5.0, 0.75 * n + 2.5), 4.2)
     ax = fig.subplots()
     pos = np.arange(n)
     for dx, style, prefix in ((-0.12, LME4, "lme4"), (0.12, PYMC, "pymc")):
         mean = table[f"{prefix}_mean"].to_numpy(float)
-        ax.errorbar(
+        intervals(
+            ax,
             pos + dx,
             mean,
-            yerr=[mean - table[f"{prefix}_lower"], table[f"{prefix}_upper"] - mean],
-            fmt=style["marker"],
-            color=style["color"],
+            table[f"{prefix}_lower"],
+            table[f"{prefix}_upper"],
+            style,
+            vertical=True,
             capsize=4,
             markersize=6,
-            linestyle="none",
         )
         if n > 2:  # a trend over an ordered covariate; two profiles are categories
             ax.plot(pos + dx, mean, color=style["color"], linestyle=style["linestyle"], linewidth=1)
@@ -926,6 +1046,7 @@ def rank_plot(draws: pd.DataFrame, bins: int = 20) -> Figure:
     """
     from scipy.stats import rankdata
 
+    _require(draws, "no draws")
     parameters = list(dict.fromkeys(draws["parameter"]))
     ncols = 3 if len(parameters) > 2 else len(parameters)
     nrows = math.ceil(len(parameters) / ncols)
