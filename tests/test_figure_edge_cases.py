@@ -270,7 +270,9 @@ def test_predictive_panels_with_a_mean_outside_its_interval() -> None:
 
 
 def test_new_group_plot_with_negative_widths_and_nan_bounds() -> None:
-    fig = _draw(plots.new_group_plot(_new_group([2.0, NAN, 0.0], [1.0, 1.0, 1.0], [3.0, NAN, 2.0]), "y"))
+    fig = _draw(
+        plots.new_group_plot(_new_group([2.0, NAN, 0.0], [1.0, 1.0, 1.0], [3.0, NAN, 2.0]), "y")
+    )
     assert {"estimate outside its interval", "interval undefined"} <= set(_texts(fig))
     with pytest.raises(plots.FigureDataError):
         plots.new_group_plot(_new_group([], [], []), "y")
@@ -292,7 +294,7 @@ def test_rank_plot_of_a_constant_term_and_nan_draws() -> None:
 
 
 def test_z_matrix_without_columns_says_so() -> None:
-    with pytest.raises(plots.FigureDataError, match="0 columns|x 0"):
+    with pytest.raises(plots.FigureDataError, match="shape 5 x 0"):
         plots.z_matrix(np.zeros((5, 0)), [])
     _draw(plots.z_matrix(np.ones((3, 1)), ["g:a:(Intercept)"]))  # a single group
 

@@ -407,8 +407,11 @@ class RowAttribution:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _fmt(value: float) -> str:
-    return f"{value:+.3g}"
+def _fmt(value: float | None, spec: str = "+.3g") -> str:
+    # An undefined number says so: "nan" in a sentence tells a reader nothing.
+    if value is None or not np.isfinite(value):
+        return "undefined"
+    return f"{value:{spec}}"
 
 
 def attribute_row(
@@ -542,8 +545,10 @@ def _sentence(
     estimate: float,
     extra: dict[str, Any],
 ) -> str:
-    in_scale = f" ({gap / scale:+.2g} {scale_name})" if scale > 0 else ""
-    pieces = [f"gap {_fmt(gap)}{in_scale} of the posterior {how} from lme4's {estimate:.4g}"]
+    in_scale = f" ({_fmt(gap / scale, '+.2g')} {scale_name})" if scale > 0 else ""
+    pieces = [
+        f"gap {_fmt(gap)}{in_scale} of the posterior {how} from lme4's {_fmt(estimate, '.4g')}"
+    ]
     pieces.append(f"the prior accounts for {_fmt(parts['prior'] or 0.0)} ({wide.describe()})")
     if boundary is not None:
         bound = "0 (singular fit)" if boundary == "lower" and estimate >= 0 else f"{estimate:+.0f}"
@@ -570,8 +575,8 @@ def _sentence(
     elif summary := parts.get("summary"):
         pieces.append(f"the {how} of a skewed posterior against its mode {_fmt(summary)}")
     remainder = float(parts["remainder"] or 0.0)
-    in_mcse = f"{remainder / mcse:+.1f} MCSE" if mcse > 0 else "n/a MCSE"
-    pieces.append(f"the rest is {_fmt(remainder)} = {in_mcse} (MCSE {mcse:.2g})")
+    in_mcse = f"{_fmt(remainder / mcse, '+.1f')} MCSE" if mcse > 0 else "n/a MCSE"
+    pieces.append(f"the rest is {_fmt(remainder)} = {in_mcse} (MCSE {_fmt(mcse, '.2g')})")
     text = "; ".join(pieces)
     if wide.note:
         text += f" [{wide.note}]"

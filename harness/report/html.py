@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gc
 import io
+import logging
 import math
 import os
 import re
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TEMPLATES",
+    "cell",
+    "defined_text",
     "figure_to_data_uri",
     "fmt",
     "heap_frozen",
@@ -38,6 +41,8 @@ __all__ = [
     "template_env",
     "write_html",
 ]
+
+log = logging.getLogger("harness")
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -65,6 +70,44 @@ def fmt(value: Any, digits: int = 4) -> str:
     return f"{number:.{digits}g}"
 
 
+#: A NaN that an f-string formatted into a sentence: ``nan``, ``+nan``, ``-nan``.
+_NAN_WORD = re.compile(r"(?<![\w.])[+-]?nan(?!\w)")
+
+
+def defined_text(text: Any, what: str = "") -> str:
+    """Text for a page with no ``nan`` in it: a NaN written into a sentence reads "undefined".
+
+    Explanations and notes are sentences built in several modules; a number
+    that is undefined (a correlation of an SD at 0, a ratio to a zero MCSE)
+    must say so there.  Where one slips through it would print ``nan``, which
+    tells a reader nothing: it is written "undefined" and logged, naming the
+    text, so that the sentence's author can say why instead.
+
+    Parameters
+    ----------
+    text : any
+        A sentence; None or a NaN float gives "".
+    what : str
+        Where the text comes from, for the log.
+    """
+    if text is None or (isinstance(text, float) and math.isnan(text)):
+        return ""
+    out = str(text)
+    if _NAN_WORD.search(out):
+        log.warning(
+            "an undefined number in the report's text%s: %r", f" ({what})" if what else "", out
+        )
+        out = _NAN_WORD.sub("undefined", out)
+    return out
+
+
+def cell(value: Any) -> str:
+    """A text cell of a table: a dash for a missing value, never ``nan``."""
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return "—"
+    return defined_text(value)
+
+
 @cache
 def template_env() -> jinja2.Environment:
     """The Jinja2 environment of the harness templates (autoescaped HTML, strict undefined)."""
@@ -78,6 +121,8 @@ def template_env() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["fmt"] = fmt
+    env.filters["text"] = cell
+    env.filters["sentence"] = defined_text
     return env
 
 

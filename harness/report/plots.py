@@ -161,33 +161,36 @@ def intervals(
     if mark:
         for i in np.flatnonzero(outside | undefined):
             if not defined[i]:
-                text = "estimate undefined"
+                text, side = "estimate undefined", 0
             elif not both[i]:
-                text = "interval undefined"
-            else:
-                text = "estimate outside its interval"
+                text, side = "interval undefined", 0
+            else:  # the note points from the estimate toward its interval, inside the axes
+                text, side = "estimate outside its interval", 1 if centre[i] < lo[i] else -1
+            where = centre[i] if defined[i] else 0.5
+            coords = "data" if defined[i] else "axes fraction"
+            align = {1: "left", -1: "right", 0: "center"}[side]
             if vertical:
                 ax.annotate(
                     text,
-                    (pos[i], centre[i] if defined[i] else 0.5),
-                    xytext=(4, 0),
+                    (pos[i], where),
+                    xytext=(4, 6 * side),
                     textcoords="offset points",
                     fontsize=7,
                     color="#555555",
                     rotation=90,
-                    va="center",
-                    xycoords=("data", "data" if defined[i] else "axes fraction"),
+                    va={1: "bottom", -1: "top", 0: "center"}[side],
+                    xycoords=("data", coords),
                 )
             else:
                 ax.annotate(
                     text,
-                    (centre[i] if defined[i] else 0.5, pos[i]),
-                    xytext=(0, 6),
+                    (where, pos[i]),
+                    xytext=(6 * side, 6),
                     textcoords="offset points",
                     fontsize=7,
                     color="#555555",
-                    ha="center",
-                    xycoords=("data" if defined[i] else "axes fraction", "data"),
+                    ha=align,
+                    xycoords=(coords, "data"),
                 )
     return outside | undefined
 

@@ -635,6 +635,19 @@ def attribution_text(attribution: Any) -> str:
     return text
 
 
+def _diagnostics_note(row: Mapping[str, Any]) -> str:
+    from harness.report.html import fmt
+
+    return f"sampler diagnostics: R-hat {fmt(row['r_hat'], 4)}, bulk ESS {fmt(row['ess_bulk'], 0)}"
+
+
+def _undefined_note(value: Any, engine: str, notes: Sequence[str]) -> list[str]:
+    """Why a row's frequentist value is blank, unless a note already says why."""
+    if not pd.isna(value) or any(notes):
+        return []
+    return [f"{engine} gives no value for this quantity (undefined)"]
+
+
 def verdict_table(
     cmp: Comparison,
     same_model: Any | None = None,
@@ -655,9 +668,8 @@ def verdict_table(
     for r in cmp.fixed.to_dict("records"):
         notes = []
         if r["verdict"] == "unreliable":
-            notes.append(
-                f"sampler diagnostics: R-hat {r['r_hat']:.3f}, bulk ESS {r['ess_bulk']:.0f}"
-            )
+            notes.append(_diagnostics_note(r))
+        notes += _undefined_note(r["lme4_estimate"], engine, notes)
         rows.append(
             {
                 "section": "fixed effect",
@@ -679,7 +691,8 @@ def verdict_table(
         has_ci = not (pd.isna(r["lme4_lower"]) or pd.isna(r["lme4_upper"]))
         se = (r["lme4_upper"] - r["lme4_lower"]) / (2 * Z95) if has_ci else float("nan")
         diff = r["pymc_median"] - r["lme4_estimate"]
-        notes = [r["note"]] if r.get("note") else []
+        notes = [r["note"]] if isinstance(r.get("note"), str) and r["note"] else []
+        notes += _undefined_note(r["lme4_estimate"], engine, notes)
         sd = _SD.match(r["component"])
         prior = prior_of.get(f"sd[{sd['grp']}: {sd['term']}]" if sd else r["component"])
         if prior is None and r["kind"] == "sigma":
@@ -691,9 +704,7 @@ def verdict_table(
         if not has_ci:
             notes.append(f"{engine} gave no interval for this component")
         if r["verdict"] == "unreliable":
-            notes.append(
-                f"sampler diagnostics: R-hat {r['r_hat']:.3f}, bulk ESS {r['ess_bulk']:.0f}"
-            )
+            notes.append(_diagnostics_note(r))
         rows.append(
             {
                 "section": "variance component",
@@ -799,7 +810,7 @@ def adaptive_rounds_table(record: Mapping[str, Any] | None) -> pd.DataFrame:
         after = entry.get("after") or {}
 
         def with_name(value: Any, name: Any, spec: str = ".0f") -> str:
-            return "—" if value is None else f"{value:{spec}} ({name})"
+            return "—" if value is None or pd.isna(value) else f"{value:{spec}} ({name})"
 
         rows.append(
             {
