@@ -363,6 +363,7 @@ def test_shipped_cbpp_report_renders(tmp_path):
     page = write_report(result, tmp_path / "cbpp.html").read_text()
     assert "cbind(incidence, size - incidence)" in page
     assert "binomial" in page
+    assert "could not be drawn" not in page  # every GLMM figure drawn, none a note
     assert "sigma" not in set(result.comparison.variance["component"])
 
 
