@@ -141,3 +141,22 @@ def test_undefined_values_read_as_dashes_or_words_never_nan(
     # The blank frequentist values say why (no reason was known: "undefined").
     assert text.count("lme4 gives no value for this quantity (undefined)") >= 2
     assert "could not be drawn" not in page  # NaN inputs are drawn, not refused
+
+
+@pytest.mark.r
+@pytest.mark.sampling
+def test_a_failure_shared_by_every_figure_still_writes_the_report(
+    result: DesignResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harness.report import page as page_module
+
+    def broken(result: DesignResult) -> None:
+        raise MemoryError("out of memory while loading the draws")
+
+    monkeypatch.setattr(page_module, "_draw_figures", broken)
+    figures = render_figures(result)
+    assert set(page_module.FIGURES) <= set(figures)
+    fresh = dataclasses.replace(result, figures=figures)
+    page = page_module.write_report(fresh, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "out of memory while loading the draws (MemoryError)" in page
+    assert "<img" not in page and 'id="verdict-table"' in page

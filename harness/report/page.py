@@ -185,6 +185,22 @@ def equation_legend(design: Design) -> list[str]:
 # --------------------------------------------------------------------------- figures
 
 
+#: The figures of a report (each a list of images or notes), in page order.
+FIGURES = (
+    "forest",
+    "ranef",
+    "caterpillar",
+    "variance",
+    "shrinkage",
+    "eq_matrix",
+    "eq_varying",
+    "z",
+    "predictive",
+    "new_group",
+    "rank",
+)
+
+
 def render_figures(result: DesignResult) -> dict[str, Any]:
     """Draw every figure of a report and return them as inline images (and the tables they need).
 
@@ -192,7 +208,15 @@ def render_figures(result: DesignResult) -> dict[str, Any]:
     code, so warm re-runs skip plotting (and loading the draws) entirely.
     """
     with heap_frozen():
-        return _draw_figures(result)
+        try:
+            return _draw_figures(result)
+        except Exception as err:  # each figure guards itself; this is for what they share
+            note = _figure_note("every figure", err)
+            return {
+                **{key: [note] for key in FIGURES},
+                "equation_legend": [],
+                "new_group_table": [],
+            }
 
 
 def _figure(
