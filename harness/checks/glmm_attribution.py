@@ -225,7 +225,9 @@ class ScalarQuadrature:
         u = self._u.copy()
         current = self._objective(fixed_eta, m, u)
         for _ in range(100):
-            score, weight = family.score_weights(design.y, fixed_eta + m * u[self.group], design.trials)
+            score, weight = family.score_weights(
+                design.y, fixed_eta + m * u[self.group], design.trials
+            )
             gradient = np.bincount(self.group, weights=m * score, minlength=self.n_groups) - u
             h = np.bincount(self.group, weights=m**2 * weight, minlength=self.n_groups) + 1.0
             step = gradient / h
@@ -276,9 +278,7 @@ def _maximise(
         value = loglik(params[:t], params[t:])
         return -value if np.isfinite(value) else 1e300
 
-    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower] + [(None, None)] * len(
-        beta0
-    )
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower] + [(None, None)] * len(beta0)
     start = np.concatenate([theta0, beta0])
     best = optimize.minimize(
         negative, start, method="L-BFGS-B", bounds=bounds, options={"ftol": 1e-13, "gtol": 1e-8}
@@ -403,6 +403,7 @@ def exact_ml(freq: Any) -> ExactML | None:
         return None
     scalar = len(design.blocks) == 1 and design.blocks[0].n_terms == 1
     ess = float("nan")
+    loglik: Callable[[np.ndarray, np.ndarray], float]
     if scalar:
         loglik = ScalarQuadrature(design)
         method = "agq"
@@ -507,35 +508,37 @@ def integrate_theta(exact: ExactML, bayes: BayesFit, wide: WidePrior) -> ThetaIn
     weights = weights / weights.sum()
     beta_exact = exact.beta.to_numpy(float)
     at_exact = conditional_beta(exact.loglik_fn, exact.theta, beta_exact)
+    median: float | None = None
+    grid = log_density = np.zeros(0)
     if thetas.shape[1] == 1:
         values = thetas[:, 0]
         lo, hi = (weighted_quantile(values, weights, q) for q in GRID_QUANTILES)
         grid = np.unique(np.linspace(max(lo, 0.0), hi, THETA_GRID))
-        betas = []
-        start = at_exact
         # From the exact optimum outwards, so each solve starts next to its answer.
         order = np.argsort(np.abs(grid - exact.theta[0]))
         solved: dict[int, np.ndarray] = {}
         for i in order:
-            nearest = min(solved, key=lambda j: abs(grid[j] - grid[i]), default=None)
+            at = grid[i]
+            nearest = min(solved, key=lambda j: abs(grid[j] - at), default=None)
             start = at_exact if nearest is None else solved[nearest]
-            solved[i] = conditional_beta(exact.loglik_fn, np.array([grid[i]]), start)
+            solved[i] = conditional_beta(exact.loglik_fn, np.array([at]), start)
         betas = np.array([solved[i] for i in range(grid.size)])
         spline = CubicSpline(grid, betas, axis=0)
         at_draws = spline(np.clip(values, grid[0], grid[-1]))
         mean = weights @ at_draws
         n_points, how = grid.size, f"a {grid.size}-point grid of theta (cubic spline)"
         log_density = np.array(
-            [log_marginal_theta(exact.loglik_fn, np.array([g]), b) for g, b in zip(grid, betas)]
+            [
+                log_marginal_theta(exact.loglik_fn, np.array([g]), b)
+                for g, b in zip(grid, betas, strict=True)
+            ]
         )
         median = marginal_median(grid, log_density)
     else:
         n = thetas.shape[0]
         index = np.unique(np.linspace(0, n - 1, min(SUMMARY_DRAWS, n)).round().astype(int))
         w = weights[index] / weights[index].sum()
-        at_draws = np.array(
-            [conditional_beta(exact.loglik_fn, thetas[i], at_exact) for i in index]
-        )
+        at_draws = np.array([conditional_beta(exact.loglik_fn, thetas[i], at_exact) for i in index])
         mean = w @ at_draws
         n_points, how = index.size, f"{index.size} evenly spaced posterior draws"
     terms = list(exact.beta.index)
@@ -544,9 +547,9 @@ def integrate_theta(exact: ExactML, bayes: BayesFit, wide: WidePrior) -> ThetaIn
         at_exact={t: float(at_exact[j]) for j, t in enumerate(terms)},
         n_points=n_points,
         how=how,
-        theta_median=median if thetas.shape[1] == 1 else None,
-        grid=grid if thetas.shape[1] == 1 else np.zeros(0),
-        log_density=log_density if thetas.shape[1] == 1 else np.zeros(0),
+        theta_median=median,
+        grid=grid,
+        log_density=log_density,
     )
 
 
