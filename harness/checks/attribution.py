@@ -22,11 +22,16 @@ split, in the row's own units, into
     :data:`INTEGRATION_DRAWS` evenly spaced posterior draws of the variance
     components minus the GLS estimate at lme4's own (which reproduces lme4's
     estimate; a mismatch beyond :data:`GLS_CHECK_SE` lme4 SEs drops the share
-    with a note).  GLMMs keep 0 here.  For a variance component: the wide-prior
+    with a note).  A GLMM's share is measured from the exact ML estimate
+    (:mod:`harness.checks.glmm_attribution`).  For a variance component: the wide-prior
     posterior's summary minus its mode.  With flat priors the fixed effects
     integrate out into the REML likelihood, so the mode of a variance
     component's marginal posterior sits near lme4's REML estimate; the
     distance from the median to that mode is the skew of the posterior;
+``laplace``
+    GLMMs only: the maximum of the exact marginal likelihood (adaptive
+    quadrature or importance sampling) minus glmer's Laplace estimate
+    (:mod:`harness.checks.glmm_attribution`);
 ``boundary``
     lme4's SD at 0 (singular fit) or a correlation at +/-1: a posterior of a
     bounded quantity cannot be centred on its bound, so the gap up to the
@@ -430,6 +435,10 @@ def attribute_row(
     use_mode: bool = True,
     conditioning: list[tuple[np.ndarray, float]] | None = None,
     integration: float | None = None,
+    laplace: float | None = None,
+    laplace_text: str = "",
+    integration_text: str = "",
+    summary_at: float | None = None,
 ) -> RowAttribution:
     """Split ``summary(draws) - estimate`` into prior, summary, boundary and remainder.
 
@@ -468,6 +477,19 @@ def attribute_row(
         Without ``use_mode`` (fixed effects): the share of integrating over
         the variance components (:func:`integrate_variance_components`), which
         becomes the summary's share.
+    laplace : float, optional
+        A GLMM's ``laplace`` source: the exact ML estimate minus glmer's
+        (:mod:`harness.checks.glmm_attribution`).  The summary's share is then
+        measured from the exact ML estimate, and the remainder is what neither
+        explains.
+    laplace_text, integration_text : str
+        How the Laplace share and (fixed effects) the summary's share were
+        computed, for the sentence.
+    summary_at : float, optional
+        The same summary (``how``) of the wide-prior posterior computed without
+        draws (a GLMM's variance component: from the exact likelihood).  The
+        summary's share is then that summary minus the mode (lme4's estimate
+        plus ``laplace``), and the remainder is the draws' summary minus it.
     """
     import arviz as az
 
@@ -482,12 +504,25 @@ def attribute_row(
     prior = post - at_wide
     parts: dict[str, float | None] = {"mcse": mcse, "prior": prior}
     extra: dict[str, Any] = {"k_hat": wide.k_hat, "prior_method": wide.method}
+    shift = 0.0  # the Laplace share: lme4's estimate moved to the exact ML estimate
+    if laplace is not None and np.isfinite(laplace):
+        shift = float(laplace)
+        parts["laplace"] = shift
+        extra["laplace_text"] = laplace_text
+    if integration_text:
+        extra["integration_text"] = integration_text
     if boundary is not None:
         q = 0.025 if boundary == "lower" else 0.975
         tail = weighted_quantile(values, weights, q)
-        parts["boundary"] = tail - estimate
+        parts["boundary"] = tail - estimate - shift
         parts["summary"] = at_wide - tail
         parts["remainder"] = 0.0
+    elif summary_at is not None and np.isfinite(summary_at):
+        parts["summary"] = float(summary_at) - estimate - shift
+        parts["boundary"] = 0.0
+        parts["remainder"] = at_wide - float(summary_at)
+        extra["summary_at"] = float(summary_at)
+        extra["integration_text"] = integration_text
     elif use_mode:
         mode = weighted_mode(values, weights, *bounds)
         joint = mode
@@ -500,14 +535,14 @@ def attribute_row(
                 extra["conditional_ess"] = n_eff
         parts["summary"] = at_wide - joint
         parts["boundary"] = 0.0
-        parts["remainder"] = joint - estimate
+        parts["remainder"] = joint - estimate - shift
         extra["wide_mode"] = mode
         extra["skew"] = at_wide - mode
     else:
         share = float(integration) if integration is not None else 0.0
         parts["summary"] = share
         parts["boundary"] = 0.0
-        parts["remainder"] = at_wide - estimate - share
+        parts["remainder"] = at_wide - estimate - share - shift
         if integration is not None:
             extra["variance_components"] = share
     remainder = float(parts["remainder"] or 0.0)
@@ -550,6 +585,11 @@ def _sentence(
         f"gap {_fmt(gap)}{in_scale} of the posterior {how} from lme4's {_fmt(estimate, '.4g')}"
     ]
     pieces.append(f"the prior accounts for {_fmt(parts['prior'] or 0.0)} ({wide.describe()})")
+    if parts.get("laplace") is not None:
+        pieces.append(
+            f"glmer's Laplace approximation accounts for {_fmt(parts['laplace'] or 0.0)} "
+            f"({extra.get('laplace_text') or 'exact ML estimate minus glmer'})"
+        )
     if boundary is not None:
         bound = "0 (singular fit)" if boundary == "lower" and estimate >= 0 else f"{estimate:+.0f}"
         pieces.append(
@@ -558,20 +598,29 @@ def _sentence(
             f"{_fmt(parts['summary'] or 0.0)} of posterior mass beyond it (a posterior "
             "cannot be centred on its bound)"
         )
+    elif "summary_at" in extra:
+        pieces.append(
+            f"the summary accounts for {_fmt(parts['summary'] or 0.0)}: the {how} of the "
+            f"wide-prior posterior computed from the exact likelihood ({extra['summary_at']:.4g}; "
+            f"{extra.get('integration_text') or 'no draws'}) against its joint mode, the exact ML "
+            "estimate"
+        )
     elif "conditional_mode" in extra:
+        # With a Laplace share the conditioning values are the exact ML estimates (GLMMs).
+        held = "the exact ML values" if parts.get("laplace") is not None else "lme4's values"
         pieces.append(
             f"the summary accounts for {_fmt(parts['summary'] or 0.0)}: the {how} of a skewed "
             f"posterior against its mode {_fmt(extra['skew'])}, and that marginal mode "
             f"({extra['wide_mode']:.4g}) against the mode with the components that move with it "
-            f"held at lme4's values ({extra['conditional_mode']:.4g}, a joint mode as lme4's is) "
+            f"held at {held} ({extra['conditional_mode']:.4g}, a joint mode as lme4's is) "
             f"{_fmt(extra['wide_mode'] - extra['conditional_mode'])}"
         )
     elif "variance_components" in extra:
-        pieces.append(
-            f"the summary accounts for {_fmt(parts['summary'] or 0.0)}: the posterior mean "
-            "averages the GLS estimate over the variance components' posterior, lme4's is the "
-            "GLS estimate at its own (REML) variance components"
+        how_integrated = extra.get("integration_text") or (
+            "the posterior mean averages the GLS estimate over the variance components' "
+            "posterior, lme4's is the GLS estimate at its own (REML) variance components"
         )
+        pieces.append(f"the summary accounts for {_fmt(parts['summary'] or 0.0)}: {how_integrated}")
     elif summary := parts.get("summary"):
         pieces.append(f"the {how} of a skewed posterior against its mode {_fmt(summary)}")
     remainder = float(parts["remainder"] or 0.0)

@@ -33,6 +33,7 @@ from harness.checks.attribution import (
 from harness.names import corr_var, sd_var
 
 if TYPE_CHECKING:
+    from harness.checks.glmm_attribution import GlmmAttribution
     from harness.engines.lme4 import FreqFit
     from harness.engines.pymc import BayesFit
 
@@ -223,7 +224,11 @@ def _wide_draws(wide: WidePrior, bayes: BayesFit, pick: Any) -> np.ndarray:
 
 
 def compare_fixed(
-    freq: FreqFit, bayes: BayesFit, prob: float = 0.95, wide: WidePrior | None = None
+    freq: FreqFit,
+    bayes: BayesFit,
+    prob: float = 0.95,
+    wide: WidePrior | None = None,
+    glmm: GlmmAttribution | None = None,
 ) -> pd.DataFrame:
     """Fixed effects side by side, with differences in lme4 SEs and in MCSEs.
 
@@ -231,11 +236,16 @@ def compare_fixed(
     Carlo error, the summary (for Gaussian models: integrating over the variance
     components against lme4's GLS estimate at its own) and a remainder
     (:mod:`harness.checks.attribution`); ``wide`` is the wide-prior posterior
-    (computed when not given).
+    (computed when not given).  ``glmm`` (a GLMM's exact-likelihood shares,
+    :mod:`harness.checks.glmm_attribution`) adds the ``laplace`` source and the
+    summary's share of integrating over the variance components.
     """
     wide = wide if wide is not None else reweight_to_wide_prior(bayes)
     beta = bayes.idata.posterior["beta"]
     integration = integrate_variance_components(freq, bayes, wide)
+    shares = integration.shares if integration is not None else {}
+    if glmm is not None and glmm.integration is not None:
+        shares = glmm.integration.shares
     rows = []
     for record in freq.fixed.to_dict("records"):
         term = record["term"]
@@ -257,7 +267,10 @@ def compare_fixed(
             tolerance=TOLERANCES["fixed_pass_se"] * se,
             tolerance_text=f"{TOLERANCES['fixed_pass_se']} lme4 SE",
             use_mode=False,
-            integration=integration.shares.get(term) if integration is not None else None,
+            integration=shares.get(term),
+            laplace=glmm.laplace.get(term) if glmm is not None else None,
+            laplace_text=glmm.laplace_text(term) if glmm is not None else "",
+            integration_text=glmm.integration_text() if glmm is not None else "",
         )
         if not _row_reliable(stats, bayes):
             verdict = "unreliable"
@@ -324,7 +337,11 @@ def _posterior_component(bayes: BayesFit, component: str) -> xr.DataArray | None
 
 
 def compare_variance(
-    freq: FreqFit, bayes: BayesFit, prob: float = 0.95, wide: WidePrior | None = None
+    freq: FreqFit,
+    bayes: BayesFit,
+    prob: float = 0.95,
+    wide: WidePrior | None = None,
+    glmm: GlmmAttribution | None = None,
 ) -> pd.DataFrame:
     """Variance components (SDs, correlations) and residual SD(s) side by side.
 
@@ -332,16 +349,27 @@ def compare_variance(
     lme4's estimate) into the prior, the summary (median of a skewed posterior
     against its mode), a boundary (a singular fit, a correlation at +/-1),
     Monte Carlo error and a remainder (:mod:`harness.checks.attribution`).
+    With ``glmm`` (a GLMM's exact likelihood) each row also gets its
+    ``laplace`` source, and the joint mode is conditioned on the fixed effects
+    and other components at their exact ML values.
     """
     wide = wide if wide is not None else reweight_to_wide_prior(bayes)
     source = wide.source(bayes)
     wide_components = {}
     for rec in freq.variance.to_dict("records"):
         picked = _posterior_component(source, rec["component"])
-        if picked is not None and np.isfinite(rec["estimate"]):
+        at = glmm.exact.values.get(rec["component"]) if glmm is not None else rec["estimate"]
+        if picked is not None and at is not None and np.isfinite(at):
             wide_components[rec["component"]] = (
                 np.asarray(picked.values, dtype=float).ravel(),
-                float(rec["estimate"]),
+                float(at),
+            )
+    if glmm is not None:
+        # glmer's and the exact ML estimates are joint modes over beta and theta too.
+        for term, value in glmm.fixed_values().items():
+            wide_components[f"beta: {term}"] = (
+                np.asarray(source.idata.posterior["beta"].sel(fixed_term=term).values).ravel(),
+                value,
             )
     rows = []
     n_groups = {b.label: b.n_levels for b in bayes.design.blocks}
@@ -388,6 +416,10 @@ def compare_variance(
             )
             if component in wide_components
             else None,
+            laplace=glmm.laplace.get(component) if glmm is not None else None,
+            laplace_text=glmm.laplace_text(component) if glmm is not None else "",
+            summary_at=glmm.summary_at(component) if glmm is not None else None,
+            integration_text=glmm.median_text() if glmm is not None else "",
         )
         if not _row_reliable(stats, bayes):
             verdict = "unreliable"
@@ -715,6 +747,19 @@ def sampler_diagnostics(bayes: BayesFit) -> tuple[pd.DataFrame, dict[str, Any]]:
     return summary, sampler_stats
 
 
+def _glmm_attribution(freq: FreqFit, bayes: BayesFit, wide: WidePrior) -> GlmmAttribution | None:
+    """A GLMM's exact-likelihood shares (None for Gaussian models or when they fail: logged)."""
+    if not freq.design.family.glm:
+        return None
+    from harness.checks.glmm_attribution import glmm_attribution
+
+    try:
+        return glmm_attribution(freq, bayes, wide)
+    except Exception as err:  # explanatory: the comparison stands without the Laplace share
+        log.warning("exact-likelihood attribution of the GLMM failed: %s", err)
+        return None
+
+
 def compare(
     freq: FreqFit, bayes: BayesFit, prob: float = 0.95, *, refit_wide: bool = True
 ) -> Comparison:
@@ -749,8 +794,9 @@ def compare(
         )
     check_alignment(freq, bayes)
     wide = reweight_to_wide_prior(bayes, refit=refit_wide)
-    fixed = compare_fixed(freq, bayes, prob, wide)
-    variance = compare_variance(freq, bayes, prob, wide)
+    glmm = _glmm_attribution(freq, bayes, wide)
+    fixed = compare_fixed(freq, bayes, prob, wide, glmm)
+    variance = compare_variance(freq, bayes, prob, wide, glmm)
     offsets = compare_offsets(freq, bayes, prob)
     agreement = explain_agreement(freq, bayes, variance, offsets, offset_agreement(offsets), wide)
     diagnostics, sampler_stats = sampler_diagnostics(bayes)
@@ -767,7 +813,7 @@ def compare(
     if freq.design.family.glm:  # GLMM hook (issue 12): glmer's likelihood is an approximation
         from harness.checks.compare_glmm import GLMM_UNCERTAINTY, explain_glmm_gaps
 
-        variance, glmm_notes = explain_glmm_gaps(freq, variance)
+        variance, glmm_notes = explain_glmm_gaps(freq, variance, glmm)
         notes.extend(glmm_notes)
         uncertainty = GLMM_UNCERTAINTY.copy()
     return Comparison(

@@ -57,12 +57,14 @@ GLMM_UNCERTAINTY = pd.DataFrame(
 )
 
 
-def laplace_accuracy(freq: Any) -> dict[str, Any] | None:
+def laplace_accuracy(freq: Any, exact: Any | None = None) -> dict[str, Any] | None:
     """Laplace against 25-point adaptive quadrature, for one scalar random-effects term.
 
     Returns ``loglik_laplace``, ``loglik_agq`` (at glmer's estimates, both
     with every constant), ``agq_theta`` and ``agq_beta`` (the quadrature ML
-    estimates); None for other designs.
+    estimates); None for other designs.  ``exact`` (an
+    :class:`~harness.checks.glmm_attribution.ExactML` by quadrature) supplies
+    the quadrature ML estimates when they were computed already.
     """
     design = freq.design
     if not (len(design.blocks) == 1 and design.blocks[0].n_terms == 1):
@@ -72,6 +74,13 @@ def laplace_accuracy(freq: Any) -> dict[str, Any] | None:
     beta = np.array([ml["beta"][t] for t in design.fixed_terms], dtype=float)
     laplace = laplace_loglik(design, theta, beta)
     agq = laplace_loglik(design, theta, beta, n_agq=AGQ_POINTS)
+    if exact is not None and getattr(exact, "method", None) == "agq":
+        return {
+            "loglik_laplace": laplace.loglik,
+            "loglik_agq": agq.loglik,
+            "agq_theta": np.asarray(exact.theta),
+            "agq_beta": exact.beta,
+        }
     best = maximise_laplace(design, theta0=theta, beta0=beta, n_agq=AGQ_POINTS)
     return {
         "loglik_laplace": laplace.loglik,
@@ -81,11 +90,14 @@ def laplace_accuracy(freq: Any) -> dict[str, Any] | None:
     }
 
 
-def explain_glmm_gaps(freq: Any, variance: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+def explain_glmm_gaps(
+    freq: Any, variance: pd.DataFrame, glmm: Any | None = None
+) -> tuple[pd.DataFrame, list[str]]:
     """Notes on the Laplace approximation, added to the variance table and the comparison.
 
-    Returns the variance table with its ``note`` column extended and the
-    comparison-level notes.
+    ``glmm`` (:class:`~harness.checks.glmm_attribution.GlmmAttribution`) lends
+    its exact ML estimates and notes.  Returns the variance table with its
+    ``note`` column extended and the comparison-level notes.
     """
     design = freq.design
     notes: list[str] = []
@@ -103,7 +115,7 @@ def explain_glmm_gaps(freq: Any, variance: pd.DataFrame) -> tuple[pd.DataFrame, 
     )
     accuracy = None
     try:
-        accuracy = laplace_accuracy(freq)
+        accuracy = laplace_accuracy(freq, glmm.exact if glmm is not None else None)
     except Exception as err:  # the check is explanatory; the comparison stands without it
         log.warning("adaptive quadrature check failed: %s", err)
     extra: dict[str, str] = {}
@@ -136,6 +148,8 @@ def explain_glmm_gaps(freq: Any, variance: pd.DataFrame) -> tuple[pd.DataFrame, 
                 extra[component] = "; ".join(
                     p for p in (extra[component], f"Laplace bias likely ({why})") if p
                 )
+    if glmm is not None:
+        notes.extend(glmm.notes)
     if extra and "note" in variance:
         variance = variance.copy()
         variance["note"] = [

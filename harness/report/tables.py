@@ -618,15 +618,34 @@ def new_group_table(
 # --------------------------------------------------------------------------- verdicts
 
 
+#: Readable labels of attribution sources; any other source shows its key with spaces.
+SOURCE_LABELS = {
+    "prior": "prior",
+    "laplace": "Laplace (glmer vs exact ML)",
+    "summary": "summary",
+    "boundary": "boundary",
+    "remainder": "rest",
+}
+
+
 def attribution_text(attribution: Any) -> str:
-    """``prior +0.012 · summary -0.41 · rest -0.15 (MCSE 0.029)``: the sources of a gap."""
+    """``prior +0.012 · summary -0.41 · rest -0.15 (MCSE 0.029)``: the sources of a gap.
+
+    Every source in the mapping is shown (known ones by :data:`SOURCE_LABELS`,
+    others by their key), the remainder last, zeros left out except the remainder's.
+    """
     if not isinstance(attribution, Mapping):
         return ""
-    names = {"prior": "prior", "summary": "summary", "boundary": "boundary", "remainder": "rest"}
+    keys = [k for k in attribution if k not in ("mcse", "remainder")]
+    if "remainder" in attribution:
+        keys.append("remainder")
     parts = []
-    for key, label in names.items():
+    for key in keys:
+        label = SOURCE_LABELS.get(key, str(key).replace("_", " "))
         value = attribution.get(key)
-        if value is not None and np.isfinite(value) and (value != 0 or key == "remainder"):
+        if not isinstance(value, (int, float, np.floating)):
+            continue
+        if np.isfinite(value) and (value != 0 or key == "remainder"):
             parts.append(f"{label} {value:+.3g}")
     mcse = attribution.get("mcse")
     text = " · ".join(parts)

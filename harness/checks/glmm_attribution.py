@@ -1,0 +1,725 @@
+"""A GLMM's gaps in two named pieces: glmer's Laplace approximation and the posterior summary.
+
+glmer (``nAGQ = 1``) maximises the Laplace approximation of the marginal
+likelihood; PyMC samples the exact posterior.  Where the approximation is
+poor (binary data, few observations per group) glmer's estimates sit away
+from the exact maximum-likelihood estimates, and a posterior under a wide
+prior centres near the latter.  Two sources of a row's gap are measured
+here (:mod:`harness.checks.attribution` adds them up with the others):
+
+``laplace``
+    the exact ML estimate minus glmer's (the row's own units).  The exact
+    marginal likelihood is computed by 25-point adaptive Gauss-Hermite
+    quadrature when the design has one scalar random-effects term (one block,
+    one term: each group's integral is one-dimensional), and otherwise by
+    importance sampling of the random effects: a multivariate Student-t
+    proposal (4 degrees of freedom) centred at the conditional modes with the
+    Laplace curvature as its scale, one integral per group level when there is
+    one grouping factor (the groups are independent), one joint integral
+    otherwise.  The proposal's draws are fixed (common random numbers), so
+    the estimate is a smooth function of the parameters and can be
+    maximised.
+``summary`` (fixed effects)
+    integrating over the variance components, as for a Gaussian model: under
+    a flat prior on ``beta`` the conditional posterior of ``beta`` given the
+    covariance parameters ``theta`` has its mode at ``beta_hat(theta)``, the
+    maximiser of the exact likelihood at ``theta``; the posterior mean is
+    ``E_theta[E[beta | theta, y]]``.  The share is the wide-prior-weighted
+    mean of ``beta_hat(theta)`` over the posterior draws of ``theta`` minus
+    ``beta_hat`` at the exact ML ``theta`` (the exact ML ``beta``).  For a
+    scalar ``theta`` ``beta_hat`` is computed on a grid of
+    :data:`THETA_GRID` points spanning the draws and interpolated (cubic
+    spline); otherwise at :data:`SUMMARY_DRAWS` evenly spaced draws.  What is
+    left (``E[beta | theta, y] - beta_hat(theta)``: the skew of the
+    conditional posterior, O(1/n)) stays in the remainder, which therefore
+    also catches draws that do not come from the model's posterior.
+
+Variance components keep the mode-based summary of
+:func:`harness.checks.attribution.attribute_row`; for a GLMM the joint mode
+is taken with the fixed effects and other components that move with the
+component held at their exact ML values (glmer's and the exact ML estimates
+are joint modes over ``beta`` and ``theta``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy import optimize, special
+
+from harness.checks.laplace import _pirls, lambda_matrix, theta_size
+from harness.model.spec import Design
+
+if TYPE_CHECKING:
+    from harness.checks.attribution import WidePrior
+    from harness.engines.pymc import BayesFit
+
+log = logging.getLogger("harness")
+
+__all__ = [
+    "ExactML",
+    "GlmmAttribution",
+    "ImportanceLikelihood",
+    "ScalarQuadrature",
+    "components_from_theta",
+    "exact_ml",
+    "glmm_attribution",
+    "integrate_theta",
+]
+
+#: Quadrature points of the exact likelihood for one scalar random-effects term.
+AGQ_POINTS = 25
+#: Importance-sampling draws (per group level when the levels are independent) and the
+#: Student-t proposal's degrees of freedom (heavier tails than the target's, so the weights
+#: have a finite variance).
+IS_DRAWS = 1000
+IS_DF = 4.0
+IS_SEED = 20240520
+#: Below this effective sample size of the weights (per integral, the worst one) the
+#: importance-sampled likelihood is not trusted and no Laplace share is given.
+IS_MIN_ESS = 100.0
+#: Random effects above which the dense curvature matrix is too large to factor per evaluation.
+MAX_RANDOM_EFFECTS = 3000
+#: Grid points of beta_hat(theta) for a scalar theta (15 agree with 25 to 1e-5 on a simulated
+#: binary design); draws for a vector theta (each costs an optimisation of sampled likelihoods).
+THETA_GRID = 15
+SUMMARY_DRAWS = 20
+#: Relative step of the finite-difference Hessian in beta.
+HESSIAN_STEP = 1e-3
+#: Weighted quantiles of theta that the grid spans (draws beyond are clamped to its ends).
+GRID_QUANTILES = (0.0005, 0.9995)
+
+
+# --------------------------------------------------------------------------- exact likelihood
+
+
+class ImportanceLikelihood:
+    """The marginal log-likelihood of a GLMM at (theta, beta) by importance sampling.
+
+    With spherical random effects ``u ~ N(0, I)``, ``b = Lambda(theta) u``,
+    the integrand ``g(u) = prod_i p(y_i | u) phi(u)`` is sampled from a
+    multivariate t (``IS_DF`` degrees of freedom) centred at the conditional
+    mode ``u_hat`` with scale ``H^-1``, ``H = M' W M + I`` the Laplace
+    curvature.  With one grouping factor the integral factorises over the
+    levels and each level gets its own ``n_draws`` draws; otherwise one joint
+    integral over all random effects.  The standard draws are fixed at
+    construction (common random numbers).
+
+    Parameters
+    ----------
+    design : Design
+        A non-gaussian design.
+    n_draws : int
+    seed : int
+    """
+
+    def __init__(self, design: Design, n_draws: int = IS_DRAWS, seed: int = IS_SEED) -> None:
+        self.design = design
+        self.Z = design.Z().tocsc()
+        q = self.Z.shape[1]
+        if q > MAX_RANDOM_EFFECTS:
+            raise ValueError(f"{q} random effects: too many for the dense importance sampler")
+        rng = np.random.default_rng(seed)
+        if len(design.blocks) == 1:
+            block = design.blocks[0]
+            self.k, self.n_groups = block.n_terms, block.n_levels
+            self.row_group = np.asarray(block.group_index, dtype=int)
+        else:
+            self.k, self.n_groups = q, 1
+            self.row_group = np.zeros(design.n, dtype=int)
+        self.n_draws = n_draws
+        self.indicator = sp.csr_matrix(
+            (np.ones(design.n), (np.arange(design.n), self.row_group)),
+            shape=(design.n, self.n_groups),
+        )
+        # Standard t draws z = e / sqrt(chi2 / nu), one chi2 per (draw, integral).
+        e = rng.standard_normal((n_draws, self.n_groups, self.k))
+        chi = rng.chisquare(IS_DF, size=(n_draws, self.n_groups))
+        self.z = e / np.sqrt(chi / IS_DF)[:, :, None]
+        nu, k = IS_DF, self.k
+        log_t = (
+            special.gammaln((nu + k) / 2)
+            - special.gammaln(nu / 2)
+            - 0.5 * k * np.log(nu * np.pi)
+            - 0.5 * (nu + k) * np.log1p(np.sum(self.z**2, axis=2) / nu)
+        )
+        # log g(u) - log q(u) = loglik - |u|^2/2 - k/2 log 2pi - log t(z) + log det C_g
+        self.constant = -0.5 * k * np.log(2 * np.pi) - log_t  # (n_draws, n_groups)
+        self.last_ess = float("nan")
+        self._u: np.ndarray | None = None
+
+    def _curvature(self, M: sp.csc_matrix, fixed_eta: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """``H = M' W M + I`` at ``u``, as its diagonal blocks (one per integral): (g, k, k)."""
+        design, g, k = self.design, self.n_groups, self.k
+        _, weight = design.family.score_weights(design.y, fixed_eta + M @ u, design.trials)
+        if g == 1:
+            return ((M.T @ M.multiply(weight[:, None])).toarray() + np.eye(k))[None]
+        # Row i touches only its level's k columns: W-weighted outer products summed per level.
+        rows = self._row_columns(M)  # (n, k)
+        outer = weight[:, None, None] * rows[:, :, None] * rows[:, None, :]
+        H = np.zeros((g, k, k))
+        np.add.at(H, self.row_group, outer)
+        return H + np.eye(k)[None]
+
+    def _row_columns(self, M: sp.csc_matrix) -> np.ndarray:
+        """Each row's entries of ``M`` in its own level's k columns (one grouping factor)."""
+        k = self.k
+        dense = np.zeros((self.design.n, k))
+        coo = M.tocoo()
+        dense[coo.row, coo.col - k * self.row_group[coo.row]] = coo.data
+        return dense
+
+    def _modes_by_level(
+        self, M: sp.csc_matrix, fixed_eta: np.ndarray, u0: np.ndarray
+    ) -> np.ndarray:
+        """Conditional modes level by level: batched k x k Newton (Fisher scoring) steps.
+
+        With one grouping factor the penalised IRLS problem separates by level;
+        small batched solves avoid factoring the whole (q x q) matrix each step.
+        """
+        design, g, k = self.design, self.n_groups, self.k
+        family = design.family
+        rows = self._row_columns(M)
+
+        def objective(u: np.ndarray) -> np.ndarray:
+            eta = fixed_eta + np.sum(rows * u.reshape(g, k)[self.row_group], axis=1)
+            pointwise = family.loglik(design.y, family.link.inverse(eta), design.trials)
+            per = np.bincount(self.row_group, weights=pointwise, minlength=g)
+            return per - 0.5 * np.sum(u.reshape(g, k) ** 2, axis=1)
+
+        u = u0.copy()
+        current = objective(u)
+        for _ in range(100):
+            eta = fixed_eta + M @ u
+            score, _ = family.score_weights(design.y, eta, design.trials)
+            gradient = np.zeros((g, k))
+            np.add.at(gradient, self.row_group, score[:, None] * rows)
+            gradient -= u.reshape(g, k)
+            H = self._curvature(M, fixed_eta, u)
+            step = np.linalg.solve(H, gradient[..., None])[..., 0].ravel()
+            scale = np.ones(g)
+            for _ in range(30):  # step halving, level by level
+                candidate = u + np.repeat(scale, k) * step
+                value = objective(candidate)
+                worse = value < current - 1e-12 * np.abs(current)
+                if not worse.any():
+                    break
+                scale = np.where(worse, scale / 2, scale)
+            u, current = candidate, value
+            if np.max(np.abs(np.repeat(scale, k) * step)) < 1e-10:
+                break
+        return u
+
+    def __call__(self, theta: np.ndarray, beta: np.ndarray) -> float:
+        """The log-likelihood at (theta, beta); ``last_ess`` the smallest weights' ESS."""
+        design = self.design
+        family = design.family
+        M = (self.Z @ lambda_matrix(design, theta)).tocsc()
+        fixed_eta = design.X.to_numpy(dtype=float) @ np.asarray(beta, dtype=float)
+        if design.offset is not None:
+            fixed_eta = fixed_eta + design.offset
+        u0 = np.zeros(M.shape[1]) if self._u is None else self._u
+        g, k = self.n_groups, self.k
+        if g > 1:
+            u_hat = self._modes_by_level(M, fixed_eta, u0)
+        else:
+            u_hat, _ = _pirls(design, M, fixed_eta, u0, 1e-10, 200)
+        self._u = u_hat
+        blocks = self._curvature(M, fixed_eta, u_hat)
+        # Per integral: C C' = H_g, u = u_hat + C^-T z (H is block diagonal over the levels of
+        # a single grouping factor, so each level's block is its own integral).
+        C = np.linalg.cholesky(blocks)  # (g, k, k)
+        log_det_c = np.sum(np.log(np.diagonal(C, axis1=1, axis2=2)), axis=1)  # (g,)
+        # C^-T z for every draw and group: one small inverse per group, then one product.
+        inv_ct = np.linalg.inv(np.swapaxes(C, 1, 2))  # (g, k, k)
+        shift = np.einsum("gab,ngb->nga", inv_ct, self.z)  # (K, g, k)
+        u = u_hat.reshape(g, k)[None] + shift
+        etas = fixed_eta[None, :] + (M @ u.reshape(self.n_draws, g * k).T).T
+        pointwise = family.loglik(design.y, family.link.inverse(etas), design.trials)
+        per_group = np.asarray(self.indicator.T @ pointwise.T).T  # (K, g)
+        log_w = per_group - 0.5 * np.sum(u**2, axis=2) + self.constant - log_det_c[None, :]
+        top = log_w.max(axis=0)
+        w = np.exp(log_w - top)
+        ess = w.sum(axis=0) ** 2 / np.sum(w**2, axis=0)
+        self.last_ess = float(ess.min())
+        return float(np.sum(top + np.log(w.mean(axis=0))))
+
+
+class ScalarQuadrature:
+    """The exact log-likelihood of a design with one scalar random-effects term, by AGQ.
+
+    The same value as :func:`harness.checks.laplace.laplace_loglik` with
+    ``n_agq = AGQ_POINTS`` (a test holds them together), with the conditional
+    modes found group by group: with one scalar term each group's mode is a
+    one-dimensional Newton (Fisher scoring) problem, solved for all groups at
+    once, where the general penalised IRLS factors a dense matrix per step.
+    The optimisers call this hundreds of times.
+    """
+
+    def __init__(self, design: Design, n_agq: int = AGQ_POINTS) -> None:
+        block = design.blocks[0]
+        self.design, self.n_agq = design, n_agq
+        self.group = np.asarray(block.group_index, dtype=int)
+        self.n_groups = block.n_levels
+        self.z = np.asarray(design.Z().sum(axis=1)).ravel()  # each row's one entry of Z
+        self.X = design.X.to_numpy(dtype=float)
+        self._u = np.zeros(self.n_groups)
+
+    def _objective(self, fixed_eta: np.ndarray, m: np.ndarray, u: np.ndarray) -> np.ndarray:
+        family, design = self.design.family, self.design
+        eta = fixed_eta + m * u[self.group]
+        pointwise = family.loglik(design.y, family.link.inverse(eta), design.trials)
+        return np.bincount(self.group, weights=pointwise, minlength=self.n_groups) - 0.5 * u**2
+
+    def __call__(self, theta: np.ndarray, beta: np.ndarray) -> float:
+        from harness.checks.laplace import _agq
+
+        design, family = self.design, self.design.family
+        m = self.z * float(np.asarray(theta, dtype=float).ravel()[0])
+        fixed_eta = self.X @ np.asarray(beta, dtype=float)
+        if design.offset is not None:
+            fixed_eta = fixed_eta + design.offset
+        u = self._u.copy()
+        current = self._objective(fixed_eta, m, u)
+        for _ in range(100):
+            score, weight = family.score_weights(
+                design.y, fixed_eta + m * u[self.group], design.trials
+            )
+            gradient = np.bincount(self.group, weights=m * score, minlength=self.n_groups) - u
+            h = np.bincount(self.group, weights=m**2 * weight, minlength=self.n_groups) + 1.0
+            step = gradient / h
+            scale = np.ones(self.n_groups)
+            for _ in range(30):  # step halving, group by group
+                candidate = u + scale * step
+                value = self._objective(fixed_eta, m, candidate)
+                worse = value < current - 1e-12 * np.abs(current)
+                if not worse.any():
+                    break
+                scale = np.where(worse, scale / 2, scale)
+            u, current = candidate, value
+            if np.max(np.abs(scale * step)) < 1e-10:
+                break
+        self._u = u
+        _, weight = family.score_weights(design.y, fixed_eta + m * u[self.group], design.trials)
+        h = np.bincount(self.group, weights=m**2 * weight, minlength=self.n_groups) + 1.0
+        M = sp.csc_matrix((m, (np.arange(design.n), self.group)), shape=(design.n, self.n_groups))
+        return _agq(design, M, fixed_eta, u, h, self.n_agq)
+
+
+def _lower_bounds(design: Design) -> list[float]:
+    lower: list[float] = []
+    for block in design.blocks:
+        cols, rows = np.triu_indices(block.n_terms)
+        lower.extend(0.0 if r == c else -np.inf for r, c in zip(rows, cols, strict=True))
+    return lower
+
+
+def _maximise(
+    loglik: Callable[[np.ndarray, np.ndarray], float],
+    design: Design,
+    theta0: np.ndarray,
+    beta0: np.ndarray,
+    *,
+    polish: bool = True,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """L-BFGS-B, then a Nelder-Mead polish, over (theta, beta); diagonals of theta >= 0.
+
+    The polish (finite differences leave L-BFGS-B about 1e-5 short) costs a few
+    hundred evaluations; without it the importance-sampled likelihood, whose
+    evaluations are a hundred times dearer than quadrature's, stays affordable.
+    """
+    t = theta0.size
+    lower = _lower_bounds(design)
+
+    def negative(params: np.ndarray) -> float:
+        value = loglik(params[:t], params[t:])
+        return -value if np.isfinite(value) else 1e300
+
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower] + [(None, None)] * len(beta0)
+    start = np.concatenate([theta0, beta0])
+    best = optimize.minimize(
+        negative, start, method="L-BFGS-B", bounds=bounds, options={"ftol": 1e-13, "gtol": 1e-8}
+    )
+    if not polish:
+        theta = np.array(best.x[:t])
+        return theta, np.array(best.x[t:]), -float(best.fun)
+    best = optimize.minimize(
+        negative,
+        best.x,
+        method="Nelder-Mead",
+        options={"xatol": 1e-8, "fatol": 1e-11, "maxiter": 20000, "adaptive": True},
+    )
+    theta = np.array(best.x[:t])
+    for i, lo in enumerate(lower):
+        if lo == 0.0:
+            theta[i] = abs(theta[i])  # the likelihood is even in a diagonal entry's sign
+    return theta, np.array(best.x[t:]), -float(best.fun)
+
+
+def conditional_beta(
+    loglik: Callable[[np.ndarray, np.ndarray], float], theta: np.ndarray, beta0: np.ndarray
+) -> np.ndarray:
+    """``beta_hat(theta)``: the maximiser of the exact likelihood over beta at fixed theta."""
+    best = optimize.minimize(
+        lambda b: -loglik(theta, b),
+        beta0,
+        method="L-BFGS-B",
+        options={"ftol": 1e-12, "gtol": 1e-7, "maxiter": 500},
+    )
+    return np.asarray(best.x, dtype=float)
+
+
+def beta_hessian(
+    loglik: Callable[[np.ndarray, np.ndarray], float],
+    theta: np.ndarray,
+    beta: np.ndarray,
+    step: float = HESSIAN_STEP,
+) -> np.ndarray:
+    """``-d2 loglik / d beta2`` at (theta, beta) by central differences."""
+    p = beta.size
+    h = step * np.maximum(1.0, np.abs(beta))
+    f0 = loglik(theta, beta)
+    H = np.empty((p, p))
+    for i in range(p):
+        ei = np.zeros(p)
+        ei[i] = h[i]
+        H[i, i] = -(loglik(theta, beta + ei) - 2 * f0 + loglik(theta, beta - ei)) / h[i] ** 2
+        for j in range(i):
+            ej = np.zeros(p)
+            ej[j] = h[j]
+            value = (
+                loglik(theta, beta + ei + ej)
+                - loglik(theta, beta + ei - ej)
+                - loglik(theta, beta - ei + ej)
+                + loglik(theta, beta - ei - ej)
+            ) / (4 * h[i] * h[j])
+            H[i, j] = H[j, i] = -value
+    return H
+
+
+# --------------------------------------------------------------------------- exact ML
+
+
+@dataclass
+class ExactML:
+    """The maximum of the exact marginal likelihood and how it was computed."""
+
+    method: str  # "agq" or "importance"
+    description: str
+    theta: np.ndarray
+    beta: pd.Series
+    loglik: float
+    values: dict[str, float]  # variance components by lme4 name, from theta
+    loglik_fn: Callable[[np.ndarray, np.ndarray], float] = field(repr=False)
+    ess: float = float("nan")
+
+
+def components_from_theta(design: Design, theta: np.ndarray) -> dict[str, float]:
+    """SDs and correlations (lme4's component names) of a GLMM's ``theta``.
+
+    Without a residual SD the block covariance is ``T T'`` with ``T`` lme4's
+    relative factor filled from theta (column-major lower triangle).  Both
+    orders of a correlation's terms are given, so callers need not know which
+    one lme4 printed.
+    """
+    from harness.checks.laplace import _block_factor
+
+    values: dict[str, float] = {}
+    start = 0
+    for block in design.blocks:
+        k = block.n_terms
+        m = k * (k + 1) // 2
+        T = _block_factor(np.asarray(theta[start : start + m], dtype=float), k)
+        start += m
+        cov = T @ T.T
+        sd = np.sqrt(np.diag(cov))
+        for i, term in enumerate(block.terms):
+            values[f"{block.label}: sd({term})"] = float(sd[i])
+        for i in range(k):
+            for j in range(i + 1, k):
+                r = cov[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else float("nan")
+                a, b = block.terms[i], block.terms[j]
+                values[f"{block.label}: cor({a},{b})"] = float(r)
+                values[f"{block.label}: cor({b},{a})"] = float(r)
+    return values
+
+
+def exact_ml(freq: Any) -> ExactML | None:
+    """Maximise the exact marginal likelihood, starting from glmer's estimates.
+
+    Returns None for Gaussian models and when importance sampling is not
+    trusted (weights' ESS below :data:`IS_MIN_ESS` at the optimum; logged).
+    """
+    design: Design = freq.design
+    if not design.family.glm or not design.blocks:
+        return None
+    ml = freq.ml_estimates
+    theta0 = np.array(list(ml["theta"].values()), dtype=float)
+    beta0 = np.array([ml["beta"][t] for t in design.fixed_terms], dtype=float)
+    if theta0.size != theta_size(design):
+        return None
+    scalar = len(design.blocks) == 1 and design.blocks[0].n_terms == 1
+    ess = float("nan")
+    loglik: Callable[[np.ndarray, np.ndarray], float]
+    if scalar:
+        loglik = ScalarQuadrature(design)
+        method = "agq"
+        description = f"{AGQ_POINTS}-point adaptive Gauss-Hermite quadrature"
+    else:
+        sampler = ImportanceLikelihood(design)
+        loglik = sampler
+        method = "importance"
+        per = "per group level" if sampler.n_groups > 1 else "joint over all random effects"
+        description = (
+            f"importance sampling ({sampler.n_draws} t({IS_DF:g}) draws {per}, "
+            "centred at the conditional modes)"
+        )
+    theta, beta, value = _maximise(loglik, design, theta0, beta0, polish=scalar)
+    if not scalar:
+        loglik(theta, beta)
+        ess = sampler.last_ess
+        description += f"; least weights' ESS {ess:.0f}"
+        if not ess >= IS_MIN_ESS:
+            log.warning(
+                "importance-sampled likelihood: weights' ESS %.0f < %.0f; no Laplace share",
+                ess,
+                IS_MIN_ESS,
+            )
+            return None
+    return ExactML(
+        method=method,
+        description=description,
+        theta=theta,
+        beta=pd.Series(beta, index=design.fixed_terms),
+        loglik=value,
+        values=components_from_theta(design, theta),
+        loglik_fn=loglik,
+        ess=ess,
+    )
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def theta_draws(bayes: BayesFit) -> np.ndarray:
+    """lme4's theta of every posterior draw (flattened, chain-major) of a GLMM."""
+    from harness.checks.marginal import psd_cholesky
+    from harness.names import corr_var, sd_var
+
+    posterior = bayes.idata.posterior
+    n = posterior.sizes["chain"] * posterior.sizes["draw"]
+    pieces = []
+    for block in bayes.design.blocks:
+        k = block.n_terms
+        sds = posterior[sd_var(block)].values.reshape(n, k)
+        if k == 1:
+            pieces.append(sds)
+            continue
+        cols, rows = np.triu_indices(k)
+        if block.correlated and corr_var(block) in posterior:
+            corr = posterior[corr_var(block)].values.reshape(n, k, k)
+            cov = corr * sds[:, :, None] * sds[:, None, :]
+            factors = np.stack([psd_cholesky(0.5 * (c + c.T)) for c in cov])
+        else:
+            factors = np.stack([np.diag(s) for s in sds])
+        pieces.append(factors[:, rows, cols])
+    return np.concatenate(pieces, axis=1)
+
+
+@dataclass
+class ThetaIntegration:
+    """The fixed effects' share of integrating beta_hat(theta) over theta's posterior."""
+
+    shares: dict[str, float]
+    at_exact: dict[str, float]
+    n_points: int
+    how: str
+    #: Scalar theta: the median of its wide-prior marginal posterior from the exact likelihood.
+    theta_median: float | None = None
+    grid: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    log_density: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+
+def integrate_theta(exact: ExactML, bayes: BayesFit, wide: WidePrior) -> ThetaIntegration:
+    """Wide-prior-weighted mean of ``beta_hat(theta)`` minus ``beta_hat(theta_exact)``.
+
+    Parameters
+    ----------
+    exact : ExactML
+        Its likelihood gives ``beta_hat``.
+    bayes : BayesFit
+    wide : WidePrior
+        Weights on ``wide.source(bayes)``'s draws.
+
+    Returns
+    -------
+    ThetaIntegration
+    """
+    from scipy.interpolate import CubicSpline
+
+    from harness.checks.attribution import weighted_quantile
+
+    source = wide.source(bayes)
+    thetas = theta_draws(source)
+    weights = np.asarray(wide.weights, dtype=float)
+    weights = weights / weights.sum()
+    beta_exact = exact.beta.to_numpy(float)
+    at_exact = conditional_beta(exact.loglik_fn, exact.theta, beta_exact)
+    median: float | None = None
+    grid = log_density = np.zeros(0)
+    if thetas.shape[1] == 1:
+        values = thetas[:, 0]
+        lo, hi = (weighted_quantile(values, weights, q) for q in GRID_QUANTILES)
+        grid = np.unique(np.linspace(max(lo, 0.0), hi, THETA_GRID))
+        # From the exact optimum outwards, so each solve starts next to its answer.
+        order = np.argsort(np.abs(grid - exact.theta[0]))
+        solved: dict[int, np.ndarray] = {}
+        for i in order:
+            at = grid[i]
+            nearest = min(solved, key=lambda j: abs(grid[j] - at), default=None)
+            start = at_exact if nearest is None else solved[nearest]
+            solved[i] = conditional_beta(exact.loglik_fn, np.array([at]), start)
+        betas = np.array([solved[i] for i in range(grid.size)])
+        spline = CubicSpline(grid, betas, axis=0)
+        at_draws = spline(np.clip(values, grid[0], grid[-1]))
+        mean = weights @ at_draws
+        n_points, how = grid.size, f"a {grid.size}-point grid of theta (cubic spline)"
+        log_density = np.array(
+            [
+                log_marginal_theta(exact.loglik_fn, np.array([g]), b)
+                for g, b in zip(grid, betas, strict=True)
+            ]
+        )
+        median = marginal_median(grid, log_density)
+    else:
+        n = thetas.shape[0]
+        index = np.unique(np.linspace(0, n - 1, min(SUMMARY_DRAWS, n)).round().astype(int))
+        w = weights[index] / weights[index].sum()
+        at_draws = np.array([conditional_beta(exact.loglik_fn, thetas[i], at_exact) for i in index])
+        mean = w @ at_draws
+        n_points, how = index.size, f"{index.size} evenly spaced posterior draws"
+    terms = list(exact.beta.index)
+    return ThetaIntegration(
+        shares={t: float(mean[j] - at_exact[j]) for j, t in enumerate(terms)},
+        at_exact={t: float(at_exact[j]) for j, t in enumerate(terms)},
+        n_points=n_points,
+        how=how,
+        theta_median=median,
+        grid=grid,
+        log_density=log_density,
+    )
+
+
+def log_marginal_theta(
+    loglik: Callable[[np.ndarray, np.ndarray], float], theta: np.ndarray, beta_hat: np.ndarray
+) -> float:
+    """``log p(theta | y)`` up to a constant under flat priors: beta integrated out by Laplace.
+
+    ``log L(theta, beta_hat(theta)) - log det(-H_beta) / 2``; the random effects
+    are integrated exactly (by ``loglik``), only the few fixed effects by Laplace.
+    """
+    H = beta_hessian(loglik, theta, beta_hat)
+    sign, log_det = np.linalg.slogdet(H)
+    if sign <= 0:
+        return float("-inf")
+    return float(loglik(theta, beta_hat) - 0.5 * log_det)
+
+
+def marginal_median(grid: np.ndarray, log_density: np.ndarray, fine: int = 4001) -> float:
+    """Median of a density known on a grid (cubic spline of its log, trapezoid rule)."""
+    from scipy.interpolate import CubicSpline
+
+    ok = np.isfinite(log_density)
+    if ok.sum() < 4:
+        return float("nan")
+    xs = np.linspace(grid[ok][0], grid[ok][-1], fine)
+    log_f = CubicSpline(grid[ok], log_density[ok])(xs)
+    f = np.exp(log_f - log_f.max())
+    cdf = np.concatenate([[0.0], np.cumsum(0.5 * (f[1:] + f[:-1]) * np.diff(xs))])
+    return float(np.interp(0.5, cdf / cdf[-1], xs))
+
+
+# --------------------------------------------------------------------------- both
+
+
+@dataclass
+class GlmmAttribution:
+    """What a GLMM's rows add to their attribution: Laplace shares and the summary's."""
+
+    exact: ExactML
+    laplace: dict[str, float]  # row (fixed term or component) -> exact ML - glmer
+    integration: ThetaIntegration | None
+    notes: list[str] = field(default_factory=list)
+
+    def laplace_text(self, row: str) -> str:
+        value = self.exact.beta.get(row, self.exact.values.get(row, float("nan")))
+        return f"exact ML by {self.exact.description}: {value:.4g}"
+
+    def integration_text(self) -> str:
+        how = self.integration.how if self.integration is not None else ""
+        return (
+            "the posterior mean averages the exact-likelihood estimate of beta at each value of "
+            f"the variance components over their posterior ({how}); the exact ML estimate is it "
+            "at the exact ML variance components"
+        )
+
+    def summary_at(self, component: str) -> float | None:
+        """The computed wide-prior posterior median of a scalar theta's SD (else None)."""
+        integration = self.integration
+        if integration is None or integration.theta_median is None:
+            return None
+        names = [k for k in self.exact.values if ": sd(" in k]
+        if names != [component]:
+            return None
+        return integration.theta_median
+
+    def median_text(self) -> str:
+        n = self.integration.n_points if self.integration is not None else 0
+        return (
+            f"exact likelihood on a {n}-point grid of the SD, the fixed effects integrated "
+            "out by Laplace"
+        )
+
+    def fixed_values(self) -> dict[str, float]:
+        return {str(k): float(v) for k, v in self.exact.beta.items()}
+
+
+def glmm_attribution(freq: Any, bayes: BayesFit, wide: WidePrior) -> GlmmAttribution | None:
+    """Laplace and summary shares for a GLMM's fixed-effect and variance rows.
+
+    Returns None for Gaussian models or when the exact likelihood cannot be
+    computed (logged); the rows then keep the sources without them.
+    """
+    design: Design = freq.design
+    if not design.family.glm:
+        return None
+    exact = exact_ml(freq)
+    if exact is None:
+        return None
+    laplace: dict[str, float] = {}
+    for record in freq.fixed.to_dict("records"):
+        term = str(record["term"])
+        if term in exact.beta.index:
+            laplace[term] = float(exact.beta[term] - record["estimate"])
+    for record in freq.variance.to_dict("records"):
+        component = str(record["component"])
+        value = exact.values.get(component)
+        if value is not None and np.isfinite(value) and np.isfinite(record["estimate"]):
+            laplace[component] = float(value - record["estimate"])
+    notes = [
+        f"exact marginal likelihood ({exact.description}): maximum {exact.loglik:.6g}; the "
+        "'laplace' source of each row is that maximum's estimate minus glmer's"
+    ]
+    integration = None
+    try:
+        integration = integrate_theta(exact, bayes, wide)
+    except (ValueError, np.linalg.LinAlgError, KeyError) as err:
+        log.warning("integrating beta_hat(theta) over the posterior: %s", err)
+        notes.append(f"the fixed effects' summary share could not be computed ({err})")
+    return GlmmAttribution(exact=exact, laplace=laplace, integration=integration, notes=notes)
