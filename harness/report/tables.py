@@ -623,6 +623,8 @@ def attribution_text(attribution: Any) -> str:
     if not isinstance(attribution, Mapping):
         return ""
     names = {"prior": "prior", "summary": "summary", "boundary": "boundary", "remainder": "rest"}
+    if "lme4_optimizer" in attribution:  # lme4 stopped short of its maximum (issue 20)
+        names = {"lme4_optimizer": "lme4 optimizer", **names}
     parts = []
     for key, label in names.items():
         value = attribution.get(key)
@@ -758,7 +760,11 @@ def verdict_table(
                 "se_from_interval": False,
                 "tolerance": "|difference| < 1e-6",
                 "verdict": "pass" if ok else "fail",
-                "note": "; ".join(str(x) for x in reasons),
+                "note": "; ".join(
+                    [str(x) for x in reasons]
+                    + ([str(getattr(same_model, "verdict", ""))] if ok else [])
+                    + [str(getattr(same_model, "lme4_optimum", "") or "")]
+                ).strip("; "),
                 "explanation": "",
                 "attribution": "",
             }
