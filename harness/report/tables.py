@@ -762,7 +762,6 @@ def verdict_table(
                 "verdict": "pass" if ok else "fail",
                 "note": "; ".join(
                     [str(x) for x in reasons]
-                    + ([str(getattr(same_model, "verdict", ""))] if ok else [])
                     + [str(getattr(same_model, "lme4_optimum", "") or "")]
                 ).strip("; "),
                 "explanation": "",
