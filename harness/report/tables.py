@@ -761,8 +761,7 @@ def verdict_table(
                 "tolerance": "|difference| < 1e-6",
                 "verdict": "pass" if ok else "fail",
                 "note": "; ".join(
-                    [str(x) for x in reasons]
-                    + [str(getattr(same_model, "lme4_optimum", "") or "")]
+                    [str(x) for x in reasons] + [str(getattr(same_model, "lme4_optimum", "") or "")]
                 ).strip("; "),
                 "explanation": "",
                 "attribution": "",
