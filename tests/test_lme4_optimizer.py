@@ -232,3 +232,19 @@ def test_control_is_checked_before_r_sees_it():
         hz.fit_lme4(spec, data, n_sims=0, control={"optimizer": "system('ls')"})
     with pytest.raises(ValueError, match="unknown key"):
         hz.fit_lme4(spec, data, n_sims=0, control={"calc.derivs": True})
+
+
+@pytest.mark.r
+def test_a_reml_fit_stopped_short_is_named_by_its_reml_criterion():
+    import harness as hz
+    from harness.checks.same_model import same_model
+
+    data, spec = hz.datasets.load("sleepstudy")  # REML
+    control = {"optimizer": "bobyqa", "maxfun": 2, "start": [1.0, 0.0, 0.0]}
+    freq = hz.fit_lme4(spec, data, n_sims=0, control=control)
+    reml = freq.best_fit["by_method"]["REML"]
+    assert freq.best_fit["improved"] and freq.best_fit["method"] == "REML"
+    assert reml["criterion"] == pytest.approx(1743.628, abs=1e-3)  # DESIGN.md: REML criterion
+    result = same_model(spec, data, freq=freq, check_pymc_model=False)
+    assert result.ok and result.verdict == "same model; lme4 did not reach its maximum"
+    assert result.lme4_optimum.startswith("lme4's REML fit did not reach its maximum (REML")

@@ -189,9 +189,18 @@ class SameModel:
     def lme4_optimum(self) -> str:
         """What lme4's refits found, in one sentence ("" when none were tried)."""
         by_method = self.lme4_best.get("by_method", {}) if self.lme4_best else {}
-        if "ML" not in by_method:
+        if not by_method:
             return ""
-        return optimizer_sentence(by_method, "ML")
+        # The fit that stopped short: its ML refit (the identity) and/or its REML fit (the
+        # estimates the tables hold); when neither did, that lme4's estimates stand.
+        short = [m for m in ("ML", "REML") if by_method.get(m, {}).get("improved")]
+        shown = short or [m for m in ("ML", "REML") if m in by_method][:1]
+        return "; ".join(
+            optimizer_sentence(by_method, m).replace(
+                "lme4 did not", "lme4's REML fit did not" if m == "REML" else "lme4 did not"
+            )
+            for m in shown
+        )
 
     def likelihood_table(self) -> pd.DataFrame:
         """quantity, lme4, pymc, difference: the numbers the identity compares."""
