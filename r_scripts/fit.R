@@ -68,13 +68,17 @@ harness_profile_rows <- function(ci, variance, n_theta) {
 }
 
 harness_fit_lmer <- function(data, formula, symbols, REML = TRUE, profile = FALSE,
-                             n_sims = 1000L, seed = 1L, level = 0.95) {
+                             n_sims = 1000L, seed = 1L, level = 0.95, optimizer = NULL,
+                             maxfun = NULL, start = NULL) {
   formula <- harness_formula(formula, symbols)
   use_lmertest <- requireNamespace("lmerTest", quietly = TRUE)
+  # optimizer: a name of harness_optimizer_table() (refit.R), looked up, never parsed.
+  control <- if (is.null(optimizer)) lme4::lmerControl() else harness_lmer_control(optimizer, maxfun)
+  start <- if (is.null(start)) NULL else as.numeric(start)
   started <- proc.time()[["elapsed"]]
   fitted <- harness_capture(
-    if (use_lmertest) lmerTest::lmer(formula, data = data, REML = REML)
-    else lme4::lmer(formula, data = data, REML = REML)
+    if (use_lmertest) lmerTest::lmer(formula, data = data, REML = REML, control = control, start = start)
+    else lme4::lmer(formula, data = data, REML = REML, control = control, start = start)
   )
   fit_seconds <- proc.time()[["elapsed"]] - started
   fit <- fitted$value
@@ -174,6 +178,11 @@ harness_fit_lmer <- function(data, formula, symbols, REML = TRUE, profile = FALS
   if (singular) notes <- c(notes, "singular fit: a variance component is (near) zero or a correlation is +/-1")
   if (!is.null(conv)) notes <- c(notes, paste("convergence:", conv))
   ml_fit <- if (REML) refitML(fit) else fit
+  optimizer_used <- fit@optinfo$optimizer
+  algorithm <- fit@optinfo$control$algorithm
+  if (identical(optimizer_used, "nloptwrap")) {
+    optimizer_used <- paste0("nloptwrap.", if (is.null(algorithm)) "NLOPT_LN_BOBYQA" else algorithm)
+  }
   info <- list(
     engine = "lme4",
     method = if (REML) "REML" else "ML",
@@ -185,7 +194,8 @@ harness_fit_lmer <- function(data, formula, symbols, REML = TRUE, profile = FALS
     singular = singular,
     converged = is.null(conv),
     fit_seconds = fit_seconds,
-    df_method = if (has_df) "Satterthwaite (lmerTest)" else "none"
+    df_method = if (has_df) "Satterthwaite (lmerTest)" else "none",
+    optimizer = optimizer_used
   )
   list(
     fixed = fixed,

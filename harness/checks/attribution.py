@@ -37,6 +37,11 @@ split, in the row's own units, into
     bounded quantity cannot be centred on its bound, so the gap up to the
     wide-prior posterior's near tail is the boundary's, and the posterior
     mass beyond that tail is the summary's;
+``lme4_optimizer``
+    lme4 did not reach its maximum: the shift from lme4's estimate to its
+    best refit with another optimizer or start (``FreqFit.best_fit``, see
+    :func:`harness.engines.lme4.refit_lme4`); the other sources are then
+    measured from the best refit's estimate;
 ``remainder``
     what is left; the row fails only when it exceeds
     ``max(3 MCSE, the row's tolerance)``.
@@ -80,6 +85,8 @@ REMAINDER_CORRELATION = 0.02  # agreement rows: correlation not explained
 BOUNDARY_SD_RATIO = 1e-4
 BOUNDARY_COR = 1.0 - 1e-6
 SOURCES = ("prior", "summary", "boundary", "remainder")
+#: The source of a gap that lme4's optimizer leaves (it stopped short of its maximum).
+OPTIMIZER_SOURCE = "lme4_optimizer"
 #: Kernel width (posterior SDs) and the least kernel ESS for a conditional mode.
 CONDITION_BANDWIDTH = 0.35
 MIN_CONDITION_ESS = 50.0
@@ -439,6 +446,8 @@ def attribute_row(
     laplace_text: str = "",
     integration_text: str = "",
     summary_at: float | None = None,
+    optimizer_shift: float | None = None,
+    optimizer_text: str = "",
 ) -> RowAttribution:
     """Split ``summary(draws) - estimate`` into prior, summary, boundary and remainder.
 
@@ -490,6 +499,13 @@ def attribute_row(
         draws (a GLMM's variance component: from the exact likelihood).  The
         summary's share is then that summary minus the mode (lme4's estimate
         plus ``laplace``), and the remainder is the draws' summary minus it.
+    optimizer_shift : float, optional
+        lme4's best refit minus ``estimate`` when lme4 did not reach its
+        maximum: the ``lme4_optimizer`` source.  The other sources are then
+        measured from the best refit's estimate (``integration``, measured
+        from lme4's own estimate, gives up the shift it already holds).
+    optimizer_text : str
+        What the refits found (:func:`harness.engines.lme4.optimizer_sentence`).
     """
     import arviz as az
 
@@ -498,27 +514,32 @@ def attribute_row(
     post = float(np.mean(flat)) if how == "mean" else float(np.median(flat))
     mcse = float(np.asarray(az.mcse(draws, method=how)).ravel()[0])
     gap = post - estimate
+    opt = float(optimizer_shift) if optimizer_shift is not None else 0.0
+    opt = opt if np.isfinite(opt) else 0.0
     values = np.asarray(wide_values, dtype=float).ravel()
     weights = wide.weights
     at_wide = weighted_summary(values, weights, how)
     prior = post - at_wide
     parts: dict[str, float | None] = {"mcse": mcse, "prior": prior}
     extra: dict[str, Any] = {"k_hat": wide.k_hat, "prior_method": wide.method}
-    shift = 0.0  # the Laplace share: lme4's estimate moved to the exact ML estimate
+    lap = 0.0  # the Laplace share: lme4's estimate moved to the exact ML estimate
     if laplace is not None and np.isfinite(laplace):
-        shift = float(laplace)
-        parts["laplace"] = shift
+        lap = float(laplace)
+        parts["laplace"] = lap
         extra["laplace_text"] = laplace_text
+    # What the other sources are measured from: the best fit lme4 reaches (its own
+    # estimate without refits), moved to the exact ML estimate for a GLMM.
+    reference = estimate + opt + lap
     if integration_text:
         extra["integration_text"] = integration_text
     if boundary is not None:
         q = 0.025 if boundary == "lower" else 0.975
         tail = weighted_quantile(values, weights, q)
-        parts["boundary"] = tail - estimate - shift
+        parts["boundary"] = tail - reference
         parts["summary"] = at_wide - tail
         parts["remainder"] = 0.0
     elif summary_at is not None and np.isfinite(summary_at):
-        parts["summary"] = float(summary_at) - estimate - shift
+        parts["summary"] = float(summary_at) - reference
         parts["boundary"] = 0.0
         parts["remainder"] = at_wide - float(summary_at)
         extra["summary_at"] = float(summary_at)
@@ -535,21 +556,26 @@ def attribute_row(
                 extra["conditional_ess"] = n_eff
         parts["summary"] = at_wide - joint
         parts["boundary"] = 0.0
-        parts["remainder"] = joint - estimate - shift
+        parts["remainder"] = joint - reference
         extra["wide_mode"] = mode
         extra["skew"] = at_wide - mode
     else:
-        share = float(integration) if integration is not None else 0.0
+        # A Gaussian integration share is measured from lme4's own estimate: it holds opt.
+        share = float(integration) - opt if integration is not None else 0.0
         parts["summary"] = share
         parts["boundary"] = 0.0
-        parts["remainder"] = at_wide - estimate - share - shift
+        parts["remainder"] = at_wide - reference - share
         if integration is not None:
             extra["variance_components"] = share
+    if optimizer_shift is not None:
+        parts[OPTIMIZER_SOURCE] = opt
     remainder = float(parts["remainder"] or 0.0)
     limit = max(REMAINDER_MCSE * mcse, tolerance)
     explained = abs(remainder) <= limit
     extra["remainder_in_mcse"] = remainder / mcse if mcse > 0 else float("nan")
     sentence = _sentence(gap, parts, how, scale, scale_name, wide, boundary, mcse, estimate, extra)
+    if optimizer_shift is not None:
+        sentence = _with_optimizer(sentence, opt, estimate + opt, optimizer_text)
     tol = f"|remainder| <= max({REMAINDER_MCSE:g} MCSE, {tolerance_text})"
     return RowAttribution(
         gap=gap,
@@ -560,6 +586,16 @@ def attribute_row(
         tolerance=tol,
         extra=extra,
     )
+
+
+def _with_optimizer(sentence: str, shift: float, reference: float, text: str) -> str:
+    """The sentence with the ``lme4_optimizer`` share after its opening (the gap)."""
+    head, sep, rest = sentence.partition("; ")
+    piece = (
+        f"{text or 'lme4 did not reach its maximum'}: its best refit moves lme4's estimate by "
+        f"{_fmt(shift)} to {reference:.4g}, and the other sources are measured from there"
+    )
+    return f"{head}; {piece}{sep}{rest}" if sep else f"{head}; {piece}"
 
 
 def _clean(value: float | None) -> float | None:

@@ -219,6 +219,27 @@ def _explain(attr: Any, verdict: str, reason: str | None = None) -> str:
     return f"not explained ({attr.tolerance} fails): {attr.explanation}"
 
 
+def _optimizer_shifts(freq: FreqFit, table: str) -> tuple[dict[str, float], str]:
+    """Best refit minus lme4's estimate, per term or component, when lme4 stopped short.
+
+    Empty when no refit was tried or none beat lme4's own estimates (in the
+    fit's own criterion: REML for a REML fit).  The text says what the refits
+    found (:func:`harness.engines.lme4.optimizer_sentence`).
+    """
+    best = getattr(freq, "best_fit", None) or {}
+    if not best.get("improved"):
+        return {}, ""
+    chosen = best["by_method"][best["method"]]
+    values = chosen["fixed"] if table == "fixed" else chosen["variance"]
+    column = "term" if table == "fixed" else "component"
+    frame = freq.fixed if table == "fixed" else freq.variance
+    shifts = {}
+    for key, estimate in zip(frame[column], frame["estimate"], strict=True):
+        if key in values:
+            shifts[str(key)] = float(values[key]) - float(estimate)
+    return shifts, str(best.get("sentence", ""))
+
+
 def _wide_draws(wide: WidePrior, bayes: BayesFit, pick: Any) -> np.ndarray:
     return np.asarray(pick(wide.source(bayes)).values, dtype=float).ravel()
 
@@ -246,6 +267,7 @@ def compare_fixed(
     shares = integration.shares if integration is not None else {}
     if glmm is not None and glmm.integration is not None:
         shares = glmm.integration.shares
+    shifts, optimizer_text = _optimizer_shifts(freq, "fixed")
     rows = []
     for record in freq.fixed.to_dict("records"):
         term = record["term"]
@@ -271,6 +293,8 @@ def compare_fixed(
             laplace=glmm.laplace.get(term) if glmm is not None else None,
             laplace_text=glmm.laplace_text(term) if glmm is not None else "",
             integration_text=glmm.integration_text() if glmm is not None else "",
+            optimizer_shift=shifts.get(term),
+            optimizer_text=optimizer_text,
         )
         if not _row_reliable(stats, bayes):
             verdict = "unreliable"
@@ -355,14 +379,20 @@ def compare_variance(
     """
     wide = wide if wide is not None else reweight_to_wide_prior(bayes)
     source = wide.source(bayes)
+    shifts, optimizer_text = _optimizer_shifts(freq, "variance")
+    best_values = _best_variance(freq)
     wide_components = {}
     for rec in freq.variance.to_dict("records"):
         picked = _posterior_component(source, rec["component"])
-        at = glmm.exact.values.get(rec["component"]) if glmm is not None else rec["estimate"]
-        if picked is not None and at is not None and np.isfinite(at):
+        if glmm is not None:
+            at = glmm.exact.values.get(rec["component"])
+            value = float(at) if at is not None else float("nan")
+        else:
+            value = _reference_value(rec, shifts, best_values)
+        if picked is not None and np.isfinite(value):
             wide_components[rec["component"]] = (
                 np.asarray(picked.values, dtype=float).ravel(),
-                float(at),
+                value,
             )
     if glmm is not None:
         # glmer's and the exact ML estimates are joint modes over beta and theta too.
@@ -380,7 +410,13 @@ def compare_variance(
             raise ValueError(f"no PyMC parameter matches lme4 component {component!r}")
         stats = _summary(draws, prob)
         estimate = record["estimate"]
-        in_pymc = stats["lower"] <= estimate <= stats["upper"]
+        reference = _reference_value(record, shifts, best_values)
+        shift = shifts.get(component)
+        undefined = ""
+        if not np.isfinite(estimate):
+            undefined = _undefined_reason(record, freq.variance)
+            shift = None  # no shift from an undefined value: compared with the best refit's
+        in_pymc = bool(stats["lower"] <= estimate <= stats["upper"])
         has_ci = not (pd.isna(record["lower"]) or pd.isna(record["upper"]))
         in_lme4 = has_ci and record["lower"] <= stats["median"] <= record["upper"]
         notes = []
@@ -390,42 +426,59 @@ def compare_variance(
                 f"{n_groups[group]} groups: the posterior of an SD is right-skewed, so its mean "
                 f"exceeds the {freq.method} estimate; compare the median"
             )
+        if undefined:
+            notes.append(undefined)
         boundary = None
-        if record["kind"] == "sd" and estimate < BOUNDARY_SD_RATIO * max(stats["median"], 1e-12):
+        if record["kind"] == "sd" and reference < BOUNDARY_SD_RATIO * max(stats["median"], 1e-12):
             notes.append("lme4 estimate at the boundary (singular fit)")
             boundary = "lower"
-        elif record["kind"] == "cor" and abs(estimate) >= BOUNDARY_COR:
-            notes.append(f"lme4 correlation at the boundary ({estimate:+.0f})")
-            boundary = "upper" if estimate > 0 else "lower"
+        elif record["kind"] == "cor" and abs(reference) >= BOUNDARY_COR:
+            notes.append(f"lme4 correlation at the boundary ({reference:+.0f})")
+            boundary = "upper" if reference > 0 else "lower"
         bounds = (-1.0, 1.0) if record["kind"] == "cor" else (0.0, None)
-        attr = attribute_row(
-            _draws(draws),
-            estimate,
-            how="median",
-            wide_values=_wide_draws(wide, bayes, lambda f, c=component: _posterior_component(f, c)),
-            wide=wide,
-            scale=stats["sd"],
-            scale_name="posterior SD",
-            tolerance=REMAINDER_VARIANCE_SD * stats["sd"],
-            tolerance_text=f"{REMAINDER_VARIANCE_SD} posterior SD",
-            bounds=bounds,
-            boundary=boundary,
-            conditioning=pick_conditioning(
-                wide_components[component][0],
-                {k: v for k, v in wide_components.items() if k != component},
-            )
-            if component in wide_components
-            else None,
-            laplace=glmm.laplace.get(component) if glmm is not None else None,
-            laplace_text=glmm.laplace_text(component) if glmm is not None else "",
-            summary_at=glmm.summary_at(component) if glmm is not None else None,
-            integration_text=glmm.median_text() if glmm is not None else "",
-        )
-        if not _row_reliable(stats, bayes):
-            verdict = "unreliable"
+        reliable = _row_reliable(stats, bayes)
+        if not np.isfinite(reference):
+            # Nothing to measure a gap from: the row says why, and the boundary explains it.
+            attr = _undefined_attribution(stats, undefined)
+            verdict = "look" if reliable else "unreliable"
         else:
-            passes = bool(in_pymc and (in_lme4 or not has_ci))
-            verdict = _verdict(passes, attr.explained)
+            attr = attribute_row(
+                _draws(draws),
+                reference if undefined else estimate,
+                how="median",
+                wide_values=_wide_draws(
+                    wide, bayes, lambda f, c=component: _posterior_component(f, c)
+                ),
+                wide=wide,
+                scale=stats["sd"],
+                scale_name="posterior SD",
+                tolerance=REMAINDER_VARIANCE_SD * stats["sd"],
+                tolerance_text=f"{REMAINDER_VARIANCE_SD} posterior SD",
+                bounds=bounds,
+                boundary=boundary,
+                conditioning=pick_conditioning(
+                    wide_components[component][0],
+                    {k: v for k, v in wide_components.items() if k != component},
+                )
+                if component in wide_components
+                else None,
+                optimizer_shift=shift,
+                optimizer_text=optimizer_text,
+                laplace=glmm.laplace.get(component) if glmm is not None else None,
+                laplace_text=glmm.laplace_text(component) if glmm is not None else "",
+                summary_at=glmm.summary_at(component) if glmm is not None else None,
+                integration_text=glmm.median_text() if glmm is not None else "",
+            )
+            if undefined:
+                attr.explanation = (
+                    f"{undefined}; {optimizer_text}: the best refit's value {reference:.4g} "
+                    f"stands in: {attr.explanation}"
+                )
+            if not reliable:
+                verdict = "unreliable"
+            else:
+                passes = bool(in_pymc and (in_lme4 or not has_ci))
+                verdict = _verdict(passes, attr.explained)
         explanation = _explain(attr, verdict, _unreliable_reason(stats, bayes))
         rows.append(
             {
@@ -447,7 +500,7 @@ def compare_variance(
                 "r_hat": stats["r_hat"],
                 "ess_bulk": stats["ess_bulk"],
                 "ess_tail": stats["ess_tail"],
-                "k_hat": attr.extra["k_hat"],
+                "k_hat": attr.extra.get("k_hat", float("nan")),
                 "tolerance": "pass: lme4 estimate inside the PyMC 95% HDI (and PyMC median "
                 f"inside the lme4 interval when there is one); fail: {attr.tolerance}",
                 "verdict": verdict,
@@ -457,6 +510,72 @@ def compare_variance(
             }
         )
     return pd.DataFrame(rows)
+
+
+def _best_variance(freq: FreqFit) -> dict[str, float]:
+    """The best refit's variance components when it beat lme4's own estimates, else empty."""
+    best = getattr(freq, "best_fit", None) or {}
+    if not best.get("improved"):
+        return {}
+    return dict(best["by_method"][best["method"]]["variance"])
+
+
+def _reference_value(
+    record: dict[str, Any], shifts: dict[str, float], best: dict[str, float]
+) -> float:
+    """The value a row's gap is measured from: lme4's estimate, or its best refit's."""
+    component = record["component"]
+    estimate = float(record["estimate"])
+    if np.isfinite(estimate):
+        return estimate + shifts.get(component, 0.0)
+    return float(best.get(component, float("nan")))
+
+
+def _undefined_reason(record: dict[str, Any], variance: pd.DataFrame) -> str:
+    """Why lme4 reports no number for a row (a correlation whose SD is 0)."""
+    if record["kind"] != "cor":
+        return f"lme4's {record['component']} is undefined"
+    sds = variance[
+        (variance["kind"] == "sd")
+        & (variance["group_factor"] == record["group_factor"])
+        & variance["term"].isin([record["term"], record["term2"]])
+    ]
+    zero = [
+        str(t)
+        for t, v in zip(sds["term"], sds["estimate"], strict=True)
+        if not (np.isfinite(v) and v > 0)
+    ]
+    which = " and ".join(zero) if zero else f"{record['term']} or {record['term2']}"
+    return (
+        f"lme4's correlation is undefined: its SD of {which} is 0 (singular fit), "
+        "so the correlation has no value at lme4's estimates"
+    )
+
+
+def _undefined_attribution(stats: dict[str, float], reason: str) -> Any:
+    """A row with no lme4 number: no gap to split; the boundary (a zero SD) is why."""
+    from harness.checks.attribution import RowAttribution
+
+    text = (
+        f"{reason}; the posterior median is {stats['median']:.3g} (95% HDI "
+        f"{stats['lower']:.3g} to {stats['upper']:.3g}): a correlation of an SD at its "
+        "boundary 0 is not identified, so the posterior spreads over its range (boundary)"
+    )
+    return RowAttribution(
+        gap=float("nan"),
+        mcse=stats["mcse"],
+        attribution={
+            "mcse": stats["mcse"],
+            "prior": None,
+            "summary": None,
+            "boundary": None,
+            "remainder": None,
+        },
+        explained=True,
+        explanation=text,
+        tolerance="no lme4 value to compare",
+        extra={},
+    )
 
 
 def compare_offsets(freq: FreqFit, bayes: BayesFit, prob: float = 0.95) -> pd.DataFrame:

@@ -47,6 +47,7 @@ from harness.checks.marginal import (
     psd_cholesky,
     pymc_model_loglik,
 )
+from harness.engines.lme4 import optimizer_sentence
 from harness.model.spec import Design, ModelSpec, RandomBlock, build_design
 
 log = logging.getLogger("harness")
@@ -161,6 +162,15 @@ class SameModel:
     optimizer: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = float("nan")
+    #: Refits with lme4's other optimizers and from the harness's optimum (None: not tried).
+    lme4_refits: pd.DataFrame | None = None
+    #: What they found (``FreqFit.best_fit``: per method the best fit and whether it is better).
+    lme4_best: dict[str, Any] = field(default_factory=dict)
+    #: lme4 stopped short of its ML maximum; its best refit reached ``loglik_lme4_best``.
+    lme4_short: bool = False
+    loglik_lme4_best: float | None = None
+    #: The PyMC marginal at the best refit's ML estimates (the identity there).
+    loglik_pymc_at_best: float | None = None
 
     @property
     def reml_difference(self) -> float | None:
@@ -171,7 +181,26 @@ class SameModel:
 
     @property
     def verdict(self) -> str:
-        return "same model" if self.ok else "different models"
+        if not self.ok:
+            return "different models"
+        return "same model; lme4 did not reach its maximum" if self.lme4_short else "same model"
+
+    @property
+    def lme4_optimum(self) -> str:
+        """What lme4's refits found, in one sentence ("" when none were tried)."""
+        by_method = self.lme4_best.get("by_method", {}) if self.lme4_best else {}
+        if not by_method:
+            return ""
+        # The fit that stopped short: its ML refit (the identity) and/or its REML fit (the
+        # estimates the tables hold); when neither did, that lme4's estimates stand.
+        short = [m for m in ("ML", "REML") if by_method.get(m, {}).get("improved")]
+        shown = short or [m for m in ("ML", "REML") if m in by_method][:1]
+        return "; ".join(
+            optimizer_sentence(by_method, m).replace(
+                "lme4 did not", "lme4's REML fit did not" if m == "REML" else "lme4 did not"
+            )
+            for m in shown
+        )
 
     def likelihood_table(self) -> pd.DataFrame:
         """quantity, lme4, pymc, difference: the numbers the identity compares."""
@@ -186,7 +215,19 @@ class SameModel:
                     self.reml_criterion_pymc,
                 )
             )
-        rows.append(("maximised ML log-likelihood", self.loglik_lme4, self.loglik_pymc_max))
+        best = self.loglik_lme4
+        if self.lme4_short and self.loglik_lme4_best is not None:
+            best = self.loglik_lme4_best
+            rows.append(
+                (
+                    "ML log-likelihood at lme4's best refit",
+                    self.loglik_lme4_best,
+                    self.loglik_pymc_at_best
+                    if self.loglik_pymc_at_best is not None
+                    else float("nan"),
+                )
+            )
+        rows.append(("maximised ML log-likelihood", best, self.loglik_pymc_max))
         if self.loglik_pymc_model is not None:
             rows.append(
                 (
@@ -239,6 +280,13 @@ class SameModel:
                 "model_probe_gap": self.model_probe_gap,
                 "optimizer": dict(self.optimizer),
                 "notes": list(self.notes),
+                "lme4_short": self.lme4_short,
+                "lme4_optimum": self.lme4_optimum,
+                "loglik_lme4_best": self.loglik_lme4_best,
+                "loglik_pymc_at_best": self.loglik_pymc_at_best,
+                "lme4_refits": []
+                if self.lme4_refits is None
+                else self.lme4_refits.to_dict("records"),
                 "seconds": self.seconds,
                 "tolerances": {
                     "loglik": LOGLIK_TOLERANCE,
@@ -543,6 +591,33 @@ def _level_counts(design: Design) -> dict[str, int]:
     return dict(zip(design.sigma_levels, counts.tolist(), strict=True))
 
 
+def values_from_theta(design: Design, beta: Any, theta: Any, sigma: float) -> ParameterValues:
+    """lmer's parameters (fixed effects, theta, residual SD) as :class:`ParameterValues`."""
+    fixed = {str(k): float(v) for k, v in _as_dict(beta, design.fixed_terms).items()}
+    blocks = _blocks_from_theta(design, theta, float(sigma))
+    return ParameterValues(fixed, blocks, {"": float(sigma)}, None)
+
+
+def theta_from_values(design: Design, values: ParameterValues) -> np.ndarray:
+    """lme4's theta (relative Cholesky factors, lme4's block order) of a parameter set.
+
+    The inverse of :func:`values_from_theta` for one residual SD; a block the
+    values lack gets zeros.  Diagonal entries are kept at or above 0 (lme4's bounds).
+    """
+    _, factors, sigma = project(values, design)
+    scale = float(np.atleast_1d(sigma)[0])
+    by_block = {id(b): F for b, F in zip(design.blocks, factors, strict=True)}
+    theta = []
+    for block in lme4_block_order(design.blocks):
+        F = np.asarray(by_block[id(block)], dtype=float)
+        lam = psd_cholesky(F @ F.T) / scale  # lower triangular, diagonal >= 0
+        k = block.n_terms
+        for j in range(k):
+            for i in range(j, k):
+                theta.append(max(lam[i, j], 0.0) if i == j else lam[i, j])
+    return np.asarray(theta, dtype=float)
+
+
 def harness_values(design: Design, estimate: MLEstimate) -> ParameterValues:
     """The optimiser's result as :class:`ParameterValues`."""
     fixed = dict(zip(design.fixed_terms, estimate.beta.tolist(), strict=True))
@@ -812,25 +887,68 @@ def same_model(
     optimum = marginal.maximise(start=start)
     if not optimum.converged:
         notes.append(f"optimiser: {optimum.message}")
+    harness_optimum = harness_values(pymc_design, optimum)
+
+    # lme4's optimum is the reference unless lme4 stopped short of it: when lme4 warned, or
+    # the harness climbs higher, its other optimizers (and a start at the harness's optimum)
+    # say whether a higher point exists; the same-model test is then against the best fit.
+    refits = _lme4_refits(
+        freq,
+        harness_optimum if pymc_design is lme4_design else None,
+        higher=optimum.loglik > loglik_lme4 + OPTIMUM_LOGLIK_TOLERANCE,
+        notes=notes,
+    )
+    best_ml = refits.best_fit["by_method"].get("ML") if refits is not None else None
+    short = bool(best_ml and best_ml["improved"])
+    reference, reference_loglik, who = ml, loglik_lme4, engine
+    at_best = None
+    if refits is not None and best_ml is not None:
+        notes.append(optimizer_sentence(refits.best_fit["by_method"], "ML"))
+        if freq.method == "REML" and "REML" in refits.best_fit["by_method"]:
+            notes.append(optimizer_sentence(refits.best_fit["by_method"], "REML"))
+        if refits.best_fit.get("missing"):
+            notes.append(
+                "allFit's optimizers not tried (R packages missing): "
+                + ", ".join(refits.best_fit["missing"])
+            )
+    if short and best_ml is not None:
+        reference = values_from_theta(
+            lme4_design, best_ml["beta"], best_ml["theta"], float(best_ml["sigma"])
+        )
+        reference_loglik = float(best_ml["loglik"])
+        who = f"lme4's best refit ({best_ml['optimizer']} from {best_ml['start']})"
+        b_best, f_best, s_best = project(reference, pymc_design)
+        at_best = marginal.evaluate(b_best, f_best, s_best)["loglik"]
+        if not abs(at_best - reference_loglik) < LOGLIK_TOLERANCE:
+            reasons.append(
+                f"log-likelihood at {who}'s ML estimates: lme4 {reference_loglik:.8f}, PyMC "
+                f"marginal {at_best:.8f}, difference {at_best - reference_loglik:.3g} "
+                f"(tolerance {LOGLIK_TOLERANCE:g})"
+            )
     estimates = compare_estimates(
-        ml,
-        harness_values(pymc_design, optimum),
+        reference,
+        harness_optimum,
         parameter_names(lme4_design),
         parameter_names(pymc_design),
     )
+    if short:
+        original = ml.named()
+        estimates.insert(
+            2, "lme4_original", [original.get(n, np.nan) for n in estimates["parameter"]]
+        )
     shown = display_names(lme4_design, pymc_design)
     estimates["parameter"] = [shown.get(n, n) for n in estimates["parameter"]]
     for row in estimates.itertuples(index=False):
         if not row.ok and row.tolerance not in ("only in lme4", "only in the PyMC model"):
             reasons.append(
-                f"ML estimate of {row.parameter}: {engine} {row.lme4:.8g}, maximiser of the PyMC "
+                f"ML estimate of {row.parameter}: {who} {row.lme4:.8g}, maximiser of the PyMC "
                 f"marginal {row.harness:.8g} (relative difference {row.rel_diff:.2g}; "
                 f"tolerance {row.tolerance})"
             )
-    if optimum.loglik > loglik_lme4 + OPTIMUM_LOGLIK_TOLERANCE:
+    if optimum.loglik > reference_loglik + OPTIMUM_LOGLIK_TOLERANCE:
         reasons.append(
             f"maximised log-likelihood: the PyMC marginal reaches {optimum.loglik:.8f}, above "
-            f"{engine}'s {loglik_lme4:.8f} (difference {optimum.loglik - loglik_lme4:.3g})"
+            f"{who}'s {reference_loglik:.8f} (difference {optimum.loglik - reference_loglik:.3g})"
         )
 
     model_loglik = probe_gap = None
@@ -880,11 +998,52 @@ def same_model(
         },
         notes=notes,
         seconds=time.perf_counter() - started,
+        lme4_refits=refits.optimizer_refits if refits is not None else None,
+        lme4_best=refits.best_fit if refits is not None else {},
+        lme4_short=short or bool(refits is not None and refits.best_fit.get("improved")),
+        loglik_lme4_best=reference_loglik if short else None,
+        loglik_pymc_at_best=at_best,
     )
     log.info("same model? %s (difference %.3g)", result.verdict, difference)
     for reason in reasons:
         log.info("same model: %s", reason)
     return result
+
+
+def _lme4_refits(
+    freq: Any, optimum: ParameterValues | None, *, higher: bool, notes: list[str]
+) -> Any:
+    """``freq`` refitted with lme4's other optimizers when lme4 warned or the harness is higher.
+
+    ``optimum`` (the harness's ML optimum on lme4's design) is one more start.
+    None when no refit applies (nlme, glmer) or none was needed; a failure is a note.
+    """
+    from harness.engines.lme4 import refit_lme4, refits_apply
+
+    if not (higher or not freq.converged) or not refits_apply(freq):
+        return None
+    start = theta_from_values(freq.design, optimum) if optimum is not None else None
+    try:
+        return refit_lme4(freq, start=start)
+    except (RuntimeError, ValueError) as err:
+        log.warning("refits with lme4's other optimizers failed: %s", err)
+        notes.append(f"refits with lme4's other optimizers failed: {err}")
+        return None
+
+
+def with_lme4_refits(freq: Any, result: SameModel | None) -> Any:
+    """``freq`` carrying the refits the same-model check made (they include its optimum's start).
+
+    The comparison tables then name the shift from lme4's estimate to its best
+    refit as the ``lme4_optimizer`` source.  ``freq`` itself when none were made.
+    """
+    import dataclasses
+
+    if result is None or result.lme4_refits is None or not result.lme4_best:
+        return freq
+    return dataclasses.replace(
+        freq, optimizer_refits=result.lme4_refits, best_fit=dict(result.lme4_best)
+    )
 
 
 def _glmm_same_model(

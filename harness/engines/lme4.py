@@ -86,6 +86,14 @@ class FreqFit:
     fit_seconds: float
     ml_estimates: dict[str, Any] = field(default_factory=dict)
     df_method: str = ""
+    #: The optimizer lme4 used (allFit's name, e.g. ``nloptwrap.NLOPT_LN_BOBYQA``).
+    optimizer: str = ""
+    #: The control the fit was asked for (``optimizer``, ``maxfun``, ``start``); empty: lmer's own.
+    control: dict[str, Any] = field(default_factory=dict)
+    #: One row per refit with another optimizer or start (:func:`refit_lme4`), else None.
+    optimizer_refits: pd.DataFrame | None = None
+    #: The best refit against this fit (:func:`refit_lme4`); empty when none was tried.
+    best_fit: dict[str, Any] = field(default_factory=dict)
 
     @property
     def stand_in(self) -> str | None:
@@ -136,6 +144,7 @@ def _r_env() -> Any:
     with _quiet_console():
         ro.r["source"](str(scripts / "fit.R"), local=env)
         ro.r["source"](str(scripts / "glmm.R"), local=env)  # GLMM (issue 12)
+        ro.r["source"](str(scripts / "refit.R"), local=env)  # lme4's other optimizers (issue 20)
     _restore_library_path(library_path)
     return env
 
@@ -501,12 +510,20 @@ def _lme_pieces(parsed: ParsedFormula, spec: ModelSpec) -> dict[str, Any]:
     }
 
 
-def _r_call_text(design: Design, reml: bool, pieces: dict[str, Any] | None) -> str:
+def _r_call_text(
+    design: Design,
+    reml: bool,
+    pieces: dict[str, Any] | None,
+    control: Mapping[str, Any] | None = None,
+) -> str:
     # What the reader would type, in their own names (R ran the same call on v1_, v2_, ...).
     if pieces is not None:
         pieces = _lme_pieces(parse_formula(design.spec.formula), design.spec)
     if pieces is None:
-        return f"lmerTest::lmer({design.spec.formula}, data = data, REML = {str(reml).upper()})"
+        extra = _control_text(control or {})
+        return (
+            f"lmerTest::lmer({design.spec.formula}, data = data, REML = {str(reml).upper()}{extra})"
+        )
     pd_class = "pdLogChol" if pieces["correlated"] else "pdDiag"
     return (
         f"nlme::lme(fixed = {pieces['fixed']},\n"
@@ -525,6 +542,8 @@ def fit_lme4(
     n_sims: int = 1000,
     seed: int = 1,
     design: Design | None = None,
+    control: Mapping[str, Any] | None = None,
+    refit_on_warning: bool = True,
 ) -> FreqFit:
     """Fit ``spec`` with lme4 (nlme stands in when ``spec.sigma_by`` is set).
 
@@ -542,12 +561,23 @@ def fit_lme4(
         Seed for REsim.
     design : Design, optional
         A design already built from (spec, data).
+    control : mapping, optional
+        lmer's control, as a user's own call may set it: ``optimizer`` (one of
+        :data:`OPTIMIZERS`), ``maxfun`` (an evaluation cap) and ``start``
+        (theta, lme4's order).  Gaussian lmer fits only.
+    refit_on_warning : bool
+        When lme4 warns about convergence, refit with its other optimizers
+        (:func:`refit_lme4`) and keep what they find in ``optimizer_refits``
+        and ``best_fit``.
 
     Returns
     -------
     FreqFit
     """
     design = design if design is not None else build_design(spec, data)
+    control = _check_control(control)
+    if control and (spec.sigma_by or design.family.glm):
+        raise ValueError("control applies to lmer fits (gaussian, one residual SD) only")
     reml = spec.reml if reml is None else reml
     started = time.perf_counter()
     names = r_names(design)
@@ -593,6 +623,7 @@ def fit_lme4(
                 profile=profile,
                 n_sims=int(n_sims),
                 seed=int(seed),
+                **_control_args(control),
             )
         )
         ml = {
@@ -631,14 +662,296 @@ def fit_lme4(
         versions=versions,
         r_call=_glmer_call_text(design)
         if design.family.glm
-        else _r_call_text(design, reml, pieces),
+        else _r_call_text(design, reml, pieces, control),
         fit_seconds=elapsed,
         ml_estimates=ml,
         df_method=str(info["df_method"]),
+        optimizer=str(info.get("optimizer") or ""),
+        control=dict(control),
     )
     for message in messages[len(design.notes) :]:  # the design's notes are its caller's to show
         log.info("%s: %s", fit.engine, message)
+    if refit_on_warning and not fit.converged and refits_apply(fit):
+        try:
+            fit = refit_lme4(fit)
+        except RuntimeError as err:  # the fit stands; the report says the refits failed
+            log.warning("refitting with lme4's other optimizers failed: %s", err)
+            fit.messages.append(f"refits with lme4's other optimizers failed: {err}")
     return fit
+
+
+# --------------------------------------------------------------------------- other optimizers
+
+#: lme4's optimizers as ``allFit`` names them, that lme4 1.1 runs without extra packages
+#: (``r_scripts/refit.R``); ``nloptwrap.NLOPT_LN_BOBYQA`` is lmer's default.
+OPTIMIZERS = (
+    "bobyqa",
+    "Nelder_Mead",
+    "nlminbwrap",
+    "nloptwrap.NLOPT_LN_NELDERMEAD",
+    "nloptwrap.NLOPT_LN_BOBYQA",
+)
+#: A refit must raise the log-likelihood (or lower half the REML criterion) by more than
+#: this to count as lme4 not having reached its maximum (its optimizers stop at ~1e-8).
+IMPROVEMENT_TOLERANCE = 1e-4
+
+
+def _check_control(control: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A validated copy of ``control``: known keys, a known optimizer, numbers only."""
+    if not control:
+        return {}
+    unknown = sorted(set(control) - {"optimizer", "maxfun", "start"})
+    if unknown:
+        raise ValueError(f"control: unknown key(s) {unknown}; use optimizer, maxfun, start")
+    out: dict[str, Any] = {}
+    if control.get("optimizer") is not None:
+        if control["optimizer"] not in OPTIMIZERS:
+            raise ValueError(f"control: optimizer must be one of {OPTIMIZERS}")
+        out["optimizer"] = str(control["optimizer"])
+    if control.get("maxfun") is not None:
+        maxfun = int(control["maxfun"])
+        if maxfun < 1 or maxfun != control["maxfun"]:
+            raise ValueError("control: maxfun must be a positive integer")
+        out["maxfun"] = maxfun
+    if control.get("start") is not None:
+        start = np.atleast_1d(np.asarray(control["start"], dtype=float))
+        if not np.all(np.isfinite(start)):
+            raise ValueError("control: start must be finite numbers (theta)")
+        out["start"] = start.tolist()
+    return out
+
+
+def _control_text(control: Mapping[str, Any]) -> str:
+    """The control arguments of the lmer call, as R code a reader could run."""
+    if not control:
+        return ""
+    name = control.get("optimizer", "nloptwrap.NLOPT_LN_BOBYQA")
+    optimizer, _, algorithm = name.partition(".")
+    settings = [f'algorithm = "{algorithm}"'] if algorithm else []
+    if "maxfun" in control:
+        key = {"nloptwrap": "maxeval", "nlminbwrap": "eval.max"}.get(optimizer, "maxfun")
+        settings.append(f"{key} = {int(control['maxfun'])}")
+    text = f',\n    control = lmerControl(optimizer = "{optimizer}"'
+    text += f", optCtrl = list({', '.join(settings)}))" if settings else ")"
+    if "start" in control:
+        text += f",\n    start = c({', '.join(f'{v:.10g}' for v in control['start'])})"
+    return text
+
+
+def _control_args(control: Mapping[str, Any]) -> dict[str, Any]:
+    import rpy2.robjects as ro
+
+    args: dict[str, Any] = {}
+    if "maxfun" in control and "optimizer" not in control:
+        args["optimizer"] = "nloptwrap.NLOPT_LN_BOBYQA"  # lmer's default, with the cap
+    if "optimizer" in control:
+        args["optimizer"] = control["optimizer"]
+    if "maxfun" in control:
+        args["maxfun"] = int(control["maxfun"])
+    if "start" in control:
+        args["start"] = ro.FloatVector(control["start"])
+    return args
+
+
+def refits_apply(freq: FreqFit) -> bool:
+    """Whether :func:`refit_lme4` can refit ``freq`` (lmer fits; not glmer, not nlme)."""
+    return freq.engine == "lme4" and not freq.design.family.glm
+
+
+def refit_lme4(freq: FreqFit, start: Any = None) -> FreqFit:
+    """``freq`` with lme4's other optimizers tried, as ``allFit`` tries them, and the best named.
+
+    Every optimizer of :data:`OPTIMIZERS` refits the model from lme4's default
+    start; with ``start`` (theta, e.g. the harness's own ML optimum) lmer's
+    default optimizer and bobyqa refit it from there too.  A REML fit is
+    refitted by REML (the criterion of the estimates the comparison tables
+    hold) and by ML (the likelihood of the same-model check); the best fit of
+    each is the one with the lowest criterion (REML criterion; deviance for ML).
+
+    Parameters
+    ----------
+    freq : FreqFit
+        An lmer fit (see :func:`refits_apply`).
+    start : array or mapping, optional
+        Theta in lme4's order.
+
+    Returns
+    -------
+    FreqFit
+        A copy with ``optimizer_refits`` (optimizer, start, method, criterion,
+        loglik, converged, singular, messages, best; the original fit first)
+        and ``best_fit`` (:func:`best_fit_summary`).
+    """
+    import dataclasses
+
+    import rpy2.robjects as ro
+
+    if not refits_apply(freq):
+        raise ValueError(f"lme4's optimizers refit lmer fits only, not {freq.engine} ones")
+    design = freq.design
+    names = r_names(design)
+    frame = to_r_frame(design.data, names.columns)
+    kwargs: dict[str, Any] = {}
+    if start is not None:
+        values = list(start.values()) if isinstance(start, Mapping) else start
+        theta = np.atleast_1d(np.asarray(values, dtype=float))
+        kwargs["start"] = ro.FloatVector(np.clip(theta, -1e6, 1e6).tolist())
+    reml = freq.method == "REML"
+    result = _from_r(
+        _call("harness_lmer_refits", frame, names.formula, _symbols(names), REML=reml, **kwargs)
+    )
+    table = result["table"]
+    table["messages"] = [names.user(str(m)) if m else "" for m in table["messages"]]
+    table["optimizer"] = table["optimizer"].astype(object)
+    original = _original_rows(freq)
+    table = pd.concat([original, table], ignore_index=True)
+    best = {
+        method: _best_estimates(result[key], names, freq.spec)
+        for method, key in (("REML", "best_reml"), ("ML", "best_ml"))
+        if result.get(key) is not None
+    }
+    summary = best_fit_summary(freq, best, result.get("missing"))
+    table["best"] = False
+    for method, chosen in summary["by_method"].items():
+        if chosen.get("improved"):
+            hit = (
+                (table["method"] == method)
+                & (table["optimizer"] == chosen["optimizer"])
+                & (table["start"] == chosen["start"])
+            )
+        else:
+            hit = (table["method"] == method) & (table["start"] == "as fitted")
+        table.loc[hit[hit].index[:1], "best"] = True
+    log.info("lme4 refits: %s", summary["sentence"])
+    return dataclasses.replace(freq, optimizer_refits=table, best_fit=summary)
+
+
+def _original_rows(freq: FreqFit) -> pd.DataFrame:
+    """The fit as lme4 returned it, as rows of the refits table (its ML refit too, for REML)."""
+    start = "as fitted"
+    messages = "; ".join(m.removeprefix("convergence: ") for m in freq.messages if "converg" in m)
+    rows = []
+    if freq.method == "REML":
+        rows.append(
+            {
+                "optimizer": freq.optimizer or "lmer's default",
+                "start": start,
+                "method": "REML",
+                "criterion": float(freq.reml_criterion)
+                if freq.reml_criterion is not None
+                else np.nan,
+                "loglik": float(freq.loglik),
+                "converged": bool(freq.converged),
+                "singular": bool(freq.singular),
+                "messages": messages,
+            }
+        )
+        rows.append(
+            {
+                "optimizer": "bobyqa (refitML from the REML estimates)",
+                "start": start,
+                "method": "ML",
+                "criterion": -2.0 * float(freq.loglik_ml),
+                "loglik": float(freq.loglik_ml),
+                "converged": None,
+                "singular": None,
+                "messages": "",
+            }
+        )
+    else:
+        rows.append(
+            {
+                "optimizer": freq.optimizer or "lmer's default",
+                "start": start,
+                "method": "ML",
+                "criterion": -2.0 * float(freq.loglik_ml),
+                "loglik": float(freq.loglik_ml),
+                "converged": bool(freq.converged),
+                "singular": bool(freq.singular),
+                "messages": messages,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _best_estimates(raw: dict[str, Any], names: RNames, spec: ModelSpec) -> dict[str, Any]:
+    """One best refit from R, in the user's names: tables of estimates and the ML parameters."""
+    tables = {"fixed": raw["fixed"], "variance": raw["variance"]}
+    _user_tables(tables, names, spec)
+    fixed = tables["fixed"]
+    variance = tables["variance"]
+    return {
+        "optimizer": str(raw["optimizer"]),
+        "start": str(raw["start"]),
+        "criterion": float(raw["criterion"]),
+        "loglik": float(raw["loglik"]),
+        "fixed": dict(zip(fixed["term"].astype(str), fixed["estimate"].astype(float), strict=True)),
+        "variance": {
+            str(c): float(v)
+            for c, v in zip(variance["component"], variance["estimate"], strict=True)
+        },
+        "beta": _user_keys(raw["beta"], names),
+        "theta": _user_keys(raw["theta"], names),
+        "sigma": float(raw["sigma"]),
+    }
+
+
+def best_fit_summary(
+    freq: FreqFit, best: Mapping[str, dict[str, Any]], missing: Any = None
+) -> dict[str, Any]:
+    """What the refits found against ``freq``: per method the best fit and whether it is better.
+
+    Returns
+    -------
+    dict
+        ``method`` (the fit's own, whose estimates the comparison tables hold),
+        ``by_method`` (``"REML"``/``"ML"`` -> the best refit's ``optimizer``,
+        ``start``, ``criterion``, ``loglik``, ``loglik_original``,
+        ``improved`` (higher by more than :data:`IMPROVEMENT_TOLERANCE`),
+        ``fixed`` and ``variance`` estimates by term and component, and
+        ``beta``, ``theta``, ``sigma``), ``improved`` (for the fit's own
+        method), ``sentence`` and ``missing`` (optimizers that need absent packages).
+    """
+    original = {"ML": float(freq.loglik_ml)}
+    if freq.method == "REML":
+        original["REML"] = float(freq.loglik)
+    by_method: dict[str, dict[str, Any]] = {}
+    for method, chosen in best.items():
+        entry = dict(chosen)
+        entry["loglik_original"] = original[method]
+        entry["improved"] = bool(chosen["loglik"] > original[method] + IMPROVEMENT_TOLERANCE)
+        by_method[method] = entry
+    own = by_method.get(freq.method, {})
+    missing_list = [str(m) for m in np.atleast_1d(missing)] if missing is not None else []
+    return {
+        "method": freq.method,
+        "by_method": by_method,
+        "improved": bool(own.get("improved", False)),
+        "sentence": optimizer_sentence(by_method, freq.method),
+        "missing": missing_list,
+    }
+
+
+def optimizer_sentence(by_method: Mapping[str, Mapping[str, Any]], method: str) -> str:
+    """``lme4 did not reach its maximum (log-likelihood X at lme4's estimates, Y at the best fit)``.
+
+    Or, when no refit beat lme4's own estimates, that they stand.
+    """
+    chosen = by_method.get(method)
+    if not chosen:
+        return "no refit with lme4's other optimizers succeeded"
+    what = "REML log-likelihood" if method == "REML" else "log-likelihood"
+    where = f"{chosen['optimizer']} from {chosen['start']}"
+    if chosen["improved"]:
+        return (
+            f"lme4 did not reach its maximum ({what} {chosen['loglik_original']:.6f} at lme4's "
+            f"estimates, {chosen['loglik']:.6f} at the best fit: {where})"
+        )
+    return (
+        f"lme4's other optimizers find no higher {what} than its own estimates' "
+        f"({chosen['loglik_original']:.6f}; best refit {chosen['loglik']:.6f}, {where}): "
+        "its estimates stand"
+    )
 
 
 def _symbols(names: RNames) -> Any:

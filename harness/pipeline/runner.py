@@ -385,6 +385,15 @@ def _same_model_cached(
     return result, status, key, False, seconds
 
 
+def _with_refits(freq: FreqFit, same_model: Any | None) -> FreqFit:
+    """``freq`` with the same-model check's lme4 refits (itself when there are none)."""
+    if same_model is None:
+        return freq
+    from harness.checks.same_model import with_lme4_refits
+
+    return with_lme4_refits(freq, same_model)  # type: ignore[no-any-return]
+
+
 def _compare_cached(
     store: FitCache,
     freq: FreqFit,
@@ -735,6 +744,16 @@ def fit_design(
         _bayes=bayes,
         _idata_path=nc_path,
     )
+    # The same-model check first: when lme4 stopped short of its maximum, the refits it made
+    # (one from the harness's own optimum) give the comparison its lme4_optimizer source.
+    with progress.stage("same-model check"):
+        sm, status, sm_key, cached["same_model"], timings["same_model"] = _same_model_cached(
+            store, spec, data, freq, keys["lme4"], "same_model" in redo
+        )
+    result.same_model, result.same_model_status = sm, status
+    if sm_key:
+        keys["same_model"] = sm_key
+    result.freq = freq = _with_refits(freq, sm)
     with progress.stage("compare"):
         comparison, keys["compare"], cached["compare"], timings["compare"] = _compare_cached(
             store,
@@ -746,13 +765,6 @@ def fit_design(
             "compare" in redo,
         )
     result.comparison = comparison
-    with progress.stage("same-model check"):
-        sm, status, sm_key, cached["same_model"], timings["same_model"] = _same_model_cached(
-            store, spec, data, freq, keys["lme4"], "same_model" in redo
-        )
-    result.same_model, result.same_model_status = sm, status
-    if sm_key:
-        keys["same_model"] = sm_key
     if render is not None:
         fparts = figures_key_parts(result, render)
         fkey = _digest(fparts)

@@ -511,7 +511,23 @@ def _same_model_context(result: DesignResult) -> dict[str, Any]:
         "likelihoods": _records(sm.likelihood_table()) if hasattr(sm, "likelihood_table") else [],
         "estimates": _records(estimates) if isinstance(estimates, pd.DataFrame) else [],
         "estimate_columns": list(estimates.columns) if isinstance(estimates, pd.DataFrame) else [],
+        "verdict": str(getattr(sm, "verdict", "")),
+        "lme4_short": bool(getattr(sm, "lme4_short", False)),
+        "lme4_optimum": str(getattr(sm, "lme4_optimum", "") or ""),
+        "refits": _refit_records(getattr(sm, "lme4_refits", None)),
     }
+
+
+def _refit_records(refits: Any) -> list[dict[str, Any]]:
+    """The lme4 refits table as rows for the page (empty when none were tried)."""
+    if not isinstance(refits, pd.DataFrame) or refits.empty:
+        return []
+    frame = refits.copy()
+    frame["converged"] = [
+        "—" if v is None or pd.isna(v) else ("yes" if v else "no") for v in frame["converged"]
+    ]
+    frame["best"] = ["best" if v else "" for v in frame["best"]]
+    return _records(frame)
 
 
 def _split_diagnostics(diagnostics: pd.DataFrame) -> tuple[pd.DataFrame, str]:

@@ -620,6 +620,7 @@ def new_group_table(
 
 #: Readable labels of attribution sources; any other source shows its key with spaces.
 SOURCE_LABELS = {
+    "lme4_optimizer": "lme4 optimizer",
     "prior": "prior",
     "laplace": "Laplace (glmer vs exact ML)",
     "summary": "summary",
@@ -788,7 +789,9 @@ def verdict_table(
                 "se_from_interval": False,
                 "tolerance": "|difference| < 1e-6",
                 "verdict": "pass" if ok else "fail",
-                "note": "; ".join(str(x) for x in reasons),
+                "note": "; ".join(
+                    [str(x) for x in reasons] + [str(getattr(same_model, "lme4_optimum", "") or "")]
+                ).strip("; "),
                 "explanation": "",
                 "attribution": "",
             }
