@@ -376,6 +376,9 @@ def export_data(datasets: list[str], folder: Path) -> dict[str, pd.DataFrame]:
     labels stay factors and the reference level is R's); numbers stay numbers.
     Only ``NA`` is missing: labels such as ``N/A`` (OME's factor OME) are data.
     """
+    bad = [item for item in datasets if not valid_dataset_name(item)]
+    if bad:
+        raise ValueError(f"data set names must read package::name, not {bad}")
     script = ROOT / "r_scripts" / "export_data.R"
     subprocess.run(["Rscript", str(script), str(folder), *datasets], check=True)
     out = {}

@@ -46,6 +46,8 @@ def test_case_names_unique_and_datasets_well_formed() -> None:
         assert spec.family == case.family and spec.sigma_by == case.sigma_by
     for bad in ("lme4", "lme4::", "::x", "lme4::x; system('ls')", "../lme4::x", "a::b::c"):
         assert not gallery.valid_dataset_name(bad), bad
+    with pytest.raises(ValueError, match="package::name"):
+        gallery.export_data(["lme4::sleepstudy", "lme4::x; q()"], Path("unused"))
 
 
 def test_gallery_has_both_kinds() -> None:
