@@ -70,12 +70,20 @@ def _env() -> dict[str, str]:
     }
 
 
-def _setup(session: nox.Session, *groups: str, extras: str = "", browser: bool = False) -> None:
+def _setup(
+    session: nox.Session,
+    *groups: str,
+    extras: str = "",
+    browser: bool = False,
+    gallery: bool = False,
+) -> None:
     """System setup (R and packages), then the package (editable) and dependency groups.
 
-    ``browser=True`` also installs Debian's Chromium for the report browser tests.
+    ``browser=True`` also installs Debian's Chromium for the report browser tests;
+    ``gallery=True`` the R data packages only the gallery reads (mlmRev).
     """
-    script = [str(ROOT / "r_scripts" / "install_r.sh")] + (["--with-browser"] if browser else [])
+    script = [str(ROOT / "r_scripts" / "install_r.sh")]
+    script += (["--with-browser"] if browser else []) + (["--with-gallery"] if gallery else [])
     session.run("bash", *script, external=True)
     # The install is editable, so only a change of pyproject.toml (or of the groups and
     # extras asked for) needs pip again; a stamp in the venv records what was installed.
@@ -137,7 +145,7 @@ def gallery(session: nox.Session) -> None:
     ``nox -s gallery -- --cases orthodont dyestuff2 --draws 500``; ``--list`` names the cases.
     Cached fits make a rerun resume where the last one stopped.
     """
-    _setup(session)
+    _setup(session, gallery=True)
     session.run("python", "benchmarks/gallery.py", *session.posargs, env=_env())
 
 

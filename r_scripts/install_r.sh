@@ -8,12 +8,15 @@
 #
 #   bash r_scripts/install_r.sh                 # R + packages (+ g++, OpenBLAS headers)
 #   bash r_scripts/install_r.sh --with-browser  # also Chromium, for the report's browser tests
+#   bash r_scripts/install_r.sh --with-gallery  # also the data-only packages the gallery reads
 #   HARNESS_INSTALL_CHROMIUM=1 bash r_scripts/install_r.sh   # same as --with-browser
 #
 # What gets installed on Debian and why:
 #   r-base-core            R itself, libR.so (rpy2 loads it) and the R headers.
 #   r-cran-{lme4,nlme,merTools,lmerTest,pbkrtest,mass}
 #                          the frequentist engines and their helpers.
+#   r-cran-mlmrev          (--with-gallery only) data sets of multilevel-modelling textbooks
+#                          for `nox -s gallery` (data only; depends on lme4).
 #   g++                    PyTensor's C backend compiles the PyMC log-density with it.
 #   libopenblas-dev        gives PyTensor a BLAS to link (-lopenblas); without it PyTensor
 #                          warns "could not link to a BLAS installation" and falls back to
@@ -27,12 +30,17 @@ R_PACKAGES=(lme4 nlme merTools lmerTest pbkrtest MASS)
 APT_R=(r-base-core r-cran-lme4 r-cran-nlme r-cran-mertools r-cran-lmertest r-cran-pbkrtest r-cran-mass)
 APT_EXTRA=(g++ libopenblas-dev)
 APT_BROWSER=(chromium)
+# Data packages of the real-data gallery only (benchmarks/gallery.py), not of tests or reports.
+R_GALLERY=(mlmRev)
+APT_GALLERY=(r-cran-mlmrev)
 
 with_browser="${HARNESS_INSTALL_CHROMIUM:-0}"
+with_gallery=0
 for arg in "$@"; do
   case "$arg" in
     --with-browser) with_browser=1 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --with-gallery) with_gallery=1 ;;
+    -h|--help) awk 'NR > 1 && /^set /{exit} NR > 1' "$0"; exit 0 ;;
     *) echo "install_r.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -43,6 +51,7 @@ r_ok() {
   command -v Rscript >/dev/null 2>&1 || return 1
   local pkgs
   pkgs=$(printf '"%s",' "${R_PACKAGES[@]}")
+  if [ "$with_gallery" = 1 ]; then pkgs+=$(printf '"%s",' "${R_GALLERY[@]}"); fi
   # find.package only looks the packages up (loading them all takes seconds).
   Rscript --vanilla -e "invisible(find.package(c(${pkgs%,})))" >/dev/null 2>&1
 }
@@ -69,7 +78,8 @@ all_ok() {
 }
 
 if all_ok; then
-  say "R $(Rscript -e 'cat(as.character(getRversion()))' 2>/dev/null) with ${R_PACKAGES[*]}: ok"
+  say "R $(Rscript -e 'cat(as.character(getRversion()))' 2>/dev/null) with ${R_PACKAGES[*]}$(
+  [ "$with_gallery" = 1 ] && echo " ${R_GALLERY[*]}"): ok"
   exit 0
 fi
 
@@ -88,6 +98,7 @@ fi
 if [ "$can_apt" = 1 ]; then
   pkgs=()
   r_ok || pkgs+=("${APT_R[@]}")
+  if [ "$with_gallery" = 1 ] && ! r_ok; then pkgs+=("${APT_GALLERY[@]}"); fi
   gxx_ok || pkgs+=(g++)
   blas_ok || pkgs+=(libopenblas-dev)
   if [ "$with_browser" = 1 ] && ! browser_ok; then pkgs+=("${APT_BROWSER[@]}"); fi
@@ -111,6 +122,7 @@ Install by hand:
   * Debian/Ubuntu: apt-get install r-base-core r-cran-lme4 r-cran-nlme r-cran-mertools \
       r-cran-lmertest r-cran-pbkrtest r-cran-mass
   * conda: conda install -c conda-forge r-base r-lme4 r-nlme r-mertools r-lmertest r-pbkrtest r-mass
+  * for the gallery (--with-gallery), also the data package mlmRev (Debian: r-cran-mlmrev).
 Then re-run: bash r_scripts/install_r.sh
 EOF
   exit 1
@@ -123,4 +135,5 @@ if [ "$with_browser" = 1 ] && ! browser_ok; then
   say "error: Chromium was requested but is not installed (Debian: apt-get install chromium)."
   exit 1
 fi
-say "R $(Rscript -e 'cat(as.character(getRversion()))' 2>/dev/null) with ${R_PACKAGES[*]}: ok"
+say "R $(Rscript -e 'cat(as.character(getRversion()))' 2>/dev/null) with ${R_PACKAGES[*]}$(
+  [ "$with_gallery" = 1 ] && echo " ${R_GALLERY[*]}"): ok"
