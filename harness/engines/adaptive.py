@@ -472,7 +472,8 @@ def divergence_blocks(idata: Any, design: Design) -> dict[str, dict[str, Any]]:
             gap = np.abs(logs[diverging].mean(axis=0) - logs[~diverging].mean(axis=0))
             with np.errstate(divide="ignore", invalid="ignore"):
                 scores = np.where(spread > 0, gap / spread, 0.0)
-            score = float(np.nanmax(scores))
+            finite = scores[np.isfinite(scores)]
+            score = float(finite.max()) if finite.size else 0.0
         low, high = np.quantile(flat, [0.05, 0.95], axis=0)
         widest = int(np.argmax(high / np.clip(low, 1e-300, None)))
         found[block.label] = {
