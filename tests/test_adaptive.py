@@ -633,3 +633,22 @@ def test_the_default_draws_budget_stops_the_loop_by_count():
     assert record["settings"]["max_draws"] == 6 * 4 * 300
     assert record["draws_sampled"] <= record["settings"]["max_draws"]
     assert sum(c["chains"] * c["draws"] for c in fake.calls) == record["draws_sampled"]
+
+
+def test_slow_mixing_whose_longer_chains_diverge_tries_the_other_geometry():
+    # Longer chains diverge (so the earlier draws are kept); then the block of the worst
+    # quantity (every block, for a fixed effect or sigma) changes form, which cures it.
+    def behave(kw):
+        if kw["centered"]:
+            return {}
+        return {"rho": 0.95, "divergences": 4 if kw["draws"] > 300 else 0}
+
+    outcome, _ = _loop(behave)
+    rounds = outcome.record["rounds"]
+    assert _actions(outcome) == ["first run", "restart with longer chains", "other geometry"]
+    assert not rounds[1]["kept"] and "samples worse" in rounds[1]["why"]
+    worst = rounds[2]["evidence"]["chain_disagreement"]["quantity"]
+    block = worst.split("[")[0].split("_", 1)[1] if worst.startswith(("u_", "sd_")) else None
+    expected = {b: "centred" if block in (None, b) else "non-centred" for b in ("g", "h")}
+    assert rounds[2]["parameterization"] == expected
+    assert outcome.record["reliable"]

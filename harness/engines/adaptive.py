@@ -729,21 +729,24 @@ def _plan_rhat(
     # Slow mixing: R-hat over chains of ~n effective draws each carries noise of
     # order 1/n that more chains do not shrink (they make R-hat a stricter test):
     # longer chains after a longer warm-up do, or a geometry that mixes faster.
+    # The worst quantity's block; a fixed effect or sigma mixes through every block.
     label = _block_of(quantity, design)
-    flipped = frozenset(kept.run.centered ^ {label}) if label else None
+    labels = {label} if label else {b.label for b in design.blocks}
+    flipped = frozenset(kept.run.centered ^ labels)
     other = (
-        flipped is not None
+        bool(labels)
         and design.spec.parameterization == "offsets"
         and (flipped, kept.run.target_accept) not in memory.tried
     )
+    where = ", ".join(sorted(labels)) or "no block"
     longer = "restart with longer chains" not in memory.not_kept
     mixing = f"no chain stands out (z of each chain's mean of {quantity}: {scores}): slow mixing"
     if other and (memory.longer_chains_kept or not longer):
-        assert flipped is not None and label is not None
-        form = _labels(design, flipped)[label]
+        forms = _labels(design, flipped)
         return _Plan(
             "other geometry",
-            f"{problem}: {mixing} in block {label} after longer chains: {label} -> {form}",
+            f"{problem}: {mixing} after longer chains: "
+            + ", ".join(f"{b} -> {forms[b]}" for b in sorted(labels)),
             evidence=evidence,
             **_same(kept, memory, blocks=flipped),
         )
@@ -757,7 +760,13 @@ def _plan_rhat(
             evidence=evidence,
             **_same(kept, memory, warmup=warmup, length=2 * kept.draws),
         )
-    return f"no remedy left: {problem}: {mixing}; longer chains and the other geometry tried"
+    # Here longer chains sampled worse, and the other geometry was tried or does not exist.
+    geometry = (
+        f"the other geometry of {where} tried"
+        if design.spec.parameterization == "offsets" and labels
+        else "no other geometry (baked_in)"
+    )
+    return f"no remedy left: {problem}: {mixing}; longer chains sampled worse, {geometry}"
 
 
 def _plan_ess(kept: _Kept, memory: _Memory, settings: AdaptiveSettings, problem: str) -> _Plan:
