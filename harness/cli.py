@@ -41,19 +41,20 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _adaptive_arguments(parser: argparse.ArgumentParser) -> None:
     """The adaptive-sampling budget (defaults: ``harness.pipeline.runner.FitSettings``)."""
     parser.add_argument(
-        "--max-rounds", type=int, default=None, help="adaptive sampling: runs at most (default 4)"
+        "--max-rounds", type=int, default=None, help="adaptive sampling: runs at most (default 6)"
     )
     parser.add_argument(
         "--max-draws",
         type=int,
         default=None,
-        help="adaptive sampling: post-warm-up draws over all runs (default 4x the first run's)",
+        help="adaptive sampling: post-warm-up draws over all runs (default 6x the first run's)",
     )
     parser.add_argument(
         "--max-seconds",
         type=float,
         default=None,
-        help="adaptive sampling: wall seconds (default 300)",
+        help="adaptive sampling: a wall-time cap in seconds (default none; a cap makes the "
+        "verdict depend on the machine's speed)",
     )
     parser.add_argument(
         "--no-adaptive", action="store_true", help="one sampler run, however the diagnostics look"

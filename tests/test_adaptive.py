@@ -157,7 +157,9 @@ def test_round_seeds_are_derived_deterministically():
 def test_settings_enter_the_cache_key_and_come_from_the_command_line(monkeypatch):
     monkeypatch.delenv("HARNESS_MAX_ROUNDS", raising=False)
     base = FitSettings()
-    assert base.adaptive and base.pymc_part()["max_rounds"] == 4
+    assert base.adaptive and base.pymc_part()["max_rounds"] == 6
+    assert base.pymc_part()["max_seconds"] is None  # counted budgets only: one result anywhere
+    assert FitSettings(max_seconds=60.0).pymc_part() != base.pymc_part()
     assert FitSettings(max_rounds=2).pymc_part() != base.pymc_part()
     args = argparse.Namespace(max_rounds=2, max_draws=8000, max_seconds=60.0, no_adaptive=False)
     settings = settings_from_args(args, base)
@@ -398,3 +400,255 @@ def test_rounds_table_for_the_report_names_the_worst_quantities(funnel_fits):
     )
     assert table["divergences"].iloc[0] > 0
     assert adaptive_rounds_table(None).empty
+
+
+# --------------------------------------------------------------------------- the loop's order
+
+
+def _fake_design():
+    """Two crossed intercept blocks: ``g`` with 2 levels, ``h`` with 8; 3 rows per cell."""
+    g = np.repeat(["g1", "g2"], 24)
+    h = np.tile(np.repeat([f"h{j}" for j in range(8)], 3), 2)
+    y = np.random.default_rng(0).normal(size=48)
+    data = pd.DataFrame({"y": y, "g": g, "h": h})
+    return build_design(ModelSpec("y ~ 1 + (1 | g) + (1 | h)", name="fake"), data)
+
+
+def _chains(rng, chains: int, draws: int, rho: float, shift: dict[int, float]) -> np.ndarray:
+    """AR(1) chains of unit marginal variance (``rho`` 0: independent draws), some shifted."""
+    noise = rng.normal(size=(chains, draws))
+    out = np.empty_like(noise)
+    out[:, 0] = noise[:, 0]
+    for t in range(1, draws):
+        out[:, t] = rho * out[:, t - 1] + np.sqrt(1 - rho**2) * noise[:, t]
+    for chain, by in shift.items():
+        out[chain] += by
+    return out
+
+
+class FakeSampler:
+    """``sample_once`` stand-in: draws whose mixing, stray chains and divergences follow ``behave``.
+
+    ``behave(call)`` gets the run's keyword arguments and returns a dict with
+    ``rho`` (AR(1) coefficient), ``beta_rho`` (the same for ``beta`` alone), ``shift`` ({chain: shift in posterior SDs}),
+    ``divergences`` (count; their draws have a small SD of block ``g``) and
+    ``seconds`` (the sampling time the run claims).
+    """
+
+    def __init__(self, design, behave):
+        self.design, self.behave, self.calls = design, behave, []
+
+    def __call__(self, design, priors, **kw):
+        import arviz as az
+
+        from harness.engines.pymc import Run
+        from harness.names import level_dim, term_dim
+
+        self.calls.append(kw)
+        how = {"rho": 0.0, "shift": {}, "divergences": 0, "seconds": 1.0, **self.behave(kw)}
+        how.setdefault("beta_rho", how["rho"])
+        rng = np.random.default_rng(kw["seed"])
+        c, n = kw["chains"], kw["draws"]
+
+        def q(rho=how["rho"]):
+            return _chains(rng, c, n, rho, how["shift"])
+
+        diverging = np.zeros((c, n), bool)
+        diverging.flat[: how["divergences"]] = True
+        posterior = {"beta": q(how["beta_rho"])[..., None], "sigma": 10.0 + 0.1 * q()}
+        dims = {"beta": ["fixed_term"]}
+        coords = {"fixed_term": list(design.fixed_terms)}
+        for block in design.blocks:
+            log_sd = 0.3 * q()
+            if block.label == "g":
+                log_sd[diverging] = -3.0  # the divergent draws sit in g's funnel neck
+            posterior[f"sd_{block.label}"] = np.exp(log_sd)[..., None]
+            posterior[f"u_{block.label}"] = np.stack([q() for _ in block.levels], -1)[..., None]
+            dims[f"sd_{block.label}"] = [term_dim(block)]
+            dims[f"u_{block.label}"] = [level_dim(block), term_dim(block)]
+            coords[level_dim(block)] = list(block.levels)
+            coords[term_dim(block)] = list(block.terms)
+        stats = {"diverging": diverging, "n_steps": np.full((c, n), 7)}
+        idata = az.from_dict(posterior=posterior, sample_stats=stats, coords=coords, dims=dims)
+        centered = frozenset(kw["centered"])
+        return Run(
+            idata,
+            0.0,
+            how["seconds"],
+            True,
+            "key",
+            {},
+            centered,
+            kw["target_accept"],
+            kw["seed"],
+            c,
+        )
+
+
+def _loop(behave, settings=None, clock=None, **first):
+    from harness.engines.adaptive import sample_adaptively
+
+    design = _fake_design()
+    fake = FakeSampler(design, behave)
+    args = {"seed": 5, "draws": 300, "tune": 300, "chains": 4, "target_accept": 0.9, **first}
+    extra = {"clock": clock} if clock is not None else {}
+    outcome = sample_adaptively(
+        design,
+        resolve_priors(design),
+        sampler="nutpie",
+        settings=settings,
+        sample_once=fake,
+        **args,
+        **extra,
+    )
+    return outcome, fake
+
+
+def _actions(outcome) -> list[str]:
+    return [r["action"] for r in outcome.record["rounds"]]
+
+
+def test_slow_mixing_restarts_with_longer_chains_before_adding_any():
+    # Chains that agree but mix slowly until they are twice as long (and warmed up twice as long).
+    outcome, _ = _loop(lambda kw: {"rho": 0.0 if kw["draws"] >= 600 else 0.95})
+    rounds = outcome.record["rounds"]
+    first = rounds[0]["after"]
+    assert first["max_r_hat"] > 1.01 and first["divergences"] == 0
+    z = rounds[1]["evidence"]["chain_disagreement"]["chain_z"]
+    assert max(abs(v) for v in z) <= ODD_CHAIN_Z  # no stray chain: slow mixing
+    assert _actions(outcome) == ["first run", "restart with longer chains"]
+    assert (rounds[1]["draws"], rounds[1]["tune"], rounds[1]["chains"]) == (600, 600, 4)
+    assert outcome.record["reliable"] and outcome.record["final"]["draws"] == 600
+    assert outcome.idata.posterior.sizes["chain"] == 4  # replaced, not pooled
+    assert outcome.record["iterations_sampled"] == 4 * 600 + 4 * 1200
+
+
+def test_a_stray_chain_gets_a_longer_warm_up():
+    # Chain 2 settles elsewhere until the warm-up is doubled.
+    outcome, _ = _loop(lambda kw: {"shift": {} if kw["tune"] >= 600 else {2: 0.6}})
+    rounds = outcome.record["rounds"]
+    assert _actions(outcome) == ["first run", "restart with longer warm-up"]
+    z = rounds[1]["evidence"]["chain_disagreement"]["chain_z"]
+    assert int(np.argmax(np.abs(z))) == 2 and abs(z[2]) > ODD_CHAIN_Z
+    assert (rounds[1]["tune"], rounds[1]["draws"]) == (600, 300)
+    assert outcome.record["reliable"]
+
+
+def test_short_ess_with_rhat_holding_buys_the_cheaper_draws():
+    # The fixed effect's ESS a little short (AR(1) 0.84: ~390 of 4000), R-hat well inside
+    # its target: two more chains cost less than replacing all four by longer ones.
+    outcome, _ = _loop(lambda kw: {"beta_rho": 0.84}, draws=1000, seed=3)
+    rounds = outcome.record["rounds"]
+    first = rounds[0]["after"]
+    assert first["max_r_hat"] <= 1.005 and min(first["min_ess_bulk"], first["min_ess_tail"]) < 400
+    assert rounds[1]["action"] == "add chains"
+    evidence = rounds[1]["evidence"]
+    assert evidence["add_iterations"] < evidence["longer_iterations"] and evidence["rhat_room"]
+    assert rounds[1]["chains"] < 4
+    assert outcome.record["reliable"]
+    assert outcome.idata.posterior.sizes["chain"] == 4 + rounds[1]["chains"]
+
+
+def test_short_ess_with_rhat_near_its_target_gets_longer_chains_not_more():
+    # As above, but R-hat 1.009: chains of the same length would keep that noise.
+    outcome, _ = _loop(lambda kw: {"beta_rho": 0.8}, draws=800, seed=1)
+    rounds = outcome.record["rounds"]
+    first = rounds[0]["after"]
+    assert 1.005 < first["max_r_hat"] <= 1.01 and first["min_ess_bulk"] < 400
+    assert _actions(outcome) == ["first run", "restart with longer chains"]
+    assert not rounds[1]["evidence"]["rhat_room"] and rounds[1]["draws"] > 800
+    assert outcome.record["reliable"]
+
+
+@pytest.mark.parametrize("cured_by_centring", [True, False])
+def test_divergences_raise_target_accept_then_try_the_other_geometry(cured_by_centring):
+    def behave(kw):
+        cured = cured_by_centring and "g" in kw["centered"]
+        return {"divergences": 0 if cured else 5}
+
+    outcome, _ = _loop(behave)
+    record = outcome.record
+    assert _actions(outcome)[:4] == [
+        "first run",
+        "raise target_accept",
+        "raise target_accept",
+        "other geometry",
+    ]
+    assert [r["target_accept"] for r in record["rounds"][:4]] == [0.9, 0.95, 0.99, 0.99]
+    other = record["rounds"][3]
+    # Only the block the divergent draws point at changes form.
+    assert other["parameterization"] == {"g": "centred", "h": "non-centred"}
+    located = other["evidence"]["divergence_blocks"]
+    assert located["g"]["z"] > located["h"]["z"] and located["g"]["levels"] == 2
+    if cured_by_centring:
+        assert record["reliable"] and record["final"]["parameterization"]["g"] == "centred"
+        return
+    assert not record["reliable"] and not record["budget_spent"]
+    reason = record["reason"]
+    assert reason.startswith("no remedy left: 5 divergences")
+    assert "centred and non-centred forms" in reason
+    assert "block 'g' has 2 levels" in reason
+    assert "its SD is barely identified by the data" in reason
+    assert reason.endswith("5 divergences left")
+    assert "'h'" not in reason
+
+
+def test_the_budget_in_draws_gives_one_result_at_any_speed():
+    """A fast and a slow (or busy) machine: the same rounds, draws and verdict."""
+
+    def clock_of(step):
+        now = [0.0]
+
+        def clock():
+            now[0] += step
+            return now[0]
+
+        return clock
+
+    def behave(seconds):
+        return lambda kw: {
+            "divergences": 0 if kw["target_accept"] >= 0.99 else 3,
+            "seconds": seconds,
+        }
+
+    fast, _ = _loop(behave(0.5), clock=clock_of(0.01))
+    slow, _ = _loop(behave(900.0), clock=clock_of(400.0))
+    assert _rounds_without_time(fast.record) == _rounds_without_time(slow.record)
+    assert fast.record["reason"] == slow.record["reason"] and fast.record["reliable"]
+    np.testing.assert_array_equal(
+        fast.idata.posterior["beta"].values, slow.idata.posterior["beta"].values
+    )
+    assert AdaptiveSettings().max_seconds is None
+    # A wall-time cap stays available to the user, and then the slow machine stops early.
+    capped = AdaptiveSettings(max_seconds=600.0)
+    stopped, _ = _loop(behave(900.0), settings=capped, clock=clock_of(400.0))
+    assert stopped.record["budget_spent"] and "max_seconds 600" in stopped.record["reason"]
+    done, _ = _loop(behave(0.5), settings=capped, clock=clock_of(0.01))
+    assert done.record["reliable"]
+
+
+def test_the_default_draws_budget_stops_the_loop_by_count():
+    outcome, fake = _loop(lambda kw: {"divergences": 2})
+    record = outcome.record
+    assert record["settings"]["max_draws"] == 6 * 4 * 300
+    assert record["draws_sampled"] <= record["settings"]["max_draws"]
+    assert sum(c["chains"] * c["draws"] for c in fake.calls) == record["draws_sampled"]
+
+
+def test_slow_mixing_whose_longer_chains_diverge_tries_the_other_geometry():
+    # Longer chains diverge (so the earlier draws are kept); then the block of the worst
+    # quantity (every block, for a fixed effect or sigma) changes form, which cures it.
+    def behave(kw):
+        if kw["centered"]:
+            return {}
+        return {"rho": 0.95, "divergences": 4 if kw["draws"] > 300 else 0}
+
+    outcome, _ = _loop(behave)
+    rounds = outcome.record["rounds"]
+    assert _actions(outcome) == ["first run", "restart with longer chains", "other geometry"]
+    assert not rounds[1]["kept"] and "samples worse" in rounds[1]["why"]
+    worst = rounds[2]["evidence"]["chain_disagreement"]["quantity"]
+    block = worst.split("[")[0].split("_", 1)[1] if worst.startswith(("u_", "sd_")) else None
+    expected = {b: "centred" if block in (None, b) else "non-centred" for b in ("g", "h")}
+    assert rounds[2]["parameterization"] == expected
+    assert outcome.record["reliable"]

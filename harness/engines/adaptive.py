@@ -6,46 +6,48 @@ off-diagonal correlations ``corr_<label>``, and the aligned offsets of every
 group that has data on the term (the groups :func:`harness.checks.compare` agrees
 over).  A quantity fails with R-hat > 1.01 or bulk or tail ESS < 400
 (ArviZ's rank-normalised ``rhat`` and ``ess``); any divergence fails the run.
-Then, in this order, the loop
+The next round is chosen by what the kept draws show (:func:`plan_next`):
 
-1. **re-parameterises** (once, after the first round): per random-effects
-   block, centred when the groups' data inform their offsets more than the
-   prior does in every direction, by the rule of :func:`suggest_centering`; when the new
-   parameterisation samples worse (more divergences, or at equal divergences
-   a smaller minimum ESS per gradient evaluation) the earlier run is kept;
-2. on divergences **raises target_accept** along 0.8 -> 0.9 -> 0.95 -> 0.99
-   (the draws of a divergent run are discarded: they are biased);
-3. when R-hat alone fails (bulk and tail ESS already at the target, no
-   divergences) and a chain stands out (its mean of the worst quantity more
-   than :data:`ODD_CHAIN_Z` standard errors from the other chains')
-   **restarts with a longer warm-up**: all kept chains are
-   replaced by a fresh run with the warm-up doubled (at most
-   ``AdaptiveSettings.max_tune_factor`` times the first run's).  High ESS with
-   R-hat above the target and a stray chain mean it settled somewhere else
-   (its mass matrix adapted badly): more chains of the same warm-up do not
-   cure that, and dropping the odd chain would choose draws by how they
-   look.  Without a stray chain the same signature is slow mixing: R-hat
-   over chains of ``n`` effective draws each is inflated by roughly ``1/n``
-   whatever the number of chains, so the loop **restarts with longer
-   chains** (twice the draws per chain, while the draws budget allows) rather
-   than adding chains.  The per-chain
-   z-scores of the worst quantity (:func:`chain_disagreement`) go into the
-   round's evidence either way;
-4. otherwise **adds chains**: nutpie cannot continue a chain, so as many new
-   chains as the first run had are sampled with a derived seed and
-   concatenated with the kept ones.  Chains of the same model, the same
-   settings and independent seeds, each after its own warm-up, are
-   independent draws of one posterior, so pooling them is sound, and R-hat over
-   more chains is the stricter check.  A longer run would repeat the warm-up
-   and throw away the draws already made.
+1. **re-parameterise** (once, after the first round, whatever fails): per
+   random-effects block, centred when the groups' data inform their offsets
+   more than the prior does in every direction, by the rule of
+   :func:`suggest_centering`;
+2. **divergences** (the draws of a divergent run are discarded: they are
+   biased): **raise target_accept** along 0.8 -> 0.9 -> 0.95 -> 0.99; at
+   0.99, the **other geometry** (centred <-> non-centred) of the block(s)
+   whose SDs the divergent draws set apart (:func:`divergence_blocks`).  When
+   that too leaves divergences, the reason names the diverging block, its
+   levels and, for few levels or a very wide SD posterior, that its SD is
+   barely identified by the data;
+3. **R-hat fails** (no divergences): the per-chain z-scores of the worst
+   quantity (:func:`chain_disagreement`) decide.  A **stray chain** (``|z| >``
+   :data:`ODD_CHAIN_Z`: it settled elsewhere, its mass matrix adapted badly)
+   gets a **restart with a longer warm-up** (all chains replaced, warm-up
+   doubled up to ``max_tune_factor`` times the first run's); with the
+   warm-up at its longest, more chains.  Without a stray chain it is **slow
+   mixing**: R-hat over chains of ``n`` effective draws each is inflated by
+   roughly ``1/n`` whatever the number of chains, so more chains only make
+   the test stricter; the loop **restarts with longer chains** (draws and
+   warm-up doubled) the first time it sees this, and after that tries the
+   **other geometry** of the worst quantity's block;
+4. **ESS short, R-hat holding**: more draws, either **added chains**
+   (independent chains of one posterior pool soundly; nutpie cannot continue
+   a chain) or a **restart with longer chains**, whichever costs fewer
+   iterations for the ESS missing; chains are added only while R-hat has
+   room to spare (:data:`RHAT_ROOM`), since chains of the same length keep
+   its noise.
 
-It stops when the diagnostics hold, or when the next round would exceed the
-budget (:class:`AdaptiveSettings`: rounds, post-warm-up draws summed over all
-runs, seconds), and records every round as plain JSON values.  Round 1 uses
-the caller's seed (so it equals a non-adaptive fit), round ``r`` a seed
-derived from ``(seed, r)``: the same seed gives the same rounds and the same
-draws, unless the seconds budget binds (wall time is not reproducible; the
-rounds and draws budgets are).
+A re-parameterisation, other geometry or restart that samples worse than the
+draws it would replace is recorded and not kept.  The loop stops when the
+diagnostics hold, when no remedy is left, or when the next round would pass
+the budget (:class:`AdaptiveSettings`): rounds and post-warm-up draws summed
+over all runs (default six times the first run's), both counted, never
+timed, so the same seed gives the same rounds, draws and verdict on a fast
+or a busy machine.  ``max_seconds`` is an optional user cap on wall time
+(default none); setting it gives up that reproducibility.  Every round is
+recorded as plain JSON values with its evidence.  Round 1 uses the caller's
+seed (so it equals a non-adaptive fit), round ``r`` a seed derived from
+``(seed, r)``.
 """
 
 from __future__ import annotations
@@ -74,6 +76,28 @@ TARGET_ACCEPT_STEPS = (0.8, 0.9, 0.95, 0.99)
 #: give roughly standard normal scores; 4 keeps false alarms rare over 8-16 chains.
 ODD_CHAIN_Z = 4.0
 
+#: The default draws budget, in multiples of the first run's ``chains x draws``:
+#: room for the first run, the re-parameterisation, two target_accept steps and
+#: the other geometry, or for one restart with chains of twice the length.
+DRAWS_FACTOR = 6
+
+#: A block whose log-SD in the divergent draws lies this many posterior SDs from
+#: the other draws' is where the sampler diverges (:func:`divergence_blocks`).
+DIVERGENCE_Z = 1.0
+
+#: An SD from this many levels or fewer (1-2 degrees of freedom) is barely identified ...
+FEW_LEVELS = 3
+
+#: ... as is one whose 90% posterior interval spans this factor or more.
+SD_SPREAD = 10.0
+
+#: More draws are planned for this multiple of the ESS missing (ESS is itself noisy).
+ESS_MARGIN = 1.2
+
+#: Chains of the same length are added for ESS only while R-hat - 1 is at most
+#: this share of the target's margin (``rhat_max - 1``); beyond it, longer chains.
+RHAT_ROOM = 0.5
+
 
 @dataclass(frozen=True)
 class AdaptiveSettings:
@@ -85,11 +109,14 @@ class AdaptiveSettings:
         Sampler runs at most, the first included.
     max_draws : int, optional
         Post-warm-up draws summed over every chain of every run (discarded
-        runs included); default four times the first run's ``chains x draws``
-        (16,000 with 4 x 1,000).
-    max_seconds : float
-        Wall time of the loop (compilation included); a round starts only when
-        the time spent plus the last run's sampling time fits.
+        runs included); default :data:`DRAWS_FACTOR` (6) times the first run's
+        ``chains x draws`` (24,000 with 4 x 1,000).  Counted, not timed: the
+        same seed gives the same rounds on any machine.
+    max_seconds : float, optional
+        A user cap on the loop's wall time (compilation included): a round
+        starts only when the time spent plus its estimated sampling time
+        fits.  Default None (no cap); a cap makes the verdict depend on the
+        machine's speed and load.
     rhat_max, ess_min : float
         The targets: R-hat at most ``rhat_max``, bulk and tail ESS at least ``ess_min``.
     max_tune_factor : int
@@ -97,9 +124,9 @@ class AdaptiveSettings:
         (restarts double it: x2, x4, ...); 1 turns restarts off.
     """
 
-    max_rounds: int = 4
+    max_rounds: int = 6
     max_draws: int | None = None
-    max_seconds: float = 300.0
+    max_seconds: float | None = None
     rhat_max: float = 1.01
     ess_min: float = 400.0
     max_tune_factor: int = 4
@@ -109,7 +136,7 @@ class AdaptiveSettings:
             raise ValueError(f"max_rounds must be at least 1, not {self.max_rounds}")
         if self.max_draws is not None and self.max_draws < 1:
             raise ValueError(f"max_draws must be at least 1, not {self.max_draws}")
-        if not self.max_seconds > 0:
+        if self.max_seconds is not None and not self.max_seconds > 0:
             raise ValueError(f"max_seconds must be positive, not {self.max_seconds}")
         if self.max_tune_factor < 1:
             raise ValueError(f"max_tune_factor must be at least 1, not {self.max_tune_factor}")
@@ -414,6 +441,76 @@ def suggest_centering(idata: Any, design: Design) -> tuple[frozenset[str], dict[
     return frozenset(chosen), evidence
 
 
+# --------------------------------------------------------------------------- divergences
+
+
+def divergence_blocks(idata: Any, design: Design) -> dict[str, dict[str, Any]]:
+    """Per random-effects block: where its SDs sit in the divergent draws, and how well known they are.
+
+    Divergent transitions gather where the geometry is hardest: for a funnel,
+    at the SD values where the offsets' scale changes fastest.  ``z`` is the
+    largest over the block's terms of ``|mean_div - mean_ok| / sd_ok`` of
+    ``log sd`` (divergent draws against the others): a block whose SD sits
+    apart in the divergent draws is the one that diverges.  ``levels`` and
+    the SD's 90% posterior interval (``sd_q05``, ``sd_q95``, the widest term)
+    say how well the data identify that SD.
+    """
+    from harness.names import sd_var
+
+    stats = idata.sample_stats
+    if "diverging" not in stats:
+        return {}
+    diverging = np.asarray(stats["diverging"].values, dtype=bool).ravel()
+    found: dict[str, dict[str, Any]] = {}
+    for block in design.blocks:
+        values = np.asarray(idata.posterior[sd_var(block)].values, dtype=float)
+        flat = values.reshape(-1, values.shape[-1] if values.ndim > 2 else 1)
+        logs = np.log(np.clip(flat, 1e-300, None))
+        score = 0.0
+        if diverging.any() and (~diverging).any():
+            spread = logs[~diverging].std(axis=0)
+            gap = np.abs(logs[diverging].mean(axis=0) - logs[~diverging].mean(axis=0))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                scores = np.where(spread > 0, gap / spread, 0.0)
+            finite = scores[np.isfinite(scores)]
+            score = float(finite.max()) if finite.size else 0.0
+        low, high = np.quantile(flat, [0.05, 0.95], axis=0)
+        widest = int(np.argmax(high / np.clip(low, 1e-300, None)))
+        found[block.label] = {
+            "z": round(score, 2),
+            "levels": int(block.n_levels),
+            "sd_q05": float(low[widest]),
+            "sd_q95": float(high[widest]),
+        }
+    return found
+
+
+def diverging_labels(located: dict[str, dict[str, Any]]) -> list[str]:
+    """The blocks that diverge: ``z`` of at least :data:`DIVERGENCE_Z`, else the largest ``z``."""
+    if not located:
+        return []
+    chosen = [label for label, e in located.items() if e["z"] >= DIVERGENCE_Z]
+    if chosen:
+        return sorted(chosen, key=lambda label: -located[label]["z"])
+    return [max(located, key=lambda label: located[label]["z"])]
+
+
+def barely_identified(entry: dict[str, Any]) -> bool:
+    """Few levels, or a 90% posterior interval of the SD spanning :data:`SD_SPREAD` fold or more."""
+    low, high = entry["sd_q05"], entry["sd_q95"]
+    spread = high / low if low > 0 else math.inf
+    return entry["levels"] <= FEW_LEVELS or spread >= SD_SPREAD
+
+
+def few_levels_text(label: str, entry: dict[str, Any]) -> str:
+    """What the reason says of a diverging block: its levels and whether its SD is identified."""
+    interval = f"90% posterior interval of its SD {entry['sd_q05']:.3g} to {entry['sd_q95']:.3g}"
+    text = f"block '{label}' has {entry['levels']} levels ({interval})"
+    if barely_identified(entry):
+        text += ": its SD is barely identified by the data"
+    return text
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -467,8 +564,272 @@ def _worse(new: dict[str, Any], old: dict[str, Any]) -> bool:
     return a is not None and b is not None and a < b
 
 
+def _dominated(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """Is ``new`` worse on every count (divergences, else both R-hat and the smallest ESS)?
+
+    Used for restarts, whose chains differ in length from the run they
+    replace, so ESS per gradient alone would not compare like with like.
+    """
+    if new["divergences"] != old["divergences"]:
+        return new["divergences"] > old["divergences"]
+    if None in (new["max_r_hat"], old["max_r_hat"]):
+        return False
+    new_ess = min(new["min_ess_bulk"], new["min_ess_tail"])
+    old_ess = min(old["min_ess_bulk"], old["min_ess_tail"])
+    return new["max_r_hat"] > old["max_r_hat"] and new_ess < old_ess
+
+
 def _labels(design: Design, centered: Collection[str]) -> dict[str, str]:
     return {b.label: "centred" if b.label in centered else "non-centred" for b in design.blocks}
+
+
+def _block_of(quantity: str | None, design: Design) -> str | None:
+    """The random-effects block a compared quantity belongs to (None for beta and sigma)."""
+    if not quantity:
+        return None
+    stem = quantity.split("[", 1)[0]
+    for block in design.blocks:
+        if stem in (f"sd_{block.label}", f"corr_{block.label}", f"u_{block.label}"):
+            return block.label
+    return None
+
+
+@dataclass
+class _Kept:
+    """The draws the loop holds: the last kept run, its (possibly pooled) draws and diagnosis."""
+
+    run: Run
+    idata: Any
+    diag: dict[str, Any]
+    tune: int
+    draws: int
+
+
+@dataclass
+class _Plan:
+    """The next round: what to run and why."""
+
+    action: str
+    why: str
+    accept: float
+    blocks: frozenset[str]
+    warmup: int
+    length: int
+    n_chains: int
+    add: bool = False  # pooled with the kept chains (else it replaces them)
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def draws(self) -> int:
+        return self.n_chains * self.length
+
+    @property
+    def iterations(self) -> int:
+        return self.n_chains * (self.warmup + self.length)
+
+
+@dataclass
+class _Memory:
+    """What the loop has tried, so that no remedy is repeated blindly."""
+
+    first_chains: int
+    first_tune: int
+    rule_used: bool = False
+    tried: set[tuple[frozenset[str], float]] = field(default_factory=set)
+    not_kept: set[str] = field(default_factory=set)
+    longer_chains_kept: int = 0
+
+
+def _same(kept: _Kept, memory: _Memory, **changes: Any) -> dict[str, Any]:
+    """A plan's fields for a fresh run like the kept one, with ``changes`` applied."""
+    base = {
+        "accept": kept.run.target_accept,
+        "blocks": kept.run.centered,
+        "warmup": kept.tune,
+        "length": kept.draws,
+        "n_chains": memory.first_chains,
+    }
+    return {**base, **changes}
+
+
+def _plan_divergences(design: Design, kept: _Kept, memory: _Memory, problem: str) -> _Plan | str:
+    """Raise target_accept; at its top, the other geometry of the diverging block(s)."""
+    accept = kept.run.target_accept
+    step = _next_target_accept(accept)
+    if step is not None:
+        return _Plan(
+            "raise target_accept",
+            f"{problem}: target_accept {accept} -> {step}",
+            **_same(kept, memory, accept=step),
+        )
+    located = divergence_blocks(kept.idata, design)
+    labels = diverging_labels(located)
+    where = ", ".join(
+        f"{label} (log-SD gap {located[label]['z']:.1f} posterior SDs)" for label in labels
+    )
+    evidence = {"divergence_blocks": located}
+    if design.spec.parameterization == "offsets" and labels:
+        flipped = frozenset(kept.run.centered ^ set(labels))
+        if (flipped, accept) not in memory.tried:
+            new_forms = _labels(design, flipped)
+            return _Plan(
+                "other geometry",
+                f"{problem} at target_accept {accept}: the divergent draws set apart the SD of "
+                f"{where}: " + ", ".join(f"{label} -> {new_forms[label]}" for label in labels),
+                evidence=evidence,
+                **_same(kept, memory, blocks=flipped),
+            )
+    forms = sorted(
+        {
+            _labels(design, blocks)[label]
+            for blocks, a in memory.tried
+            if a == accept
+            for label in labels
+        }
+    )
+    tried = f"in the {' and '.join(forms)} form" + ("s" if len(forms) > 1 else "")
+    texts = "; ".join(few_levels_text(label, located[label]) for label in labels)
+    return (
+        f"no remedy left: {problem} at target_accept {accept}, {tried} of the diverging "
+        f"block(s) {where}; {texts}; {kept.diag['divergences']} divergences left"
+    )
+
+
+def _plan_rhat(
+    design: Design, kept: _Kept, memory: _Memory, settings: AdaptiveSettings, problem: str
+) -> _Plan | str:
+    """R-hat fails without divergences: a stray chain or slow mixing."""
+    disagreement = _disagreement_evidence(kept.idata, design, kept.diag)
+    evidence: dict[str, Any] = {"chain_disagreement": disagreement}
+    scores = ", ".join(f"{z:+.1f}" for z in disagreement["chain_z"])
+    quantity = disagreement["quantity"]
+    if max(abs(z) for z in disagreement["chain_z"]) > ODD_CHAIN_Z:
+        # A chain settled elsewhere (its mass matrix adapted badly): a longer
+        # warm-up cures that; dropping the chain would choose draws by their look.
+        longest = settings.max_tune_factor * memory.first_tune
+        if 2 * kept.tune <= longest:
+            return _Plan(
+                "restart with longer warm-up",
+                f"{problem}: a chain stands out (z of each chain's mean of {quantity} against "
+                f"the others: {scores}; |z| > {ODD_CHAIN_Z:g}): all {kept.diag['chains']} "
+                f"chains replaced by {memory.first_chains} with warm-up {kept.tune} -> "
+                f"{2 * kept.tune}",
+                evidence=evidence,
+                **_same(kept, memory, warmup=2 * kept.tune),
+            )
+        return _Plan(
+            "add chains",
+            f"{problem}: a chain stands out (z of each chain's mean of {quantity}: {scores}) "
+            f"with the warm-up at its longest ({kept.tune}): {memory.first_chains} more chains "
+            "with a derived seed, so that one stray chain weighs less in the pooled draws",
+            add=True,
+            evidence=evidence,
+            **_same(kept, memory),
+        )
+    # Slow mixing: R-hat over chains of ~n effective draws each carries noise of
+    # order 1/n that more chains do not shrink (they make R-hat a stricter test):
+    # longer chains after a longer warm-up do, or a geometry that mixes faster.
+    # The worst quantity's block; a fixed effect or sigma mixes through every block.
+    label = _block_of(quantity, design)
+    labels = {label} if label else {b.label for b in design.blocks}
+    flipped = frozenset(kept.run.centered ^ labels)
+    other = (
+        bool(labels)
+        and design.spec.parameterization == "offsets"
+        and (flipped, kept.run.target_accept) not in memory.tried
+    )
+    where = ", ".join(sorted(labels)) or "no block"
+    longer = "restart with longer chains" not in memory.not_kept
+    mixing = f"no chain stands out (z of each chain's mean of {quantity}: {scores}): slow mixing"
+    if other and (memory.longer_chains_kept or not longer):
+        forms = _labels(design, flipped)
+        return _Plan(
+            "other geometry",
+            f"{problem}: {mixing} after longer chains: "
+            + ", ".join(f"{b} -> {forms[b]}" for b in sorted(labels)),
+            evidence=evidence,
+            **_same(kept, memory, blocks=flipped),
+        )
+    if longer:
+        warmup = min(2 * kept.tune, settings.max_tune_factor * memory.first_tune)
+        return _Plan(
+            "restart with longer chains",
+            f"{problem}: {mixing}, R-hat needs more effective draws per chain: all "
+            f"{kept.diag['chains']} chains replaced by {memory.first_chains} of {2 * kept.draws} "
+            f"draws after a warm-up of {warmup}",
+            evidence=evidence,
+            **_same(kept, memory, warmup=warmup, length=2 * kept.draws),
+        )
+    # Here longer chains sampled worse, and the other geometry was tried or does not exist.
+    geometry = (
+        f"the other geometry of {where} tried"
+        if design.spec.parameterization == "offsets" and labels
+        else "no other geometry (baked_in)"
+    )
+    return f"no remedy left: {problem}: {mixing}; longer chains sampled worse, {geometry}"
+
+
+def _plan_ess(kept: _Kept, memory: _Memory, settings: AdaptiveSettings, problem: str) -> _Plan:
+    """ESS short with R-hat fine: more draws, by whichever of two sound ways costs less."""
+    ess = min(v for v in (kept.diag["min_ess_bulk"], kept.diag["min_ess_tail"]) if v is not None)
+    factor = ESS_MARGIN * settings.ess_min / max(ess, 1.0)
+    chains_kept = int(kept.diag["chains"])
+    add_n = max(1, math.ceil(chains_kept * (factor - 1.0)))
+    length = max(kept.draws + 1, math.ceil(kept.draws * factor))
+    add_cost = add_n * (kept.tune + kept.draws)
+    longer_cost = memory.first_chains * (kept.tune + length)
+    costs = f"{add_n} more chains cost {add_cost} iterations, longer chains {longer_cost}"
+    evidence = {"ess_factor": round(factor, 3), "add_iterations": add_cost}
+    evidence["longer_iterations"] = longer_cost
+    # Chains of the same length keep R-hat's 1/n noise (and more of them make
+    # it a stricter test): add chains only where R-hat has room to spare.
+    r_hat = kept.diag["max_r_hat"]
+    room = r_hat is None or r_hat - 1.0 <= RHAT_ROOM * (settings.rhat_max - 1.0)
+    evidence["rhat_room"] = bool(room)
+    if not room:
+        costs += f"; R-hat {r_hat:.4f} leaves no room for chains of the same length"
+    if room and add_cost < longer_cost:
+        return _Plan(
+            "add chains",
+            f"{problem}: R-hat holds, ESS short by x{factor:.2f}; {costs}: "
+            f"{add_n} more chains with a derived seed",
+            add=True,
+            evidence=evidence,
+            **_same(kept, memory, n_chains=add_n),
+        )
+    return _Plan(
+        "restart with longer chains",
+        f"{problem}: R-hat holds, ESS short by x{factor:.2f}; {costs}: all {chains_kept} chains "
+        f"replaced by {memory.first_chains} of {length} draws",
+        evidence=evidence,
+        **_same(kept, memory, length=length),
+    )
+
+
+def plan_next(
+    design: Design, kept: _Kept, memory: _Memory, settings: AdaptiveSettings
+) -> _Plan | str:
+    """The next round by the evidence of the kept draws, or why there is none ("no remedy left")."""
+    problem = describe(kept.diag)
+    if not memory.rule_used and design.spec.parameterization == "offsets":
+        memory.rule_used = True
+        suggestion, evidence = suggest_centering(kept.idata, design)
+        if suggestion != kept.run.centered:
+            return _Plan(
+                "re-parameterise",
+                f"{problem}; rule (data/prior precision > 1 -> centred): "
+                + ", ".join(
+                    f"{label}: {e['choice']} (smallest eigenvalue {e['min_eigenvalue']:.2g})"
+                    for label, e in evidence.items()
+                ),
+                evidence=evidence,
+                **_same(kept, memory, blocks=suggestion),
+            )
+    if kept.diag["divergences"]:
+        return _plan_divergences(design, kept, memory, problem)
+    if kept.diag["max_r_hat"] is not None and kept.diag["max_r_hat"] > settings.rhat_max:
+        return _plan_rhat(design, kept, memory, settings, problem)
+    return _plan_ess(kept, memory, settings, problem)
 
 
 def sample_adaptively(
@@ -485,6 +846,7 @@ def sample_adaptively(
     centered: Collection[str] = (),
     settings: AdaptiveSettings | None = None,
     sample_once: Callable[..., Run],
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Outcome:
     """Run the sampler in rounds until the diagnostics hold or the budget is spent.
 
@@ -500,241 +862,166 @@ def sample_adaptively(
     sample_once : callable
         One sampler run, :func:`harness.engines.pymc.sample_once` (passed in by
         ``fit_pymc``, so this module never imports the model builder back).
+    clock : callable
+        Seconds (``time.perf_counter``); read only for the record and for a
+        ``max_seconds`` cap.
 
     Returns
     -------
     Outcome
         ``record`` holds ``settings``, ``rounds`` (one dict per run: ``round``,
         ``seed``, ``action``, ``why``, ``target_accept``, ``parameterization``
-        per block, ``chains``, ``draws``, ``tune``, ``before`` and ``after`` (see
+        per block, ``chains`` (of this run), ``draws``, ``tune``,
+        ``iterations`` (warm-up included), ``before`` and ``after`` (see
         :func:`diagnose`; ``after`` describes the draws kept after the round),
-        ``kept``, ``sample_seconds``, ``compile_seconds``), ``reliable``,
-        ``budget_spent``, ``reason``, ``draws_sampled`` and ``seconds``.
+        ``kept``, ``evidence``, ``sample_seconds``, ``compile_seconds``),
+        ``reliable``, ``budget_spent``, ``reason``, ``draws_sampled``,
+        ``iterations_sampled``, ``seconds`` and ``final``.
     """
     settings = settings or AdaptiveSettings()
-    max_draws = settings.max_draws if settings.max_draws is not None else 4 * chains * draws
-    started = time.perf_counter()
+    max_draws = (
+        settings.max_draws if settings.max_draws is not None else DRAWS_FACTOR * chains * draws
+    )
+    started = clock()
 
-    def run(
-        round_number: int,
-        n_chains: int,
-        accept: float,
-        blocks: Collection[str],
-        warmup: int,
-        length: int,
-    ) -> Run:
+    def run(number: int, plan: _Plan) -> Run:
         return sample_once(
             design,
             priors,
-            seed=round_seed(seed, round_number),
-            draws=length,
-            tune=warmup,
-            chains=n_chains,
+            seed=round_seed(seed, number),
+            draws=plan.length,
+            tune=plan.warmup,
+            chains=plan.n_chains,
             sampler=sampler,
-            target_accept=accept,
+            target_accept=plan.accept,
             progress=progress,
-            centered=blocks,
+            centered=plan.blocks,
         )
 
-    current = run(1, chains, target_accept, centered, tune, draws)
-    current_tune, current_draws = tune, draws  # warm-up and chain length of the kept draws
-    kept_idata = current.idata
-    compile_s, sample_s = current.compile_seconds, current.sample_seconds
-    draws_sampled = chains * draws
-    diag = diagnose(kept_idata, design, settings)
+    first_plan = _Plan("first run", "", target_accept, frozenset(centered), tune, draws, chains)
+    first = run(1, first_plan)
+    kept = _Kept(first, first.idata, diagnose(first.idata, design, settings), tune, draws)
+    memory = _Memory(first_chains=chains, first_tune=tune)
+    memory.tried.add((first.centered, first.target_accept))
+    compile_s, sample_s = first.compile_seconds, first.sample_seconds
+    draws_sampled, iterations = first_plan.draws, first_plan.iterations
     rounds: list[dict[str, Any]] = [
-        {
-            "round": 1,
-            "seed": current.seed,
-            "action": "first run",
-            "why": "",
-            "target_accept": current.target_accept,
-            "parameterization": _labels(design, current.centered),
-            "chains": chains,
-            "draws": draws,
-            "tune": tune,
-            "before": None,
-            "after": diag,
-            "kept": True,
-            "evidence": {},
-            "sample_seconds": current.sample_seconds,
-            "compile_seconds": current.compile_seconds,
-        }
+        _round_entry(1, first, first_plan, design, None, kept.diag, True)
     ]
-    last_run_seconds = current.sample_seconds
-    reparameterized = False
-    # (run, idata, diagnosis) to return to when a re-parameterisation or restart samples worse
-    before_switch: tuple[Run, Any, dict[str, Any]] | None = None
-    # A restart throws the kept draws away: only after more chains were tried, and only once.
-    chains_added = restarted = False
+    last_seconds_per_iteration = first.sample_seconds / max(first_plan.iterations, 1)
     budget_spent = False
     reason = ""
     while True:
-        if diag["ok"]:
+        if kept.diag["ok"]:
             reason = f"diagnostics hold after {len(rounds)} round(s)"
             break
-        problem = describe(diag)
-        # Decide the next round.
-        suggestion: frozenset[str] | None = None
-        evidence: dict[str, Any] = {}
-        if not reparameterized and design.spec.parameterization == "offsets":
-            reparameterized = True
-            suggestion, evidence = suggest_centering(kept_idata, design)
-            if suggestion == current.centered:
-                suggestion = None
-        accept = current.target_accept
-        blocks = current.centered
-        warmup, length = current_tune, current_draws
-        if suggestion is not None:
-            action, blocks, add_chains = "re-parameterise", suggestion, False
-            why = f"{problem}; rule (data/prior precision > 1 -> centred): " + ", ".join(
-                f"{label}: {e['choice']} (smallest eigenvalue {e['min_eigenvalue']:.2g})"
-                for label, e in evidence.items()
-            )
-        elif diag["divergences"]:
-            step = _next_target_accept(accept)
-            if step is None:
-                reason = (
-                    f"no remedy left: {problem} at target_accept {accept} "
-                    "after the re-parameterisation rule"
-                )
-                break
-            action, accept, add_chains = "raise target_accept", step, False
-            why = f"{problem}: target_accept {current.target_accept} -> {step}"
-        else:
-            disagreement: dict[str, Any] = {}
-            odd = False
-            if rhat_only(diag, settings):
-                disagreement = _disagreement_evidence(kept_idata, design, diag)
-                # Next to the centring rule's evidence when that rule chose no change.
-                evidence = {**evidence, "chain_disagreement": disagreement}
-                scores = ", ".join(f"{z:+.1f}" for z in disagreement["chain_z"])
-                odd = max(abs(z) for z in disagreement["chain_z"]) > ODD_CHAIN_Z
-            may_restart = chains_added and not restarted
-            if odd and may_restart and 2 * current_tune <= settings.max_tune_factor * tune:
-                action, warmup, add_chains = "restart with longer warm-up", 2 * current_tune, False
-                why = (
-                    f"{problem}: R-hat fails with ESS at the target and a chain stands out "
-                    f"(z of each chain's mean of {disagreement['quantity']} against the others: "
-                    f"{scores}; |z| > {ODD_CHAIN_Z:g}): all {diag['chains']} chains replaced "
-                    f"by {chains} with warm-up {current_tune} -> {warmup}"
-                )
-            elif (
-                disagreement
-                and may_restart
-                and draws_sampled + 2 * chains * current_draws <= max_draws
-            ):
-                # R-hat over chains of ~n effective draws each carries noise of order
-                # 1/n that more chains do not shrink: longer chains do.
-                action, length, add_chains = "restart with longer chains", 2 * current_draws, False
-                why = (
-                    f"{problem}: R-hat fails with ESS at the target and no chain stands out "
-                    f"(z of each chain's mean of {disagreement['quantity']}: {scores}): slow "
-                    f"mixing, R-hat needs more effective draws per chain: all {diag['chains']} "
-                    f"chains replaced by {chains} of {length} draws"
-                )
-            else:
-                action, add_chains = "add chains", True
-                why = f"{problem}: {chains} more chains with a derived seed"
-                if disagreement:
-                    why += (
-                        f" (R-hat fails with ESS at the target; z of each chain's mean of "
-                        f"{disagreement['quantity']}: {scores}"
-                        + (
-                            f"; no chain beyond |z| {ODD_CHAIN_Z:g}: slow mixing, not a stray "
-                            "chain, so more draws)"
-                            if not odd
-                            else "; warm-up already at its longest)"
-                        )
-                    )
-        # Budget: rounds, draws, seconds.
-        planned_draws = chains * length
-        elapsed = time.perf_counter() - started
+        problem = describe(kept.diag)
+        plan = plan_next(design, kept, memory, settings)
+        if isinstance(plan, str):
+            reason = plan
+            break
+        elapsed = clock() - started
         if len(rounds) >= settings.max_rounds:
             budget_spent, reason = True, f"budget spent: {settings.max_rounds} rounds"
-        elif draws_sampled + planned_draws > max_draws:
+        elif draws_sampled + plan.draws > max_draws:
             budget_spent = True
             reason = (
-                f"budget spent: {draws_sampled} draws sampled, another {planned_draws} "
+                f"budget spent: {draws_sampled} draws sampled, another {plan.draws} "
                 f"would pass max_draws {max_draws}"
             )
-        elif elapsed + last_run_seconds * (warmup + length) / (current_tune + current_draws) > (
-            settings.max_seconds
+        elif settings.max_seconds is not None and (
+            elapsed + last_seconds_per_iteration * plan.iterations > settings.max_seconds
         ):
             budget_spent = True
+            estimate = last_seconds_per_iteration * plan.iterations
             reason = (
-                f"budget spent: {elapsed:.0f} s used, another round (~{last_run_seconds:.0f} s) "
+                f"budget spent: {elapsed:.0f} s used, another round (~{estimate:.0f} s) "
                 f"would pass max_seconds {settings.max_seconds:.0f}"
             )
         if budget_spent:
-            reason = f"{reason}; still {problem}; next would have been: {action}"
+            reason = f"{reason}; still {problem}; next would have been: {plan.action}"
             break
         number = len(rounds) + 1
-        log.info("adaptive round %d: %s (%s)", number, action, why)
-        new = run(number, chains, accept, blocks, warmup, length)
+        log.info("adaptive round %d: %s (%s)", number, plan.action, plan.why)
+        new = run(number, plan)
         compile_s += new.compile_seconds
         sample_s += new.sample_seconds
-        draws_sampled += planned_draws
-        last_run_seconds = new.sample_seconds
-        before = diag
-        kept_flag = True
-        restart = action.startswith("restart")
-        previous_length = (current_tune, current_draws)
-        if add_chains:
-            kept_idata = concat_chains(kept_idata, new.idata)
-            current = new
-            chains_added = True
+        draws_sampled += plan.draws
+        iterations += plan.iterations
+        last_seconds_per_iteration = new.sample_seconds / max(plan.iterations, 1)
+        memory.tried.add((new.centered, new.target_accept))
+        before = kept.diag
+        was_kept, note = True, ""
+        if plan.add:
+            pooled = concat_chains(kept.idata, new.idata)
+            kept = candidate = _Kept(
+                new, pooled, diagnose(pooled, design, settings), kept.tune, kept.draws
+            )
         else:
-            before_switch = (current, kept_idata, diag)
-            restarted = restarted or restart
-            current, kept_idata = new, new.idata
-            current_tune, current_draws = warmup, length
-        diag = after = diagnose(kept_idata, design, settings)
-        note = ""
-        revertible = action == "re-parameterise" or restart
-        if revertible and before_switch is not None and not diag["ok"]:
-            old_run, old_idata, old_diag = before_switch
-            if _worse(diag, old_diag):
+            candidate = _Kept(
+                new, new.idata, diagnose(new.idata, design, settings), plan.warmup, plan.length
+            )
+            restart = plan.action.startswith("restart")
+            geometry = plan.action in ("re-parameterise", "other geometry")
+            worse = (_dominated if restart else _worse)(candidate.diag, kept.diag)
+            if (restart or geometry) and not candidate.diag["ok"] and worse:
                 what = "draws" if restart else "parameterisation and draws"
                 note = f"samples worse than before: the earlier {what} are kept"
-                current, kept_idata, diag = old_run, old_idata, old_diag
-                current_tune, current_draws = previous_length
-                kept_flag = False
-        rounds.append(
-            {
-                "round": number,
-                "seed": new.seed,
-                "action": action,
-                "why": why if not note else f"{why}; {note}",
-                "target_accept": new.target_accept,
-                "parameterization": _labels(design, new.centered),
-                "chains": chains,
-                "draws": length,
-                "tune": warmup,
-                "before": before,
-                "after": after,
-                "kept": kept_flag,
-                "evidence": evidence,
-                "sample_seconds": new.sample_seconds,
-                "compile_seconds": new.compile_seconds,
-            }
-        )
+                memory.not_kept.add(plan.action)
+                was_kept = False
+            else:
+                kept = candidate
+                if plan.action == "restart with longer chains":
+                    memory.longer_chains_kept += 1
+        after = kept.diag if was_kept else candidate.diag
+        rounds.append(_round_entry(number, new, plan, design, before, after, was_kept, note))
     record = {
         "settings": {**settings.as_dict(), "max_draws": max_draws},
         "rounds": rounds,
-        "reliable": bool(diag["ok"]),
+        "reliable": bool(kept.diag["ok"]),
         "budget_spent": budget_spent,
         "reason": reason,
         "draws_sampled": draws_sampled,
-        "seconds": time.perf_counter() - started,
+        "iterations_sampled": iterations,
+        "seconds": clock() - started,
         "final": {
-            "target_accept": current.target_accept,
-            "parameterization": _labels(design, current.centered),
-            "chains": int(kept_idata.posterior.sizes["chain"]),
-            "tune": current_tune,
-            "draws": current_draws,
+            "target_accept": kept.run.target_accept,
+            "parameterization": _labels(design, kept.run.centered),
+            "chains": int(kept.idata.posterior.sizes["chain"]),
+            "tune": kept.tune,
+            "draws": kept.draws,
         },
     }
-    level = logging.INFO if diag["ok"] else logging.WARNING
+    level = logging.INFO if kept.diag["ok"] else logging.WARNING
     log.log(level, "adaptive sampling: %s", reason)
-    return Outcome(current, kept_idata, compile_s, sample_s, record)
+    return Outcome(kept.run, kept.idata, compile_s, sample_s, record)
+
+
+def _round_entry(
+    number: int,
+    new: Run,
+    plan: _Plan,
+    design: Design,
+    before: dict[str, Any] | None,
+    after: dict[str, Any],
+    kept: bool,
+    note: str = "",
+) -> dict[str, Any]:
+    return {
+        "round": number,
+        "seed": new.seed,
+        "action": plan.action,
+        "why": plan.why if not note else f"{plan.why}; {note}",
+        "target_accept": new.target_accept,
+        "parameterization": _labels(design, new.centered),
+        "chains": plan.n_chains,
+        "draws": plan.length,
+        "tune": plan.warmup,
+        "iterations": plan.iterations,
+        "before": before,
+        "after": after,
+        "kept": kept,
+        "evidence": plan.evidence,
+        "sample_seconds": new.sample_seconds,
+        "compile_seconds": new.compile_seconds,
+    }

@@ -42,8 +42,10 @@ class FitSettings:
         Sample in rounds until the diagnostics hold (:mod:`harness.engines.adaptive`).
     max_rounds, max_draws, max_seconds
         The adaptive budget (:class:`harness.engines.adaptive.AdaptiveSettings`):
-        sampler runs, post-warm-up draws over all runs (None: four times the
-        first run's), wall seconds.
+        sampler runs, post-warm-up draws over all runs (None: six times the
+        first run's), and an optional cap in wall seconds (None: no cap, so
+        the same seed gives the same result on any machine).  All three
+        change results, so all enter the cache key.
     """
 
     draws: int = 1000
@@ -55,9 +57,9 @@ class FitSettings:
     n_sims: int = 1000
     lme4_seed: int = 1
     adaptive: bool = True
-    max_rounds: int = 4
+    max_rounds: int = 6
     max_draws: int | None = None
-    max_seconds: float = 300.0
+    max_seconds: float | None = None
 
     def adaptive_settings(self) -> Any:
         """``AdaptiveSettings`` for :func:`harness.engines.pymc.fit_pymc`, or False."""

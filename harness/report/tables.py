@@ -806,7 +806,8 @@ def adaptive_rounds_table(record: Mapping[str, Any] | None) -> pd.DataFrame:
     """One row per round of adaptive sampling (``BayesFit.settings["adaptive"]``).
 
     Columns: round, action, target_accept, parameterization (per block),
-    chains (kept after the round), draws (per chain), max_r_hat, min_ess_bulk,
+    chains (kept after the round), tune (warm-up of the round's run), draws
+    (per chain), max_r_hat, min_ess_bulk,
     min_ess_tail (each with the quantity that reached it), divergences, kept,
     seconds (sampling) and why.  Empty when the fit was not adaptive.
     """
@@ -816,6 +817,7 @@ def adaptive_rounds_table(record: Mapping[str, Any] | None) -> pd.DataFrame:
         "target_accept",
         "parameterization",
         "chains",
+        "tune",
         "draws",
         "max_r_hat",
         "min_ess_bulk",
@@ -843,6 +845,7 @@ def adaptive_rounds_table(record: Mapping[str, Any] | None) -> pd.DataFrame:
                     f"{label}: {form}" for label, form in entry["parameterization"].items()
                 ),
                 "chains": after.get("chains"),
+                "tune": entry.get("tune"),
                 "draws": entry["draws"],
                 "max_r_hat": with_name(
                     after.get("max_r_hat"), after.get("max_r_hat_quantity"), ".3f"
