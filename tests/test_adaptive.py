@@ -652,3 +652,28 @@ def test_slow_mixing_whose_longer_chains_diverge_tries_the_other_geometry():
     expected = {b: "centred" if block in (None, b) else "non-centred" for b in ("g", "h")}
     assert rounds[2]["parameterization"] == expected
     assert outcome.record["reliable"]
+
+
+def test_longer_chains_that_diverge_are_retried_at_a_higher_target_accept():
+    # Longer chains diverge at the first target_accept, the other geometry diverges more:
+    # divergences call for a smaller step, so the longer chains are retried one step higher
+    # (a mixing problem is not left unsolved because one remedy's run diverged).
+    def behave(kw):
+        if kw["centered"]:
+            return {"rho": 0.95, "divergences": 40}
+        if kw["draws"] > 300:
+            return {"divergences": 4 if kw["target_accept"] < 0.95 else 0}
+        return {"rho": 0.95}
+
+    outcome, _ = _loop(behave, settings=AdaptiveSettings(max_draws=20_000))
+    rounds = outcome.record["rounds"]
+    assert _actions(outcome) == [
+        "first run",
+        "restart with longer chains",
+        "other geometry",
+        "restart with longer chains",
+    ]
+    assert [r["kept"] for r in rounds] == [True, False, False, True]
+    assert rounds[3]["target_accept"] == 0.95
+    assert "diverged at 0.9" in rounds[3]["why"]
+    assert outcome.record["reliable"]

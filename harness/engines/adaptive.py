@@ -638,6 +638,9 @@ class _Memory:
     tried: set[tuple[frozenset[str], float]] = field(default_factory=set)
     not_kept: set[str] = field(default_factory=set)
     longer_chains_kept: int = 0
+    # A restart that was not kept because it diverged: the target_accept it ran at.
+    # Divergences call for a smaller step size, so the same restart is retried higher.
+    diverged_at: dict[str, float] = field(default_factory=dict)
 
 
 def _same(kept: _Kept, memory: _Memory, **changes: Any) -> dict[str, Any]:
@@ -739,9 +742,17 @@ def _plan_rhat(
         and (flipped, kept.run.target_accept) not in memory.tried
     )
     where = ", ".join(sorted(labels)) or "no block"
-    longer = "restart with longer chains" not in memory.not_kept
+    longer_accept: float | None = kept.run.target_accept
+    if "restart with longer chains" in memory.diverged_at:
+        longer_accept = _next_target_accept(
+            max(kept.run.target_accept, memory.diverged_at["restart with longer chains"])
+        )
+    longer = "restart with longer chains" not in memory.not_kept and longer_accept is not None
     mixing = f"no chain stands out (z of each chain's mean of {quantity}: {scores}): slow mixing"
-    if other and (memory.longer_chains_kept or not longer):
+    # After longer chains failed (sampled worse, or diverged) the other geometry comes first;
+    # longer chains that diverged are retried at a higher target_accept after it.
+    failed = "restart with longer chains" in memory.diverged_at or not longer
+    if other and (memory.longer_chains_kept or failed):
         forms = _labels(design, flipped)
         return _Plan(
             "other geometry",
@@ -752,13 +763,19 @@ def _plan_rhat(
         )
     if longer:
         warmup = min(2 * kept.tune, settings.max_tune_factor * memory.first_tune)
+        retry = ""
+        if longer_accept != kept.run.target_accept:
+            retry = (
+                f" at target_accept {longer_accept} (the longer chains diverged at "
+                f"{memory.diverged_at['restart with longer chains']})"
+            )
         return _Plan(
             "restart with longer chains",
             f"{problem}: {mixing}, R-hat needs more effective draws per chain: all "
             f"{kept.diag['chains']} chains replaced by {memory.first_chains} of {2 * kept.draws} "
-            f"draws after a warm-up of {warmup}",
+            f"draws after a warm-up of {warmup}{retry}",
             evidence=evidence,
-            **_same(kept, memory, warmup=warmup, length=2 * kept.draws),
+            **_same(kept, memory, warmup=warmup, length=2 * kept.draws, accept=longer_accept),
         )
     # Here longer chains sampled worse, and the other geometry was tried or does not exist.
     geometry = (
@@ -967,7 +984,11 @@ def sample_adaptively(
             if (restart or geometry) and not candidate.diag["ok"] and worse:
                 what = "draws" if restart else "parameterisation and draws"
                 note = f"samples worse than before: the earlier {what} are kept"
-                memory.not_kept.add(plan.action)
+                if restart and candidate.diag["divergences"] and not kept.diag["divergences"]:
+                    # It failed by diverging: retried at a higher target_accept, not dropped.
+                    memory.diverged_at[plan.action] = plan.accept
+                else:
+                    memory.not_kept.add(plan.action)
                 was_kept = False
             else:
                 kept = candidate
