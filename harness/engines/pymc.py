@@ -101,7 +101,8 @@ class BayesFit:
 # --------------------------------------------------------------------------- priors as data
 
 #: Bumped when the graph build_model makes changes, so cached structures are not reused.
-GRAPH_VERSION = "2"
+#: 3: the fixed effects are sampled in the centred basis (:class:`CentredFixed`).
+GRAPH_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,8 @@ def model_data(design: Design, priors: ResolvedPriors) -> dict[str, np.ndarray]:
         "X": np.ascontiguousarray(design.X.to_numpy(dtype=float)),
         "y": np.asarray(design.y, dtype=float),
     }
+    if centring_intercept(design, priors) is not None:
+        values["X_mean"] = fixed_means(design)
     groups = _fixed_groups(design, priors)
     for stem, group in zip(_fixed_stems(groups), groups, strict=True):
         for param, name in group.data_names(stem).items():
@@ -330,9 +333,103 @@ def structure_key(design: Design, priors: ResolvedPriors, centered: Collection[s
 
 INTERCEPT = "(Intercept)"
 
+# --------------------------------------------------------------------------- fixed effects' basis
+
+#: ``centred``: sample the fixed effects in the centred basis (default); ``direct``: in lme4's.
+FixedBasis = Literal["centred", "direct"]
+
+
+def fixed_means(design: Design) -> np.ndarray:
+    """Column means of X with 0 at the intercept: where the centred basis puts its origin."""
+    X = design.X.to_numpy(dtype=float)
+    means = X.mean(axis=0) if design.n else np.zeros(X.shape[1])
+    if INTERCEPT in design.fixed_terms:
+        means[design.fixed_terms.index(INTERCEPT)] = 0.0
+    return np.ascontiguousarray(means)
+
+
+def _on_real_line(prior: Prior) -> bool:
+    """Whether a prior's support is the real line (PyMC gives it no default transform)."""
+    import pymc as pm
+    from pymc.distributions.transforms import _default_transform
+
+    rv = getattr(pm, prior.dist).dist(**dict(prior.params))
+    return _default_transform(rv.owner.op, rv) is None
+
+
+def centring_intercept(design: Design, priors: ResolvedPriors) -> int | None:
+    """Position of the intercept when the fixed effects are sampled centred, else None.
+
+    Centring needs an intercept (it takes up the shift) and at least one other
+    column, and priors whose support is the real line: a bounded prior keeps
+    PyMC's own transform onto its support instead.
+    """
+    if INTERCEPT not in design.fixed_terms or len(design.fixed_terms) < 2:
+        return None
+    if not all(_on_real_line(priors.fixed[t]) for t in design.fixed_terms):
+        return None
+    return design.fixed_terms.index(INTERCEPT)
+
+
+def centred_transform(means: Any, intercept: int, n_terms: int) -> Any:
+    """The value transform ``beta -> beta_c`` of the centred basis (as brms samples).
+
+    With ``m`` the column means of X (0 at the intercept), ``X beta = (X - 1 m') beta_c``
+    for ``beta_c = beta + e_0 (m' beta)``: the centred intercept is the linear
+    predictor at the predictors' means, the slopes are unchanged.  An uncentred
+    predictor (temperatures near 200) otherwise ties the intercept to its slope
+    a posteriori so tightly that a diagonal mass matrix crawls.  The map is
+    unit triangular (Jacobian 1), so the density of ``beta`` is unchanged: the
+    prior stays on lme4's coefficients, and the posterior of ``beta`` is exactly
+    that of the direct parameterisation.  ``means`` is data (``X_mean``), so a
+    compiled model refitted to new data centres at the new means.
+
+    Parameters
+    ----------
+    means : tensor
+        Column means of X, 0 at the intercept (:func:`fixed_means`).
+    intercept : int
+        Position of the intercept among the fixed terms.
+    n_terms : int
+        Number of fixed terms.
+
+    Returns
+    -------
+    pymc Transform
+        Named ``centred``: the sampler's variable is ``beta_centred__``.
+    """
+    import pytensor.tensor as pt
+    from pymc.logprob.transforms import Transform
+
+    unit = np.zeros(n_terms)
+    unit[intercept] = 1.0
+
+    class CentredFixed(Transform):
+        name = "centred"
+        ndim_supp = 1
+
+        def _shift(self, value: Any) -> Any:
+            return pt.sum(value * means, axis=-1, keepdims=True) * unit
+
+        def forward(self, value: Any, *inputs: Any) -> Any:
+            return value + self._shift(value)
+
+        def backward(self, value: Any, *inputs: Any) -> Any:
+            # The slopes are the same in both bases and m is 0 at the intercept,
+            # so m' beta_c = m' beta.
+            return value - self._shift(value)
+
+        def log_jac_det(self, value: Any, *inputs: Any) -> Any:
+            return pt.zeros_like(value[..., 0])
+
+    return CentredFixed()
+
 
 def build_model(
-    design: Design, priors: ResolvedPriors | None = None, centered: Collection[str] = ()
+    design: Design,
+    priors: ResolvedPriors | None = None,
+    centered: Collection[str] = (),
+    fixed_basis: FixedBasis = "centred",
 ) -> Any:
     """Build the PyMC model for a design.
 
@@ -355,6 +452,11 @@ def build_model(
         Defaults to ``resolve_priors(design)``.
     centered : collection of str
         Labels of the blocks to centre (see :func:`centered_blocks`).
+    fixed_basis : {"centred", "direct"}
+        Where the sampler moves the fixed effects: ``centred`` (default) through
+        the value transform of :func:`centred_transform` wherever it applies
+        (:func:`centring_intercept`), ``direct`` in lme4's basis.  Both define
+        the same density of ``beta``; only the sampler's geometry differs.
 
     Returns
     -------
@@ -385,7 +487,7 @@ def build_model(
 
     with pm.Model(coords=coords) as model:
         data = data_containers(pm, values)
-        beta = _fixed_effects(pm, pt, design, priors, data)
+        beta = _fixed_effects(pm, pt, design, priors, data, fixed_basis)
         keep = [j for j, t in enumerate(design.fixed_terms) if t not in absorbed]
         X = data["X"]
         if len(keep) == len(design.fixed_terms):
@@ -430,10 +532,55 @@ def build_model(
 
 
 def _fixed_effects(
-    pm: Any, pt: Any, design: Design, priors: ResolvedPriors, data: dict[str, Any]
+    pm: Any,
+    pt: Any,
+    design: Design,
+    priors: ResolvedPriors,
+    data: dict[str, Any],
+    basis: FixedBasis = "centred",
 ) -> Any:
+    """The fixed effects ``beta`` (dim ``fixed_term``) under their priors, in lme4's basis.
+
+    With an intercept and priors on the real line, the sampler moves in the
+    centred basis (:func:`centred_transform`): a value transform of ``beta``,
+    so the prior, the posterior and every name stay those of ``beta`` itself.
+    """
     groups = _fixed_groups(design, priors)
     stems = _fixed_stems(groups)
+    intercept = centring_intercept(design, priors) if basis == "centred" else None
+    if intercept is None:
+        return _direct_fixed_effects(pm, pt, groups, stems, data)
+    transform = centred_transform(data["X_mean"], intercept, len(design.fixed_terms))
+    if len(groups) == 1:
+        params = {p: data[n] for p, n in groups[0].data_names(stems[0]).items()}
+        return getattr(pm, groups[0].dist)("beta", **params, dims="fixed_term", transform=transform)
+    # Families differ by term: one vector variable whose entries have their own priors.
+    layout = [(group.dist, list(group.params)) for group in groups]
+    flat = [
+        data[n][0]
+        for stem, g in zip(stems, groups, strict=True)
+        for n in g.data_names(stem).values()
+    ]
+
+    def stacked(*args: Any) -> Any:
+        *values, _size = args
+        parts, at = [], 0
+        for dist, names in layout:
+            parts.append(
+                getattr(pm, dist).dist(
+                    **dict(zip(names, values[at : at + len(names)], strict=True))
+                )
+            )
+            at += len(names)
+        return pt.stack(parts)
+
+    return pm.CustomDist("beta", *flat, dist=stacked, dims="fixed_term", transform=transform)
+
+
+def _direct_fixed_effects(
+    pm: Any, pt: Any, groups: list[_PriorGroup], stems: list[str], data: dict[str, Any]
+) -> Any:
+    """``beta`` sampled in lme4's own basis (no intercept, or a prior with bounded support)."""
     if len(groups) == 1:
         params = {p: data[n] for p, n in groups[0].data_names(stems[0]).items()}
         return getattr(pm, groups[0].dist)("beta", **params, dims="fixed_term")
