@@ -1050,7 +1050,14 @@ def model_source() -> str:
     """The source of the functions that build the PyMC model (shown in reports)."""
     return "\n\n".join(
         inspect.getsource(f)
-        for f in (build_model, _fixed_effects, _block_effects, data_containers, model_data)
+        for f in (
+            build_model,
+            _fixed_effects,
+            centred_transform,
+            _block_effects,
+            data_containers,
+            model_data,
+        )
     )
 
 
