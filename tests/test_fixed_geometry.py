@@ -247,3 +247,9 @@ def test_centred_basis_mixes_the_intercept_of_an_uncentred_design(compiled):
     }
     assert ess["centred"] > 400
     assert ess["centred"] > 3 * ess["direct"], ess
+
+
+def test_low_rank_mass_matrix_is_nutpies_alone():
+    data, spec = hz.datasets.load("sleepstudy")
+    with pytest.raises(ValueError, match="low_rank needs sampler 'nutpie'"):
+        hz.fit_pymc(spec, data, sampler="pymc", low_rank=True)

@@ -13,6 +13,7 @@ data of later fits into it; :func:`refit` does so for a given fit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
@@ -790,6 +791,7 @@ class Run:
     target_accept: float
     seed: int
     chains: int
+    low_rank: bool = False
 
 
 def sample_once(
@@ -804,12 +806,16 @@ def sample_once(
     target_accept: float,
     progress: bool = False,
     centered: Collection[str] = (),
+    low_rank: bool = False,
 ) -> Run:
     """Sample the model of ``design`` once (nutpie: compile or reuse, swap data, sample).
 
     The posterior holds ``u_<label>`` for every block whatever its
-    parameterisation, under lme4's labels.
+    parameterisation, under lme4's labels.  ``low_rank`` (nutpie only) adapts
+    a low-rank modified mass matrix instead of the diagonal one.
     """
+    if low_rank and sampler != "nutpie":
+        raise ValueError(f"low_rank needs sampler 'nutpie', not {sampler!r}")
     centered = centered_blocks(design, centered)
     parts = structure(design, priors, centered)
     key = structure_key(design, priors, centered)
@@ -829,6 +835,7 @@ def sample_once(
             seed=seed,
             target_accept=target_accept,
             progress=progress,
+            low_rank=low_rank,
         )
         idata = _relabel(_add_offsets(idata, design, centered), design)
     else:
@@ -844,7 +851,17 @@ def sample_once(
         )
         compile_s = 0.0
     return Run(
-        idata, compile_s, sample_s, cached, key, parts, centered, target_accept, seed, chains
+        idata,
+        compile_s,
+        sample_s,
+        cached,
+        key,
+        parts,
+        centered,
+        target_accept,
+        seed,
+        chains,
+        low_rank,
     )
 
 
@@ -862,6 +879,7 @@ def fit_pymc(
     design: Design | None = None,
     adaptive: bool | AdaptiveSettings = True,
     centered: Collection[str] | str | None = None,
+    low_rank: bool = False,
 ) -> BayesFit:
     """Fit ``spec`` to ``data`` with PyMC, sampling until the diagnostics hold.
 
@@ -902,6 +920,9 @@ def fit_pymc(
         ``True`` (default): adaptive with the default budget; ``False``: one run.
     centered : collection of block labels, "all" or None
         Blocks of the first run to centre (default none: all non-centred).
+    low_rank : bool
+        nutpie only: adapt a low-rank modified mass matrix in every run
+        instead of the diagonal one (see ``benchmarks/README.md``, geometry).
 
     Returns
     -------
@@ -910,6 +931,8 @@ def fit_pymc(
     from harness.engines.adaptive import AdaptiveSettings, sample_adaptively
 
     require_sampler(sampler)
+    if low_rank and sampler != "nutpie":
+        raise ValueError(f"low_rank needs sampler 'nutpie', not {sampler!r}")
     design = design if design is not None else build_design(spec, data)
     priors = resolve_priors(design)
     first_centered = centered_blocks(design, centered)
@@ -936,7 +959,7 @@ def fit_pymc(
             progress=progress,
             centered=first_centered,
             settings=budget,
-            sample_once=sample_once,
+            sample_once=functools.partial(sample_once, low_rank=low_rank),
         )
         final, idata = outcome.final, outcome.idata
         compile_s, sample_s = outcome.compile_seconds, outcome.sample_seconds
@@ -953,6 +976,7 @@ def fit_pymc(
             target_accept=target_accept,
             progress=progress,
             centered=first_centered,
+            low_rank=low_rank,
         )
         idata, compile_s, sample_s = final.idata, final.compile_seconds, final.sample_seconds
         settings = {}
@@ -974,6 +998,7 @@ def fit_pymc(
             "target_accept": final.target_accept,
             "centered": sorted(final.centered),
             "chains_per_run": final.chains,
+            "low_rank_mass_matrix": final.low_rank,
             "structure_key": final.key,
             "structure": final.parts,
             "compiled_model_reused": final.cached,
@@ -1038,6 +1063,7 @@ def refit(
         design=design,
         adaptive=False,
         centered=centered,
+        low_rank=bool(fit.settings.get("low_rank_mass_matrix", False)),
     )
 
 
