@@ -128,13 +128,15 @@ def report(session: nox.Session) -> None:
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Time fits and samplers (``benchmarks/run.py``, posargs go to it), the same-model
-    check (``bench_same_model.py``), study throughput (``bench_study.py``) and adaptive
-    sampling against one run (``bench_adaptive.py``)."""
+    check (``bench_same_model.py``), study throughput (``bench_study.py``), adaptive
+    sampling against one run (``bench_adaptive.py``), and the fixed effects' basis and nutpie's
+    mass matrix (``bench_geometry.py``)."""
     _setup(session, extras="[study]")
     session.run("python", "benchmarks/run.py", *session.posargs, env=_env())
     session.run("python", "benchmarks/bench_same_model.py", env=_env())
     session.run("python", "benchmarks/bench_study.py", env=_env())
     session.run("python", "benchmarks/bench_adaptive.py", env=_env())
+    session.run("python", "benchmarks/bench_geometry.py", env=_env())
     session.run("python", "benchmarks/bench_scale.py", env=_env())
 
 

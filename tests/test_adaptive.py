@@ -83,7 +83,8 @@ def _jacobian_gap(design, block_value) -> float:
     outputs = [plain[f"u_{label}"] for label in labels]
     u_values = _evaluate(plain, outputs, point)
     c_point = {k: v for k, v in point.items() if not k.startswith("z_")}
-    beta = dict(zip(design.fixed_terms, point["beta"], strict=True))
+    # beta's value variable is in the centred basis (the same in both models); beta itself:
+    beta = dict(zip(design.fixed_terms, _evaluate(plain, plain["beta"], point), strict=True))
     taken: set[str] = set()
     by_label = dict(zip(labels, u_values, strict=True))
     # The centred block with the fewest groups that has a fixed term draws coef = u + beta_t

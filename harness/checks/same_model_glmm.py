@@ -64,11 +64,19 @@ def pymc_conditional_loglik(
     """
     if any(b.n_terms > 1 and b.correlated for b in design.blocks):
         return None
+    from pymc.model.transform.conditioning import remove_value_transforms
+
     from harness.engines.pymc import build_model
     from harness.names import sd_var
 
     model = build_model(design)
-    point: dict[str, Any] = {"beta": np.asarray(beta, dtype=float)}
+    beta = np.asarray(beta, dtype=float)
+    if "beta" in {rv.name for rv in model.free_RVs}:
+        point: dict[str, Any] = {"beta": beta}
+    else:  # one scalar per fixed effect (their priors' families differ, some bounded)
+        point = {f"beta_{j}": value for j, value in enumerate(beta)}
+    # The sampler moves beta in the centred basis (or onto a prior's support); set beta itself.
+    model = remove_value_transforms(model, [model[name] for name in point])
     start_theta = start_u = 0
     for block in design.blocks:
         k, j = block.n_terms, block.n_levels

@@ -13,6 +13,7 @@ data of later fits into it; :func:`refit` does so for a given fit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
@@ -101,7 +102,8 @@ class BayesFit:
 # --------------------------------------------------------------------------- priors as data
 
 #: Bumped when the graph build_model makes changes, so cached structures are not reused.
-GRAPH_VERSION = "2"
+#: 3: the fixed effects are sampled in the centred basis (:class:`CentredFixed`).
+GRAPH_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,8 @@ def model_data(design: Design, priors: ResolvedPriors) -> dict[str, np.ndarray]:
         "X": np.ascontiguousarray(design.X.to_numpy(dtype=float)),
         "y": np.asarray(design.y, dtype=float),
     }
+    if centring_intercept(design, priors) is not None:
+        values["X_mean"] = fixed_means(design)
     groups = _fixed_groups(design, priors)
     for stem, group in zip(_fixed_stems(groups), groups, strict=True):
         for param, name in group.data_names(stem).items():
@@ -330,9 +334,103 @@ def structure_key(design: Design, priors: ResolvedPriors, centered: Collection[s
 
 INTERCEPT = "(Intercept)"
 
+# --------------------------------------------------------------------------- fixed effects' basis
+
+#: ``centred``: sample the fixed effects in the centred basis (default); ``direct``: in lme4's.
+FixedBasis = Literal["centred", "direct"]
+
+
+def fixed_means(design: Design) -> np.ndarray:
+    """Column means of X with 0 at the intercept: where the centred basis puts its origin."""
+    X = design.X.to_numpy(dtype=float)
+    means = X.mean(axis=0) if design.n else np.zeros(X.shape[1])
+    if INTERCEPT in design.fixed_terms:
+        means[design.fixed_terms.index(INTERCEPT)] = 0.0
+    return np.ascontiguousarray(means)
+
+
+def _on_real_line(prior: Prior) -> bool:
+    """Whether a prior's support is the real line (PyMC gives it no default transform)."""
+    import pymc as pm
+    from pymc.distributions.transforms import _default_transform
+
+    rv = getattr(pm, prior.dist).dist(**dict(prior.params))
+    return _default_transform(rv.owner.op, rv) is None
+
+
+def centring_intercept(design: Design, priors: ResolvedPriors) -> int | None:
+    """Position of the intercept when the fixed effects are sampled centred, else None.
+
+    Centring needs an intercept (it takes up the shift) and at least one other
+    column, and priors whose support is the real line: a bounded prior keeps
+    PyMC's own transform onto its support instead.
+    """
+    if INTERCEPT not in design.fixed_terms or len(design.fixed_terms) < 2:
+        return None
+    if not all(_on_real_line(priors.fixed[t]) for t in design.fixed_terms):
+        return None
+    return design.fixed_terms.index(INTERCEPT)
+
+
+def centred_transform(means: Any, intercept: int, n_terms: int) -> Any:
+    """The value transform ``beta -> beta_c`` of the centred basis (as brms samples).
+
+    With ``m`` the column means of X (0 at the intercept), ``X beta = (X - 1 m') beta_c``
+    for ``beta_c = beta + e_0 (m' beta)``: the centred intercept is the linear
+    predictor at the predictors' means, the slopes are unchanged.  An uncentred
+    predictor (temperatures near 200) otherwise ties the intercept to its slope
+    a posteriori so tightly that a diagonal mass matrix crawls.  The map is
+    unit triangular (Jacobian 1), so the density of ``beta`` is unchanged: the
+    prior stays on lme4's coefficients, and the posterior of ``beta`` is exactly
+    that of the direct parameterisation.  ``means`` is data (``X_mean``), so a
+    compiled model refitted to new data centres at the new means.
+
+    Parameters
+    ----------
+    means : tensor
+        Column means of X, 0 at the intercept (:func:`fixed_means`).
+    intercept : int
+        Position of the intercept among the fixed terms.
+    n_terms : int
+        Number of fixed terms.
+
+    Returns
+    -------
+    pymc Transform
+        Named ``centred``: the sampler's variable is ``beta_centred__``.
+    """
+    import pytensor.tensor as pt
+    from pymc.logprob.transforms import Transform
+
+    unit = np.zeros(n_terms)
+    unit[intercept] = 1.0
+
+    class CentredFixed(Transform):
+        name = "centred"
+        ndim_supp = 1
+
+        def _shift(self, value: Any) -> Any:
+            return pt.sum(value * means, axis=-1, keepdims=True) * unit
+
+        def forward(self, value: Any, *inputs: Any) -> Any:
+            return value + self._shift(value)
+
+        def backward(self, value: Any, *inputs: Any) -> Any:
+            # The slopes are the same in both bases and m is 0 at the intercept,
+            # so m' beta_c = m' beta.
+            return value - self._shift(value)
+
+        def log_jac_det(self, value: Any, *inputs: Any) -> Any:
+            return pt.zeros_like(value[..., 0])
+
+    return CentredFixed()
+
 
 def build_model(
-    design: Design, priors: ResolvedPriors | None = None, centered: Collection[str] = ()
+    design: Design,
+    priors: ResolvedPriors | None = None,
+    centered: Collection[str] = (),
+    fixed_basis: FixedBasis = "centred",
 ) -> Any:
     """Build the PyMC model for a design.
 
@@ -355,6 +453,11 @@ def build_model(
         Defaults to ``resolve_priors(design)``.
     centered : collection of str
         Labels of the blocks to centre (see :func:`centered_blocks`).
+    fixed_basis : {"centred", "direct"}
+        Where the sampler moves the fixed effects: ``centred`` (default) through
+        the value transform of :func:`centred_transform` wherever it applies
+        (:func:`centring_intercept`), ``direct`` in lme4's basis.  Both define
+        the same density of ``beta``; only the sampler's geometry differs.
 
     Returns
     -------
@@ -385,7 +488,7 @@ def build_model(
 
     with pm.Model(coords=coords) as model:
         data = data_containers(pm, values)
-        beta = _fixed_effects(pm, pt, design, priors, data)
+        beta = _fixed_effects(pm, pt, design, priors, data, fixed_basis)
         keep = [j for j, t in enumerate(design.fixed_terms) if t not in absorbed]
         X = data["X"]
         if len(keep) == len(design.fixed_terms):
@@ -430,10 +533,55 @@ def build_model(
 
 
 def _fixed_effects(
-    pm: Any, pt: Any, design: Design, priors: ResolvedPriors, data: dict[str, Any]
+    pm: Any,
+    pt: Any,
+    design: Design,
+    priors: ResolvedPriors,
+    data: dict[str, Any],
+    basis: FixedBasis = "centred",
 ) -> Any:
+    """The fixed effects ``beta`` (dim ``fixed_term``) under their priors, in lme4's basis.
+
+    With an intercept and priors on the real line, the sampler moves in the
+    centred basis (:func:`centred_transform`): a value transform of ``beta``,
+    so the prior, the posterior and every name stay those of ``beta`` itself.
+    """
     groups = _fixed_groups(design, priors)
     stems = _fixed_stems(groups)
+    intercept = centring_intercept(design, priors) if basis == "centred" else None
+    if intercept is None:
+        return _direct_fixed_effects(pm, pt, groups, stems, data)
+    transform = centred_transform(data["X_mean"], intercept, len(design.fixed_terms))
+    if len(groups) == 1:
+        params = {p: data[n] for p, n in groups[0].data_names(stems[0]).items()}
+        return getattr(pm, groups[0].dist)("beta", **params, dims="fixed_term", transform=transform)
+    # Families differ by term: one vector variable whose entries have their own priors.
+    layout = [(group.dist, list(group.params)) for group in groups]
+    flat = [
+        data[n][0]
+        for stem, g in zip(stems, groups, strict=True)
+        for n in g.data_names(stem).values()
+    ]
+
+    def stacked(*args: Any) -> Any:
+        *values, _size = args
+        parts, at = [], 0
+        for dist, names in layout:
+            parts.append(
+                getattr(pm, dist).dist(
+                    **dict(zip(names, values[at : at + len(names)], strict=True))
+                )
+            )
+            at += len(names)
+        return pt.stack(parts)
+
+    return pm.CustomDist("beta", *flat, dist=stacked, dims="fixed_term", transform=transform)
+
+
+def _direct_fixed_effects(
+    pm: Any, pt: Any, groups: list[_PriorGroup], stems: list[str], data: dict[str, Any]
+) -> Any:
+    """``beta`` sampled in lme4's own basis (no intercept, or a prior with bounded support)."""
     if len(groups) == 1:
         params = {p: data[n] for p, n in groups[0].data_names(stems[0]).items()}
         return getattr(pm, groups[0].dist)("beta", **params, dims="fixed_term")
@@ -643,6 +791,7 @@ class Run:
     target_accept: float
     seed: int
     chains: int
+    low_rank: bool = False
 
 
 def sample_once(
@@ -657,12 +806,16 @@ def sample_once(
     target_accept: float,
     progress: bool = False,
     centered: Collection[str] = (),
+    low_rank: bool = False,
 ) -> Run:
     """Sample the model of ``design`` once (nutpie: compile or reuse, swap data, sample).
 
     The posterior holds ``u_<label>`` for every block whatever its
-    parameterisation, under lme4's labels.
+    parameterisation, under lme4's labels.  ``low_rank`` (nutpie only) adapts
+    a low-rank modified mass matrix instead of the diagonal one.
     """
+    if low_rank and sampler != "nutpie":
+        raise ValueError(f"low_rank needs sampler 'nutpie', not {sampler!r}")
     centered = centered_blocks(design, centered)
     parts = structure(design, priors, centered)
     key = structure_key(design, priors, centered)
@@ -682,6 +835,7 @@ def sample_once(
             seed=seed,
             target_accept=target_accept,
             progress=progress,
+            low_rank=low_rank,
         )
         idata = _relabel(_add_offsets(idata, design, centered), design)
     else:
@@ -697,7 +851,17 @@ def sample_once(
         )
         compile_s = 0.0
     return Run(
-        idata, compile_s, sample_s, cached, key, parts, centered, target_accept, seed, chains
+        idata,
+        compile_s,
+        sample_s,
+        cached,
+        key,
+        parts,
+        centered,
+        target_accept,
+        seed,
+        chains,
+        low_rank,
     )
 
 
@@ -715,6 +879,7 @@ def fit_pymc(
     design: Design | None = None,
     adaptive: bool | AdaptiveSettings = True,
     centered: Collection[str] | str | None = None,
+    low_rank: bool = False,
 ) -> BayesFit:
     """Fit ``spec`` to ``data`` with PyMC, sampling until the diagnostics hold.
 
@@ -755,6 +920,9 @@ def fit_pymc(
         ``True`` (default): adaptive with the default budget; ``False``: one run.
     centered : collection of block labels, "all" or None
         Blocks of the first run to centre (default none: all non-centred).
+    low_rank : bool
+        nutpie only: adapt a low-rank modified mass matrix in every run
+        instead of the diagonal one (see ``benchmarks/README.md``, geometry).
 
     Returns
     -------
@@ -763,6 +931,8 @@ def fit_pymc(
     from harness.engines.adaptive import AdaptiveSettings, sample_adaptively
 
     require_sampler(sampler)
+    if low_rank and sampler != "nutpie":
+        raise ValueError(f"low_rank needs sampler 'nutpie', not {sampler!r}")
     design = design if design is not None else build_design(spec, data)
     priors = resolve_priors(design)
     first_centered = centered_blocks(design, centered)
@@ -789,7 +959,7 @@ def fit_pymc(
             progress=progress,
             centered=first_centered,
             settings=budget,
-            sample_once=sample_once,
+            sample_once=functools.partial(sample_once, low_rank=low_rank),
         )
         final, idata = outcome.final, outcome.idata
         compile_s, sample_s = outcome.compile_seconds, outcome.sample_seconds
@@ -806,6 +976,7 @@ def fit_pymc(
             target_accept=target_accept,
             progress=progress,
             centered=first_centered,
+            low_rank=low_rank,
         )
         idata, compile_s, sample_s = final.idata, final.compile_seconds, final.sample_seconds
         settings = {}
@@ -827,6 +998,7 @@ def fit_pymc(
             "target_accept": final.target_accept,
             "centered": sorted(final.centered),
             "chains_per_run": final.chains,
+            "low_rank_mass_matrix": final.low_rank,
             "structure_key": final.key,
             "structure": final.parts,
             "compiled_model_reused": final.cached,
@@ -891,6 +1063,7 @@ def refit(
         design=design,
         adaptive=False,
         centered=centered,
+        low_rank=bool(fit.settings.get("low_rank_mass_matrix", False)),
     )
 
 
@@ -903,7 +1076,14 @@ def model_source() -> str:
     """The source of the functions that build the PyMC model (shown in reports)."""
     return "\n\n".join(
         inspect.getsource(f)
-        for f in (build_model, _fixed_effects, _block_effects, data_containers, model_data)
+        for f in (
+            build_model,
+            _fixed_effects,
+            centred_transform,
+            _block_effects,
+            data_containers,
+            model_data,
+        )
     )
 
 

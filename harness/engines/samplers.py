@@ -213,8 +213,15 @@ def sample_nutpie(
     target_accept: float,
     progress: bool,
     cores: int | None = None,
+    low_rank: bool = False,
 ) -> tuple[Any, float]:
-    """Sample a compiled nutpie model; returns ``(idata, seconds)``."""
+    """Sample a compiled nutpie model; returns ``(idata, seconds)``.
+
+    ``low_rank`` adapts nutpie's low-rank modified mass matrix instead of its
+    diagonal one: fewer gradients per effective draw where posterior
+    correlations remain (many groups, factors nested in a fixed effect), more
+    work per gradient (``benchmarks/bench_geometry.py``).
+    """
     import nutpie
 
     from harness import progress as progress_lines
@@ -234,6 +241,7 @@ def sample_nutpie(
             progress_bar=progress or progress_lines.is_terminal(),
             target_accept=target_accept,
             save_warmup=False,
+            low_rank_modified_mass_matrix=low_rank,
         )
         seconds = time.perf_counter() - started
         stage.detail = f"{total / max(seconds, 1e-9):.0f} draws/s"
