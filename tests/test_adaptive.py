@@ -486,7 +486,7 @@ class FakeSampler:
         )
 
 
-def _loop(behave, settings=None, clock=None, **first):
+def _loop(behave, settings=None, clock=None, sampler="nutpie", **first):
     from harness.engines.adaptive import sample_adaptively
 
     design = _fake_design()
@@ -496,7 +496,7 @@ def _loop(behave, settings=None, clock=None, **first):
     outcome = sample_adaptively(
         design,
         resolve_priors(design),
-        sampler="nutpie",
+        sampler=sampler,
         settings=settings,
         sample_once=fake,
         **args,
@@ -511,7 +511,8 @@ def _actions(outcome) -> list[str]:
 
 def test_slow_mixing_restarts_with_longer_chains_before_adding_any():
     # Chains that agree but mix slowly until they are twice as long (and warmed up twice as long).
-    outcome, _ = _loop(lambda kw: {"rho": 0.0 if kw["draws"] >= 600 else 0.95})
+    # (PyMC's sampler: nutpie would first try its low-rank mass matrix, tested below.)
+    outcome, _ = _loop(lambda kw: {"rho": 0.0 if kw["draws"] >= 600 else 0.95}, sampler="pymc")
     rounds = outcome.record["rounds"]
     first = rounds[0]["after"]
     assert first["max_r_hat"] > 1.01 and first["divergences"] == 0
@@ -552,7 +553,7 @@ def test_short_ess_with_rhat_holding_buys_the_cheaper_draws():
 
 def test_short_ess_with_rhat_near_its_target_gets_longer_chains_not_more():
     # As above, but R-hat 1.009: chains of the same length would keep that noise.
-    outcome, _ = _loop(lambda kw: {"beta_rho": 0.8}, draws=800, seed=1)
+    outcome, _ = _loop(lambda kw: {"beta_rho": 0.8}, draws=800, seed=1, sampler="pymc")
     rounds = outcome.record["rounds"]
     first = rounds[0]["after"]
     assert 1.005 < first["max_r_hat"] <= 1.01 and first["min_ess_bulk"] < 400
@@ -644,7 +645,7 @@ def test_slow_mixing_whose_longer_chains_diverge_tries_the_other_geometry():
             return {}
         return {"rho": 0.95, "divergences": 4 if kw["draws"] > 300 else 0}
 
-    outcome, _ = _loop(behave)
+    outcome, _ = _loop(behave, sampler="pymc")
     rounds = outcome.record["rounds"]
     assert _actions(outcome) == ["first run", "restart with longer chains", "other geometry"]
     assert not rounds[1]["kept"] and "samples worse" in rounds[1]["why"]
@@ -666,7 +667,7 @@ def test_longer_chains_that_diverge_are_retried_at_a_higher_target_accept():
             return {"divergences": 4 if kw["target_accept"] < 0.95 else 0}
         return {"rho": 0.95}
 
-    outcome, _ = _loop(behave, settings=AdaptiveSettings(max_draws=20_000))
+    outcome, _ = _loop(behave, settings=AdaptiveSettings(max_draws=20_000), sampler="pymc")
     rounds = outcome.record["rounds"]
     assert _actions(outcome) == [
         "first run",
@@ -677,4 +678,38 @@ def test_longer_chains_that_diverge_are_retried_at_a_higher_target_accept():
     assert [r["kept"] for r in rounds] == [True, False, False, True]
     assert rounds[3]["target_accept"] == 0.95
     assert "diverged at 0.9" in rounds[3]["why"]
+    assert outcome.record["reliable"]
+
+
+def test_slow_mixing_tries_the_low_rank_mass_matrix_first():
+    # Parameters that move together: nutpie's low-rank mass matrix cures it in one run of
+    # the same length (cheaper than chains twice as long); the record says which matrix.
+    outcome, fake = _loop(lambda kw: {"rho": 0.0 if kw.get("low_rank") else 0.95})
+    assert _actions(outcome) == ["first run", "low-rank mass matrix"]
+    rounds = outcome.record["rounds"]
+    assert [r["mass_matrix"] for r in rounds] == ["diagonal", "low-rank"]
+    assert rounds[1]["draws"] == rounds[0]["draws"] and rounds[1]["tune"] == rounds[0]["tune"]
+    assert outcome.record["final"]["mass_matrix"] == "low-rank"
+    assert outcome.record["reliable"]
+    assert "low_rank" not in fake.calls[0] and fake.calls[1]["low_rank"] is True
+
+
+def test_a_low_rank_run_that_samples_worse_is_not_kept():
+    # The low-rank run diverges: the diagonal draws are kept, and slow mixing gets longer
+    # chains (with the diagonal mass matrix) as without it.
+    def behave(kw):
+        if kw.get("low_rank"):
+            return {"rho": 0.95, "divergences": 3}
+        return {"rho": 0.0 if kw["draws"] >= 600 else 0.95}
+
+    outcome, fake = _loop(behave)
+    assert _actions(outcome) == [
+        "first run",
+        "low-rank mass matrix",
+        "restart with longer chains",
+    ]
+    rounds = outcome.record["rounds"]
+    assert [r["kept"] for r in rounds] == [True, False, True]
+    assert "low_rank" not in fake.calls[2]
+    assert outcome.record["final"]["mass_matrix"] == "diagonal"
     assert outcome.record["reliable"]

@@ -603,6 +603,7 @@ class _Kept:
     diag: dict[str, Any]
     tune: int
     draws: int
+    low_rank: bool = False  # sampled with nutpie's low-rank mass matrix
 
 
 @dataclass
@@ -617,6 +618,7 @@ class _Plan:
     length: int
     n_chains: int
     add: bool = False  # pooled with the kept chains (else it replaces them)
+    low_rank: bool = False  # nutpie's low-rank modified mass matrix
     evidence: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -641,6 +643,8 @@ class _Memory:
     # A restart that was not kept because it diverged: the target_accept it ran at.
     # Divergences call for a smaller step size, so the same restart is retried higher.
     diverged_at: dict[str, float] = field(default_factory=dict)
+    # nutpie's low-rank mass matrix is on offer (nutpie only) and not tried yet.
+    low_rank_open: bool = False
 
 
 def _same(kept: _Kept, memory: _Memory, **changes: Any) -> dict[str, Any]:
@@ -651,8 +655,31 @@ def _same(kept: _Kept, memory: _Memory, **changes: Any) -> dict[str, Any]:
         "warmup": kept.tune,
         "length": kept.draws,
         "n_chains": memory.first_chains,
+        "low_rank": kept.low_rank,
     }
     return {**base, **changes}
+
+
+def _plan_low_rank(kept: _Kept, memory: _Memory, why: str) -> _Plan | None:
+    """Slow mixing: the same run with nutpie's low-rank mass matrix, once.
+
+    A diagonal mass matrix cannot follow parameters that move together (a
+    fixed effect and the group effects nested in it, an intercept and a slope
+    whose predictor is far from 0 in a random-effects block); the low-rank
+    correction adapts those directions.  It costs one run of the kept length,
+    less than the longer chains that slow mixing would otherwise need
+    (``benchmarks/bench_geometry.py``: 3-8x the ESS per gradient on three of
+    four models), and a run that samples worse is not kept.
+    """
+    if not memory.low_rank_open or kept.low_rank:
+        return None
+    memory.low_rank_open = False
+    return _Plan(
+        "low-rank mass matrix",
+        f"{why}: the same run with nutpie's low-rank modified mass matrix, which adapts the "
+        "directions in which parameters move together",
+        **_same(kept, memory, low_rank=True),
+    )
 
 
 def _plan_divergences(design: Design, kept: _Kept, memory: _Memory, problem: str) -> _Plan | str:
@@ -752,6 +779,10 @@ def _plan_rhat(
     # After longer chains failed (sampled worse, or diverged) the other geometry comes first;
     # longer chains that diverged are retried at a higher target_accept after it.
     failed = "restart with longer chains" in memory.diverged_at or not longer
+    low_rank = _plan_low_rank(kept, memory, f"{problem}: {mixing}")
+    if low_rank is not None:
+        low_rank.evidence = evidence
+        return low_rank
     if other and (memory.longer_chains_kept or failed):
         forms = _labels(design, flipped)
         return _Plan(
@@ -805,6 +836,14 @@ def _plan_ess(kept: _Kept, memory: _Memory, settings: AdaptiveSettings, problem:
     evidence["rhat_room"] = bool(room)
     if not room:
         costs += f"; R-hat {r_hat:.4f} leaves no room for chains of the same length"
+    fresh = memory.first_chains * (kept.tune + kept.draws)
+    if min(add_cost if room else longer_cost, longer_cost) >= fresh:
+        low_rank = _plan_low_rank(
+            kept, memory, f"{problem}: R-hat holds, ESS short by x{factor:.2f} ({costs})"
+        )
+        if low_rank is not None:
+            low_rank.evidence = evidence
+            return low_rank
     if room and add_cost < longer_cost:
         return _Plan(
             "add chains",
@@ -913,12 +952,20 @@ def sample_adaptively(
             target_accept=plan.accept,
             progress=progress,
             centered=plan.blocks,
+            **({"low_rank": True} if plan.low_rank else {}),
         )
 
     first_plan = _Plan("first run", "", target_accept, frozenset(centered), tune, draws, chains)
     first = run(1, first_plan)
-    kept = _Kept(first, first.idata, diagnose(first.idata, design, settings), tune, draws)
-    memory = _Memory(first_chains=chains, first_tune=tune)
+    kept = _Kept(
+        first,
+        first.idata,
+        diagnose(first.idata, design, settings),
+        tune,
+        draws,
+        bool(getattr(first, "low_rank", False)),  # a caller's opt-in (fit_pymc's low_rank)
+    )
+    memory = _Memory(first_chains=chains, first_tune=tune, low_rank_open=sampler == "nutpie")
     memory.tried.add((first.centered, first.target_accept))
     compile_s, sample_s = first.compile_seconds, first.sample_seconds
     draws_sampled, iterations = first_plan.draws, first_plan.iterations
@@ -972,14 +1019,24 @@ def sample_adaptively(
         if plan.add:
             pooled = concat_chains(kept.idata, new.idata)
             kept = candidate = _Kept(
-                new, pooled, diagnose(pooled, design, settings), kept.tune, kept.draws
+                new,
+                pooled,
+                diagnose(pooled, design, settings),
+                kept.tune,
+                kept.draws,
+                plan.low_rank,
             )
         else:
             candidate = _Kept(
-                new, new.idata, diagnose(new.idata, design, settings), plan.warmup, plan.length
+                new,
+                new.idata,
+                diagnose(new.idata, design, settings),
+                plan.warmup,
+                plan.length,
+                plan.low_rank,
             )
             restart = plan.action.startswith("restart")
-            geometry = plan.action in ("re-parameterise", "other geometry")
+            geometry = plan.action in ("re-parameterise", "other geometry", "low-rank mass matrix")
             worse = (_dominated if restart else _worse)(candidate.diag, kept.diag)
             if (restart or geometry) and not candidate.diag["ok"] and worse:
                 what = "draws" if restart else "parameterisation and draws"
@@ -1008,6 +1065,7 @@ def sample_adaptively(
         "final": {
             "target_accept": kept.run.target_accept,
             "parameterization": _labels(design, kept.run.centered),
+            "mass_matrix": "low-rank" if kept.low_rank else "diagonal",
             "chains": int(kept.idata.posterior.sizes["chain"]),
             "tune": kept.tune,
             "draws": kept.draws,
@@ -1035,6 +1093,7 @@ def _round_entry(
         "why": plan.why if not note else f"{plan.why}; {note}",
         "target_accept": new.target_accept,
         "parameterization": _labels(design, new.centered),
+        "mass_matrix": "low-rank" if plan.low_rank else "diagonal",
         "chains": plan.n_chains,
         "draws": plan.length,
         "tune": plan.warmup,
