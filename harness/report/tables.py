@@ -686,10 +686,10 @@ def verdict_table(
     prior_of = {p["parameter"]: p["prior"] for p in priors or []}
     rows = []
     for r in cmp.fixed.to_dict("records"):
-        notes = []
+        # The sampler's diagnostics do not say why lme4's value is blank: that note comes first.
+        notes = _undefined_note(r["lme4_estimate"], engine, [])
         if r["verdict"] == "unreliable":
             notes.append(_diagnostics_note(r))
-        notes += _undefined_note(r["lme4_estimate"], engine, notes)
         rows.append(
             {
                 "section": "fixed effect",
