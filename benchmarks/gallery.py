@@ -473,6 +473,7 @@ def run_case(
             verdict=result.verdict,
             rounds=len(adaptive["rounds"]) if adaptive and "rounds" in adaptive else 1,
             budget_spent=adaptive.get("budget_spent") if adaptive else None,
+            cost=sampling_cost(adaptive, settings),
             report=report.name,
             rows_not_pass=_non_pass_rows(result),
             fit_seconds={k: round(float(v), 2) for k, v in result.timings.items()},
@@ -533,6 +534,33 @@ def shares(entries: list[dict]) -> dict[str, dict]:
     return out
 
 
+def sampling_cost(adaptive: dict | None, settings: FitSettings) -> dict[str, float] | None:
+    """What the adaptive loop sampled, in multiples of one run of the gallery's settings.
+
+    ``draws``: post-warm-up draws; ``iterations``: warm-up included (the
+    sampler's work; wall time depends on the machine).
+    """
+    if not adaptive or "draws_sampled" not in adaptive:
+        return None
+    one_draws = settings.chains * settings.draws
+    one_iterations = settings.chains * (settings.draws + settings.tune)
+    cost = {"draws": adaptive["draws_sampled"] / one_draws}
+    if "iterations_sampled" in adaptive:
+        cost["iterations"] = adaptive["iterations_sampled"] / one_iterations
+    return {k: round(float(v), 3) for k, v in cost.items()}
+
+
+def median_cost(entries: list[dict]) -> dict[str, float | None]:
+    """The median over cases of each :func:`sampling_cost` measure (cases without one left out)."""
+    out: dict[str, float | None] = {}
+    for measure in ("draws", "iterations"):
+        values = sorted(
+            e["cost"][measure] for e in entries if e.get("cost") and measure in e["cost"]
+        )
+        out[measure] = float(pd.Series(values).median()) if values else None
+    return out
+
+
 def write_index(entries: list[dict], settings: FitSettings, out_dir: Path) -> tuple[Path, Path]:
     """``index.html`` and ``summary.json`` of the gallery."""
     order = ["pass", "look", "fail", "unreliable"]
@@ -551,6 +579,7 @@ def write_index(entries: list[dict], settings: FitSettings, out_dir: Path) -> tu
         "crashes": crashes,
         "errors": len(crashes),
         "cases_without_unreliable_rows": reliable,
+        "median_adaptive_cost": median_cost(entries),
         "cases": entries,
     }
     json_path = out_dir / "summary.json"

@@ -151,3 +151,18 @@ def test_export_brings_a_glmm_case_back_as_r_has_it(tmp_path: Path) -> None:
     ome = frames["MASS::OME"]
     assert isinstance(ome["OME"].dtype, pd.CategoricalDtype)
     assert ome["OME"].notna().all() and "N/A" in set(ome["OME"])
+
+
+def test_adaptive_cost_is_counted_in_runs_of_the_gallery_settings() -> None:
+    settings = FitSettings(draws=1000, tune=1000, chains=4)
+    one = {"draws_sampled": 4000, "iterations_sampled": 8000}
+    three = {"draws_sampled": 4000 + 8000, "iterations_sampled": 8000 + 4 * (2000 + 2000)}
+    assert gallery.sampling_cost(one, settings) == {"draws": 1.0, "iterations": 1.0}
+    assert gallery.sampling_cost(three, settings) == {"draws": 3.0, "iterations": 3.0}
+    assert gallery.sampling_cost(None, settings) is None
+    entries = [
+        {"cost": {"draws": 1.0, "iterations": 1.0}},
+        {"cost": None},
+        {"cost": {"draws": 3.0}},
+    ]
+    assert gallery.median_cost(entries) == {"draws": 2.0, "iterations": 1.0}
