@@ -713,3 +713,21 @@ def test_a_low_rank_run_that_samples_worse_is_not_kept():
     assert "low_rank" not in fake.calls[2]
     assert outcome.record["final"]["mass_matrix"] == "diagonal"
     assert outcome.record["reliable"]
+
+
+def test_when_longer_chains_would_pass_the_budget_cheaper_added_chains_run_instead():
+    # As above (R-hat 1.009, ESS short), but the draws budget leaves room for added chains
+    # only: they run (their pooled R-hat is checked again) rather than the loop stopping.
+    first = 4 * 800
+    outcome, fake = _loop(
+        lambda kw: {"beta_rho": 0.8},
+        settings=AdaptiveSettings(max_draws=first + 2 * 800),
+        draws=800,
+        seed=1,
+        sampler="pymc",
+    )
+    rounds = outcome.record["rounds"]
+    assert _actions(outcome)[:2] == ["first run", "add chains"]
+    assert "would pass the draws budget" in rounds[1]["why"]
+    assert fake.calls[1]["draws"] == 800 and fake.calls[1]["chains"] <= 2
+    assert outcome.record["draws_sampled"] <= first + 2 * 800

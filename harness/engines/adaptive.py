@@ -619,6 +619,8 @@ class _Plan:
     n_chains: int
     add: bool = False  # pooled with the kept chains (else it replaces them)
     low_rank: bool = False  # nutpie's low-rank modified mass matrix
+    # A cheaper plan for the same problem, run instead when this one would pass the budget.
+    fallback: _Plan | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -853,13 +855,26 @@ def _plan_ess(kept: _Kept, memory: _Memory, settings: AdaptiveSettings, problem:
             evidence=evidence,
             **_same(kept, memory, n_chains=add_n),
         )
-    return _Plan(
+    plan = _Plan(
         "restart with longer chains",
         f"{problem}: R-hat holds, ESS short by x{factor:.2f}; {costs}: all {chains_kept} chains "
         f"replaced by {memory.first_chains} of {length} draws",
         evidence=evidence,
         **_same(kept, memory, length=length),
     )
+    if add_n * kept.draws < plan.draws:
+        # Pooled chains of the same length are sound draws of the posterior; their R-hat is
+        # checked again, so when only they fit the budget they are better than stopping.
+        plan.fallback = _Plan(
+            "add chains",
+            f"{problem}: R-hat holds, ESS short by x{factor:.2f}; longer chains "
+            f"({plan.draws} draws) would pass the draws budget: {add_n} more chains with a "
+            "derived seed instead",
+            add=True,
+            evidence=evidence,
+            **_same(kept, memory, n_chains=add_n),
+        )
+    return plan
 
 
 def plan_next(
@@ -985,6 +1000,12 @@ def sample_adaptively(
             reason = plan
             break
         elapsed = clock() - started
+        if (
+            plan.fallback is not None
+            and draws_sampled + plan.draws > max_draws
+            and draws_sampled + plan.fallback.draws <= max_draws
+        ):
+            plan = plan.fallback
         if len(rounds) >= settings.max_rounds:
             budget_spent, reason = True, f"budget spent: {settings.max_rounds} rounds"
         elif draws_sampled + plan.draws > max_draws:
