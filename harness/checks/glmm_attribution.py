@@ -480,6 +480,20 @@ def exact_ml(freq: Any) -> ExactML | None:
             f"importance sampling ({sampler.n_draws} t({IS_DF:g}) draws {per}, "
             "centred at the conditional modes)"
         )
+    if not scalar:
+        # The weights degrade with the integral's dimension (one joint integral over every
+        # random effect when factors cross): test them at glmer's estimates before
+        # spending hundreds of evaluations on a maximum that could not be trusted.
+        loglik(theta0, beta0)
+        if not sampler.last_ess >= IS_MIN_ESS:
+            log.warning(
+                "importance-sampled likelihood at glmer's estimates: weights' ESS %.0f < %.0f "
+                "(%s); no Laplace share",
+                sampler.last_ess,
+                IS_MIN_ESS,
+                "one integral per level" if sampler.n_groups > 1 else "one joint integral",
+            )
+            return None
     theta, beta, value = _maximise(loglik, design, theta0, beta0, polish=scalar)
     if not scalar:
         loglik(theta, beta)
