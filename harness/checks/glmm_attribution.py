@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy import optimize, special
+from scipy.sparse import csgraph
 
 from harness.checks.laplace import _pirls, lambda_matrix, theta_size
 from harness.model.spec import Design
@@ -126,6 +127,7 @@ class ImportanceLikelihood:
         if q > MAX_RANDOM_EFFECTS:
             raise ValueError(f"{q} random effects: too many for the dense importance sampler")
         rng = np.random.default_rng(seed)
+        self.components: list[np.ndarray] = []
         if len(design.blocks) == 1:
             block = design.blocks[0]
             self.k, self.n_groups = block.n_terms, block.n_levels
@@ -133,11 +135,27 @@ class ImportanceLikelihood:
         else:
             self.k, self.n_groups = q, 1
             self.row_group = np.zeros(design.n, dtype=int)
+            count, col_component = csgraph.connected_components(
+                (abs(self.Z).T @ abs(self.Z)).tocsr(), directed=False
+            )
+            if count > 1:
+                # Nested factors: random effects that share no row are independent given
+                # (theta, beta), so the integral factorises over the connected components of
+                # Z'Z (a top-level group with everything nested in it), each a small integral.
+                self.components = [np.flatnonzero(col_component == c) for c in range(count)]
+                first_col = np.asarray(abs(self.Z).argmax(axis=1)).ravel()
+                self.row_group = col_component[first_col].astype(int)
+                self.n_groups = count
         self.n_draws = n_draws
         self.indicator = sp.csr_matrix(
             (np.ones(design.n), (np.arange(design.n), self.row_group)),
             shape=(design.n, self.n_groups),
         )
+        self.last_ess = float("nan")
+        self._u: np.ndarray | None = None
+        if self.components:
+            self._component_draws(rng)
+            return
         # Standard t draws z = e / sqrt(chi2 / nu), one chi2 per (draw, integral).
         e = rng.standard_normal((n_draws, self.n_groups, self.k))
         chi = rng.chisquare(IS_DF, size=(n_draws, self.n_groups))
@@ -151,8 +169,59 @@ class ImportanceLikelihood:
         )
         # log g(u) - log q(u) = loglik - |u|^2/2 - k/2 log 2pi - log t(z) + log det C_g
         self.constant = -0.5 * k * np.log(2 * np.pi) - log_t  # (n_draws, n_groups)
-        self.last_ess = float("nan")
-        self._u: np.ndarray | None = None
+
+    def _component_draws(self, rng: np.random.Generator) -> None:
+        """Standard t draws per component (its own dimension) and their log densities."""
+        nu = IS_DF
+        self.component_z: list[np.ndarray] = []
+        constant = np.zeros((self.n_draws, self.n_groups))
+        for c, cols in enumerate(self.components):
+            d = cols.size
+            e = rng.standard_normal((self.n_draws, d))
+            chi = rng.chisquare(nu, size=self.n_draws)
+            z = e / np.sqrt(chi / nu)[:, None]
+            log_t = (
+                special.gammaln((nu + d) / 2)
+                - special.gammaln(nu / 2)
+                - 0.5 * d * np.log(nu * np.pi)
+                - 0.5 * (nu + d) * np.log1p(np.sum(z**2, axis=1) / nu)
+            )
+            self.component_z.append(z)
+            constant[:, c] = -0.5 * d * np.log(2 * np.pi) - log_t
+        self.constant = constant
+
+    def _by_component(self, M: sp.csc_matrix, fixed_eta: np.ndarray, u0: np.ndarray) -> float:
+        """The log-likelihood as a sum of one importance-sampled integral per component."""
+        design = self.design
+        family = design.family
+        u_hat, _ = _pirls(design, M, fixed_eta, u0, 1e-10, 200)
+        self._u = u_hat
+        _, weight = family.score_weights(design.y, fixed_eta + M @ u_hat, design.trials)
+        H = (M.T @ sp.diags(weight) @ M + sp.identity(M.shape[1], format="csc")).tocsc()
+        draws = np.repeat(u_hat[None, :], self.n_draws, axis=0)
+        log_det_c = np.zeros(self.n_groups)
+        for c, cols in enumerate(self.components):
+            C = np.linalg.cholesky(H[cols][:, cols].toarray())
+            log_det_c[c] = np.sum(np.log(np.diag(C)))
+            # u = u_hat + C^-T z: solve C' x = z for every draw at once.
+            draws[:, cols] += np.linalg.solve(C.T, self.component_z[c].T).T
+        etas = fixed_eta[None, :] + (M @ draws.T).T
+        pointwise = family.loglik(design.y, family.link.inverse(etas), design.trials)
+        per_component = np.asarray(self.indicator.T @ pointwise.T).T  # (K, components)
+        squares = np.asarray(self._column_indicator().T @ (draws**2).T).T  # (K, components)
+        log_w = per_component - 0.5 * squares + self.constant - log_det_c[None, :]
+        top = log_w.max(axis=0)
+        w = np.exp(log_w - top)
+        ess = w.sum(axis=0) ** 2 / np.sum(w**2, axis=0)
+        self.last_ess = float(ess.min())
+        return float(np.sum(top + np.log(w.mean(axis=0))))
+
+    def _column_indicator(self) -> sp.csr_matrix:
+        q = sum(cols.size for cols in self.components)
+        component = np.zeros(q, dtype=int)
+        for c, cols in enumerate(self.components):
+            component[cols] = c
+        return sp.csr_matrix((np.ones(q), (np.arange(q), component)), shape=(q, self.n_groups))
 
     def _curvature(self, M: sp.csc_matrix, fixed_eta: np.ndarray, u: np.ndarray) -> np.ndarray:
         """``H = M' W M + I`` at ``u``, as its diagonal blocks (one per integral): (g, k, k)."""
@@ -225,6 +294,8 @@ class ImportanceLikelihood:
         if design.offset is not None:
             fixed_eta = fixed_eta + design.offset
         u0 = np.zeros(M.shape[1]) if self._u is None else self._u
+        if self.components:
+            return self._by_component(M, fixed_eta, u0)
         g, k = self.n_groups, self.k
         if g > 1:
             u_hat = self._modes_by_level(M, fixed_eta, u0)
@@ -475,7 +546,13 @@ def exact_ml(freq: Any) -> ExactML | None:
         sampler = ImportanceLikelihood(design)
         loglik = sampler
         method = "importance"
-        per = "per group level" if sampler.n_groups > 1 else "joint over all random effects"
+        per = (
+            f"per independent set of random effects ({sampler.n_groups} sets)"
+            if sampler.components
+            else "per group level"
+            if sampler.n_groups > 1
+            else "joint over all random effects"
+        )
         description = (
             f"importance sampling ({sampler.n_draws} t({IS_DF:g}) draws {per}, "
             "centred at the conditional modes)"
@@ -491,7 +568,9 @@ def exact_ml(freq: Any) -> ExactML | None:
                 "(%s); no Laplace share",
                 sampler.last_ess,
                 IS_MIN_ESS,
-                "one integral per level" if sampler.n_groups > 1 else "one joint integral",
+                "one integral per level or nested set"
+                if sampler.n_groups > 1
+                else "one joint integral",
             )
             return None
     theta, beta, value = _maximise(loglik, design, theta0, beta0, polish=scalar)
