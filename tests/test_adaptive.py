@@ -731,3 +731,24 @@ def test_when_longer_chains_would_pass_the_budget_cheaper_added_chains_run_inste
     assert "would pass the draws budget" in rounds[1]["why"]
     assert fake.calls[1]["draws"] == 800 and fake.calls[1]["chains"] <= 2
     assert outcome.record["draws_sampled"] <= first + 2 * 800
+
+
+def test_a_run_that_cannot_start_is_a_round_not_kept_and_the_loop_goes_on():
+    # nutpie panics once (no valid initial point): the round is recorded as failed, the
+    # earlier draws stay, and the loop goes on to a run that works.
+    from harness.engines.samplers import SamplerFailed
+
+    failures = []
+
+    def behave(kw):
+        if kw["target_accept"] >= 0.95 and not failures:
+            failures.append(kw)
+            raise SamplerFailed("nutpie stopped: bad initial gradient")
+        return {"divergences": 0 if kw["target_accept"] >= 0.95 else 2}
+
+    outcome, _ = _loop(behave)
+    rounds = outcome.record["rounds"]
+    failed = [r for r in rounds if "sampler failed" in r["why"]]
+    assert failed and not failed[0]["kept"] and failed[0]["iterations"] == 0
+    assert _actions(outcome).count("raise target_accept") >= 2
+    assert outcome.record["reliable"]

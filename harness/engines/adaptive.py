@@ -61,6 +61,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from harness.engines.samplers import SamplerFailed
+
 if TYPE_CHECKING:
     from harness.engines.pymc import Run
     from harness.model.priors import ResolvedPriors
@@ -1028,7 +1030,36 @@ def sample_adaptively(
             break
         number = len(rounds) + 1
         log.info("adaptive round %d: %s (%s)", number, plan.action, plan.why)
-        new = run(number, plan)
+        try:
+            new = run(number, plan)
+        except SamplerFailed as err:
+            # The run never produced draws (e.g. no valid initial point in the new geometry):
+            # it counts as a round that sampled worse, and the loop goes on from the kept draws.
+            log.warning("adaptive round %d (%s) failed: %s", number, plan.action, err)
+            memory.not_kept.add(plan.action)
+            memory.tried.add((plan.blocks, plan.accept))
+            rounds.append(
+                {
+                    "round": number,
+                    "seed": round_seed(seed, number),
+                    "action": plan.action,
+                    "why": f"{plan.why}; the sampler failed ({err}): the earlier draws are kept",
+                    "target_accept": plan.accept,
+                    "parameterization": _labels(design, plan.blocks),
+                    "mass_matrix": "low-rank" if plan.low_rank else "diagonal",
+                    "chains": plan.n_chains,
+                    "draws": plan.length,
+                    "tune": plan.warmup,
+                    "iterations": 0,
+                    "before": kept.diag,
+                    "after": kept.diag,
+                    "kept": False,
+                    "evidence": plan.evidence,
+                    "sample_seconds": 0.0,
+                    "compile_seconds": 0.0,
+                }
+            )
+            continue
         compile_s += new.compile_seconds
         sample_s += new.sample_seconds
         draws_sampled += plan.draws

@@ -26,6 +26,11 @@ import numpy as np
 
 log = logging.getLogger("harness")
 
+
+class SamplerFailed(RuntimeError):
+    """A sampler run that could not finish (nutpie panicked: e.g. no valid initial point)."""
+
+
 SAMPLERS: tuple[str, ...] = ("nutpie", "pymc", "numpyro")
 
 #: How many compiled structures one process keeps (each holds its machine code and data).
@@ -230,19 +235,27 @@ def sample_nutpie(
     total = chains * (draws + tune)
     with progress_lines.stage(f"sampling {chains} chains x {tune}+{draws} draws") as stage:
         started = time.perf_counter()
-        idata = nutpie.sample(
-            compiled,
-            draws=draws,
-            tune=tune,
-            chains=chains,
-            cores=cores,
-            seed=seed,
-            # nutpie's own bar where a person watches a terminal.
-            progress_bar=progress or progress_lines.is_terminal(),
-            target_accept=target_accept,
-            save_warmup=False,
-            low_rank_modified_mass_matrix=low_rank,
-        )
+        try:
+            idata = nutpie.sample(
+                compiled,
+                draws=draws,
+                tune=tune,
+                chains=chains,
+                cores=cores,
+                seed=seed,
+                # nutpie's own bar where a person watches a terminal.
+                progress_bar=progress or progress_lines.is_terminal(),
+                target_accept=target_accept,
+                save_warmup=False,
+                low_rank_modified_mass_matrix=low_rank,
+            )
+        except BaseException as err:
+            # A Rust panic in nutpie (e.g. "bad initial gradient") reaches Python as pyo3's
+            # PanicException, a BaseException that would end the whole process: it is a
+            # failed run, which callers can record and survive.
+            if type(err).__name__ != "PanicException":
+                raise
+            raise SamplerFailed(f"nutpie stopped: {err}") from err
         seconds = time.perf_counter() - started
         stage.detail = f"{total / max(seconds, 1e-9):.0f} draws/s"
     return idata, seconds
