@@ -556,7 +556,8 @@ def test_short_ess_with_rhat_near_its_target_gets_longer_chains_not_more():
     outcome, _ = _loop(lambda kw: {"beta_rho": 0.8}, draws=800, seed=1, sampler="pymc")
     rounds = outcome.record["rounds"]
     first = rounds[0]["after"]
-    assert 1.005 < first["max_r_hat"] <= 1.01 and first["min_ess_bulk"] < 400
+    assert 1.005 < first["max_r_hat"] <= 1.01  # R-hat holds, but with no room to spare
+    assert first["min_ess_bulk"] < 400  # and ESS is short
     assert _actions(outcome) == ["first run", "restart with longer chains"]
     assert not rounds[1]["evidence"]["rhat_room"] and rounds[1]["draws"] > 800
     assert outcome.record["reliable"]

@@ -143,6 +143,9 @@ class ImportanceLikelihood:
                 # (theta, beta), so the integral factorises over the connected components of
                 # Z'Z (a top-level group with everything nested in it), each a small integral.
                 self.components = [np.flatnonzero(col_component == c) for c in range(count)]
+                self.column_component = sp.csr_matrix(
+                    (np.ones(q), (np.arange(q), col_component)), shape=(q, count)
+                )
                 first_col = np.asarray(abs(self.Z).argmax(axis=1)).ravel()
                 self.row_group = col_component[first_col].astype(int)
                 self.n_groups = count
@@ -208,20 +211,13 @@ class ImportanceLikelihood:
         etas = fixed_eta[None, :] + (M @ draws.T).T
         pointwise = family.loglik(design.y, family.link.inverse(etas), design.trials)
         per_component = np.asarray(self.indicator.T @ pointwise.T).T  # (K, components)
-        squares = np.asarray(self._column_indicator().T @ (draws**2).T).T  # (K, components)
+        squares = np.asarray(self.column_component.T @ (draws**2).T).T  # (K, components)
         log_w = per_component - 0.5 * squares + self.constant - log_det_c[None, :]
         top = log_w.max(axis=0)
         w = np.exp(log_w - top)
         ess = w.sum(axis=0) ** 2 / np.sum(w**2, axis=0)
         self.last_ess = float(ess.min())
         return float(np.sum(top + np.log(w.mean(axis=0))))
-
-    def _column_indicator(self) -> sp.csr_matrix:
-        q = sum(cols.size for cols in self.components)
-        component = np.zeros(q, dtype=int)
-        for c, cols in enumerate(self.components):
-            component[cols] = c
-        return sp.csr_matrix((np.ones(q), (np.arange(q), component)), shape=(q, self.n_groups))
 
     def _curvature(self, M: sp.csc_matrix, fixed_eta: np.ndarray, u: np.ndarray) -> np.ndarray:
         """``H = M' W M + I`` at ``u``, as its diagonal blocks (one per integral): (g, k, k)."""
