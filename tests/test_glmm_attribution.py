@@ -289,3 +289,37 @@ def test_importance_sampling_factorises_over_nested_sets_and_matches_quadrature(
         top = log_g.max()
         total += top + np.log(np.exp(log_g - top).sum())
     assert value == pytest.approx(total, abs=0.1)
+
+
+def test_importance_draws_grow_until_the_weights_are_trusted():
+    """Too few draws for an ESS of IS_MIN_ESS: the sampler grows them (ESS ~ draws) and says so."""
+    spec = SPEC.with_(formula="y ~ x + (1 + x | g)")
+    design = build_design(spec, simulate(slope=True))
+    theta, beta = np.array([2.0, 0.3, 0.6]), np.array([-1.0, 1.0])
+    few = ga.ImportanceLikelihood(design, n_draws=80)
+    grown = ga._enough_draws(design, few, theta, beta)
+    assert few.last_ess < ga.IS_MIN_ESS  # precondition: 80 draws cannot give an ESS of 100
+    assert grown is not few
+    assert grown.n_draws > few.n_draws
+    assert grown.last_ess >= ga.IS_MIN_ESS
+    # Enough already: the same sampler comes back.
+    assert ga._enough_draws(design, grown, theta, beta) is grown
+
+
+def test_binomial_and_poisson_loglik_equal_scipys():
+    """The families' log-likelihoods are scipy.stats' formulas (edge cases included)."""
+    from scipy import stats
+
+    from harness.model.family import get_family
+
+    rng = np.random.default_rng(5)
+    n = rng.integers(1, 20, 500).astype(float)
+    y = np.minimum(rng.integers(0, 20, 500), n).astype(float)
+    mu = rng.uniform(0.0, 1.0, 500)
+    y[:2], mu[:2] = [0.0, n[1]], [0.0, 1.0]
+    binomial = get_family("binomial").loglik(y, mu, n)
+    np.testing.assert_allclose(binomial, stats.binom.logpmf(y, n, mu), rtol=1e-13, atol=1e-12)
+    rate = rng.uniform(0.0, 10.0, 500)
+    rate[0], y[0] = 0.0, 0.0
+    poisson = get_family("poisson").loglik(y, rate, None)
+    np.testing.assert_allclose(poisson, stats.poisson.logpmf(y, rate), rtol=1e-13, atol=1e-12)

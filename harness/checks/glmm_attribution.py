@@ -85,6 +85,9 @@ IS_SEED = 20240520
 #: Below this effective sample size of the weights (per integral, the worst one) the
 #: importance-sampled likelihood is not trusted and no Laplace share is given.
 IS_MIN_ESS = 100.0
+#: When the weights' ESS at glmer's estimates falls short, the draws grow (the ESS of
+#: importance weights grows in proportion to the draws) up to this many per integral.
+IS_MAX_DRAWS = 16000
 #: Random effects above which the dense curvature matrix is too large to factor per evaluation.
 MAX_RANDOM_EFFECTS = 3000
 #: Grid points of beta_hat(theta) for a scalar theta (15 agree with 25 to 1e-5 on a simulated
@@ -549,21 +552,19 @@ def exact_ml(freq: Any) -> ExactML | None:
             if sampler.n_groups > 1
             else "joint over all random effects"
         )
-        description = (
-            f"importance sampling ({sampler.n_draws} t({IS_DF:g}) draws {per}, "
-            "centred at the conditional modes)"
-        )
     if not scalar:
         # The weights degrade with the integral's dimension (one joint integral over every
         # random effect when factors cross): test them at glmer's estimates before
         # spending hundreds of evaluations on a maximum that could not be trusted.
-        loglik(theta0, beta0)
+        sampler = _enough_draws(design, sampler, theta0, beta0)
+        loglik = sampler
         if not sampler.last_ess >= IS_MIN_ESS:
             log.warning(
                 "importance-sampled likelihood at glmer's estimates: weights' ESS %.0f < %.0f "
-                "(%s); no Laplace share",
+                "with %d draws (%s); no Laplace share",
                 sampler.last_ess,
                 IS_MIN_ESS,
+                sampler.n_draws,
                 "one integral per level or nested set"
                 if sampler.n_groups > 1
                 else "one joint integral",
@@ -571,8 +572,17 @@ def exact_ml(freq: Any) -> ExactML | None:
             return None
     theta, beta, value = _maximise(loglik, design, theta0, beta0, polish=scalar)
     if not scalar:
-        loglik(theta, beta)
+        grown = _enough_draws(design, sampler, theta, beta)
+        if grown is not sampler:
+            # Fewer draws than the optimum needs: maximise again (from there) with enough.
+            sampler = loglik = grown
+            theta, beta, value = _maximise(loglik, design, theta, beta, polish=False)
+            loglik(theta, beta)
         ess = sampler.last_ess
+        description = (
+            f"importance sampling ({sampler.n_draws} t({IS_DF:g}) draws {per}, "
+            "centred at the conditional modes)"
+        )
         description += f"; least weights' ESS {ess:.0f}"
         if not ess >= IS_MIN_ESS:
             log.warning(
@@ -591,6 +601,37 @@ def exact_ml(freq: Any) -> ExactML | None:
         loglik_fn=loglik,
         ess=ess,
     )
+
+
+def _enough_draws(
+    design: Design, sampler: ImportanceLikelihood, theta: np.ndarray, beta: np.ndarray
+) -> ImportanceLikelihood:
+    """The importance sampler with draws enough for a weights' ESS of :data:`IS_MIN_ESS`.
+
+    Evaluated at (theta, beta); when the least ESS falls short, the draws grow
+    to what that ESS says is needed (ESS grows in proportion to the draws), with
+    a quarter to spare, when that is at most :data:`IS_MAX_DRAWS`; the sampler returned has
+    been evaluated at (theta, beta) and its ``last_ess`` says whether it is enough.
+    """
+    sampler(theta, beta)
+    while not sampler.last_ess >= IS_MIN_ESS and sampler.n_draws < IS_MAX_DRAWS:
+        ess = sampler.last_ess if np.isfinite(sampler.last_ess) else 0.0
+        wanted = sampler.n_draws * 1.25 * IS_MIN_ESS / max(ess, 1.0)
+        if wanted > IS_MAX_DRAWS:
+            # A proposal this far from the integrand (a high-dimensional joint integral) is
+            # not rescued by draws within reach: leave it to the caller to say so.
+            break
+        n_draws = int(min(IS_MAX_DRAWS, max(2 * sampler.n_draws, np.ceil(wanted / 100) * 100)))
+        log.info(
+            "importance-sampled likelihood: weights' ESS %.0f < %.0f with %d draws; %d draws",
+            ess,
+            IS_MIN_ESS,
+            sampler.n_draws,
+            n_draws,
+        )
+        sampler = ImportanceLikelihood(design, n_draws=n_draws)
+        sampler(theta, beta)
+    return sampler
 
 
 # --------------------------------------------------------------------------- summary

@@ -367,7 +367,11 @@ class Binomial(Family):
         return successes, trials
 
     def loglik(self, y, mu, trials):
-        return stats.binom.logpmf(np.round(y), np.round(trials), mu)
+        # scipy.stats.binom.logpmf's own formula without its argument checks (the exact
+        # likelihood calls this on millions of importance draws per evaluation).
+        k, n = np.round(y), np.round(trials)
+        combinations = special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1)
+        return combinations + special.xlogy(k, mu) + special.xlog1py(n - k, -mu)
 
     def saturated_mu(self, y, trials):
         return y / trials
@@ -408,7 +412,8 @@ class Poisson(Family):
         return _counts(frame, spec.successes, "count response"), None
 
     def loglik(self, y, mu, trials):
-        return stats.poisson.logpmf(np.round(y), mu)
+        k = np.round(y)  # scipy.stats.poisson.logpmf's formula, without its argument checks
+        return special.xlogy(k, mu) - special.gammaln(k + 1) - mu
 
     def saturated_mu(self, y, trials):
         return y
