@@ -18,8 +18,7 @@ import xarray as xr
 from harness.names import coef_var, level_dim, offsets_var, term_dim
 
 if TYPE_CHECKING:
-    from harness.engines.lme4 import FreqFit
-    from harness.engines.pymc import BayesFit
+    from harness.fits import BayesFit, FreqFit
     from harness.model.spec import RandomBlock
 
 OFFSET_DIMS = ("chain", "draw", "group", "term")

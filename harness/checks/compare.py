@@ -34,8 +34,7 @@ from harness.names import corr_var, sd_var
 
 if TYPE_CHECKING:
     from harness.checks.glmm_attribution import GlmmAttribution
-    from harness.engines.lme4 import FreqFit
-    from harness.engines.pymc import BayesFit
+    from harness.fits import BayesFit, FreqFit
 
 log = logging.getLogger("harness")
 

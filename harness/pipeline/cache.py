@@ -51,15 +51,16 @@ from harness._io import host_tag, write_via_temp
 log = logging.getLogger("harness")
 
 #: Bump when the layout of cached entries changes (it enters every key).
-CACHE_FORMAT = "2"
+#: 3: fits carry their engine name (``BayesFit.engine``), stages are keyed per engine.
+CACHE_FORMAT = "3"
 FORMAT_NAME = "harness-fit-cache"
 KINDS = ("lme4", "pymc", "same_model", "compare", "figures")
 STALE_TMP_SECONDS = 3600.0
 
 #: The only classes a cache entry may build: name in the file -> (module, attribute).
 ALLOWED_CLASSES: dict[str, tuple[str, str]] = {
-    "FreqFit": ("harness.engines.lme4", "FreqFit"),
-    "BayesFit": ("harness.engines.pymc", "BayesFit"),
+    "FreqFit": ("harness.fits", "FreqFit"),
+    "BayesFit": ("harness.fits", "BayesFit"),
     "Comparison": ("harness.checks.compare", "Comparison"),
     "SameModel": ("harness.checks.same_model", "SameModel"),
     "BlockValue": ("harness.checks.same_model", "BlockValue"),

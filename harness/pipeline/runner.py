@@ -68,8 +68,7 @@ from harness.versions import python_versions, r_ready_cheap, r_versions_cheap
 
 if TYPE_CHECKING:
     from harness.checks.compare import Comparison
-    from harness.engines.lme4 import FreqFit
-    from harness.engines.pymc import BayesFit
+    from harness.fits import BayesFit, FreqFit
 
 log = logging.getLogger("harness")
 
@@ -488,13 +487,13 @@ def _check_figures(figures: Any) -> None:
 
 
 def _freq_class() -> type:
-    from harness.engines.lme4 import FreqFit
+    from harness.fits import FreqFit
 
     return FreqFit
 
 
 def _bayes_class() -> type:
-    from harness.engines.pymc import BayesFit
+    from harness.fits import BayesFit
 
     return BayesFit
 
