@@ -38,6 +38,7 @@ __all__ = [
     "EngineUnavailableError",
     "FitRequest",
     "UnknownEngineError",
+    "check_installed",
     "comparison_pairs",
     "get_engine",
     "parse_engines",
@@ -100,6 +101,8 @@ class Engine:
         Why it cannot run here, or None when it can; asked only before a fit
         (a cached fit loads without the engine).  None: the engine raises its
         own error.
+    progress : str
+        Its stage's name in the progress lines (default ``"<label> fit"``).
     """
 
     name: str
@@ -110,6 +113,12 @@ class Engine:
     versions: Callable[[], Mapping[str, str] | None]
     code: tuple[str, ...]
     missing: Callable[[], str | None] | None = None
+    progress: str = ""
+
+    @property
+    def stage_name(self) -> str:
+        """The name of its stage in the progress lines."""
+        return self.progress or f"{self.label} fit"
 
 
 # --------------------------------------------------------------------------- lme4
@@ -183,6 +192,7 @@ ENGINES: dict[str, Engine] = {
         settings_part=_lme4_settings,
         versions=r_versions_cheap,
         code=("model", "fits.py", "engines/lme4.py", "r_scripts"),
+        progress="R fit (lme4)",
     ),
     "pymc": Engine(
         name="pymc",
@@ -267,6 +277,22 @@ def resolve_engines(names: Iterable[str] | None = None) -> tuple[str, ...]:
     if len(names) < 2:
         raise ValueError(f"at least two engines are needed to compare, got {list(names)}")
     return (REFERENCE, *(n for n in names if n != REFERENCE))
+
+
+def check_installed(names: Iterable[str]) -> None:
+    """Raise :class:`EngineUnavailableError` naming every engine that cannot run here, and why.
+
+    Only engines that can tell without starting their software are asked
+    (:attr:`Engine.missing`); lme4 says what to install when R starts.
+    """
+    problems = []
+    for name in names:
+        engine = get_engine(name)
+        why_not = engine.missing() if engine.missing is not None else None
+        if why_not:
+            problems.append(f"{name}: {why_not}")
+    if problems:
+        raise EngineUnavailableError(f"engine(s) not installed here: {'; '.join(problems)}")
 
 
 def comparison_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
