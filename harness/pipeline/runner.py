@@ -1,4 +1,4 @@
-"""Compose the stages for one design: fit both engines, compare, check, report.
+"""Compose the stages for one design: fit every engine, compare, check, report.
 
 Every expensive product is cached on disk under a hash of what produced it,
 so re-rendering a report never refits:
@@ -13,9 +13,8 @@ figures    the compare and same-model keys, ``plots.py``, ``report_tables.py``, 
 ========== ===================================================================
 
 Every key is made by one function (:func:`stage_key`), and an engine's by
-:func:`engine_key` over it.
-A changed seed therefore refits only PyMC; a changed spec or data refits
-both.  On a cache hit nothing imports rpy2, starts R, or compiles a model:
+:func:`engine_key` over it.  A changed seed therefore refits only the
+Bayesian engines; a changed spec or data refits every engine.  On a cache hit nothing imports rpy2, starts R, or compiles a model:
 the R versions in the lme4 key come from one ``Rscript`` call (or, without
 R, from the newest cached fit of the same data, spec and settings).
 
@@ -680,7 +679,7 @@ def missing_stages(
     for engine_name in names:
         key = engine_key(get_engine(engine_name), design, spec, settings, seed).key
         if key is None:
-            return all_stages if render is not None else all_stages[:-1]
+            return all_stages
         keys[engine_name] = key
     missing = [n for n in names if not store.path(n, keys[n], ".json").is_file()]
     pairs = [
