@@ -76,6 +76,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         help="processes for 'all' (default: HARNESS_WORKERS, else one per core; 1: serial)",
     )
     _adaptive_arguments(p)
+    _engines_argument(p)
     p.set_defaults(func=_cmd_report)
 
 
@@ -101,6 +102,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the tables as JSON here")
     p.add_argument("--seed", type=_seed, default=1, help="PyMC seed")
     _adaptive_arguments(p)
+    _engines_argument(p)
     p.set_defaults(func=_cmd_compare)
 
 
@@ -142,6 +144,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_study(sub)
     return parser
+
+
+def _engines(text: str) -> tuple[str, ...]:
+    """``lme4,pymc``: registered engine names, refused up front (unknown, or not installed)."""
+    from harness.engines.registry import check_installed, parse_engines
+
+    try:
+        names = parse_engines(text)
+        check_installed(names)
+    except (ValueError, RuntimeError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return names
+
+
+def _engines_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engines",
+        type=_engines,
+        default=None,
+        help="engines to fit and compare, comma-separated, the reference lme4 among them "
+        "(default: lme4,pymc)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +134,7 @@ def compare_data(
     refit: bool = False,
     figures: bool = True,
     side_process: bool = False,
+    engines: Sequence[str] | None = None,
 ) -> DesignResult:
     """Fit your own data with lme4 and PyMC, compare them and run the same-model check.
 
@@ -165,6 +166,10 @@ def compare_data(
     side_process : bool
         Fit lme4 in a second process while this one compiles the PyMC model
         (see :func:`harness.pipeline.runner.fit_design`); the command line does.
+    engines : sequence of str, optional
+        Registered engine names (:mod:`harness.engines.registry`), lme4 among
+        them; default ``("lme4", "pymc")``.  An unknown name, or an engine not
+        installed here, is refused before any fit.
 
     Returns
     -------
@@ -182,6 +187,10 @@ def compare_data(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed!r} must be a whole number from 0 to 2**32 - 1")
     spec = ModelSpec(formula, sigma_by=sigma_by, priors=priors, name=name, family=family, link=link)
+    from harness.engines.registry import check_installed, resolve_engines
+
+    engines = resolve_engines(engines)
+    check_installed(engines)
     # Fail on bad input, and on a missing R (with how to install it), before any sampling.
     design = build_design(spec, data)
     for note in design.notes:
@@ -206,6 +215,7 @@ def compare_data(
         refit=refit,
         render=_render_hook() if figures else None,
         side_process=side_process,
+        engines=engines,
     )
     # Fits are cached by the cleaned data, so a cached comparison may predate this file's
     # dropped rows: the reader must still be told what was dropped.
@@ -411,6 +421,7 @@ def run_compare_command(args: argparse.Namespace) -> int:
         link=getattr(args, "link", None),
         settings=settings,
         side_process=True,
+        engines=getattr(args, "engines", None),
     )
     written = write_outputs(result, out, json_path, source=str(csv), rows_read=len(data))
     same = result.same_model_status or "not run"

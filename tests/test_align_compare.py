@@ -9,8 +9,7 @@ import pytest
 
 from harness.checks.align import AlignmentError, check_alignment, posterior_offsets
 from harness.checks.compare import compare, interval_overlap, offset_agreement
-from harness.engines.lme4 import FreqFit
-from harness.engines.pymc import BayesFit
+from harness.fits import BayesFit, FreqFit
 from harness.model.priors import resolve_priors
 from harness.model.spec import ModelSpec, build_design
 

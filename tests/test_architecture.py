@@ -139,3 +139,32 @@ def test_fitting_code_never_imports_report_code() -> None:
         if module.startswith(FITTING)
     }
     assert {m: t for m, t in offenders.items() if t} == {}
+
+
+def _package(module: str) -> str:
+    """The subpackage (or top-level module) of ``harness`` a module belongs to."""
+    return ".".join(module.split(".")[:2])
+
+
+def _package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        edges = packages.setdefault(_package(module), set())
+        edges.update(_package(t) for t in targets if _package(t) != _package(module))
+    return packages
+
+
+def test_the_package_graph_finds_a_cycle() -> None:
+    """The checker itself: two packages importing each other are one cycle."""
+    graph = {
+        "harness.a.x": {"harness.b.y"},
+        "harness.b.y": {"harness.b.z"},
+        "harness.b.z": {"harness.a.w"},
+        "harness.a.w": set(),
+    }
+    assert _cycles(_package_graph(graph)) == [["harness.a", "harness.b"]]
+
+
+def test_no_import_cycles_between_packages() -> None:
+    """No subpackage imports one that imports it back (engines never import checks)."""
+    assert _cycles(_package_graph(_graph())) == []

@@ -16,8 +16,7 @@ from harness.checks.attribution import (
     weighted_mode,
 )
 from harness.checks.compare import compare_variance
-from harness.engines.lme4 import FreqFit
-from harness.engines.pymc import BayesFit
+from harness.fits import BayesFit, FreqFit
 from harness.model.priors import resolve_priors
 from harness.model.spec import ModelSpec, Prior, build_design
 

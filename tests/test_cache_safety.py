@@ -30,6 +30,7 @@ from pandas.testing import assert_frame_equal, assert_series_equal
 
 import harness.pipeline.cache as cache_mod
 from harness._io import host_tag
+from harness.engines.registry import get_engine
 from harness.pipeline.cache import FitCache, clean_stale_temp_files, decode, encode
 from harness.pipeline.runner import fit_design
 from harness.pipeline.settings import FitSettings
@@ -449,13 +450,15 @@ def test_an_entry_of_other_data_is_refitted(
     other = data.copy()
     other["Reaction"] = other["Reaction"] * 2.0 + 50.0
     store = FitCache(tmp_path)
-    stage = runner._fit_lme4_cached
+    lme4 = get_engine("lme4")
+
+    def stage(store: FitCache, design: Any, spec: Any, data: Any, settings: Any, refit: bool):
+        return runner._fit_engine_cached(store, lme4, design, spec, data, settings, 1, refit)
+
     d_other = build_design(spec, other)
     fit_other, key_other, _, _ = stage(store, d_other, spec, other, TINY, False)
     design = build_design(spec, data)
-    key = cache_mod.digest(
-        {**runner._lme4_key_parts(design, spec, TINY), "versions": runner.r_versions_cheap()}
-    )
+    key = runner.engine_key(lme4, design, spec, TINY, 1).key
     assert key != key_other
     shutil.copy(store.path("lme4", key_other, ".json"), store.path("lme4", key, ".json"))
     with caplog.at_level(logging.WARNING, logger="harness"):
@@ -508,8 +511,8 @@ def test_write_errors_while_storing_keep_the_fit(
     data, spec = sleepstudy
     store = FitCache(tmp_path)
     with caplog.at_level(logging.WARNING, logger="harness"):
-        fit, _, cached, _ = runner._fit_lme4_cached(
-            store, build_design(spec, data), spec, data, TINY, False
+        fit, _, cached, _ = runner._fit_engine_cached(
+            store, get_engine("lme4"), build_design(spec, data), spec, data, TINY, 1, False
         )
     assert not cached and fit.fixed.shape[0] == 2
     assert "Read-only file system" in caplog.text

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from harness.checks.compare import compare_variance
-from harness.engines.lme4 import OPTIMIZERS, FreqFit, best_fit_summary
-from harness.engines.pymc import BayesFit
+from harness.engines.lme4 import OPTIMIZERS, best_fit_summary
+from harness.fits import BayesFit, FreqFit
 from harness.model.priors import resolve_priors
 from harness.model.spec import ModelSpec, build_design
 from harness.report.tables import attribution_text

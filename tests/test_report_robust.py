@@ -127,12 +127,11 @@ def test_undefined_values_read_as_dashes_or_words_never_nan(
     agreement = cmp.agreement.copy()
     agreement["slope"] = nan
     agreement["reason"] = nan
+    changed = dataclasses.replace(
+        cmp, fixed=fixed, variance=variance, offsets=offsets, agreement=agreement
+    )
     broken = dataclasses.replace(
-        result,
-        comparison=dataclasses.replace(
-            cmp, fixed=fixed, variance=variance, offsets=offsets, agreement=agreement
-        ),
-        figures=None,
+        result, comparisons={**result.comparisons, result.pair: changed}, figures=None
     )
     page = write_report(broken, tmp_path / "report.html").read_text(encoding="utf-8")
     text = page_text(page)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -146,6 +147,12 @@ def test_refit_by_stage_redraws_only_the_figures(
         fit_design("sleepstudy", cache_dir=cache, refit={"everything"})
 
 
+def _key_parts(engine: str, design: object, spec: object, settings: FitSettings, seed: int = 1):
+    from harness.engines.registry import get_engine
+
+    return runner.engine_key(get_engine(engine), design, spec, settings, seed).parts
+
+
 def test_keys_follow_what_changed() -> None:
     import harness as hz
     from harness.model.spec import build_design
@@ -153,20 +160,21 @@ def test_keys_follow_what_changed() -> None:
     data, spec = hz.datasets.load("sleepstudy")
     design = build_design(spec, data)
     settings = FitSettings()
-    lme4 = runner._lme4_key_parts(design, spec, settings)
-    pymc = runner._pymc_key_parts(design, spec, settings, seed=1)
-    assert runner._pymc_key_parts(design, spec, settings, seed=2) != pymc
+    lme4 = _key_parts("lme4", design, spec, settings)
+    pymc = _key_parts("pymc", design, spec, settings, seed=1)
+    assert _key_parts("pymc", design, spec, settings, seed=2) != pymc
     # seed and sampler settings never enter the lme4 key
     assert "seed" not in lme4 and "draws" not in json.dumps(lme4)
-    assert runner._lme4_key_parts(design, spec, FitSettings(draws=10, chains=1)) == lme4
+    assert _key_parts("lme4", design, spec, settings, seed=2) == lme4
+    assert _key_parts("lme4", design, spec, FitSettings(draws=10, chains=1)) == lme4
     ml_spec = spec.with_(reml=False)
-    assert runner._lme4_key_parts(design, ml_spec, settings) != lme4
-    assert runner._pymc_key_parts(design, ml_spec, settings, seed=1) != pymc
+    assert _key_parts("lme4", design, ml_spec, settings) != lme4
+    assert _key_parts("pymc", design, ml_spec, settings, seed=1) != pymc
     changed = data.copy()
     changed.loc[0, "Reaction"] += 1.0
     other = build_design(spec, changed)
-    assert runner._lme4_key_parts(other, spec, settings)["data"] != lme4["data"]
-    assert runner._pymc_key_parts(other, spec, settings, seed=1)["data"] != pymc["data"]
+    assert _key_parts("lme4", other, spec, settings)["data"] != lme4["data"]
+    assert _key_parts("pymc", other, spec, settings, seed=1)["data"] != pymc["data"]
 
 
 def test_cache_folder_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -224,7 +232,10 @@ def test_cached_lme4_fit_serves_a_machine_without_r(
 ) -> None:
     """Without Rscript the lme4 key cannot name R's versions: the newest matching fit is used."""
     _forbid(monkeypatch, (import_module("harness.engines.lme4"), "fit_lme4"))
-    monkeypatch.setattr(runner, "r_versions_cheap", lambda: None)
+    from harness.engines import registry
+
+    no_r = dataclasses.replace(registry.ENGINES["lme4"], versions=lambda: None)
+    monkeypatch.setitem(registry.ENGINES, "lme4", no_r)
     result = fit_design("sleepstudy", seed=1, cache_dir=cache, settings=REPORT_SETTINGS)
     assert result.cached["lme4"] and result.cached["pymc"]
     assert result.freq.versions["lme4"]  # the versions recorded when it was fitted
@@ -244,7 +255,10 @@ def test_side_process_fits_lme4_and_is_stopped_when_pymc_fails(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("the PyMC stage broke")
 
-    monkeypatch.setattr(runner, "_fit_pymc_cached", broken)
+    from harness.engines import registry
+
+    broken_pymc = dataclasses.replace(registry.ENGINES["pymc"], fit=broken)
+    monkeypatch.setitem(registry.ENGINES, "pymc", broken_pymc)
     with pytest.raises(RuntimeError, match="PyMC stage broke"):
         fit_design(
             "partially_clustered",

@@ -68,7 +68,7 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from harness.engines.pymc import BayesFit
+    from harness.fits import BayesFit
     from harness.model.priors import ResolvedPriors
 
 log = logging.getLogger("harness")

@@ -34,8 +34,7 @@ from harness.names import corr_var, sd_var
 
 if TYPE_CHECKING:
     from harness.checks.glmm_attribution import GlmmAttribution
-    from harness.engines.lme4 import FreqFit
-    from harness.engines.pymc import BayesFit
+    from harness.fits import BayesFit, FreqFit
 
 log = logging.getLogger("harness")
 
@@ -82,7 +81,11 @@ UNCERTAINTY_SOURCES = pd.DataFrame(
 
 @dataclass
 class Comparison:
-    """What ``compare(freq, bayes)`` returns: aligned tables plus the fits."""
+    """What ``compare(freq, bayes)`` returns: aligned tables plus the fits.
+
+    ``engines`` names the pair by registry name: the reference, then the
+    Bayesian engine (``("lme4", "pymc")``).
+    """
 
     fixed: pd.DataFrame
     variance: pd.DataFrame
@@ -94,6 +97,7 @@ class Comparison:
     freq: FreqFit
     bayes: BayesFit
     notes: list[str] = field(default_factory=list)
+    engines: tuple[str, str] = ("lme4", "pymc")
 
     @property
     def verdict(self) -> str:
@@ -880,7 +884,12 @@ def _glmm_attribution(freq: FreqFit, bayes: BayesFit, wide: WidePrior) -> GlmmAt
 
 
 def compare(
-    freq: FreqFit, bayes: BayesFit, prob: float = 0.95, *, refit_wide: bool = True
+    freq: FreqFit,
+    bayes: BayesFit,
+    prob: float = 0.95,
+    *,
+    refit_wide: bool = True,
+    engines: tuple[str, str] | None = None,
 ) -> Comparison:
     """Align an lme4 fit and a PyMC fit of the same spec and compare them.
 
@@ -896,6 +905,8 @@ def compare(
         When importance re-weighting to the wide prior is untrustworthy
         (Pareto k-hat > 0.7), refit with the wide prior to measure the prior's
         share of each gap.
+    engines : (str, str), optional
+        Registry names of the pair; default lme4 and ``bayes.engine``.
 
     Returns
     -------
@@ -946,4 +957,5 @@ def compare(
         freq=freq,
         bayes=bayes,
         notes=notes,
+        engines=engines if engines is not None else ("lme4", bayes.engine),
     )

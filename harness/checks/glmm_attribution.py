@@ -59,7 +59,7 @@ from harness.model.spec import Design
 
 if TYPE_CHECKING:
     from harness.checks.attribution import WidePrior
-    from harness.engines.pymc import BayesFit
+    from harness.fits import BayesFit
 
 log = logging.getLogger("harness")
 

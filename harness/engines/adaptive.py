@@ -153,11 +153,11 @@ class AdaptiveSettings:
 def compared_quantities(idata: Any, design: Design) -> tuple[np.ndarray, list[str]]:
     """Draws of every compared scalar quantity, shape (chain, draw, quantity), and their names.
 
-    Offsets are the aligned ones (:func:`harness.checks.align.block_offsets`) of the
+    Offsets are the aligned ones (:func:`harness.engines.offsets.block_offsets`) of the
     groups with data on the term; groups informed by the prior alone are left
     out, as the agreement metrics leave them out.
     """
-    from harness.checks.align import block_offsets, informed_counts
+    from harness.engines.offsets import block_offsets, informed_counts
     from harness.names import corr_var, sd_var
 
     posterior = idata.posterior
@@ -351,7 +351,7 @@ def _row_information(posterior: Any, design: Design) -> np.ndarray:
         if design.sigma_index is not None:
             return 1.0 / sigma[np.asarray(design.sigma_index)] ** 2
         return np.full(design.n, 1.0 / float(sigma) ** 2)
-    from harness.checks.align import block_offsets
+    from harness.engines.offsets import block_offsets
 
     eta = design.X.to_numpy(dtype=float) @ np.asarray(
         posterior["beta"].median(("chain", "draw")).values, dtype=float

@@ -15,7 +15,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from harness import _resources
+from harness.fits import FreqFit
 from harness.model.family import GlmResponse, glm_response
 from harness.model.rformula import FORMULA_FUNCTIONS, _scan, model_matrix, parse_terms
 from harness.model.spec import (
@@ -48,62 +49,6 @@ INSTALL_HINT = (
 
 class RUnavailableError(RuntimeError):
     """R, rpy2 or an R package the fit needs is missing."""
-
-
-@dataclass
-class FreqFit:
-    """A frequentist fit as tidy tables.
-
-    Attributes
-    ----------
-    fixed : DataFrame
-        term, estimate, se, df, statistic, p_value, lower, upper, ci_method.
-    variance : DataFrame
-        component, group_factor, kind ("sd"/"cor"/"sigma"), term, term2,
-        estimate, lower, upper, ci_method.
-    ranef : DataFrame
-        group_factor, group, term, mode, condsd (conditional on the estimates).
-    ranef_sims : DataFrame or None
-        merTools::REsim summary: group_factor, group, term, sim_mean, sim_median, sim_sd.
-    """
-
-    spec: ModelSpec
-    design: Design
-    engine: str
-    method: str
-    fixed: pd.DataFrame
-    variance: pd.DataFrame
-    ranef: pd.DataFrame
-    ranef_sims: pd.DataFrame | None
-    loglik: float
-    loglik_ml: float
-    reml_criterion: float | None
-    singular: bool
-    converged: bool
-    messages: list[str]
-    versions: dict[str, str]
-    r_call: str
-    fit_seconds: float
-    ml_estimates: dict[str, Any] = field(default_factory=dict)
-    df_method: str = ""
-    #: The optimizer lme4 used (allFit's name, e.g. ``nloptwrap.NLOPT_LN_BOBYQA``).
-    optimizer: str = ""
-    #: The control the fit was asked for (``optimizer``, ``maxfun``, ``start``); empty: lmer's own.
-    control: dict[str, Any] = field(default_factory=dict)
-    #: One row per refit with another optimizer or start (:func:`refit_lme4`), else None.
-    optimizer_refits: pd.DataFrame | None = None
-    #: The best refit against this fit (:func:`refit_lme4`); empty when none was tried.
-    best_fit: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def stand_in(self) -> str | None:
-        """Why another engine stood in for lme4, if one did."""
-        if self.engine == "nlme":
-            return (
-                f"lme4 cannot fit one residual SD per level of {self.spec.sigma_by!r}; "
-                f"nlme::lme with weights = varIdent(form = ~ 1 | {self.spec.sigma_by}) stood in"
-            )
-        return None
 
 
 # --------------------------------------------------------------------------- R session

@@ -18,7 +18,7 @@ import hashlib
 import inspect
 import logging
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -32,6 +32,7 @@ from harness.engines.samplers import (
     sample_nutpie,
     sample_pymc,
 )
+from harness.fits import BayesFit
 from harness.model.priors import ResolvedPriors, resolve_priors
 from harness.model.spec import Design, ModelSpec, Prior, RandomBlock, build_design
 from harness.names import (
@@ -64,39 +65,6 @@ __all__ = [
     "structure",
     "structure_key",
 ]
-
-
-@dataclass
-class BayesFit:
-    """A PyMC fit: the InferenceData plus what produced it.
-
-    ``idata.posterior`` holds ``beta`` (dim ``fixed_term``), ``sigma`` (or one
-    per ``sigma_level``), and per random-effects block ``u_<label>``
-    (offsets parameterization) or ``coef_<label>`` (baked_in), with
-    ``sd_<label>`` and, for correlated blocks, ``corr_<label>``.  Coordinates
-    carry lme4's group levels and term names.
-    """
-
-    spec: ModelSpec
-    design: Design
-    idata: Any
-    sampler: str
-    seed: int
-    draws: int
-    tune: int
-    chains: int
-    priors: ResolvedPriors
-    compile_seconds: float
-    sample_seconds: float
-    model_code: str
-    versions: dict[str, str] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_divergent(self) -> int:
-        stats = self.idata.sample_stats
-        name = "diverging" if "diverging" in stats else None
-        return int(stats[name].sum()) if name else 0
 
 
 # --------------------------------------------------------------------------- priors as data

@@ -51,15 +51,26 @@ from harness._io import host_tag, write_via_temp
 log = logging.getLogger("harness")
 
 #: Bump when the layout of cached entries changes (it enters every key).
-CACHE_FORMAT = "2"
+#: 3: fits carry their engine name (``BayesFit.engine``), stages are keyed per engine.
+CACHE_FORMAT = "3"
 FORMAT_NAME = "harness-fit-cache"
-KINDS = ("lme4", "pymc", "same_model", "compare", "figures")
+#: The kinds of entries that are not engine fits; every registered engine's name is one too.
+STAGE_KINDS = ("same_model", "compare", "figures")
+
+
+def kinds() -> tuple[str, ...]:
+    """Every kind of entry (folder) the cache holds: the registered engines' and the stages'."""
+    from harness.engines.registry import ENGINES
+
+    return (*ENGINES, *STAGE_KINDS)
+
+
 STALE_TMP_SECONDS = 3600.0
 
 #: The only classes a cache entry may build: name in the file -> (module, attribute).
 ALLOWED_CLASSES: dict[str, tuple[str, str]] = {
-    "FreqFit": ("harness.engines.lme4", "FreqFit"),
-    "BayesFit": ("harness.engines.pymc", "BayesFit"),
+    "FreqFit": ("harness.fits", "FreqFit"),
+    "BayesFit": ("harness.fits", "BayesFit"),
     "Comparison": ("harness.checks.compare", "Comparison"),
     "SameModel": ("harness.checks.same_model", "SameModel"),
     "BlockValue": ("harness.checks.same_model", "BlockValue"),
@@ -533,7 +544,7 @@ def clean_stale_temp_files(root: Path, max_age: float = STALE_TMP_SECONDS) -> li
     """
     removed: list[Path] = []
     host, now = host_tag(), time.time()
-    for kind in KINDS:
+    for kind in kinds():
         folder = root / kind
         try:
             entries = list(os.scandir(folder))
@@ -608,7 +619,7 @@ class FitCache:
         clean_stale_temp_files(self.root)
 
     def path(self, kind: str, key: str, suffix: str) -> Path:
-        if kind not in KINDS:
+        if kind not in kinds():
             raise ValueError(f"unknown cache kind {kind!r}")
         if not _KEY_RE.match(key):
             raise ValueError(f"not a cache key: {key!r}")

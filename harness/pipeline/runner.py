@@ -1,18 +1,20 @@
-"""Compose the stages for one design: fit both engines, compare, check, report.
+"""Compose the stages for one design: fit every engine, compare, check, report.
 
 Every expensive product is cached on disk under a hash of what produced it,
 so re-rendering a report never refits:
 
 ========== ===================================================================
-lme4       data hash, spec key, lme4 settings, R/lme4/nlme versions, R + bridge code
-pymc       data hash, spec key, sampler settings, seed, PyMC/PyTensor/nutpie versions, model code
+an engine  data hash, spec key, its settings (and seed), its versions, its code
+           (:mod:`harness.engines.registry`: lme4 keys R/lme4/nlme versions and
+           the R + bridge code; PyMC the seed, PyMC/PyTensor/nutpie versions)
 same_model the lme4 key, the PyMC versions, ``harness/checks/same_model.py``
-compare    the lme4 and PyMC keys, ``compare.py`` and ``align.py``
+compare    the keys of the pair's two fits, ``compare.py`` and ``align.py``
 figures    the compare and same-model keys, ``plots.py``, ``report_tables.py``, ``report.py``
 ========== ===================================================================
 
-A changed seed therefore refits only PyMC; a changed spec or data refits
-both.  On a cache hit nothing imports rpy2, starts R, or compiles a model:
+Every key is made by one function (:func:`stage_key`), and an engine's by
+:func:`engine_key` over it.  A changed seed therefore refits only the
+Bayesian engines; a changed spec or data refits every engine.  On a cache hit nothing imports rpy2, starts R, or compiles a model:
 the R versions in the lme4 key come from one ``Rscript`` call (or, without
 R, from the newest cached fit of the same data, spec and settings).
 
@@ -39,20 +41,33 @@ user's cache folder (``platformdirs.user_cache_dir("harness")``, e.g.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 
 from harness import progress
+from harness.engines.registry import (
+    DEFAULT_ENGINES,
+    ENGINES,
+    REFERENCE,
+    Engine,
+    EngineUnavailableError,
+    FitRequest,
+    comparison_pairs,
+    get_engine,
+    resolve_engines,
+)
+from harness.fits import BAYESIAN, FREQUENTIST, BayesFit, Fit, FreqFit
 from harness.model.spec import Design, ModelSpec, build_design
 from harness.pipeline.cache import (
     CACHE_FORMAT,
@@ -64,12 +79,10 @@ from harness.pipeline.cache import digest as _digest
 from harness.pipeline.cache import load_idata as _load_idata
 from harness.pipeline.settings import FitSettings
 from harness.versions import PY_PACKAGES as _PY_PACKAGES
-from harness.versions import python_versions, r_ready_cheap, r_versions_cheap
+from harness.versions import python_versions, r_ready_cheap
 
 if TYPE_CHECKING:
     from harness.checks.compare import Comparison
-    from harness.engines.lme4 import FreqFit
-    from harness.engines.pymc import BayesFit
 
 log = logging.getLogger("harness")
 
@@ -83,9 +96,14 @@ _PACKAGE = Path(__file__).resolve().parents[1]  # the harness package folder
 class DesignResult:
     """Everything a report shows about one design.
 
-    ``bayes.idata`` is read from the cache on first access of :attr:`bayes`
-    (reports built from cached figures never need it, which keeps warm runs
-    fast).  ``comparison.bayes`` is the same object.
+    ``fits`` holds one fit per engine, by registry name, the reference
+    (:data:`~harness.engines.registry.REFERENCE`, lme4) first.  A Bayesian
+    fit's ``idata`` is read from the cache on first access through
+    :meth:`fit` (reports built from cached figures never need it, which keeps
+    warm runs fast).  ``comparisons`` holds one comparison per pair
+    (:func:`~harness.engines.registry.comparison_pairs`) that has a comparison
+    function; ``freq``, ``bayes`` and ``comparison`` name the reference fit,
+    the first Bayesian fit and their comparison.
     """
 
     name: str
@@ -93,8 +111,8 @@ class DesignResult:
     spec: ModelSpec
     data: pd.DataFrame
     design: Design
-    freq: FreqFit
-    comparison: Comparison
+    fits: dict[str, Fit]
+    comparisons: dict[tuple[str, str], Comparison]
     same_model: Any | None
     same_model_status: str
     seed: int
@@ -104,30 +122,83 @@ class DesignResult:
     keys: dict[str, str]
     versions: dict[str, str]
     figures: dict[str, Any] | None = None
-    _bayes: BayesFit | None = field(default=None, repr=False)
-    _idata_path: Path | None = field(default=None, repr=False)
+    reference: str = REFERENCE
+    _idata_paths: dict[str, Path] = field(default_factory=dict, repr=False)
 
     @property
-    def bayes(self) -> BayesFit:
-        """The PyMC fit, with its InferenceData loaded."""
-        fit = self._bayes
-        if fit is None:
-            raise ValueError(f"design {self.name!r} has no PyMC fit")
-        if fit.idata is None and self._idata_path is not None:
-            fit.idata = _load_idata(self._idata_path)
+    def engines(self) -> list[str]:
+        """The engines' names, the reference first."""
+        return list(self.fits)
+
+    @property
+    def bayesian(self) -> list[str]:
+        """Names of the Bayesian engines, in order."""
+        return [n for n, f in self.fits.items() if f.kind == BAYESIAN]
+
+    def fit_info(self, engine: str) -> Fit:
+        """An engine's fit without forcing its InferenceData to load (settings, code, versions)."""
+        try:
+            return self.fits[engine]
+        except KeyError:
+            raise ValueError(
+                f"design {self.name!r} has no {engine!r} fit (it has {self.engines})"
+            ) from None
+
+    def fit(self, engine: str) -> Fit:
+        """An engine's fit, a Bayesian one with its InferenceData loaded."""
+        fit = self.fit_info(engine)
+        path = self._idata_paths.get(engine)
+        if isinstance(fit, BayesFit) and fit.idata is None and path is not None:
+            fit.idata = _load_idata(path)
         return fit
 
     @property
+    def freq(self) -> FreqFit:
+        """The reference fit (lme4)."""
+        fit = self.fit_info(self.reference)
+        if not isinstance(fit, FreqFit):
+            raise TypeError(f"the reference fit {self.reference!r} is not a frequentist fit")
+        return fit
+
+    @freq.setter
+    def freq(self, fit: FreqFit) -> None:
+        self.fits[self.reference] = fit
+
+    def _first_bayesian(self) -> str:
+        if not self.bayesian:
+            raise ValueError(f"design {self.name!r} has no Bayesian fit")
+        return self.bayesian[0]
+
+    @property
+    def bayes(self) -> BayesFit:
+        """The first Bayesian fit (PyMC), with its InferenceData loaded."""
+        return self.fit(self._first_bayesian())  # type: ignore[return-value]
+
+    @property
     def bayes_info(self) -> BayesFit:
-        """The PyMC fit without forcing its InferenceData to load (settings, code, versions)."""
-        if self._bayes is None:
-            raise ValueError(f"design {self.name!r} has no PyMC fit")
-        return self._bayes
+        """The first Bayesian fit without forcing its InferenceData to load."""
+        return self.fit_info(self._first_bayesian())  # type: ignore[return-value]
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        """The main pair: the reference and the first Bayesian engine."""
+        return (self.reference, self._first_bayesian())
+
+    @property
+    def comparison(self) -> Comparison:
+        """The comparison of the main pair (:attr:`pair`)."""
+        return self.comparisons[self.pair]
+
+    @comparison.setter
+    def comparison(self, value: Comparison) -> None:
+        self.comparisons[self.pair] = value
 
     @property
     def verdict(self) -> str:
-        """Worst verdict of the comparison, or ``fail`` when the same-model check failed."""
-        verdict = self.comparison.verdict
+        """Worst verdict of the comparisons, or ``fail`` when the same-model check failed."""
+        order = ["pass", "look", "fail", "unreliable"]
+        verdicts = [c.verdict for c in self.comparisons.values()]
+        verdict = max(verdicts, key=lambda v: order.index(v) if v in order else 0, default="pass")
         if self.same_model is not None and not bool(getattr(self.same_model, "ok", True)):
             return "fail"
         return verdict
@@ -168,54 +239,77 @@ def _source_hash(*relative: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _lme4_key_parts(design: Design, spec: ModelSpec, settings: FitSettings) -> dict[str, Any]:
-    return {
-        "format": CACHE_FORMAT,
-        "kind": "lme4",
-        "data": design.data_hash(),
-        "spec": spec.key(),
-        "settings": settings.lme4_part(),
-        "code": _source_hash("model", "engines/lme4.py", "r_scripts"),
-    }
+def stage_key(kind: str, code: tuple[str, ...], **inputs: Any) -> tuple[dict[str, Any], str]:
+    """Key parts and key of a cache entry: the one place a key is made.
+
+    Parameters
+    ----------
+    kind : str
+        The entry's kind: an engine's name, ``"same_model"``, ``"compare"`` or ``"figures"``.
+    code : tuple of str
+        Files and folders whose source enters the key (:func:`_source_hash`).
+    **inputs
+        Whatever else the entry depends on (JSON-ready).
+
+    Returns
+    -------
+    (dict, str)
+        The key parts (stored with the entry and checked on load) and their digest.
+    """
+    parts = {"format": CACHE_FORMAT, "kind": kind, **inputs, "code": _source_hash(*code)}
+    return parts, _digest(parts)
 
 
-def _pymc_key_parts(
-    design: Design, spec: ModelSpec, settings: FitSettings, seed: int
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EngineKey:
+    """An engine fit's cache key.
+
+    ``key`` is None when the engine's versions cannot be told here (R missing);
+    ``parts`` then lack ``versions`` and ``partial`` (the digest of the parts
+    without versions) finds the newest fit written under them.
+    """
+
+    parts: dict[str, Any]
+    key: str | None
+    partial: str
+
+
+def engine_key(
+    engine: Engine, design: Design, spec: ModelSpec, settings: FitSettings, seed: int
+) -> EngineKey:
+    """The cache key of one engine's fit of one design (:func:`stage_key` plus its versions)."""
+    parts, partial = stage_key(
+        engine.name,
+        engine.code,
+        data=design.data_hash(),
+        spec=spec.key(),
+        **engine.settings_part(settings, seed),
+    )
+    versions = engine.versions()
+    if versions is None:
+        return EngineKey(parts, None, partial)
+    full = {**parts, "versions": dict(versions)}
+    return EngineKey(full, _digest(full), partial)
+
+
+def _same_model_key(lme4_key: str) -> tuple[dict[str, Any], str]:
     py = python_versions()
-    return {
-        "format": CACHE_FORMAT,
-        "kind": "pymc",
-        "data": design.data_hash(),
-        "spec": spec.key(),
-        "settings": settings.pymc_part(),
-        "seed": int(seed),
-        "versions": {k: py[k] for k in _PY_PACKAGES},
-        "code": _source_hash(
-            "model", "engines/pymc.py", "engines/adaptive.py", "engines/samplers.py"
-        ),
-    }
+    return stage_key(
+        "same_model",
+        ("model", "fits.py", "engines", "checks", "r_scripts"),
+        lme4=lme4_key,
+        versions={k: py[k] for k in _PY_PACKAGES},
+    )
 
 
-def _same_model_key_parts(lme4_key: str) -> dict[str, Any]:
-    py = python_versions()
-    return {
-        "format": CACHE_FORMAT,
-        "kind": "same_model",
-        "lme4": lme4_key,
-        "versions": {k: py[k] for k in _PY_PACKAGES},
-        "code": _source_hash("model", "engines", "checks", "r_scripts"),
-    }
+def _compare_key(fit_keys: dict[str, str]) -> tuple[dict[str, Any], str]:
+    """The key of a comparison of two fits, by their engines' names and keys."""
+    return stage_key("compare", ("model", "fits.py", "engines", "checks"), fits=fit_keys)
 
 
-def _compare_key_parts(lme4_key: str, pymc_key: str) -> dict[str, Any]:
-    return {
-        "format": CACHE_FORMAT,
-        "kind": "compare",
-        "lme4": lme4_key,
-        "pymc": pymc_key,
-        "code": _source_hash("model", "engines", "checks"),
-    }
+def _compare_stage(pair: tuple[str, str], main: tuple[str, str]) -> str:
+    """The name a comparison goes by in ``keys``, ``cached`` and ``timings``."""
+    return "compare" if pair == main else f"compare:{pair[0]}-{pair[1]}"
 
 
 # --------------------------------------------------------------------------- stages
@@ -249,95 +343,78 @@ def _timed(function: Callable[[], Any]) -> tuple[Any, float]:
     return value, time.perf_counter() - started
 
 
-def _fit_lme4_cached(
+def _fit_engine_cached(
     store: FitCache,
-    design: Design,
-    spec: ModelSpec,
-    data: pd.DataFrame,
-    settings: FitSettings,
-    refit: bool,
-) -> tuple[FreqFit, str, bool, dict[str, str]]:
-    parts = _lme4_key_parts(design, spec, settings)
-    partial = _digest(parts)
-    context = {"spec": spec, "design": design}
-    r_versions = r_versions_cheap()
-    if r_versions is None:
-        key = None if refit else store.latest_for("lme4", partial)
-        if key is not None:
-            log.warning("R is not available; using the cached lme4 fit %s", key)
-            # Checked against every key part but the R versions, which only R could tell.
-            hit = store.load("lme4", key, parts, shape=_freq_class(), context=context)
-            if hit is not None:
-                freq = hit[0]
-                return freq, key, True, dict(freq.versions)
-        # No R and nothing cached: let the engine raise its own clear error.
-        r_versions = {"R": "unavailable"}
-    full_parts = {**parts, "versions": r_versions}
-    key = _digest(full_parts)
-    if not refit:
-        hit = store.load("lme4", key, full_parts, shape=_freq_class(), context=context)
-        if hit is not None:
-            log.info("%s: lme4 fit loaded from cache (%s)", spec.name or spec.formula, key)
-            return hit[0], key, True, r_versions
-    from harness.engines.lme4 import fit_lme4
-
-    freq = fit_lme4(
-        spec,
-        data,
-        profile=settings.profile,
-        n_sims=settings.n_sims,
-        seed=settings.lme4_seed,
-        design=design,
-    )
-    if store.store(
-        "lme4", key, freq, full_parts, {"fit_seconds": freq.fit_seconds}, context=context
-    ):
-        store.set_latest("lme4", partial, key)
-    return freq, key, False, r_versions
-
-
-def _fit_pymc_cached(
-    store: FitCache,
+    engine: Engine,
     design: Design,
     spec: ModelSpec,
     data: pd.DataFrame,
     settings: FitSettings,
     seed: int,
     refit: bool,
-) -> tuple[BayesFit, Path, str, bool]:
-    parts = _pymc_key_parts(design, spec, settings, seed)
-    key = _digest(parts)
-    nc_path = store.path("pymc", key, ".nc")
-    context = {"spec": spec, "design": design}
-    if not refit:
-        hit = store.load("pymc", key, parts, shape=_bayes_class(), context=context, files=(".nc",))
-        if hit is not None:
-            log.info("%s: PyMC fit loaded from cache (%s)", spec.name or spec.formula, key)
-            return hit[0], nc_path, key, True
-    from harness.engines.pymc import fit_pymc
+) -> tuple[Fit, str, bool, Path | None]:
+    """(fit, key, cached, path of its draws) of one engine; a Bayesian fit's draws are a side file.
 
-    bayes = fit_pymc(
-        spec,
-        data,
-        seed=seed,
-        draws=settings.draws,
-        tune=settings.tune,
-        chains=settings.chains,
-        sampler=settings.sampler,
-        target_accept=settings.target_accept,
-        design=design,
-        adaptive=settings.adaptive_settings(),
-    )
-    store.store(
-        "pymc",
-        key,
-        dataclasses.replace(bayes, idata=None),
-        parts,
-        {"compile_seconds": bayes.compile_seconds, "sample_seconds": bayes.sample_seconds},
-        context=context,
-        files={".nc": lambda tmp: bayes.idata.to_netcdf(str(tmp))},
-    )
-    return bayes, nc_path, key, False
+    When the engine's versions cannot be told here (R missing), the newest fit
+    cached under the same key without versions is used, checked against every
+    key part but the versions; without one the engine raises its own error.
+    """
+    ekey = engine_key(engine, design, spec, settings, seed)
+    context = {"spec": spec, "design": design}
+    bayesian = engine.kind == BAYESIAN
+    shape: type = BayesFit if bayesian else FreqFit
+    files = (".nc",) if bayesian else ()
+    full_parts, key = ekey.parts, ekey.key
+    if key is None:
+        latest = None if refit else store.latest_for(engine.name, ekey.partial)
+        if latest is not None:
+            log.warning(
+                "%s's versions cannot be told here; using the cached %s fit %s",
+                engine.label,
+                engine.label,
+                latest,
+            )
+            hit = store.load(
+                engine.name, latest, ekey.parts, shape=shape, context=context, files=files
+            )
+            if hit is not None:
+                return hit[0], latest, True, _draws_path(store, engine, latest)
+        # Nothing cached: the engine raises its own clear error (or fits, if it can after all).
+        full_parts = {**ekey.parts, "versions": {"versions": "unavailable"}}
+        key = _digest(full_parts)
+    if not refit:
+        hit = store.load(engine.name, key, full_parts, shape=shape, context=context, files=files)
+        if hit is not None:
+            log.info(
+                "%s: %s fit loaded from cache (%s)", spec.name or spec.formula, engine.label, key
+            )
+            return hit[0], key, True, _draws_path(store, engine, key)
+    why_not = engine.missing() if engine.missing is not None else None
+    if why_not:
+        raise EngineUnavailableError(f"engine {engine.name!r} cannot run here: {why_not}")
+    fit = engine.fit(FitRequest(spec=spec, data=data, design=design, settings=settings, seed=seed))
+    if isinstance(fit, BayesFit):
+        stored = store.store(
+            engine.name,
+            key,
+            dataclasses.replace(fit, idata=None),
+            full_parts,
+            {"compile_seconds": fit.compile_seconds, "sample_seconds": fit.sample_seconds},
+            context=context,
+            files={".nc": lambda tmp: fit.idata.to_netcdf(str(tmp))},
+        )
+    else:
+        stored = store.store(
+            engine.name, key, fit, full_parts, {"fit_seconds": fit.fit_seconds}, context=context
+        )
+    if stored:
+        store.set_latest(engine.name, ekey.partial, key)
+    return fit, key, False, _draws_path(store, engine, key)
+
+
+def _draws_path(store: FitCache, engine: Engine, key: str) -> Path | None:
+    """Where a Bayesian fit's draws are cached (None for a frequentist fit)."""
+    return store.path(engine.name, key, ".nc") if engine.kind == BAYESIAN else None
 
 
 def _same_model_cached(
@@ -349,8 +426,7 @@ def _same_model_cached(
     refit: bool,
 ) -> tuple[Any | None, str, str | None, bool, float]:
     """(result, status line, key, cached, seconds); never a fake pass."""
-    parts = _same_model_key_parts(lme4_key)
-    key = _digest(parts)
+    parts, key = _same_model_key(lme4_key)
     if not refit:
         from harness.checks.same_model import SameModel
 
@@ -396,15 +472,15 @@ def _with_refits(freq: FreqFit, same_model: Any | None) -> FreqFit:
 
 def _compare_cached(
     store: FitCache,
+    pair: tuple[str, str],
     freq: FreqFit,
     bayes_loader: Callable[[], BayesFit],
     bayes_info: BayesFit,
-    lme4_key: str,
-    pymc_key: str,
+    fit_keys: dict[str, str],
     refit: bool,
 ) -> tuple[Comparison, str, bool, float]:
-    parts = _compare_key_parts(lme4_key, pymc_key)
-    key = _digest(parts)
+    """A reference fit against a Bayesian one: (comparison, key, cached, seconds)."""
+    parts, key = _compare_key(fit_keys)
     # The fits are the runner's own: the entry refers to them instead of storing them again.
     context = {"freq": freq, "bayes": bayes_info}
     if not refit:
@@ -422,7 +498,7 @@ def _compare_cached(
         warnings.filterwarnings(
             "ignore", message="invalid value encountered", category=RuntimeWarning
         )
-        comparison, seconds = _timed(lambda: compare(freq, bayes_loader()))
+        comparison, seconds = _timed(lambda: compare(freq, bayes_loader(), engines=pair))
     store.store(
         "compare",
         key,
@@ -437,26 +513,40 @@ def _compare_cached(
     return comparison, key, False, seconds
 
 
+def _bayes_fit(result: DesignResult, engine: str) -> BayesFit:
+    """A Bayesian fit of the result, its draws loaded."""
+    return cast(BayesFit, result.fit(engine))
+
+
+def _comparable(result: DesignResult, pair: tuple[str, str]) -> bool:
+    """Whether a comparison function exists for the kinds of this pair's fits.
+
+    Today: a frequentist reference against a Bayesian fit.  Two Bayesian fits
+    (PyMC against brms) have no comparison yet; the pair is logged, not faked.
+    """
+    first, second = (result.fit_info(name) for name in pair)
+    return isinstance(first, FreqFit) and isinstance(second, BayesFit)
+
+
 def figures_key_parts(
     result: DesignResult, render: Callable[[DesignResult], Any] | None = None
 ) -> dict[str, Any]:
     """What a design's rendered figures depend on: the fits, the renderer and its package."""
-    return _figures_key_parts(result.name, result.keys, render)
+    return _figures_key(result.name, result.keys, render)[0]
 
 
-def _figures_key_parts(
+def _figures_key(
     name: str, keys: dict[str, str], render: Callable[..., Any] | None
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], str]:
     renderer = f"{render.__module__}.{render.__qualname__}" if render is not None else None
-    return {
-        "format": CACHE_FORMAT,
-        "kind": "figures",
-        "compare": keys.get("compare"),
-        "same_model": keys.get("same_model"),
-        "name": name,
-        "renderer": renderer,
-        "code": _source_hash("report"),
-    }
+    return stage_key(
+        "figures",
+        ("report",),
+        compare={k: v for k, v in keys.items() if k.split(":")[0] == "compare"},
+        same_model=keys.get("same_model"),
+        name=name,
+        renderer=renderer,
+    )
 
 
 def figures_key(result: DesignResult, render: Callable[[DesignResult], Any] | None = None) -> str:
@@ -487,29 +577,21 @@ def _check_figures(figures: Any) -> None:
     walk(figures)
 
 
-def _freq_class() -> type:
-    from harness.engines.lme4 import FreqFit
-
-    return FreqFit
-
-
-def _bayes_class() -> type:
-    from harness.engines.pymc import BayesFit
-
-    return BayesFit
+#: The stages that are not engine fits, in the order :func:`fit_design` runs them.
+CHECK_STAGES = ("compare", "same_model", "figures")
+#: The cached stages of one design with the default engines, in the order :func:`fit_design`
+#: runs them.
+STAGES = (*DEFAULT_ENGINES, *CHECK_STAGES)
 
 
-#: The cached stages of one design, in the order :func:`fit_design` runs them.
-STAGES = ("lme4", "pymc", "compare", "same_model", "figures")
-
-
-def _refit_set(refit: bool | Collection[str]) -> frozenset[str]:
+def _refit_set(refit: bool | Collection[str], engines: tuple[str, ...]) -> frozenset[str]:
     """``refit`` as the set of stages to recompute (True: all, False: none)."""
+    stages = (*engines, *CHECK_STAGES)
     if isinstance(refit, bool):
-        return frozenset(STAGES) if refit else frozenset()
-    unknown = sorted(set(refit) - set(STAGES))
+        return frozenset(stages) if refit else frozenset()
+    unknown = sorted(set(refit) - set(stages))
     if unknown:
-        raise ValueError(f"unknown stages to refit {unknown}; choose from {list(STAGES)}")
+        raise ValueError(f"unknown stages to refit {unknown}; choose from {list(stages)}")
     return frozenset(refit)
 
 
@@ -524,16 +606,17 @@ def fit_stages(
 ) -> dict[str, float]:
     """Fit some stages of a design into the cache (for worker processes); their seconds.
 
-    ``"lme4"`` fits lme4 (R); ``"same_model"`` also needs only the lme4 fit;
-    ``"pymc"`` compiles and samples without starting R.  A later
-    :func:`fit_design` with the same arguments loads what these stored.
+    An engine's name fits that engine (``"lme4"`` starts R; ``"pymc"``
+    compiles and samples without starting R); ``"same_model"`` needs only the
+    reference (lme4) fit.  A later :func:`fit_design` with the same arguments
+    loads what these stored.
 
     Parameters
     ----------
     name_or_pair : str or (ModelSpec, DataFrame)
         As for :func:`fit_design`.
     stages : collection of str
-        Some of ``"lme4"``, ``"same_model"``, ``"pymc"``.
+        Registered engine names and ``"same_model"``.
     seed, cache_dir, refit, settings
         As for :func:`fit_design`.
 
@@ -543,32 +626,30 @@ def fit_stages(
         Seconds per stage run (0 for a cache hit is not reported: a hit's own
         recorded seconds are).
     """
-    unknown = sorted(set(stages) - {"lme4", "same_model", "pymc"})
+    unknown = sorted(set(stages) - {*ENGINES, "same_model"})
     if unknown:
-        raise ValueError(f"fit_stages runs lme4, same_model and pymc, not {unknown}")
+        raise ValueError(
+            f"fit_stages runs the engines {list(ENGINES)} and same_model, not {unknown}"
+        )
     settings = settings or FitSettings()
     store = FitCache(resolve_cache_dir(cache_dir))
     name, _, spec, data = _resolve(name_or_pair)
     design = build_design(spec, data)
     progress.set_design(name)
     seconds: dict[str, float] = {}
-    if "lme4" in stages or "same_model" in stages:
-        with progress.stage("R fit (lme4)") as stage:
-            (freq, lme4_key, hit, _), seconds["lme4"] = _timed(
-                lambda: _fit_lme4_cached(store, design, spec, data, settings, refit)
-            )
-            stage.detail = "cached" if hit else ""
-        if "same_model" in stages:
-            with progress.stage("same-model check"):
-                *_, seconds["same_model"] = _same_model_cached(
-                    store, spec, data, freq, lme4_key, refit
+    wanted = [n for n in ENGINES if n in stages or (n == REFERENCE and "same_model" in stages)]
+    for engine_name in wanted:
+        engine = get_engine(engine_name)
+        with progress.stage(engine.stage_name) as stage:
+            (fit, key, hit, _), seconds[engine_name] = _timed(
+                functools.partial(
+                    _fit_engine_cached, store, engine, design, spec, data, settings, seed, refit
                 )
-    if "pymc" in stages:
-        with progress.stage("PyMC fit") as stage:
-            (*_, hit), seconds["pymc"] = _timed(
-                lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, refit)
             )
             stage.detail = "cached" if hit else ""
+        if isinstance(fit, FreqFit) and "same_model" in stages:
+            with progress.stage("same-model check"):
+                *_, seconds["same_model"] = _same_model_cached(store, spec, data, fit, key, refit)
     return seconds
 
 
@@ -579,51 +660,67 @@ def missing_stages(
     cache_dir: str | os.PathLike[str] | None = None,
     settings: FitSettings | None = None,
     render: Callable[[DesignResult], Any] | None = None,
+    engines: Sequence[str] | None = None,
 ) -> list[str]:
     """The stages of :func:`fit_design` that have no cache entry yet (nothing is fitted).
 
     Keys are computed as :func:`fit_design` computes them; an entry that is
     present but damaged counts as present (the run that loads it refits it).
-    Without R the lme4 key cannot be known and every stage counts as missing.
+    When an engine's versions cannot be told here (R missing), its key cannot
+    be known and every stage counts as missing.
     """
+    names = resolve_engines(engines)
     settings = settings or FitSettings()
     store = FitCache(resolve_cache_dir(cache_dir))
     name, _, spec, data = _resolve(name_or_pair)
     design = build_design(spec, data)
-    r_versions = r_versions_cheap()
-    if r_versions is None:
-        return list(STAGES)
-    keys = {
-        "lme4": _digest({**_lme4_key_parts(design, spec, settings), "versions": r_versions}),
-        "pymc": _digest(_pymc_key_parts(design, spec, settings, seed)),
-    }
-    keys["compare"] = _digest(_compare_key_parts(keys["lme4"], keys["pymc"]))
-    keys["same_model"] = _digest(_same_model_key_parts(keys["lme4"]))
-    missing = [
-        stage for stage in STAGES[:-1] if not store.path(stage, keys[stage], ".json").is_file()
+    all_stages = [*names, *CHECK_STAGES]
+    keys: dict[str, str] = {}
+    for engine_name in names:
+        key = engine_key(get_engine(engine_name), design, spec, settings, seed).key
+        if key is None:
+            return all_stages
+        keys[engine_name] = key
+    missing = [n for n in names if not store.path(n, keys[n], ".json").is_file()]
+    pairs = [
+        p
+        for p in comparison_pairs(names)
+        if get_engine(p[0]).kind == FREQUENTIST and get_engine(p[1]).kind == BAYESIAN
     ]
+    for pair in pairs:
+        stage = _compare_stage(pair, pairs[0])
+        keys[stage] = _compare_key({n: keys[n] for n in pair})[1]
+        if not store.path("compare", keys[stage], ".json").is_file() and "compare" not in missing:
+            missing.append("compare")
+    keys["same_model"] = _same_model_key(keys[REFERENCE])[1]
+    if not store.path("same_model", keys["same_model"], ".json").is_file():
+        missing.append("same_model")
     if render is not None:
-        figures = _digest(_figures_key_parts(name, keys, render))
+        figures = _figures_key(name, keys, render)[1]
         if not store.path("figures", figures, ".json").is_file():
             missing.append("figures")
     return missing
 
 
-def _lme4_side_wanted(
-    store: FitCache, design: Design, spec: ModelSpec, settings: FitSettings, redo: frozenset[str]
+def _reference_side_wanted(
+    store: FitCache,
+    design: Design,
+    spec: ModelSpec,
+    settings: FitSettings,
+    seed: int,
+    redo: frozenset[str],
 ) -> bool:
     """Whether a side process should fit lme4: it is not cached, R is there, a core is free."""
     from harness.engines.samplers import available_cores
 
     if available_cores() < 2 or not r_ready_cheap():
         return False  # the serial path raises the clear error
-    r_versions = r_versions_cheap()  # read (and cached) by r_ready_cheap already
-    if r_versions is None:
+    key = engine_key(get_engine(REFERENCE), design, spec, settings, seed).key
+    if key is None:
         return False
-    if redo & {"lme4", "same_model"}:
+    if redo & {REFERENCE, "same_model"}:
         return True
-    key = _digest({**_lme4_key_parts(design, spec, settings), "versions": r_versions})
-    return not store.path("lme4", key, ".json").is_file()
+    return not store.path(REFERENCE, key, ".json").is_file()
 
 
 def fit_design(
@@ -635,8 +732,9 @@ def fit_design(
     settings: FitSettings | None = None,
     render: Callable[[DesignResult], dict[str, Any]] | None = None,
     side_process: bool = False,
+    engines: Sequence[str] | None = None,
 ) -> DesignResult:
-    """Fit a design with both engines (or load the fits from the cache) and compare them.
+    """Fit a design with every engine (or load the fits from the cache) and compare them.
 
     Parameters
     ----------
@@ -644,14 +742,15 @@ def fit_design(
         A shipped design name (see ``harness.datasets.DATASETS``) or your own
         spec and data.
     seed : int
-        PyMC seed.  A new seed refits PyMC only.
+        Seed of the Bayesian engines.  A new seed refits those only.
     cache_dir : path, optional
         Cache folder; default ``$HARNESS_CACHE_DIR``, else the user's cache folder
         (``platformdirs.user_cache_dir("harness")``).
     refit : bool or collection of str
         Ignore cached entries (and overwrite them): all of them, or those of
-        the named :data:`STAGES` (a worker that refitted both engines asks
-        for ``{"compare", "same_model", "figures"}`` next).
+        the named stages (engine names and :data:`CHECK_STAGES`; a worker
+        that refitted both engines asks for ``{"compare", "same_model",
+        "figures"}`` next).
     settings : FitSettings, optional
         Sampler and lme4 settings; default :class:`FitSettings()`.
     render : callable, optional
@@ -662,68 +761,86 @@ def fit_design(
     side_process : bool
         When lme4 must be fitted and a second core is free, fit it (and run
         the same-model check) in a spawned process while this one compiles
-        and samples the PyMC model; the command line does this.  Errors of
+        and samples the Bayesian models; the command line does this.  Errors of
         that side are raised here as in the serial order.
+    engines : sequence of str, optional
+        Registered engine names (:mod:`harness.engines.registry`); default
+        ``("lme4", "pymc")``.  The reference, lme4, must be among them.
 
     Returns
     -------
     DesignResult
     """
+    names = resolve_engines(engines)
     settings = settings or FitSettings()
-    redo = _refit_set(refit)
+    redo = _refit_set(refit, names)
     store = FitCache(resolve_cache_dir(cache_dir))
     name, description, spec, data = _resolve(name_or_pair)
     design = build_design(spec, data)
     timings: dict[str, float] = {}
     cached: dict[str, bool] = {}
     keys: dict[str, str] = {}
+    fits: dict[str, Fit] = {}
+    draws: dict[str, Path] = {}
 
     progress.set_design(name)
     side = None
-    if side_process and _lme4_side_wanted(store, design, spec, settings, redo):
+    if side_process and _reference_side_wanted(store, design, spec, settings, seed, redo):
         from harness.pipeline import side_process as side_module
 
         side = side_module.start(
             fit_stages,
             name_or_pair,
-            ("lme4", "same_model"),
+            (REFERENCE, "same_model"),
             seed=seed,
             cache_dir=store.root,
-            refit=bool(redo & {"lme4", "same_model"}),
+            refit=bool(redo & {REFERENCE, "same_model"}),
             settings=settings,
         )
-        redo = redo - {"lme4", "same_model"}  # refitted over there
+        redo = redo - {REFERENCE, "same_model"}  # refitted over there
 
-    def pymc_stage() -> tuple[BayesFit, Path]:
-        with progress.stage("PyMC fit") as stage:  # compile and sampling report inside
-            (fit, path, keys["pymc"], cached["pymc"]), timings["pymc_load"] = _timed(
-                lambda: _fit_pymc_cached(store, design, spec, data, settings, seed, "pymc" in redo)
+    def engine_stage(engine_name: str, aside: dict[str, float] | None = None) -> None:
+        """Fit (or load) one engine; ``aside``: the seconds of a side process that fitted it."""
+        engine = get_engine(engine_name)
+        with progress.stage(engine.stage_name) as stage:  # compile and sampling report inside
+            (fit, key, hit, path), seconds = _timed(
+                lambda: _fit_engine_cached(
+                    store, engine, design, spec, data, settings, seed, engine_name in redo
+                )
             )
-            stage.detail = "cached" if cached["pymc"] else ""
-        return fit, path
+            stage.detail = "cached" if hit else ""
+            if aside is not None:
+                hit, seconds = False, aside.get(engine_name, seconds)  # fitted just now, aside
+                stage.detail = "fitted in a second process"
+        fits[engine_name], keys[engine_name], cached[engine_name] = fit, key, hit
+        timings[f"{engine_name}_load"] = seconds
+        if path is not None:
+            draws[engine_name] = path
 
+    # With a side process the reference is fitted over there while the others run here.
     if side is not None:
         try:
-            bayes, nc_path = pymc_stage()
+            for engine_name in names[1:]:
+                engine_stage(engine_name)
         except BaseException:
             side.abandon()
             raise
         with progress.stage("waiting for the R fit"):
             side_seconds = side.result()
-    with progress.stage("R fit (lme4)") as stage:
-        (freq, keys["lme4"], cached["lme4"], _), timings["lme4_load"] = _timed(
-            lambda: _fit_lme4_cached(store, design, spec, data, settings, "lme4" in redo)
-        )
-        stage.detail = "cached" if cached["lme4"] else ""
-        if side is not None:
-            cached["lme4"] = False  # fitted just now, in the side process
-            timings["lme4_load"] = side_seconds.get("lme4", timings["lme4_load"])
-            stage.detail = "fitted in a second process"
-    timings["lme4_fit"] = float(freq.fit_seconds)
-    if side is None:
-        bayes, nc_path = pymc_stage()
-    timings["pymc_compile"] = float(bayes.compile_seconds)
-    timings["pymc_sample"] = float(bayes.sample_seconds)
+        engine_stage(REFERENCE, side_seconds)
+    else:
+        for engine_name in names:
+            engine_stage(engine_name)
+    fits = {n: fits[n] for n in names}  # the reference first, then the order asked
+    for engine_name, fit in fits.items():
+        if isinstance(fit, FreqFit):
+            timings[f"{engine_name}_fit"] = float(fit.fit_seconds)
+        else:
+            timings[f"{engine_name}_compile"] = float(fit.compile_seconds)
+            timings[f"{engine_name}_sample"] = float(fit.sample_seconds)
+    freq = fits[REFERENCE]
+    if not isinstance(freq, FreqFit):
+        raise TypeError(f"the reference engine {REFERENCE!r} returned a {type(freq).__name__}")
 
     result = DesignResult(
         name=name,
@@ -731,8 +848,8 @@ def fit_design(
         spec=spec,
         data=data,
         design=design,
-        freq=freq,
-        comparison=None,  # type: ignore[arg-type]  # filled in just below
+        fits=fits,
+        comparisons={},
         same_model=None,
         same_model_status="",
         seed=seed,
@@ -741,33 +858,38 @@ def fit_design(
         cached=cached,
         keys=keys,
         versions={**python_versions(), **freq.versions},
-        _bayes=bayes,
-        _idata_path=nc_path,
+        _idata_paths=draws,
     )
     # The same-model check first: when lme4 stopped short of its maximum, the refits it made
     # (one from the harness's own optimum) give the comparison its lme4_optimizer source.
     with progress.stage("same-model check"):
         sm, status, sm_key, cached["same_model"], timings["same_model"] = _same_model_cached(
-            store, spec, data, freq, keys["lme4"], "same_model" in redo
+            store, spec, data, freq, keys[REFERENCE], "same_model" in redo
         )
     result.same_model, result.same_model_status = sm, status
     if sm_key:
         keys["same_model"] = sm_key
-    result.freq = freq = _with_refits(freq, sm)
-    with progress.stage("compare"):
-        comparison, keys["compare"], cached["compare"], timings["compare"] = _compare_cached(
-            store,
-            freq,
-            lambda: result.bayes,
-            bayes,
-            keys["lme4"],
-            keys["pymc"],
-            "compare" in redo,
-        )
-    result.comparison = comparison
+    result.freq = _with_refits(freq, sm)
+    pairs = [p for p in comparison_pairs(names) if _comparable(result, p)]
+    for pair in comparison_pairs(names):
+        if pair not in pairs:
+            log.warning("%s: no comparison of %s with %s yet", name, *pair)
+    for pair in pairs:
+        stage = _compare_stage(pair, pairs[0])
+        first, second = pair
+        with progress.stage("compare" if stage == "compare" else f"compare {first} / {second}"):
+            comparison, keys[stage], cached[stage], timings[stage] = _compare_cached(
+                store,
+                pair,
+                cast(FreqFit, result.fit_info(first)),  # _comparable checked the kinds
+                functools.partial(_bayes_fit, result, second),
+                cast(BayesFit, result.fit_info(second)),
+                {n: keys[n] for n in pair},
+                "compare" in redo,
+            )
+        result.comparisons[pair] = comparison
     if render is not None:
-        fparts = figures_key_parts(result, render)
-        fkey = _digest(fparts)
+        fparts, fkey = _figures_key(name, keys, render)
         keys["figures"] = fkey
         fshape = {"figures": _check_figures, "seconds": (float, int)}
         hit = None if "figures" in redo else store.load("figures", fkey, fparts, shape=fshape)

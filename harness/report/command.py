@@ -85,6 +85,7 @@ def run_report_command(args: argparse.Namespace) -> int:
                     refit=args.refit and not parallel,  # parallel workers refitted already
                     settings=settings,
                     side_process=len(names) == 1,
+                    engines=getattr(args, "engines", None),
                 )
             write_report(result, path)
         except Exception as err:
@@ -96,7 +97,7 @@ def run_report_command(args: argparse.Namespace) -> int:
             continue
         fits = (
             "fitted"
-            if name in in_workers or not (result.cached["lme4"] and result.cached["pymc"])
+            if name in in_workers or not all(result.cached[n] for n in result.engines)
             else "cached"
         )
         print(f"{name}: {result.verdict} ({fits}) -> {path}")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from harness.checks.compare import Comparison
-from harness.engines.pymc import BayesFit
+from harness.fits import BayesFit
 from harness.model.spec import Design
 from harness.names import corr_var, sd_var
 from harness.report.tables import (

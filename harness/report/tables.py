@@ -18,8 +18,7 @@ import pandas as pd
 
 if TYPE_CHECKING:
     from harness.checks.compare import Comparison
-    from harness.engines.lme4 import FreqFit
-    from harness.engines.pymc import BayesFit
+    from harness.fits import BayesFit, FreqFit
     from harness.model.spec import Design, RandomBlock
 
 log = logging.getLogger("harness")
