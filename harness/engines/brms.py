@@ -35,7 +35,7 @@ from harness.engines import lme4 as _r
 from harness.engines.pymc import BayesFit
 from harness.model.priors import ResolvedPriors, resolve_priors
 from harness.model.spec import Design, ModelSpec, Prior, build_design
-from harness.names import corr_var, coef_var, level_dim, offsets_var, sd_var, term_b_dim, term_dim
+from harness.names import coef_var, corr_var, level_dim, offsets_var, sd_var, term_b_dim, term_dim
 
 log = logging.getLogger("harness")
 
@@ -378,7 +378,9 @@ def _compiled_in_process(key: str, path: str, code: str) -> tuple[Any, bool, flo
     return result.rx2("model"), bool(result.rx2("cached")[0]), time.perf_counter() - started
 
 
-def compiled_model(model: BrmsModel, cache_dir: str | Path | None = None) -> tuple[Any, bool, float]:
+def compiled_model(
+    model: BrmsModel, cache_dir: str | Path | None = None
+) -> tuple[Any, bool, float]:
     """The compiled Stan program of ``model``: (R stanmodel, from the cache?, seconds).
 
     One compile per Stan program: kept in this process and saved as
