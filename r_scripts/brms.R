@@ -104,16 +104,24 @@ harness_brms_model <- function(code, path) {
 
 harness_brms_sample <- function(model, sdata, chains, iter, warmup, seed, adapt_delta,
                                 max_treedepth, pars) {
-  fit <- rstan::sampling(model, data = sdata, chains = chains, iter = iter, warmup = warmup,
-                         seed = seed, cores = 1, refresh = 0, pars = pars,
-                         control = list(adapt_delta = adapt_delta, max_treedepth = max_treedepth))
+  # rstan's warnings (divergences, R-hat, ESS) are kept for the fit's record, not printed.
+  messages <- character(0)
+  fit <- withCallingHandlers(
+    rstan::sampling(model, data = sdata, chains = chains, iter = iter, warmup = warmup,
+                    seed = seed, cores = 1, refresh = 0, pars = pars,
+                    control = list(adapt_delta = adapt_delta, max_treedepth = max_treedepth)),
+    warning = function(w) {
+      messages <<- c(messages, conditionMessage(w))
+      invokeRestart("muffleWarning")
+    })
   draws <- as.array(fit)  # iterations x chains x parameters
   stats <- rstan::get_sampler_params(fit, inc_warmup = FALSE)
   list(draws = as.numeric(draws), dim = dim(draws), names = dimnames(draws)[[3]],
        divergent = sapply(stats, function(s) s[, "divergent__"]),
        treedepth = sapply(stats, function(s) s[, "treedepth__"]),
        stepsize = sapply(stats, function(s) s[, "stepsize__"]),
-       energy = sapply(stats, function(s) s[, "energy__"]))
+       energy = sapply(stats, function(s) s[, "energy__"]),
+       messages = as.character(messages))
 }
 
 # Log density at parameter points given on the constrained scale (a list of named

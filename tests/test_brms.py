@@ -139,6 +139,25 @@ def test_sleepstudy_log_density_is_pymcs(brms_ready, brms_cache) -> None:
 
 
 @pytest.mark.r
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "priors"),
+    [("cafe", "m14.1"), ("partially_clustered_hetero", None), ("cbpp", None)],
+)
+def test_log_density_is_pymcs_for_lkj_residual_sd_per_arm_and_binomial(
+    brms_ready, brms_cache, name, priors
+) -> None:
+    """LKJ(2) with Exponential SDs, one residual SD per arm, a binomial GLMM (a compile each)."""
+    from harness.checks.same_model_bayes import same_model_bayes
+
+    data, spec = hz.datasets.load(name)
+    if priors is not None:
+        spec = spec.with_(priors=priors)
+    result = same_model_bayes(build_design(spec, data), n_points=10, cache_dir=brms_cache)
+    assert result.ok, (result.max_abs_diff, result.reasons)
+
+
+@pytest.mark.r
 def test_a_changed_prior_is_named_by_the_identity(brms_ready, brms_cache, monkeypatch) -> None:
     """The check can fail: PyMC's prior on sigma moved, brms's kept, and sigma is named."""
     import dataclasses
@@ -173,6 +192,8 @@ def test_brms_posterior_has_pymcs_names_and_coordinates(brms_ready, brms_cache) 
     assert fit.settings["structure_key"]
     assert "sd_1" in fit.model_code  # the Stan program is kept with the fit
     assert "diverging" in fit.idata.sample_stats
+    # rstan's warnings (100 draws: too few for its ESS) are kept with the fit, not printed.
+    assert any("Effective Samples Size" in m for m in fit.settings["messages"])
 
 
 @pytest.mark.r

@@ -371,17 +371,14 @@ def _cache_folder(cache_dir: str | Path | None) -> Path | None:
     return Path(env) if env else None
 
 
-@cache
-def _compiled_in_process(key: str, path: str, code: str) -> tuple[Any, bool, float]:
-    started = time.perf_counter()
-    result = _r._call("harness_brms_model", code, path)
-    return result.rx2("model"), bool(result.rx2("cached")[0]), time.perf_counter() - started
+#: Compiled programs of this process, by key (the R objects hold the loaded library).
+_COMPILED: dict[str, Any] = {}
 
 
 def compiled_model(
     model: BrmsModel, cache_dir: str | Path | None = None
 ) -> tuple[Any, bool, float]:
-    """The compiled Stan program of ``model``: (R stanmodel, from the cache?, seconds).
+    """The compiled Stan program of ``model``: (R stanmodel, from a cache?, seconds).
 
     One compile per Stan program: kept in this process and saved as
     ``<cache folder>/brms/<key>.rds`` (``cache_dir``, else ``$HARNESS_CACHE_DIR``;
@@ -389,13 +386,18 @@ def compiled_model(
     rstan versions; prior values and data are not in the code, so every data set
     of one model structure shares it.
     """
+    if model.key in _COMPILED:
+        return _COMPILED[model.key], True, 0.0
     folder = _cache_folder(cache_dir)
     path = ""
     if folder is not None:
         (folder / "brms").mkdir(parents=True, exist_ok=True)
         path = str(folder / "brms" / f"{model.key}.rds")
-    stan, cached, seconds = _compiled_in_process(model.key, path, model.code)
-    return stan, cached, seconds
+    started = time.perf_counter()
+    result = _r._call("harness_brms_model", model.code, path)
+    seconds = time.perf_counter() - started
+    _COMPILED[model.key] = result.rx2("model")
+    return _COMPILED[model.key], bool(result.rx2("cached")[0]), seconds
 
 
 # --------------------------------------------------------------------------- fitting
@@ -547,6 +549,9 @@ def fit_brms(
         ro.StrVector(_stan_pars(model)),
     )
     sample_seconds = time.perf_counter() - started
+    messages = [str(m).strip() for m in result.rx2("messages")]
+    for message in messages:
+        log.warning("brms (rstan): %s", message.splitlines()[0])
     dim = [int(d) for d in result.rx2("dim")]
     values = np.asarray(result.rx2("draws"), dtype=float).reshape(dim, order="F")
     values = np.transpose(values, (1, 0, 2))  # (chain, draw, parameter)
@@ -591,6 +596,7 @@ def fit_brms(
             "compiled_cached": cached,
             "adapt_delta": adapt_delta,
             "max_treedepth": max_treedepth,
+            "messages": messages,
         },
     )
 
