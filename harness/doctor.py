@@ -58,7 +58,8 @@ R_PACKAGES: dict[str, bool] = {
 #: R packages that only the brms engine needs, and how to install them.
 BRMS_PACKAGES = ("brms", "rstan")
 BRMS_FIX = (
-    f"{INSTALL_R} --with-brms (Debian/Ubuntu: apt-get install --no-install-recommends "
+    "run `bash r_scripts/install_r.sh --with-brms` (Debian/Ubuntu: apt-get install "
+    "--no-install-recommends "
     "r-cran-brms); or in R: install.packages('brms')"
 )
 

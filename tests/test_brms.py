@@ -138,21 +138,34 @@ def test_sleepstudy_log_density_is_pymcs(brms_ready, brms_cache) -> None:
     assert result.table["logp_brms"].nunique() == 10
 
 
+POISSON = {
+    "formula": "incidence ~ period + offset(log(size)) + (1 | herd)",
+    "family": "poisson",
+    "link": None,
+}
+
+
 @pytest.mark.r
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "priors"),
-    [("cafe", "m14.1"), ("partially_clustered_hetero", None), ("cbpp", None)],
+    ("name", "changes"),
+    [
+        ("cafe", {"priors": "m14.1"}),
+        ("partially_clustered_hetero", {}),
+        ("cbpp", {}),
+        ("cbpp", POISSON),
+    ],
+    ids=["cafe-m14.1", "hetero", "cbpp-binomial", "cbpp-poisson-offset"],
 )
-def test_log_density_is_pymcs_for_lkj_residual_sd_per_arm_and_binomial(
-    brms_ready, brms_cache, name, priors
+def test_log_density_is_pymcs_for_lkj_residual_sd_per_arm_binomial_and_poisson(
+    brms_ready, brms_cache, name, changes
 ) -> None:
-    """LKJ(2) with Exponential SDs, one residual SD per arm, a binomial GLMM (a compile each)."""
+    """LKJ(2) with Exponential SDs, one residual SD per arm, binomial, Poisson with an
+    offset: a compile each (about 2 minutes and 2.5 GB on a first run)."""
     from harness.checks.same_model_bayes import same_model_bayes
 
     data, spec = hz.datasets.load(name)
-    if priors is not None:
-        spec = spec.with_(priors=priors)
+    spec = spec.with_(**changes)
     result = same_model_bayes(build_design(spec, data), n_points=10, cache_dir=brms_cache)
     assert result.ok, (result.max_abs_diff, result.reasons)
 
@@ -212,3 +225,19 @@ def test_sleepstudy_brms_and_pymc_agree_within_mcse(
             gaps[name] = (a.loc[name, "mean"] - b.loc[name, "mean"]) / combined
     assert len(gaps) == 5
     assert all(abs(g) < 3.0 for g in gaps.values()), gaps
+
+
+@pytest.mark.r
+def test_doctor_reports_brms_and_rstan_as_optional() -> None:
+    from harness.doctor import BRMS_FIX, check_r_stack, doctor_ok
+
+    assert "install_r.sh --with-brms" in BRMS_FIX
+    rows = {row["piece"]: row for row in check_r_stack()}
+    for name in ("brms", "rstan"):
+        row = rows[name]
+        assert row["required"] is False
+        assert row["ok"] == bool(row["version"])
+        assert row["ok"] or row["fix"] == BRMS_FIX
+    # Missing brms never fails the doctor: only the optional engine is lost.
+    missing = {**rows["brms"], "ok": False, "version": ""}
+    assert doctor_ok([missing])
