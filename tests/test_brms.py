@@ -218,8 +218,8 @@ def test_sleepstudy_brms_and_pymc_agree_within_mcse(
     fit = brms.fit_brms(spec, data, draws=1000, tune=1000, chains=4, seed=1, cache_dir=brms_cache)
     gaps = {}
     for var in ("beta", "sigma", "sd_Subject"):
-        a = az.summary(fit.idata, var_names=[var])
-        b = az.summary(sleepstudy_bayes.idata, var_names=[var])
+        a = az.summary(fit.idata, var_names=[var], round_to="none")
+        b = az.summary(sleepstudy_bayes.idata, var_names=[var], round_to="none")
         for name in a.index:
             combined = np.hypot(a.loc[name, "mcse_mean"], b.loc[name, "mcse_mean"])
             gaps[name] = (a.loc[name, "mean"] - b.loc[name, "mean"]) / combined
