@@ -51,7 +51,17 @@ R_PACKAGES: dict[str, bool] = {
     "lmerTest": False,
     "pbkrtest": False,
     "MASS": False,
+    # The third engine (issue 22): Stan through brms; optional.
+    "brms": False,
+    "rstan": False,
 }
+#: R packages that only the brms engine needs, and how to install them.
+BRMS_PACKAGES = ("brms", "rstan")
+BRMS_FIX = (
+    "run `bash r_scripts/install_r.sh --with-brms` (Debian/Ubuntu: apt-get install "
+    "--no-install-recommends "
+    "r-cran-brms); or in R: install.packages('brms')"
+)
 
 #: Python packages: (row name, distribution, import name, pip requirement).
 PY_PACKAGES: list[tuple[str, str, str, str]] = [
@@ -232,6 +242,9 @@ def check_r_stack() -> list[Row]:
         else:
             detail = how
         fix = f"{INSTALL_R}; or in R: install.packages('{name}')"
+        if name in BRMS_PACKAGES:
+            fix = BRMS_FIX
+            detail = f"{detail} (optional: the brms engine)"
         rows.append(_row(name, version, version is not None, detail, fix, required=required))
     return rows
 

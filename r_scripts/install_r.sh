@@ -9,6 +9,7 @@
 #   bash r_scripts/install_r.sh                 # R + packages (+ g++, OpenBLAS headers)
 #   bash r_scripts/install_r.sh --with-browser  # also Chromium, for the report's browser tests
 #   bash r_scripts/install_r.sh --with-gallery  # also the data-only packages the gallery reads
+#   bash r_scripts/install_r.sh --with-brms     # also brms + rstan, the third engine (issue 22)
 #   HARNESS_INSTALL_CHROMIUM=1 bash r_scripts/install_r.sh   # same as --with-browser
 #
 # What gets installed on Debian and why:
@@ -17,6 +18,9 @@
 #                          the frequentist engines and their helpers.
 #   r-cran-mlmrev          (--with-gallery only) data sets of multilevel-modelling textbooks
 #                          for `nox -s gallery` (data only; depends on lme4).
+#   r-cran-brms            (--with-brms only) brms and rstan: the Stan engine. Compiling a model
+#                          needs g++ and about 2.5 GB of memory; rstan finds Boost in
+#                          /usr/include (r_scripts/brms.R sets rstan_options(boost_lib)).
 #   g++                    PyTensor's C backend compiles the PyMC log-density with it.
 #   libopenblas-dev        gives PyTensor a BLAS to link (-lopenblas); without it PyTensor
 #                          warns "could not link to a BLAS installation" and falls back to
@@ -33,13 +37,18 @@ APT_BROWSER=(chromium)
 # Data packages of the real-data gallery only (benchmarks/gallery.py), not of tests or reports.
 R_GALLERY=(mlmRev)
 APT_GALLERY=(r-cran-mlmrev)
+# The brms engine only (harness/engines/brms.py).
+R_BRMS=(brms rstan)
+APT_BRMS=(r-cran-brms)
 
 with_browser="${HARNESS_INSTALL_CHROMIUM:-0}"
 with_gallery=0
+with_brms=0
 for arg in "$@"; do
   case "$arg" in
     --with-browser) with_browser=1 ;;
     --with-gallery) with_gallery=1 ;;
+    --with-brms) with_brms=1 ;;
     -h|--help) awk 'NR > 1 && /^set /{exit} NR > 1' "$0"; exit 0 ;;
     *) echo "install_r.sh: unknown argument: $arg" >&2; exit 2 ;;
   esac
@@ -52,6 +61,7 @@ r_ok() {
   local pkgs
   pkgs=$(printf '"%s",' "${R_PACKAGES[@]}")
   if [ "$with_gallery" = 1 ]; then pkgs+=$(printf '"%s",' "${R_GALLERY[@]}"); fi
+  if [ "$with_brms" = 1 ]; then pkgs+=$(printf '"%s",' "${R_BRMS[@]}"); fi
   # find.package only looks the packages up (loading them all takes seconds).
   Rscript --vanilla -e "invisible(find.package(c(${pkgs%,})))" >/dev/null 2>&1
 }
@@ -79,7 +89,8 @@ all_ok() {
 
 if all_ok; then
   say "R $(Rscript -e 'cat(as.character(getRversion()))' 2>/dev/null) with ${R_PACKAGES[*]}$(
-  [ "$with_gallery" = 1 ] && echo " ${R_GALLERY[*]}"): ok"
+  [ "$with_gallery" = 1 ] && echo " ${R_GALLERY[*]}")$(
+  [ "$with_brms" = 1 ] && echo " ${R_BRMS[*]}"): ok"
   exit 0
 fi
 
@@ -99,6 +110,7 @@ if [ "$can_apt" = 1 ]; then
   pkgs=()
   r_ok || pkgs+=("${APT_R[@]}")
   if [ "$with_gallery" = 1 ] && ! r_ok; then pkgs+=("${APT_GALLERY[@]}"); fi
+  if [ "$with_brms" = 1 ] && ! r_ok; then pkgs+=("${APT_BRMS[@]}"); fi
   gxx_ok || pkgs+=(g++)
   blas_ok || pkgs+=(libopenblas-dev)
   if [ "$with_browser" = 1 ] && ! browser_ok; then pkgs+=("${APT_BROWSER[@]}"); fi
@@ -123,6 +135,7 @@ Install by hand:
       r-cran-lmertest r-cran-pbkrtest r-cran-mass
   * conda: conda install -c conda-forge r-base r-lme4 r-nlme r-mertools r-lmertest r-pbkrtest r-mass
   * for the gallery (--with-gallery), also the data package mlmRev (Debian: r-cran-mlmrev).
+  * for the brms engine (--with-brms), also brms and rstan (Debian: r-cran-brms).
 Then re-run: bash r_scripts/install_r.sh
 EOF
   exit 1
@@ -136,4 +149,5 @@ if [ "$with_browser" = 1 ] && ! browser_ok; then
   exit 1
 fi
 say "R $(Rscript -e 'cat(as.character(getRversion()))' 2>/dev/null) with ${R_PACKAGES[*]}$(
-  [ "$with_gallery" = 1 ] && echo " ${R_GALLERY[*]}"): ok"
+  [ "$with_gallery" = 1 ] && echo " ${R_GALLERY[*]}")$(
+  [ "$with_brms" = 1 ] && echo " ${R_BRMS[*]}"): ok"
