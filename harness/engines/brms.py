@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from harness.engines import lme4 as _r
-from harness.engines.pymc import BayesFit
+from harness.fits import BayesFit
 from harness.model.priors import ResolvedPriors, resolve_priors
 from harness.model.spec import Design, ModelSpec, Prior, build_design
 from harness.names import coef_var, corr_var, level_dim, offsets_var, sd_var, term_b_dim, term_dim
@@ -581,6 +581,7 @@ def fit_brms(
         design=design,
         idata=idata,
         sampler="brms",
+        engine="brms",
         seed=seed,
         draws=draws,
         tune=tune,

@@ -180,6 +180,50 @@ def _pymc_missing() -> str | None:
     return f"Python package(s) {absent} not installed" if absent else None
 
 
+# --------------------------------------------------------------------------- brms
+
+
+def _fit_brms(request: FitRequest) -> Fit:
+    from harness.engines.brms import fit_brms
+
+    settings = request.settings
+    return fit_brms(
+        request.spec,
+        request.data,
+        seed=request.seed,
+        draws=settings.draws,
+        tune=settings.tune,
+        chains=settings.chains,
+        design=request.design,
+        adapt_delta=settings.target_accept,
+    )
+
+
+def _brms_settings(settings: FitSettings, seed: int) -> dict[str, Any]:
+    part = {k: getattr(settings, k) for k in ("draws", "tune", "chains", "target_accept")}
+    return {"settings": part, "seed": int(seed)}
+
+
+def _brms_versions() -> dict[str, str] | None:
+    versions = r_versions_cheap()
+    if versions is None:
+        return None
+    from harness.engines.brms import brms_available, brms_versions
+
+    return {**versions, **brms_versions()} if brms_available() else versions
+
+
+def _brms_missing() -> str | None:
+    from harness.engines.brms import brms_available
+
+    if brms_available():
+        return None
+    return (
+        "R packages brms and rstan are not installed: run "
+        "`bash r_scripts/install_r.sh --with-brms` (Debian: apt-get install r-cran-brms)"
+    )
+
+
 # --------------------------------------------------------------------------- the registry
 
 #: Registry name -> engine, in the order results list them.
@@ -210,6 +254,17 @@ ENGINES: dict[str, Engine] = {
             "engines/offsets.py",
         ),
         missing=_pymc_missing,
+    ),
+    "brms": Engine(
+        name="brms",
+        kind=BAYESIAN,
+        label="brms",
+        fit=_fit_brms,
+        settings_part=_brms_settings,
+        versions=_brms_versions,
+        code=("model", "fits.py", "engines/brms.py", "r_scripts/brms.R"),
+        missing=_brms_missing,
+        progress="Stan fit (brms; the first fit of a model structure compiles, ~2 min)",
     ),
 }
 
