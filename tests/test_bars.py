@@ -102,7 +102,7 @@ def test_a_new_source_is_drawn_in_the_fallback_colour_and_a_row_without_parts_is
     root = ET.fromstring(svg)
     fills = {
         r.get("data-source"): r.get("fill")
-        for r in root.iter("{http://www.w3.org/2000/svg}rect")
+        for r in root.iter("rect")
         if r.get("data-source")
     }
     assert fills["brand_new"] == FALLBACK_COLOUR and fills["prior"] == SOURCE_COLOURS["prior"]
@@ -131,7 +131,7 @@ def test_the_svg_escapes_names_and_is_well_formed() -> None:
     svg = bar_svg(attribution_segments(pd.DataFrame([row])))
     assert "<b>" not in svg
     root = ET.fromstring(svg)
-    assert root.find("{http://www.w3.org/2000/svg}title").text.startswith("<b>x</b> & y")
+    assert root.find("title").text.startswith("<b>x</b> & y")
     ET.fromstring(legend_svg(["prior"]))
 
 

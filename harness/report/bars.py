@@ -332,7 +332,7 @@ def bar_svg(segments: pd.DataFrame) -> str:
     title = f"{first['quantity']}: " + ", ".join(tooltip) + f" ({verdict})"
     width = BAR_WIDTH + LABEL_WIDTH
     return (
-        f'<svg class="attribution" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'<svg class="attribution" width="{width}" '
         f'height="{BAR_HEIGHT}" viewBox="0 0 {width} {BAR_HEIGHT}" role="img" '
         f'aria-label="{html.escape(title)}"><title>{html.escape(title)}</title>'
         + "".join(shapes)
@@ -377,7 +377,7 @@ def legend_svg(sources: Sequence[str]) -> str:
         cursor += 18 + 6.5 * len(name) + 14
     width = math.ceil(cursor)
     return (
-        f'<svg class="attribution-legend" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'<svg class="attribution-legend" width="{width}" '
         f'height="14" viewBox="0 0 {width} 14" role="img" aria-label="key of the pictures">'
         + "".join(body)
         + "</svg>"

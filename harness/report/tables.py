@@ -629,19 +629,21 @@ SOURCE_LABELS = {
 }
 
 
-def attribution_text(attribution: Any, floor: float = 0.0) -> str:
+def attribution_text(attribution: Any, floor: float | None = None) -> str:
     """``prior +0.012 · summary -0.41 · rest -0.15 (MCSE 0.029)``: the sources of a gap.
 
     Every source in the mapping is shown (known ones by :data:`SOURCE_LABELS`,
-    others by their key), the remainder last, zeros left out except the remainder's.
+    others by their key) in the order of the row's picture, the remainder last, zeros left out except the remainder's.
     A share below ``floor`` (the row's numerical noise,
-    :func:`harness.report.bars.noise_floor`) is 0.
+    :func:`harness.report.bars.noise_floor`; by default from the row's MCSE alone) is 0.
     """
-    from harness.report.bars import denoise
+    from harness.report.bars import denoise, noise_floor, source_order
 
     if not isinstance(attribution, Mapping):
         return ""
-    keys = [k for k in attribution if k not in ("mcse", "remainder")]
+    if floor is None:
+        floor = noise_floor(None, attribution.get("mcse"))
+    keys = source_order(list(attribution))  # the picture's order: lme4's own corrections first
     if "remainder" in attribution:
         keys.append("remainder")
     parts = []
