@@ -100,11 +100,7 @@ def test_a_new_source_is_drawn_in_the_fallback_colour_and_a_row_without_parts_is
     assert set(view["segments"]["quantity"]) == {"new"}
     svg = view["rows"][0]["bar"]
     root = ET.fromstring(svg)
-    fills = {
-        r.get("data-source"): r.get("fill")
-        for r in root.iter("rect")
-        if r.get("data-source")
-    }
+    fills = {r.get("data-source"): r.get("fill") for r in root.iter("rect") if r.get("data-source")}
     assert fills["brand_new"] == FALLBACK_COLOUR and fills["prior"] == SOURCE_COLOURS["prior"]
     assert view["rows"][1]["bar"] == "" and view["rows"][2]["bar"] == ""
     assert "brand new" in view["legend"]
