@@ -113,8 +113,10 @@ def denoise(value: Any, floor: float) -> float | None:
 
 
 def source_order(keys: Sequence[str]) -> list[str]:
-    """The steps of a row in drawing order: lme4's own corrections first, known sources in
-    the checks' order, new ones after them, the remainder last (``mcse`` is not a step here)."""
+    """The named sources among ``keys`` in drawing order: lme4's own corrections first, the
+    other known sources in the checks' order, new ones after them (``remainder`` and ``mcse``
+    are not among them: the remainder is always the last step, ``mcse`` a band or, for the
+    agreement rows, a step of its own)."""
     known = [OPTIMIZER_SOURCE, LAPLACE_SOURCE, *[s for s in SOURCES if s != REMAINDER]]
     present = [k for k in known if k in keys]
     present += [k for k in keys if k not in known and k not in (MCSE_SOURCE, REMAINDER)]
@@ -122,10 +124,12 @@ def source_order(keys: Sequence[str]) -> list[str]:
 
 
 def source_colour(source: str) -> str:
+    """The source's fixed colour; :data:`FALLBACK_COLOUR` for one the checks added later."""
     return SOURCE_COLOURS.get(source, FALLBACK_COLOUR)
 
 
 def source_name(source: str) -> str:
+    """The source as the key and tooltips name it."""
     return SOURCE_NAMES.get(source, str(source).replace("_", " "))
 
 
@@ -267,6 +271,9 @@ def _number(value: float) -> str:
 
 def bar_svg(segments: pd.DataFrame) -> str:
     """One row's picture as an inline ``<svg>`` (empty string when the row has none).
+
+    Inline SVG in an HTML page needs no namespace declaration, so the markup names no
+    other origin (the reports' self-containment test looks for any ``http``).
 
     Parameters
     ----------
