@@ -146,3 +146,23 @@ def test_overview_figure_draws_every_row_or_says_why_not() -> None:
     assert labels == ["b", "a"]
     with pytest.raises(FigureDataError):
         overview_figure(attribution_segments(pd.DataFrame([{**rows[0], "parts": None}])))
+
+
+def test_the_overview_draws_an_mcse_band_only_where_the_row_has_one() -> None:
+    rows = [
+        _row("fixed", {"mcse": 0.01, "prior": 0.3, "remainder": 0.05}),
+        _row(
+            "offsets",
+            {"mcse": 0.001, "prior": 0.002, "summary": 0.01, "remainder": 0.001},
+            limit=0.02,
+            mcse_is_step=True,
+            scale_name="1 - r",
+        ),
+    ]
+    fig = overview_figure(attribution_segments(pd.DataFrame(rows)))
+    # one error bar (the fixed row's +/- 2 MCSE); the offsets row steps through its MCSE
+    assert (
+        len(fig.axes[0].containers)
+        - sum(1 for c in fig.axes[0].containers if c.__class__.__name__ == "BarContainer")
+        == 1
+    )

@@ -412,7 +412,7 @@ def overview_figure(segments: pd.DataFrame) -> Figure:
         raise FigureDataError("no row of the verdict table has a split of its gap to draw")
     positions = list(dict.fromkeys(segments["row"]))
     quantities = [str(segments.loc[segments["row"] == p, "quantity"].iloc[0]) for p in positions]
-    fig = _fig(8.0, 0.9 + 0.38 * len(quantities))
+    fig = _fig(8.0, 1.6 + 0.38 * len(quantities))
     ax = fig.add_subplot(1, 1, 1)
     seen: list[str] = []
     for i, position in enumerate(positions):
@@ -424,7 +424,7 @@ def overview_figure(segments: pd.DataFrame) -> Figure:
         def x(value: float, half: float = half) -> float:
             return value / half
 
-        for band in rows[rows["part"] == "tolerance"].itertuples():
+        for band in rows[(rows["kind"] == "band") & (rows["part"] == "tolerance")].itertuples():
             colour = BAND_EXPLAINED if first["explained"] else BAND_UNEXPLAINED
             ax.barh(y, x(band.end) - x(band.start), left=x(band.start), height=0.8, color=colour)
         for step in rows[rows["kind"] == "step"].itertuples():
@@ -438,7 +438,8 @@ def overview_figure(segments: pd.DataFrame) -> Figure:
             )
             if step.part not in seen:
                 seen.append(str(step.part))
-        for band in rows[rows["part"] == "mcse"].itertuples():
+        bands = rows[rows["kind"] == "band"]
+        for band in bands[bands["part"] == "mcse"].itertuples():
             ax.errorbar(
                 x(float(first["gap"])),
                 y,
@@ -452,7 +453,15 @@ def overview_figure(segments: pd.DataFrame) -> Figure:
         scale = float(first["scale"])
         unit = SCALE_SHORT.get(str(first["scale_name"]), str(first["scale_name"]))
         in_scale = half / scale if scale > 0 and np.isfinite(scale) else half
-        ax.text(1.02, y, f"±{in_scale:.2g} {unit}", va="center", fontsize=8, color="#5c5c5c")
+        ax.text(
+            1.01,
+            y,
+            f"±{in_scale:.2g} {unit}",
+            va="center",
+            fontsize=8,
+            color="#5c5c5c",
+            transform=ax.get_yaxis_transform(),
+        )
     ax.axvline(0.0, color=LME4_COLOUR, lw=1)
     ax.set_yticks(range(len(quantities)), list(reversed(quantities)), fontsize=8)
     ax.set_xlim(-1.0, 1.0)
@@ -464,7 +473,14 @@ def overview_figure(segments: pd.DataFrame) -> Figure:
     handles = [Patch(color=source_colour(s), label=source_name(s)) for s in [*ordered, REMAINDER]]
     handles.append(Patch(color=BAND_EXPLAINED, label="tolerance (explained)"))
     handles.append(Patch(color=BAND_UNEXPLAINED, label="tolerance (not explained)"))
-    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.1, 1.0))
+    ax.legend(
+        handles=handles,
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.12 - 0.25 / max(len(quantities), 1)),
+        ncol=4,
+        frameon=False,
+    )
     ax.set_title("Where each gap comes from", fontsize=10)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
