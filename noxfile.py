@@ -2,6 +2,7 @@
 
 ``python3 -m nox -s tests`` is the test command (README, ``.ci/run``).
 ``python3 -m nox -s report`` renders every report into ``reports/``.
+``python3 -m nox -s examples`` runs the worked notebooks into ``reports/examples/``.
 ``python3 -m nox -l`` lists all sessions.
 
 Every session first runs ``r_scripts/install_r.sh`` (R, lme4 and friends,
@@ -156,6 +157,16 @@ def study(session: nox.Session) -> None:
     """Run a simulation study: ``nox -s study -- NAME [--reps N] [--scheduler ADDRESS]``."""
     _setup(session, extras="[study]")
     session.run("python", "-m", "harness.cli", "study", *session.posargs, env=_env())
+
+
+@nox.session(python=PYTHON, default=False)
+def examples(session: nox.Session) -> None:
+    """Run the worked examples (``examples/*.ipynb``) and render them to ``reports/examples/``.
+
+    ``nox -s examples -- sleepstudy`` runs one; ``HARNESS_DRAWS=200 nox -s examples`` a quick pass.
+    """
+    _setup(session, "examples")
+    session.run("python", "examples/run.py", *session.posargs, env=_env())
 
 
 @nox.session(python=PYTHON)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from harness import datasets
+from harness import datasets, views
 
 # Bound eagerly: a lazily imported submodule of the same name would replace the
 # function attribute (``harness.checks.compare`` the module vs ``hz.compare`` the function).
@@ -15,6 +15,15 @@ from harness.model.spec import ModelSpec, Prior, build_design
 
 __version__ = "0.1.0"
 logging.getLogger("harness").addHandler(logging.NullHandler())
+
+
+def _load_report_views() -> None:
+    # Registers the results' HTML views: wired here, at the front door, because fitting
+    # code (where the result types live) never imports report code.
+    from harness.report import notebook  # noqa: F401
+
+
+views.on_first_use(_load_report_views)
 
 __all__ = [
     "Comparison",

@@ -302,3 +302,74 @@ def test_index_in_chromium(browser_path: str, report_pair: dict[str, Path], tmp_
     _assert_offline_and_decoded(state)
     assert state["table"] is not None and state["table"]["rows"] >= 1
     assert state["table"]["top"] < state["viewport"]
+
+
+#: The verdict at a glance (issue 24): a reader at 1300 px sees the whole verdict table,
+#: each row's picture drawn, without opening anything.
+FIRST_SCREEN = {"width": 1300, "height": 900}
+
+GLANCE_CHECK = """
+(() => {
+  const table = document.getElementById("verdict-table");
+  const box = table.getBoundingClientRect();
+  const bars = [...table.querySelectorAll("svg.attribution")].map(svg => {
+    const r = svg.getBoundingClientRect();
+    const steps = [...svg.querySelectorAll("rect.step")].map(s => s.getBoundingClientRect().width);
+    return {width: r.width, height: r.height, bottom: r.bottom, steps: steps,
+            tolerance: svg.querySelectorAll("rect.tolerance").length,
+            pymc: svg.querySelectorAll("line.pymc").length};
+  });
+  const closed = [...table.querySelectorAll("details")].filter(d => !d.open).length;
+  return JSON.stringify({top: box.top, bottom: box.bottom, right: box.right,
+    rows: table.querySelectorAll("tbody tr:not(.section)").length, bars: bars, closed: closed,
+    legend: !!document.querySelector("svg.attribution-legend"),
+    viewport: {width: window.innerWidth, height: window.innerHeight}});
+})()
+"""
+
+
+def glance(browser_path: str, page: Path, shots: Path) -> dict[str, Any]:
+    """Open ``page`` at the first-screen size; measure the verdict table and its pictures."""
+    browser = Chromium(browser_path, shots / "profile-glance")
+    try:
+        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
+        browser.send("Page.enable", session=session)
+        browser.send(
+            "Emulation.setDeviceMetricsOverride",
+            {**FIRST_SCREEN, "deviceScaleFactor": 1, "mobile": False},
+            session=session,
+        )
+        browser.send("Page.navigate", {"url": page.resolve().as_uri()}, session=session)
+        browser.wait_for("Page.loadEventFired")
+        result = browser.send(
+            "Runtime.evaluate",
+            {"expression": GLANCE_CHECK, "returnByValue": True},
+            session=session,
+        )
+        shot = browser.send("Page.captureScreenshot", {"format": "png"}, session=session)
+        (shots / f"{page.stem}-first-screen.png").write_bytes(base64.b64decode(shot["data"]))
+        return json.loads(result["result"]["value"])
+    finally:
+        browser.close()
+
+
+def test_the_verdict_table_and_its_pictures_fill_the_first_screen(
+    browser_path: str, report_pair: dict[str, Path], tmp_path: Path
+) -> None:
+    state = glance(browser_path, report_pair["report"], tmp_path)
+    assert state["viewport"] == FIRST_SCREEN
+    assert state["legend"], "no key to the pictures"
+    # Every compared quantity but the same-model row has a split of its gap to draw.
+    assert state["rows"] >= 8 and len(state["bars"]) == state["rows"] - 1
+    for bar in state["bars"]:
+        assert bar["width"] > 100 and bar["height"] > 10
+        assert bar["steps"] and all(w > 0 for w in bar["steps"])  # the sources and the rest
+        assert bar["tolerance"] == 1 and bar["pymc"] == 1
+    # The whole table (up to 10 rows) on the first screen, and no wider than it.
+    assert state["bottom"] <= FIRST_SCREEN["height"], state
+    assert state["right"] <= FIRST_SCREEN["width"], state
+    assert state["closed"] >= state["rows"] - 1  # the sentences wait behind their disclosures
+    assert (tmp_path / f"{report_pair['report'].stem}-first-screen.png").stat().st_size > 10_000

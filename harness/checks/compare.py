@@ -118,6 +118,18 @@ class Comparison:
             "uncertainty": self.uncertainty,
         }
 
+    def __repr__(self) -> str:
+        rows = (
+            f"{len(self.fixed)} fixed, {len(self.variance)} variance, {len(self.agreement)} offsets"
+        )
+        return f"Comparison(verdict={self.verdict!r}; rows: {rows})"
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter: the verdict table with its pictures (registered by the report package)."""
+        from harness.views import html
+
+        return html(self)
+
 
 def _hdi(values: np.ndarray, prob: float) -> tuple[float, float]:
     import arviz as az

@@ -63,7 +63,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("harness")
 
+#: The name of the source this module measures, as rows carry it in ``attribution``.
+LAPLACE_SOURCE = "laplace"
+
 __all__ = [
+    "LAPLACE_SOURCE",
     "ExactML",
     "GlmmAttribution",
     "ImportanceLikelihood",

@@ -185,6 +185,17 @@ class SameModel:
             return "different models"
         return "same model; lme4 did not reach its maximum" if self.lme4_short else "same model"
 
+    def __repr__(self) -> str:
+        return (
+            f"SameModel({self.verdict!r}, difference={self.difference:.3g}, engine={self.engine!r})"
+        )
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter: the log-likelihoods side by side (registered by the report package)."""
+        from harness.views import html
+
+        return html(self)
+
     @property
     def lme4_optimum(self) -> str:
         """What lme4's refits found, in one sentence ("" when none were tried)."""

@@ -203,6 +203,15 @@ class DesignResult:
             return "fail"
         return verdict
 
+    def __repr__(self) -> str:
+        return f"DesignResult({self.name!r}, verdict={self.verdict!r}, seed={self.seed})"
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter: the verdict table with its pictures (registered by the report package)."""
+        from harness.views import html
+
+        return html(self)
+
 
 # --------------------------------------------------------------------------- keys and versions
 

@@ -187,6 +187,7 @@ def equation_legend(design: Design) -> list[str]:
 
 #: The figures of a report (each a list of images or notes), in page order.
 FIGURES = (
+    "attribution",
     "forest",
     "ranef",
     "caterpillar",
@@ -270,6 +271,12 @@ def _units(result: DesignResult) -> tuple[dict[str, str], dict[str, str]]:
     return unit_of, var_units
 
 
+def _overview(result: DesignResult) -> Figure:
+    from harness.report.bars import attribution_segments, overview_figure
+
+    return overview_figure(attribution_segments(_verdict_table(result)))
+
+
 def _draw_figures(result: DesignResult) -> dict[str, Any]:
     from harness.report import plots
     from harness.report import tables as rt
@@ -291,6 +298,16 @@ def _draw_figures(result: DesignResult) -> dict[str, Any]:
         log.warning("figures labelled without units (%s: %s)", type(err).__name__, err)
         y_label = str(design.response)
 
+    out["attribution"] = [
+        _figure(
+            "where each gap comes from (all rows)",
+            lambda: _overview(result),
+            "Every verdict row's gap split into its sources, in one figure",
+            "Each row to its own scale (the label gives the half-width): the named sources in "
+            "colour, the rest thin, PyMC's value as the orange tick with ± 2 MCSE; the shaded "
+            "band is what the rest may be.",
+        )
+    ]
     out["forest"] = [
         _figure(
             "fixed effects (forest plot)",
@@ -449,16 +466,19 @@ def _verdict_counts(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     return counts
 
 
-def _verdict_rows(result: DesignResult) -> list[dict[str, Any]]:
+def _verdict_table(result: DesignResult) -> pd.DataFrame:
     from harness.report.tables import verdict_table
 
-    table = verdict_table(
+    return verdict_table(
         result.comparison,
         result.same_model,
         engine=result.freq.engine,
         priors=_priors_rows(result.bayes_info),
     )
-    return table.to_dict("records")
+
+
+def _verdict_rows(result: DesignResult) -> list[dict[str, Any]]:
+    return _verdict_table(result).to_dict("records")
 
 
 def _priors_rows(bayes: Any) -> list[dict[str, str]]:
@@ -549,8 +569,11 @@ def _split_diagnostics(diagnostics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 def report_context(result: DesignResult, figures: Mapping[str, Any]) -> dict[str, Any]:
     """Everything ``report.html.j2`` renders, as plain values (templates only render)."""
+    from harness.report.verdict import verdict_view
+
     cmp, freq, bayes = result.comparison, result.freq, result.bayes_info
-    verdict_rows = _verdict_rows(result)
+    view = verdict_view(_verdict_table(result))
+    verdict_rows = view["rows"]
     extra_notes = []
     if freq.stand_in:
         extra_notes.append(freq.stand_in)
@@ -607,6 +630,7 @@ def report_context(result: DesignResult, figures: Mapping[str, Any]) -> dict[str
         "verdict": result.verdict,
         "counts": _verdict_counts(verdict_rows),
         "verdict_rows": verdict_rows,
+        "verdict_legend": view["legend"],
         "general_notes": extra_notes + [n for n in cmp.notes if n not in extra_notes],
         "uncertainty": _records(cmp.uncertainty),
         "fixed": _records(cmp.fixed),

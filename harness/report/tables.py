@@ -628,30 +628,57 @@ SOURCE_LABELS = {
 }
 
 
-def attribution_text(attribution: Any) -> str:
+def attribution_text(attribution: Any, floor: float | None = None) -> str:
     """``prior +0.012 · summary -0.41 · rest -0.15 (MCSE 0.029)``: the sources of a gap.
 
     Every source in the mapping is shown (known ones by :data:`SOURCE_LABELS`,
-    others by their key), the remainder last, zeros left out except the remainder's.
+    others by their key) in the order of the row's picture, the remainder last, zeros left out except the remainder's.
+    A share below ``floor`` (the row's numerical noise,
+    :func:`harness.report.bars.noise_floor`; by default from the row's MCSE alone) is 0.
     """
+    from harness.report.bars import denoise, noise_floor, source_order
+
     if not isinstance(attribution, Mapping):
         return ""
-    keys = [k for k in attribution if k not in ("mcse", "remainder")]
+    if floor is None:
+        floor = noise_floor(None, attribution.get("mcse"))
+    keys = source_order(list(attribution))  # the picture's order: lme4's own corrections first
     if "remainder" in attribution:
         keys.append("remainder")
     parts = []
     for key in keys:
         label = SOURCE_LABELS.get(key, str(key).replace("_", " "))
-        value = attribution.get(key)
-        if not isinstance(value, (int, float, np.floating)):
+        value = denoise(attribution.get(key), floor)
+        if value is None:
             continue
-        if np.isfinite(value) and (value != 0 or key == "remainder"):
-            parts.append(f"{label} {value:+.3g}")
+        if value != 0 or key == "remainder":
+            parts.append(f"{label} {value:+.3g}" if value != 0 else f"{label} 0")
     mcse = attribution.get("mcse")
     text = " · ".join(parts)
     if mcse is not None and np.isfinite(mcse):
         text += f" (MCSE {mcse:.2g})"
     return text
+
+
+def _picture(
+    attribution: Any, scale: float, scale_name: str, tolerance: float, step: bool = False
+) -> dict[str, Any]:
+    """What the row's picture needs (:func:`harness.report.bars.attribution_segments`)."""
+    from harness.report.bars import noise_floor, remainder_limit
+
+    parts = attribution if isinstance(attribution, Mapping) else None
+    mcse = (parts or {}).get("mcse")
+    mcse = float(mcse) if mcse is not None else float("nan")
+    return {
+        "parts": parts,
+        "scale": scale,
+        "scale_name": scale_name,
+        "mcse": mcse,
+        # The agreement rows' Monte Carlo noise is one of the shares, not a band to stay in.
+        "limit": tolerance if step else remainder_limit(scale, mcse, tolerance),
+        "mcse_is_step": step,
+        "attribution": attribution_text(attribution, noise_floor(scale, mcse)),
+    }
 
 
 def _diagnostics_note(row: Mapping[str, Any]) -> str:
@@ -676,15 +703,24 @@ def verdict_table(
     """Every compared quantity in one table: both estimates, distances, tolerance, verdict, note.
 
     Columns: section, quantity, lme4, pymc, diff_in_se, diff_in_mcse,
-    tolerance, verdict, note.  Variance components have no lme4 SE; their
+    tolerance, verdict, note, explanation, attribution (the sources in words), and
+    what the row's picture needs (:func:`harness.report.bars.attribution_segments`):
+    parts (the sources' mapping), scale, scale_name, mcse, limit (what the remainder
+    may be) and mcse_is_step.  Variance components have no lme4 SE; their
     ``diff_in_se`` uses the interval's half-width / 1.96 when lme4 has an
     interval (flagged in ``se_from_interval``).  ``engine`` names the
     frequentist engine (``nlme`` when it stood in).  ``priors`` (rows of
     ``ResolvedPriors.table()``) puts each SD's prior next to its row.
     """
+    from harness.checks.attribution import REMAINDER_CORRELATION, REMAINDER_VARIANCE_SD
+    from harness.checks.compare import TOLERANCES
+
     prior_of = {p["parameter"]: p["prior"] for p in priors or []}
     rows = []
     for r in cmp.fixed.to_dict("records"):
+        # The scale the check measured the row in: lme4's SE, the posterior SD without one.
+        fixed_se = r["lme4_se"] if r["lme4_se"] > 0 else r["pymc_sd"]
+        fixed_scale = "lme4 SE" if r["lme4_se"] > 0 else "posterior SD"
         # The sampler's diagnostics do not say why lme4's value is blank: that note comes first.
         notes = _undefined_note(r["lme4_estimate"], engine, [])
         if r["verdict"] == "unreliable":
@@ -703,7 +739,12 @@ def verdict_table(
                 "verdict": r["verdict"],
                 "note": "; ".join(notes),
                 "explanation": r.get("explanation", ""),
-                "attribution": attribution_text(r.get("attribution")),
+                **_picture(
+                    r.get("attribution"),
+                    fixed_se,
+                    fixed_scale,
+                    TOLERANCES["fixed_pass_se"] * fixed_se,
+                ),
             }
         )
     for r in cmp.variance.to_dict("records"):
@@ -740,7 +781,12 @@ def verdict_table(
                 "verdict": r["verdict"],
                 "note": "; ".join(notes),
                 "explanation": r.get("explanation", ""),
-                "attribution": attribution_text(r.get("attribution")),
+                **_picture(
+                    r.get("attribution"),
+                    r["pymc_sd"],
+                    "posterior SD",
+                    REMAINDER_VARIANCE_SD * r["pymc_sd"],
+                ),
             }
         )
     for r in cmp.agreement.to_dict("records"):
@@ -770,7 +816,7 @@ def verdict_table(
                 "verdict": r["verdict"],
                 "note": "; ".join(notes),
                 "explanation": r.get("explanation", ""),
-                "attribution": attribution_text(r.get("attribution")),
+                **_picture(r.get("attribution"), 1.0, "1 - r", REMAINDER_CORRELATION, step=True),
             }
         )
     if same_model is not None:
@@ -792,7 +838,7 @@ def verdict_table(
                     [str(x) for x in reasons] + [str(getattr(same_model, "lme4_optimum", "") or "")]
                 ).strip("; "),
                 "explanation": "",
-                "attribution": "",
+                **_picture(None, float("nan"), "", float("nan")),
             }
         )
     return pd.DataFrame(rows)
