@@ -1,0 +1,253 @@
+"""Check (a): the user's pointwise log-likelihood equals the harness's at the same parameters.
+
+Where it does not, the diagnosis says which rows differ, described by the
+formula's own columns and levels ("rows with tx=0"), which mapped parameter
+moves the difference across points, and, for a Gaussian model, whether the
+difference is exactly one of the usual scale mix-ups of the residual SD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from scipy import stats
+
+from harness.audit.draws import harness_loglik
+from harness.audit.mapping import Row, harness_rows
+from harness.audit.verdicts import CheckResult
+from harness.model.spec import Design
+
+__all__ = ["RELATIVE_TOLERANCE", "MIN_POINTS", "likelihood_check"]
+
+RELATIVE_TOLERANCE = 1e-8
+MIN_POINTS = 20
+#: |Spearman correlation| above which a parameter is said to move the difference.
+MOVES = 0.5
+
+#: Residual-scale mix-ups a Gaussian likelihood can hide: what the user's `sigma=` received.
+SCALE_MIXUPS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "the variance sigma**2 (a variance used as an SD)": lambda s: s**2,
+    "the precision 1/sigma**2 (PyMC 2's tau used as an SD)": lambda s: 1.0 / s**2,
+    "sqrt(sigma) (an SD used as a variance)": np.sqrt,
+}
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a - b) <= RELATIVE_TOLERANCE * np.maximum(1.0, np.abs(b))
+
+
+def formula_columns(design: Design) -> list[str]:
+    """Data columns the formula reads besides the response (predictors, factors, sigma_by)."""
+    columns = [c for c in design.data.columns if c != design.response]
+    return [c for c in columns if design.data[c].nunique() <= 50]
+
+
+def describe_rows(design: Design, differ: np.ndarray) -> tuple[str, pd.DataFrame]:
+    """Words and a table for a set of rows, by the formula's columns and levels."""
+    n = differ.size
+    k = int(differ.sum())
+    records = []
+    for column in formula_columns(design):
+        values = design.data[column].astype(str).to_numpy()
+        for level in pd.unique(values):
+            members = values == level
+            both = int((members & differ).sum())
+            union = int((members | differ).sum())
+            records.append(
+                {
+                    "column": column,
+                    "level": level,
+                    "rows": int(members.sum()),
+                    "rows_differing": both,
+                    "jaccard": both / union if union else 0.0,
+                }
+            )
+    table = pd.DataFrame(records, columns=["column", "level", "rows", "rows_differing", "jaccard"])
+    if k == n:
+        return f"every row ({n}) differs", table
+    if table.empty:
+        return f"{k} of {n} rows differ", table
+    best = table.sort_values(["jaccard", "rows"], ascending=[False, True]).iloc[0]
+    if best["jaccard"] == 1.0:
+        return f"exactly the rows with {best['column']}={best['level']} ({k} of {n}) differ", table
+    return (
+        f"{k} of {n} rows differ, most of them rows with {best['column']}={best['level']} "
+        f"({best['rows_differing']} of its {best['rows']})",
+        table,
+    )
+
+
+def _scalar_parameters(design: Design, hdraws: xr.Dataset) -> dict[str, np.ndarray]:
+    from harness.audit.mapping import harness_rows as _rows
+
+    points = hdraws.sizes["chain"] * hdraws.sizes["draw"]
+    out: dict[str, np.ndarray] = {}
+    for row in _rows(design):
+        value = _row_values(row, hdraws)
+        if value is not None:
+            out[row.name] = value.reshape(points)
+    return out
+
+
+def _row_values(row: Row, hdraws: xr.Dataset) -> np.ndarray | None:
+    from harness.names import corr_var, sd_var, term_b_dim, term_dim
+
+    if row.kind == "fixed":
+        return hdraws["beta"].sel(fixed_term=row.term).values
+    if row.kind == "sd" and row.block is not None:
+        return hdraws[sd_var(row.block)].sel({term_dim(row.block): row.term}).values
+    if row.kind == "cor" and row.block is not None:
+        return (
+            hdraws[corr_var(row.block)]
+            .sel({term_dim(row.block): row.term, term_b_dim(row.block): row.term_b})
+            .values
+        )
+    if row.kind == "sigma":
+        sigma = hdraws["sigma"]
+        return sigma.sel(sigma_level=row.level).values if row.level is not None else sigma.values
+    return None
+
+
+def moving_parameter(design: Design, hdraws: xr.Dataset, gap: np.ndarray) -> pd.DataFrame:
+    """Spearman correlation across points of each mapped parameter with the size of the gap."""
+    records = []
+    for name, values in _scalar_parameters(design, hdraws).items():
+        if np.ptp(values) == 0 or np.ptp(gap) == 0:
+            rho = 0.0
+        else:
+            rho = float(stats.spearmanr(values, gap).statistic)
+        records.append({"parameter": name, "spearman": rho})
+    table = pd.DataFrame(records, columns=["parameter", "spearman"])
+    order = table["spearman"].abs().sort_values(ascending=False).index
+    return table.loc[order].reset_index(drop=True)
+
+
+def _scale_mixup(design: Design, hdraws: xr.Dataset, user: np.ndarray) -> str | None:
+    if design.family.glm or "sigma" not in hdraws:
+        return None
+    for words, change in SCALE_MIXUPS.items():
+        changed = hdraws.copy()
+        changed["sigma"] = xr.apply_ufunc(change, hdraws["sigma"])
+        if np.all(_close(user, harness_loglik(design, changed))):
+            return words
+    return None
+
+
+def likelihood_check(
+    design: Design,
+    hdraws: xr.Dataset,
+    user: np.ndarray,
+    sources: list[str],
+    pointwise: bool = True,
+) -> CheckResult:
+    """Compare the user's log-likelihood with the harness's at each parameter point.
+
+    Parameters
+    ----------
+    design : Design
+        The harness's design for the formula and data.
+    hdraws : xarray.Dataset
+        The parameter points under the harness's names (:func:`harness_draws`).
+    user : ndarray
+        The user's pointwise log-likelihood, shape (points, rows).
+    sources : list of str
+        Where each point came from ("prior" or "posterior").
+    pointwise : bool
+        False when the user's model has several observed variables: totals only.
+
+    Returns
+    -------
+    CheckResult
+        ``points`` (per point: totals and whether they agree), ``rows`` (per row:
+        largest difference, points where it differs), ``where`` (rows differing
+        by column level) and ``moves`` (parameters against the gap).
+    """
+    harness = harness_loglik(design, hdraws)
+    n_points = harness.shape[0]
+    user_total, harness_total = user.sum(axis=1), harness.sum(axis=1)
+    points = pd.DataFrame(
+        {
+            "point": np.arange(n_points),
+            "source": sources,
+            "user_loglik": user_total,
+            "harness_loglik": harness_total,
+            "difference": user_total - harness_total,
+            "agree": _close(user_total, harness_total),
+        }
+    )
+    tables = {"points": points}
+    if n_points < MIN_POINTS:
+        return CheckResult(
+            "likelihood",
+            "incomplete",
+            f"only {n_points} parameter points; the check needs at least {MIN_POINTS}",
+            tables,
+        )
+    if not np.all(np.isfinite(user_total)):
+        bad = int((~np.isfinite(user_total)).sum())
+        return CheckResult(
+            "likelihood",
+            "fail",
+            f"the user's log-likelihood is not finite at {bad} of {n_points} points "
+            "where the harness's is",
+            tables,
+        )
+    if not pointwise:
+        ok = bool(points["agree"].all())
+        text = (
+            f"totals agree at all {n_points} points (several observed variables: rows not compared)"
+            if ok
+            else f"totals differ at {int((~points['agree']).sum())} of {n_points} points"
+        )
+        return CheckResult("likelihood", "pass" if ok else "fail", text, tables)
+    close = _close(user, harness)
+    differ = ~close.all(axis=0)
+    gap = np.abs(user - harness)
+    rows = design.data[formula_columns(design)].reset_index(drop=True).copy()
+    rows.insert(0, "row", np.arange(design.n))
+    rows["max_abs_difference"] = gap.max(axis=0)
+    rows["points_differing"] = (~close).sum(axis=0)
+    tables["rows"] = rows
+    if not differ.any():
+        return CheckResult(
+            "likelihood",
+            "pass",
+            f"the pointwise log-likelihood agrees on all {design.n} rows at {n_points} "
+            f"parameter points ({sources.count('prior')} prior, {sources.count('posterior')} "
+            f"posterior) to {RELATIVE_TOLERANCE:g} relative",
+            tables,
+        )
+    where, levels = describe_rows(design, differ)
+    tables["where"] = levels
+    moves = moving_parameter(design, hdraws, gap[:, differ].sum(axis=1))
+    tables["moves"] = moves
+    words = [f"the log-likelihoods differ: {where}"]
+    mixup = _scale_mixup(design, hdraws, user)
+    if mixup:
+        words.append(f"the user's residual scale is exactly {mixup}")
+    elif len(moves) and abs(moves["spearman"].iloc[0]) >= MOVES:
+        top = moves.iloc[0]
+        words.append(
+            f"the difference moves with {top['parameter']!r} (Spearman {top['spearman']:+.2f} "
+            "across points)"
+        )
+        effect = next(
+            (
+                r
+                for r in harness_rows(design)
+                if r.name == top["parameter"] and r.kind in ("sd", "cor")
+            ),
+            None,
+        )
+        if effect is not None and differ.sum() < design.n:
+            words.append(
+                f"those rows get a {effect.block.factor if effect.block else ''} effect the formula "
+                "does not give them (or lose one it does)"
+            )
+    else:
+        words.append("no single mapped parameter moves the difference (data, indices or the "
+                     "density's form differ)")
+    return CheckResult("likelihood", "fail", "; ".join(words), tables)
