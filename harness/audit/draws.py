@@ -43,8 +43,8 @@ def observed_name(model: Any, n_rows: int) -> str | None:
     if not observed:
         raise AuditError("the model has no observed variable (no likelihood to audit)")
     if len(observed) == 1:
-        size = int(np.prod(model.initial_point().get(observed[0].name, np.zeros(0)).shape or (0,)))
-        size = int(np.size(model.rvs_to_values[observed[0]].data)) if size == 0 else size
+        value = model.rvs_to_values[observed[0]]
+        size = int(np.size(value.data if hasattr(value, "data") else value.eval()))
         if size != n_rows:
             raise AuditError(
                 f"the observed variable {observed[0].name!r} has {size} values, the data "

@@ -9,6 +9,7 @@ difference is exactly one of the usual scale mix-ups of the residual SD.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -136,6 +137,43 @@ def _scale_mixup(design: Design, hdraws: xr.Dataset, user: np.ndarray) -> str | 
     return None
 
 
+def structural_alternatives(design: Design) -> dict[str, Design]:
+    """Designs that each make one usual porting mistake in the formula's structure.
+
+    Keys are the words naming the mistake; the user's likelihood matching one
+    of them exactly names it.
+    """
+    out: dict[str, Design] = {}
+    for b, block in enumerate(design.blocks):
+        for k, term in enumerate(block.terms):
+            if term != "(Intercept)":
+                values = block.values.copy()
+                values[:, k] = 1.0
+                blocks = list(design.blocks)
+                blocks[b] = replace(block, values=values)
+                out[
+                    f"the {block.factor} effect on {term} is not multiplied by {term}: rows where "
+                    f"{term} is 0 get a {block.factor} effect the formula does not give them"
+                ] = replace(design, blocks=blocks)
+            values = block.values.copy()
+            values[:, k] = 0.0
+            blocks = list(design.blocks)
+            blocks[b] = replace(block, values=values)
+            out[f"the random effect {block.label}: {term} is missing"] = replace(design, blocks=blocks)
+    for term in design.fixed_terms:
+        X = design.X.copy()
+        X[term] = 0.0
+        out[f"the fixed effect {term!r} is missing"] = replace(design, X=X)
+    return out
+
+
+def _structural(design: Design, hdraws: xr.Dataset, user: np.ndarray) -> str | None:
+    for words, changed in structural_alternatives(design).items():
+        if np.all(_close(user, harness_loglik(changed, hdraws))):
+            return words
+    return None
+
+
 def likelihood_check(
     design: Design,
     hdraws: xr.Dataset,
@@ -226,8 +264,11 @@ def likelihood_check(
     tables["moves"] = moves
     words = [f"the log-likelihoods differ: {where}"]
     mixup = _scale_mixup(design, hdraws, user)
+    structural = None if mixup else _structural(design, hdraws, user)
     if mixup:
         words.append(f"the user's residual scale is exactly {mixup}")
+    elif structural:
+        words.append(f"the user's likelihood is exactly the formula's with {structural}")
     elif len(moves) and abs(moves["spearman"].iloc[0]) >= MOVES:
         top = moves.iloc[0]
         words.append(
