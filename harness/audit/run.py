@@ -38,6 +38,7 @@ class AuditResult:
     comparison: Any = None
     notes: list[str] = field(default_factory=list)
     source: str = ""
+    model_path: str = ""
 
     @property
     def verdict(self) -> str:
@@ -138,6 +139,7 @@ def audit(
     chains: int = 4,
     freq: Any = None,
     source: str = "",
+    model_path: str = "",
 ) -> AuditResult:
     """Audit a user's own PyMC model against the harness's model for a formula, and lme4.
 
@@ -170,6 +172,8 @@ def audit(
         An lme4 fit of the same spec to reuse.
     source : str
         The model's source text, for the report.
+    model_path : str
+        Where the model came from, for the report.
 
     Returns
     -------
@@ -242,4 +246,5 @@ def audit(
         comparison=comparison,
         notes=notes,
         source=source,
+        model_path=model_path,
     )
