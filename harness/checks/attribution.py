@@ -85,6 +85,10 @@ REMAINDER_CORRELATION = 0.02  # agreement rows: correlation not explained
 BOUNDARY_SD_RATIO = 1e-4
 BOUNDARY_COR = 1.0 - 1e-6
 SOURCES = ("prior", "summary", "boundary", "remainder")
+#: A posterior "piled against" a bound has density there of at least this fraction of its peak.
+BULK_FRACTION = 0.1
+#: Edges of the bulk this close to the bound (in posterior SDs) are KDE resolution, not distance.
+BOUNDARY_EDGE_SD = 0.1
 #: The source of a gap that lme4's optimizer leaves (it stopped short of its maximum).
 OPTIMIZER_SOURCE = "lme4_optimizer"
 #: Kernel width (posterior SDs) and the least kernel ESS for a conditional mode.
@@ -132,9 +136,22 @@ def weighted_mode(
     inwards.
     """
     values = np.asarray(values, dtype=float)
-    weights = np.asarray(weights, dtype=float)
     if np.ptp(values) == 0:
         return float(values[0])
+    xs, density = weighted_density(values, weights, lower, upper, grid)
+    return float(xs[int(np.argmax(density))])
+
+
+def weighted_density(
+    values: np.ndarray,
+    weights: np.ndarray,
+    lower: float | None = None,
+    upper: float | None = None,
+    grid: int = 512,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A weighted Gaussian KDE reflected at the bounds, on a grid spanning the draws and bounds."""
+    values = np.asarray(values, dtype=float)
+    weights = np.asarray(weights, dtype=float)
     pieces, wpieces = [values], [weights]
     if lower is not None:
         pieces.append(2 * lower - values)
@@ -147,7 +164,7 @@ def weighted_mode(
     n_eff = np.sum(weights) ** 2 / np.sum(weights**2)
     mean = np.sum(values * weights) / np.sum(weights)
     sd = np.sqrt(np.sum(weights * (values - mean) ** 2) / np.sum(weights))
-    bandwidth = sd * n_eff ** (-1 / 5)
+    bandwidth = max(sd * n_eff ** (-1 / 5), 1e-300)
     cloud, cloud_w = np.concatenate(pieces), np.concatenate(wpieces)
     lo = max(values.min(), lower) if lower is not None else values.min()
     hi = min(values.max(), upper) if upper is not None else values.max()
@@ -155,7 +172,42 @@ def weighted_mode(
     density = np.array(
         [np.sum(cloud_w * np.exp(-0.5 * ((x - cloud) / bandwidth) ** 2)) for x in xs]
     )
-    return float(xs[int(np.argmax(density))])
+    return xs, density
+
+
+def bulk_edge(
+    values: np.ndarray,
+    weights: np.ndarray,
+    bounds: tuple[float | None, float | None],
+    side: str,
+    fraction: float = BULK_FRACTION,
+) -> float:
+    """Where the posterior's bulk begins, seen from a bound.
+
+    From the bound (``side`` "lower" or "upper") inwards, the first point where
+    the reflected KDE reaches ``fraction`` of its peak.  A posterior piled
+    against the bound starts at the bound itself.
+    """
+    values = np.asarray(values, dtype=float)
+    if np.ptp(values) == 0:
+        return float(values[0])
+    lower, upper = bounds
+    xs, density = weighted_density(values, weights, lower, upper)
+    # Extend to the bound itself: the grid starts at the draws' extreme.
+    bound = lower if side == "lower" else upper
+    if bound is not None:
+        xs = np.concatenate([[bound], xs]) if side == "lower" else np.concatenate([xs, [bound]])
+        at_bound = weighted_density(values, weights, lower, upper, grid=2)[1]
+        edge_value = at_bound[0] if side == "lower" else at_bound[-1]
+        density = (
+            np.concatenate([[edge_value], density])
+            if side == "lower"
+            else np.concatenate([density, [edge_value]])
+        )
+    above = density >= fraction * density.max()
+    if side == "lower":
+        return float(xs[int(np.argmax(above))])
+    return float(xs[len(xs) - 1 - int(np.argmax(above[::-1]))])
 
 
 def conditional_weights(
@@ -535,9 +587,24 @@ def attribute_row(
     if boundary is not None:
         q = 0.025 if boundary == "lower" else 0.975
         tail = weighted_quantile(values, weights, q)
-        parts["boundary"] = tail - reference
-        parts["summary"] = at_wide - tail
-        parts["remainder"] = 0.0
+        # The bound explains the gap up to the near tail only for a posterior piled against
+        # it: its mode must lie between the bound and that tail.  A mode beyond the tail is a
+        # posterior that disagrees with lme4's boundary estimate: the remainder, honestly.
+        # The bound explains the gap up to the near tail only for a posterior piled against
+        # it.  Where the posterior's bulk begins away from the bound (its density there under
+        # BULK_FRACTION of its peak), lme4's boundary estimate and the posterior disagree: the
+        # distance from lme4's estimate to that edge is the remainder, honestly.
+        edge = bulk_edge(values, weights, bounds, boundary)
+        far = edge - reference
+        if abs(far) <= BOUNDARY_EDGE_SD * float(np.std(values)):
+            far = 0.0
+        lower_side = boundary == "lower"
+        start = reference + far
+        boundary_share = max(tail - start, 0.0) if lower_side else min(tail - start, 0.0)
+        parts["boundary"] = boundary_share
+        parts["remainder"] = far
+        parts["summary"] = at_wide - reference - far - boundary_share
+        extra["bulk_edge"] = edge
     elif summary_at is not None and np.isfinite(summary_at):
         parts["summary"] = float(summary_at) - reference
         parts["boundary"] = 0.0

@@ -126,9 +126,16 @@ class DesignResult:
 
     @property
     def verdict(self) -> str:
-        """Worst verdict of the comparison, or ``fail`` when the same-model check failed."""
+        """Worst verdict of the comparison; ``fail`` when the same-model check failed.
+
+        A same-model check that crashed or is unavailable gives ``incomplete``
+        (unless the comparison already fails or is unreliable): a check the
+        verdict needs did not run, so the verdict cannot be "pass".
+        """
         verdict = self.comparison.verdict
-        if self.same_model is not None and not bool(getattr(self.same_model, "ok", True)):
+        if self.same_model is None:
+            return verdict if verdict in ("fail", "unreliable") else "incomplete"
+        if not bool(getattr(self.same_model, "ok", True)):
             return "fail"
         return verdict
 
