@@ -22,7 +22,11 @@ def run_audit_command(args: argparse.Namespace) -> int:
 
     model_file = Path(args.model)
     csv = Path(args.data)
-    out = Path(args.out) if args.out is not None else Path("reports") / f"audit_{model_file.stem}.html"
+    out = (
+        Path(args.out)
+        if args.out is not None
+        else Path("reports") / f"audit_{model_file.stem}.html"
+    )
     json_path = Path(args.json) if args.json is not None else None
     check_outputs({"--out": out, "--json": json_path}, inputs=[csv, model_file])
     data = read_data(csv)

@@ -122,11 +122,15 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", type=Path, help="your model file (Python; it is run)")
     p.add_argument("--data", type=Path, required=True, help="data file (CSV with a header row)")
-    p.add_argument("--formula", required=True, help='lme4 formula, e.g. "y ~ tx + (0 + tx | group)"')
+    p.add_argument(
+        "--formula", required=True, help='lme4 formula, e.g. "y ~ tx + (0 + tx | group)"'
+    )
     p.add_argument("--sigma-by", default=None, help="column with one residual SD per level")
     p.add_argument("--family", default="gaussian", help="gaussian, binomial or poisson")
     p.add_argument("--link", default=None, help="link (binomial: logit or probit)")
-    p.add_argument("--priors", default="weak", help="the harness's prior profile: weak, m14.1, flat")
+    p.add_argument(
+        "--priors", default="weak", help="the harness's prior profile: weak, m14.1, flat"
+    )
     p.add_argument("--out", type=Path, default=None, help="report file (HTML)")
     p.add_argument("--json", type=Path, default=None, help="write the checks as JSON here")
     p.add_argument("--seed", type=_seed, default=1, help="seed of the prior draws and the sampler")

@@ -34,9 +34,13 @@ def _run(user, data, formula, **kw):
 
 
 def test_matrix_form_trial_passes(trial):
-    result = _run(load_model_file(EXAMPLES / "partially_clustered_matrix.py"), trial, TRIAL, sigma_by="arm")
+    result = _run(
+        load_model_file(EXAMPLES / "partially_clustered_matrix.py"), trial, TRIAL, sigma_by="arm"
+    )
     assert result.checks["likelihood"].verdict == "pass", result.checks["likelihood"].diagnosis
-    assert result.checks["random_effects"].verdict == "pass", result.checks["random_effects"].diagnosis
+    assert result.checks["random_effects"].verdict == "pass", result.checks[
+        "random_effects"
+    ].diagnosis
     assert result.checks["priors"].verdict == "pass"
     # No sampling asked for: the audit is incomplete, never "pass".
     assert result.checks["posterior"].verdict == "incomplete"
@@ -47,7 +51,9 @@ def test_sleepstudy_lkj_passes(sleepstudy):
     data, spec = sleepstudy
     result = _run(load_model_file(EXAMPLES / "sleepstudy_lkj.py"), data, spec.formula)
     assert result.checks["likelihood"].verdict == "pass", result.checks["likelihood"].diagnosis
-    assert result.checks["random_effects"].verdict == "pass", result.checks["random_effects"].diagnosis
+    assert result.checks["random_effects"].verdict == "pass", result.checks[
+        "random_effects"
+    ].diagnosis
     priors = result.checks["priors"]
     assert priors.verdict == "pass"  # differences are reported, not failed
     assert priors.tables["priors"]["differs"].any()
@@ -131,7 +137,9 @@ def test_cluster_effect_given_to_control_rows_fails_likelihood(trial):
 
 def test_variance_as_residual_sd_is_named(trial):
     build, mapping = _trial_model("sigma_variance")
-    check = audit(build, trial, TRIAL, mapping, sigma_by="arm", posterior=False).checks["likelihood"]
+    check = audit(build, trial, TRIAL, mapping, sigma_by="arm", posterior=False).checks[
+        "likelihood"
+    ]
     assert check.verdict == "fail"
     assert "a variance used as an SD" in check.diagnosis
 
@@ -144,7 +152,9 @@ def test_the_same_trial_model_without_the_mistake_passes(trial):
 
 
 def test_variance_used_as_sd_fails_random_effects(trial):
-    result = _run(load_model_file(EXAMPLES / "partially_clustered_mistake.py"), trial, TRIAL, sigma_by="arm")
+    result = _run(
+        load_model_file(EXAMPLES / "partially_clustered_mistake.py"), trial, TRIAL, sigma_by="arm"
+    )
     check = result.checks["random_effects"]
     assert check.verdict == "fail"
     assert "a variance used as an SD" in check.diagnosis
@@ -160,7 +170,7 @@ def _sleep_model(mistake: str):
         X = np.column_stack([np.ones(len(data)), data["Days"].to_numpy(float)])
         with pm.Model(coords={"subj": list(subjects.categories), "cols": ["a", "b"]}) as model:
             mu = pm.Normal("mu", 250.0, 100.0, shape=2)
-            chol, corr, stds = pm.LKJCholeskyCov(
+            chol, _corr, stds = pm.LKJCholeskyCov(
                 "L", n=2, eta=1.0, sd_dist=pm.HalfNormal.dist(30.0, size=2)
             )
             z = pm.Normal("z", 0.0, 1.0, dims=("subj", "cols"))
@@ -214,16 +224,39 @@ def test_random_effects_law_mistakes_are_named(sleepstudy, mistake, named):
 
 def test_mapping_errors_name_the_key(trial):
     build, mapping = _trial_model()
-    with pytest.raises(AuditError, match=r"'group: sd\(x\)' is not a harness row.*'group: sd\(tx\)'"):
-        audit(build, trial, TRIAL, {**mapping, "group: sd(x)": "sd_u"}, sigma_by="arm", posterior=False)
+    with pytest.raises(
+        AuditError, match=r"'group: sd\(x\)' is not a harness row.*'group: sd\(tx\)'"
+    ):
+        audit(
+            build,
+            trial,
+            TRIAL,
+            {**mapping, "group: sd(x)": "sd_u"},
+            sigma_by="arm",
+            posterior=False,
+        )
     with pytest.raises(AuditError, match=r"MAPPING\['tx'\] = 'b1': 'b1' is not a variable"):
         audit(build, trial, TRIAL, {**mapping, "tx": "b1"}, sigma_by="arm", posterior=False)
     with pytest.raises(AuditError, match=r"MAPPING\['tx'\] = 'B' has dims"):
         audit(build, trial, TRIAL, {**mapping, "tx": "B"}, sigma_by="arm", posterior=False)
     with pytest.raises(AuditError, match=r"MAPPING\['group: tx'\].*callable must return"):
-        audit(build, trial, TRIAL, {**mapping, "group: tx": lambda p: 1.0}, sigma_by="arm", posterior=False)
+        audit(
+            build,
+            trial,
+            TRIAL,
+            {**mapping, "group: tx": lambda p: 1.0},
+            sigma_by="arm",
+            posterior=False,
+        )
     with pytest.raises(AuditError, match=r"no entry for 'sigma: arm=control'"):
-        audit(build, trial, TRIAL, {k: v for k, v in mapping.items() if "control" not in k}, sigma_by="arm", posterior=False)
+        audit(
+            build,
+            trial,
+            TRIAL,
+            {k: v for k, v in mapping.items() if "control" not in k},
+            sigma_by="arm",
+            posterior=False,
+        )
 
 
 def test_offsets_without_group_labels_are_refused(trial):

@@ -22,7 +22,7 @@ def build(data: pd.DataFrame) -> pm.Model:
     with pm.Model(coords=coords) as model:
         mu = pm.Normal("mu", mu=250.0, sigma=100.0, dims="cols")
         sd_dist = pm.HalfNormal.dist(sigma=50.0, size=2)
-        chol, corr, sig = pm.LKJCholeskyCov("sig", n=2, eta=1.0, sd_dist=sd_dist)
+        chol, _corr, _sig = pm.LKJCholeskyCov("sig", n=2, eta=1.0, sd_dist=sd_dist)
         sigma = pm.HalfNormal("sigma", sigma=50.0)
         alpha = pm.MvNormal("alpha", mu=mu, chol=chol, dims=("subj_id", "cols"))
         tau = (alpha[subjects.codes] * X_v).sum(axis=1)

@@ -33,14 +33,14 @@ DECISIVE = 10.0
 #: Two-sided p-value of the whitened chi-square test below which the law is refused.
 P_FAIL = 1e-6
 
-Law = Callable[[np.ndarray, np.ndarray], np.ndarray | None]
+Law = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def _dsd(sd: np.ndarray, corr: np.ndarray) -> np.ndarray:
     return sd[:, :, None] * corr * sd[:, None, :]
 
 
-def _transposed(sd: np.ndarray, corr: np.ndarray) -> np.ndarray | None:
+def _transposed(sd: np.ndarray, corr: np.ndarray) -> np.ndarray:
     chol = np.linalg.cholesky(_dsd(sd, corr))
     return np.swapaxes(chol, 1, 2) @ chol
 
@@ -55,7 +55,9 @@ def laws(k: int, correlated: bool) -> dict[str, Law]:
     }
     if k > 1 and correlated:
         eye = np.broadcast_to(np.eye(k), (1, k, k))
-        out["a dropped correlation (independent terms)"] = lambda s, c: _dsd(s, eye * np.ones_like(c))
+        out["a dropped correlation (independent terms)"] = lambda s, c: _dsd(
+            s, eye * np.ones_like(c)
+        )
         out["a transposed Cholesky factor (L'L instead of LL')"] = _transposed
         out["a correlation matrix used as the covariance"] = lambda s, c: c.copy()
     return out
@@ -102,18 +104,51 @@ def block_check(
     block: RandomBlock, u: np.ndarray, sd: np.ndarray, corr: np.ndarray
 ) -> tuple[str, str, pd.DataFrame, pd.DataFrame]:
     """Verdict, words, the laws' table and the whitened moments of one block."""
-    keep = np.all(np.isfinite(sd), axis=1) & np.all(sd > 0, axis=1) & np.all(np.isfinite(u), axis=(1, 2))
+    keep = (
+        np.all(np.isfinite(sd), axis=1)
+        & np.all(sd > 0, axis=1)
+        & np.all(np.isfinite(u), axis=(1, 2))
+    )
     u, sd, corr = u[keep], sd[keep], corr[keep]
     if len(u) < 20:
-        return "incomplete", f"{block.label}: fewer than 20 usable prior draws", pd.DataFrame(), pd.DataFrame()
+        return (
+            "incomplete",
+            f"{block.label}: fewer than 20 usable prior draws",
+            pd.DataFrame(),
+            pd.DataFrame(),
+        )
     w = _whitened(u, sd, corr)
     k = block.n_terms
     moments = []
     for i, a in enumerate(block.terms):
-        moments.append({"factor": block.label, "term": a, "statistic": "mean(w)", "value": float(w[..., i].mean()), "expected": 0.0})
-        moments.append({"factor": block.label, "term": a, "statistic": "mean(w**2)", "value": float((w[..., i] ** 2).mean()), "expected": 1.0})
+        moments.append(
+            {
+                "factor": block.label,
+                "term": a,
+                "statistic": "mean(w)",
+                "value": float(w[..., i].mean()),
+                "expected": 0.0,
+            }
+        )
+        moments.append(
+            {
+                "factor": block.label,
+                "term": a,
+                "statistic": "mean(w**2)",
+                "value": float((w[..., i] ** 2).mean()),
+                "expected": 1.0,
+            }
+        )
         for j in range(i + 1, k):
-            moments.append({"factor": block.label, "term": f"{a} x {block.terms[j]}", "statistic": "mean(w w)", "value": float((w[..., i] * w[..., j]).mean()), "expected": 0.0})
+            moments.append(
+                {
+                    "factor": block.label,
+                    "term": f"{a} x {block.terms[j]}",
+                    "statistic": "mean(w w)",
+                    "value": float((w[..., i] * w[..., j]).mean()),
+                    "expected": 0.0,
+                }
+            )
     df = w.size
     chi2 = float((w**2).sum())
     p = float(2 * min(stats.chi2.sf(chi2, df), stats.chi2.cdf(chi2, df)))
@@ -130,7 +165,12 @@ def block_check(
     refused = p < P_FAIL or named
     stats_words = f"whitened chi-square {chi2:.0f} on {df} values (p = {p:.2g})"
     if not refused:
-        return "pass", f"{block.label}: offsets follow N(0, Sigma) ({stats_words})", table, pd.DataFrame(moments)
+        return (
+            "pass",
+            f"{block.label}: offsets follow N(0, Sigma) ({stats_words})",
+            table,
+            pd.DataFrame(moments),
+        )
     if named:
         words = (
             f"{block.label}: the offsets follow {rival['law'].iloc[0]}, not N(0, Sigma) as the "
@@ -141,7 +181,9 @@ def block_check(
     return "fail", words, table, pd.DataFrame(moments)
 
 
-def effects_check(design: Design, hdraws: xr.Dataset, supplied: dict[str, list[str]]) -> CheckResult:
+def effects_check(
+    design: Design, hdraws: xr.Dataset, supplied: dict[str, list[str]]
+) -> CheckResult:
     """Check (b) over every grouping factor.
 
     Parameters

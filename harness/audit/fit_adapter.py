@@ -70,7 +70,7 @@ def as_bayes_fit(
     return BayesFit(
         spec=design.spec,
         design=design,
-        idata=az.InferenceData(**groups),
+        idata=az.InferenceData(**groups),  # type: ignore[arg-type]
         sampler="nutpie",
         seed=seed,
         draws=draws,

@@ -21,7 +21,7 @@ from harness.audit.mapping import Row, harness_rows
 from harness.audit.verdicts import CheckResult
 from harness.model.spec import Design
 
-__all__ = ["RELATIVE_TOLERANCE", "MIN_POINTS", "likelihood_check"]
+__all__ = ["MIN_POINTS", "RELATIVE_TOLERANCE", "likelihood_check"]
 
 RELATIVE_TOLERANCE = 1e-8
 MIN_POINTS = 20
@@ -159,7 +159,9 @@ def structural_alternatives(design: Design) -> dict[str, Design]:
             values[:, k] = 0.0
             blocks = list(design.blocks)
             blocks[b] = replace(block, values=values)
-            out[f"the random effect {block.label}: {term} is missing"] = replace(design, blocks=blocks)
+            out[f"the random effect {block.label}: {term} is missing"] = replace(
+                design, blocks=blocks
+            )
     for term in design.fixed_terms:
         X = design.X.copy()
         X[term] = 0.0
@@ -242,7 +244,7 @@ def likelihood_check(
         )
         return CheckResult("likelihood", "pass" if ok else "fail", text, tables)
     close = _close(user, harness)
-    differ = ~close.all(axis=0)
+    differ = np.asarray(~close.all(axis=0), dtype=bool)
     gap = np.abs(user - harness)
     rows = design.data[formula_columns(design)].reset_index(drop=True).copy()
     rows.insert(0, "row", np.arange(design.n))
@@ -289,6 +291,8 @@ def likelihood_check(
                 "does not give them (or lose one it does)"
             )
     else:
-        words.append("no single mapped parameter moves the difference (data, indices or the "
-                     "density's form differ)")
+        words.append(
+            "no single mapped parameter moves the difference (data, indices or the "
+            "density's form differ)"
+        )
     return CheckResult("likelihood", "fail", "; ".join(words), tables)

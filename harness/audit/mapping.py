@@ -100,7 +100,9 @@ def _lookup(key: str, value: Any, draws: xr.Dataset) -> xr.DataArray:
         try:
             out = value(draws)
         except Exception as err:
-            raise AuditError(f"MAPPING[{key!r}]: the callable raised {type(err).__name__}: {err}") from err
+            raise AuditError(
+                f"MAPPING[{key!r}]: the callable raised {type(err).__name__}: {err}"
+            ) from err
         if not isinstance(out, xr.DataArray):
             raise AuditError(
                 f"MAPPING[{key!r}]: the callable must return an xarray.DataArray, "
@@ -141,7 +143,9 @@ def _scalar_draws(row: Row, value: Any, draws: xr.DataArray) -> xr.DataArray:
             f"MAPPING[{row.name!r}] = {value!r} has dims {tuple(draws.dims)}; a {row.kind} row "
             "needs one value per draw, dims ('chain', 'draw') (pick one entry: 'name[i]')"
         )
-    return draws.drop_vars([c for c in draws.coords if c not in SAMPLE_DIMS]).transpose(*SAMPLE_DIMS)
+    return draws.drop_vars([c for c in draws.coords if c not in SAMPLE_DIMS]).transpose(
+        *SAMPLE_DIMS
+    )
 
 
 def _offset_draws(row: Row, value: Any, draws: xr.DataArray, design: Design) -> xr.DataArray:
@@ -186,7 +190,9 @@ def _offset_draws(row: Row, value: Any, draws: xr.DataArray, design: Design) -> 
     return out
 
 
-def resolve(mapping: Mapping[str, Any], draws: xr.Dataset, design: Design) -> dict[str, xr.DataArray]:
+def resolve(
+    mapping: Mapping[str, Any], draws: xr.Dataset, design: Design
+) -> dict[str, xr.DataArray]:
     """Every harness row's draws, from the user's draws; errors name the key."""
     rows = check_keys(mapping, design)
     out: dict[str, xr.DataArray] = {}
@@ -212,9 +218,11 @@ def harness_draws(mapping: Mapping[str, Any], draws: xr.Dataset, design: Design)
     values = resolve(mapping, draws, design)
     rows = harness_rows(design)
     out: dict[str, xr.DataArray] = {}
-    out["beta"] = xr.concat(
-        [values[t] for t in design.fixed_terms], dim="fixed_term"
-    ).assign_coords(fixed_term=design.fixed_terms).transpose(*SAMPLE_DIMS, "fixed_term")
+    out["beta"] = (
+        xr.concat([values[t] for t in design.fixed_terms], dim="fixed_term")
+        .assign_coords(fixed_term=design.fixed_terms)
+        .transpose(*SAMPLE_DIMS, "fixed_term")
+    )
     for block in design.blocks:
         out[sd_var(block)] = (
             xr.concat([values[f"{block.label}: sd({t})"] for t in block.terms], dim=term_dim(block))

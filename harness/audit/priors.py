@@ -93,8 +93,7 @@ def priors_check(
         width_u, width_h = q_user[2] - q_user[0], q_h[2] - q_h[0]
         ratio = width_u / width_h if width_h > 0 else np.inf
         differs = bool(
-            not (q_h[0] <= q_user[1] <= q_h[2])
-            or not (1 / WIDTH_RATIO <= ratio <= WIDTH_RATIO)
+            not (q_h[0] <= q_user[1] <= q_h[2]) or not (1 / WIDTH_RATIO <= ratio <= WIDTH_RATIO)
         )
         value = mapping.get(row.name)
         records.append(

@@ -47,7 +47,10 @@ class AuditResult:
     def summary(self) -> pd.DataFrame:
         """One row per check: name, verdict, diagnosis."""
         return pd.DataFrame(
-            [{"check": c.name, "verdict": c.verdict, "diagnosis": c.diagnosis} for c in self.checks.values()]
+            [
+                {"check": c.name, "verdict": c.verdict, "diagnosis": c.diagnosis}
+                for c in self.checks.values()
+            ]
         )
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -81,7 +84,9 @@ def _points(draws: xr.Dataset, n: int) -> xr.Dataset:
     pick = np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(int))
     out = stacked.isel(sample=pick).drop_vars(["sample", "chain", "draw"], errors="ignore")
     out = out.rename({"sample": "draw"}).expand_dims("chain")
-    return out.assign_coords(chain=[0], draw=np.arange(out.sizes["draw"])).transpose("chain", "draw", ...)
+    return out.assign_coords(chain=[0], draw=np.arange(out.sizes["draw"])).transpose(
+        "chain", "draw", ...
+    )
 
 
 def _harness_prior_draws(design: Design, priors: Any, draws: int, seed: int) -> xr.Dataset:
@@ -108,9 +113,10 @@ def _posterior_check(
         label = {"fixed": "term", "variance": "component", "agreement": "term"}[name]
         for _, row in frame[frame["verdict"] != "pass"].iterrows():
             bad.append(f"{row.get(label, '?')} ({row['verdict']}: {row.get('explanation', '')})")
-    text = (
-        f"against lme4: {cmp.verdict}"
-        + (f"; rows not passing: {'; '.join(bad[:6])}" if bad else "; every row within its stated error")
+    text = f"against lme4: {cmp.verdict}" + (
+        f"; rows not passing: {'; '.join(bad[:6])}"
+        if bad
+        else "; every row within its stated error"
     )
     if priors_differ:
         text += (
@@ -213,8 +219,17 @@ def audit(
         point_sets.append(post_points)
         sources += ["posterior"] * post_points.sizes["draw"]
         bayes = as_bayes_fit(
-            design, resolved, idata, hpost, seed=seed, draws=draws, tune=tune, chains=chains,
-            compile_seconds=compile_s, sample_seconds=sample_s, source=source,
+            design,
+            resolved,
+            idata,
+            hpost,
+            seed=seed,
+            draws=draws,
+            tune=tune,
+            chains=chains,
+            compile_seconds=compile_s,
+            sample_seconds=sample_s,
+            source=source,
         )
         try:
             if freq is None:
@@ -222,7 +237,9 @@ def audit(
 
                 freq = fit_lme4(spec, data)
             differ = bool(checks["priors"].tables["priors"].get("differs", pd.Series()).any())
-            checks["posterior"], comparison = _posterior_check(design, resolved, bayes, freq, differ)
+            checks["posterior"], comparison = _posterior_check(
+                design, resolved, bayes, freq, differ
+            )
         except Exception as err:  # lme4 missing or failed: the check did not run, it did not pass
             log.warning("audit: the posterior comparison did not run: %s", err)
             checks["posterior"] = CheckResult(
@@ -233,7 +250,10 @@ def audit(
             "posterior", "incomplete", "not run (no sampling asked for)"
         )
     free = [v.name for v in model.free_RVs]
-    merged = xr.concat([p[free + [v.name for v in model.deterministics if v.name in p]] for p in point_sets], dim="draw")
+    merged = xr.concat(
+        [p[free + [v.name for v in model.deterministics if v.name in p]] for p in point_sets],
+        dim="draw",
+    )
     merged = merged.assign_coords(draw=np.arange(merged.sizes["draw"]))
     hpoints = harness_draws(mapping, merged, design)
     user = user_loglik(model, merged)

@@ -987,7 +987,11 @@ def rao_blackwell_offsets(bayes: BayesFit, n_draws: int = RB_DRAWS) -> pd.DataFr
         else:
             rows = np.full(design.n, sigma[s][0])
         values[s] = conditional_modes(design, covs, rows, prior)["mode"].to_numpy(float)
-    se = values.std(axis=0, ddof=1) / np.sqrt(len(index)) if len(index) > 1 else np.zeros(values.shape[1])
+    se = (
+        values.std(axis=0, ddof=1) / np.sqrt(len(index))
+        if len(index) > 1
+        else np.zeros(values.shape[1])
+    )
     return pd.DataFrame(
         {
             "group_factor": [block.factor for block, _, _ in columns],
@@ -1113,7 +1117,9 @@ def attribute_agreement(
         if "rb_mean" in part and part["rb_mean"].notna().all():
             # The Bayesian part of the gap: the posterior means against E[E[u|y,theta]].
             rb = part["rb_mean"].to_numpy(float)
-            spread = np.sqrt(part["mcse_mean"].to_numpy(float) ** 2 + part["rb_se"].to_numpy(float) ** 2)
+            spread = np.sqrt(
+                part["mcse_mean"].to_numpy(float) ** 2 + part["rb_se"].to_numpy(float) ** 2
+            )
             with np.errstate(divide="ignore", invalid="ignore"):
                 z = np.where(spread > 0, (y - rb) / spread, 0.0)
             rb_z = float(np.sqrt(np.mean(z**2)))
@@ -1149,8 +1155,12 @@ def attribute_agreement(
             sentence += (
                 f"; the posterior means lie {rb_z:.2g} MCSE (RMS over groups) from the average "
                 "over posterior draws of the conditional means, E[E[u|y,theta]]"
-                + (" -- more than Monte Carlo error: the offsets are not the model's (wrong "
-                   "groups or terms?)" if rb_z > RB_Z_MAX else "")
+                + (
+                    " -- more than Monte Carlo error: the offsets are not the model's (wrong "
+                    "groups or terms?)"
+                    if rb_z > RB_Z_MAX
+                    else ""
+                )
             )
         if np.isfinite(slope) and np.isfinite(sd_ratio):
             sentence += (

@@ -16,7 +16,7 @@ from harness.report.page import _image, _note
 
 log = logging.getLogger("harness")
 
-__all__ = ["likelihood_figure", "laws_figure", "render_audit", "write_audit"]
+__all__ = ["laws_figure", "likelihood_figure", "render_audit", "write_audit"]
 
 ABOUT = {
     "likelihood": "The model's pointwise log-likelihood against the harness's at the same "
@@ -81,7 +81,9 @@ def _table(title: str, frame: pd.DataFrame, limit: int = 60) -> dict[str, Any]:
     frame = frame.head(limit)
     columns = []
     for column in frame.columns:
-        numeric = pd.api.types.is_numeric_dtype(frame[column]) and not pd.api.types.is_bool_dtype(frame[column])
+        numeric = pd.api.types.is_numeric_dtype(frame[column]) and not pd.api.types.is_bool_dtype(
+            frame[column]
+        )
         columns.append((column, column, "num") if numeric else (column, column))
     rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
     return {"title": title, "rows": rows, "columns": columns}
