@@ -287,3 +287,59 @@ def test_posterior_check_against_lme4(sleepstudy):
     assert result.checks["posterior"].verdict in {"pass", "look", "unreliable"}
     assert result.checks["likelihood"].verdict == "pass"
     assert "posterior" in set(result.checks["likelihood"].tables["points"]["source"])
+
+
+def test_cafe_m14_1_baked_in_passes_with_its_own_priors():
+    data, spec = hz.datasets.load("cafe")
+    user = load_model_file(EXAMPLES / "cafe_m14_1.py")
+    result = audit(user.build, data, spec.formula, user.mapping, priors="m14.1", posterior=False)
+    assert result.checks["likelihood"].verdict == "pass", result.checks["likelihood"].diagnosis
+    assert result.checks["random_effects"].verdict == "pass", result.checks["random_effects"].diagnosis
+    priors = result.checks["priors"]
+    assert not priors.tables["priors"]["differs"].any(), priors.tables["priors"]
+    assert priors.tables["priors"].set_index("row").loc["(Intercept)", "user_prior"].startswith(
+        "N"
+    )
+
+
+def test_audit_command_writes_page_and_json(trial, tmp_path):
+    from harness.cli import main
+
+    csv = tmp_path / "trial.csv"
+    trial.to_csv(csv, index=False)
+    out, js = tmp_path / "audit.html", tmp_path / "audit.json"
+    code = main(
+        [
+            "-q",
+            "audit",
+            str(EXAMPLES / "partially_clustered_mistake.py"),
+            "--data",
+            str(csv),
+            "--formula",
+            TRIAL,
+            "--sigma-by",
+            "arm",
+            "--no-posterior",
+            "--out",
+            str(out),
+            "--json",
+            str(js),
+        ]
+    )
+    assert code == 2  # not "pass"
+    html = out.read_text(encoding="utf-8")
+    assert "a variance used as an SD" in html
+    assert 'id="likelihood"' in html and 'id="random_effects"' in html
+    import json
+
+    record = json.loads(js.read_text(encoding="utf-8"))
+    assert record["verdict"] == "fail"
+    assert record["checks"]["random_effects"]["verdict"] == "fail"
+
+
+def test_audit_help_says_it_runs_the_model_file(capsys):
+    from harness.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    assert "RUNS THE CODE IN MODEL.py" in capsys.readouterr().out
