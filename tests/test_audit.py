@@ -294,12 +294,12 @@ def test_cafe_m14_1_baked_in_passes_with_its_own_priors():
     user = load_model_file(EXAMPLES / "cafe_m14_1.py")
     result = audit(user.build, data, spec.formula, user.mapping, priors="m14.1", posterior=False)
     assert result.checks["likelihood"].verdict == "pass", result.checks["likelihood"].diagnosis
-    assert result.checks["random_effects"].verdict == "pass", result.checks["random_effects"].diagnosis
+    assert result.checks["random_effects"].verdict == "pass", result.checks[
+        "random_effects"
+    ].diagnosis
     priors = result.checks["priors"]
     assert not priors.tables["priors"]["differs"].any(), priors.tables["priors"]
-    assert priors.tables["priors"].set_index("row").loc["(Intercept)", "user_prior"].startswith(
-        "N"
-    )
+    assert priors.tables["priors"].set_index("row").loc["(Intercept)", "user_prior"].startswith("N")
 
 
 def test_audit_command_writes_page_and_json(trial, tmp_path):
