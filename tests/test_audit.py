@@ -104,6 +104,8 @@ def _trial_model(mistake: str = ""):
             # The mistake: every row gets its group's effect, control rows included.
             effect = U[index] if mistake == "control_cluster" else U[index] * tx
             scale = sigma[arm] ** 2 if mistake == "sigma_variance" else sigma[arm]
+            if mistake == "one_sigma":
+                scale = sigma[0]
             pm.Normal("y", pt_dot(X, B) + effect, scale, observed=data["y"].to_numpy())
         return model
 
@@ -343,3 +345,67 @@ def test_audit_help_says_it_runs_the_model_file(capsys):
     with pytest.raises(SystemExit):
         main(["audit", "--help"])
     assert "RUNS THE CODE IN MODEL.py" in capsys.readouterr().out
+
+
+def _cafe_model(mistake: str):
+    import pymc as pm
+
+    def build(data: pd.DataFrame):
+        codes = pd.Categorical(data["cafe"]).codes  # the data's own level order (1, 2, ..., 20)
+        labels = list(pd.Categorical(data["cafe"]).categories.astype(str))
+        if mistake == "level_order":
+            labels = sorted(labels)  # the mistake: coords in string order ("1", "10", "11", ...)
+        rows = data.sort_values("afternoon") if mistake == "row_order" else data
+        afternoon = rows["afternoon"].to_numpy(float)
+        index = pd.Categorical(rows["cafe"]).codes if mistake == "row_order" else codes
+        with pm.Model(coords={"cafe": labels}) as model:
+            a = pm.Normal("a", 3.0, 2.0)
+            b = pm.Normal("b", -1.0, 1.0)
+            sd = pm.Exponential("sd", 1.0, shape=2)
+            u_a = pm.Normal("u_a", 0.0, sd[0], dims="cafe")
+            u_b = pm.Normal("u_b", 0.0, sd[1], dims="cafe")
+            mu = a + u_a[index] + (b + u_b[index]) * afternoon
+            pm.Normal("wait", mu, pm.Exponential("s", 1.0), observed=data["wait"].to_numpy())
+        return model
+
+    mapping = {
+        "(Intercept)": "a",
+        "afternoon": "b",
+        "cafe: sd((Intercept))": "sd[0]",
+        "cafe.1: sd(afternoon)": "sd[1]",
+        "sigma": "s",
+        "cafe: (Intercept)": "u_a",
+        "cafe.1: afternoon": "u_b",
+    }
+    return build, mapping
+
+
+@pytest.mark.parametrize(
+    ("mistake", "named"),
+    [
+        ("level_order", "group indices in another order than the coordinates"),
+        ("row_order", "the response in another row order than the predictors"),
+        ("", None),
+    ],
+)
+def test_index_and_row_order_mistakes_fail_the_likelihood(mistake, named):
+    data, _ = hz.datasets.load("cafe")
+    build, mapping = _cafe_model(mistake)
+    formula = "wait ~ 1 + afternoon + (1 + afternoon || cafe)"
+    result = audit(build, data, formula, mapping, posterior=False)
+    check = result.checks["likelihood"]
+    if named is None:
+        assert check.verdict == "pass", check.diagnosis
+        assert result.checks["random_effects"].verdict == "pass"
+    else:
+        assert check.verdict == "fail"
+        assert named in check.diagnosis
+
+
+def test_one_residual_sd_where_the_formula_has_one_per_arm_fails(trial):
+    build, mapping = _trial_model("one_sigma")
+    tied = {**mapping, "sigma: arm=control": "sigma[0]", "sigma: arm=treatment": "sigma[0]"}
+    result = audit(build, trial, TRIAL, tied, sigma_by="arm", posterior=False)
+    check = result.checks["likelihood"]
+    assert check.verdict == "fail"
+    assert "ties 'sigma: arm=control' and 'sigma: arm=treatment'" in check.diagnosis

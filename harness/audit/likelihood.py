@@ -169,7 +169,44 @@ def structural_alternatives(design: Design) -> dict[str, Design]:
         X = design.X.copy()
         X[term] = 0.0
         out[f"the fixed effect {term!r} is missing"] = replace(design, X=X)
+    # Rows sorted by a predictor on one side only.  Sorting by a grouping factor only
+    # relabels groups, which the whole-groups diagnosis names instead.
+    factors = {c for b in design.blocks for c in b.factor.split(":")}
+    for column in formula_columns(design):
+        if column in factors:
+            continue
+        values = design.data[column].to_numpy()
+        seen: list[np.ndarray] = []
+        # pandas' sort_values sorts one column with numpy's quicksort, several stably.
+        for kind in ("stable", "quicksort"):
+            order = np.argsort(values, kind=kind)
+            if np.array_equal(order, np.arange(design.n)) or any(
+                np.array_equal(order, o) for o in seen
+            ):
+                continue
+            seen.append(order)
+            out[
+                f"the predictors in the order of the data sorted by {column!r} ({kind}) and the "
+                "response in the data's own order (the response in another row order than the "
+                "predictors)"
+            ] = _predictors_in_order(design, order)
     return out
+
+
+def _predictors_in_order(design: Design, order: np.ndarray) -> Design:
+    """The design whose predictor rows (X, Z, group and residual-SD indices) follow ``order``."""
+    blocks = [
+        replace(b, values=b.values[order], group_index=b.group_index[order]) for b in design.blocks
+    ]
+    sigma_index = design.sigma_index[order] if design.sigma_index is not None else None
+    offset = design.offset[order] if design.offset is not None else None
+    return replace(
+        design,
+        X=design.X.iloc[order].reset_index(drop=True),
+        blocks=blocks,
+        sigma_index=sigma_index,
+        offset=offset,
+    )
 
 
 def _structural(design: Design, hdraws: xr.Dataset, user: np.ndarray) -> str | None:
@@ -179,12 +216,64 @@ def _structural(design: Design, hdraws: xr.Dataset, user: np.ndarray) -> str | N
     return None
 
 
+def _response_words(design: Design, observed: np.ndarray | None) -> str:
+    """Words when the observed values are not the response column in the rows' order."""
+    if observed is None or design.family.glm:
+        return ""
+    values = np.asarray(observed, dtype=float).ravel()
+    if values.shape != design.y.shape or np.allclose(values, design.y, rtol=1e-12, atol=0):
+        return ""
+    if np.allclose(np.sort(values), np.sort(design.y), rtol=1e-12, atol=0):
+        return (
+            "the observed values are the response in another row order than the predictors "
+            "(sorted or re-indexed on one side only)"
+        )
+    return "the observed values are not the response column (transformed, or other rows)"
+
+
+def _whole_groups(design: Design, differ: np.ndarray) -> str:
+    """Words when the differing rows are whole groups of a grouping factor (labels vs indices)."""
+    if differ.all():
+        return ""
+    for block in design.blocks:
+        index = block.group_index
+        counts = np.bincount(index, minlength=block.n_levels)
+        hits = np.bincount(index, weights=differ.astype(float), minlength=block.n_levels)
+        used = counts > 0
+        whole = np.all((hits[used] == 0) | (hits[used] == counts[used]))
+        n_groups = int((hits > 0).sum())
+        if whole and 1 < n_groups < int(used.sum()):
+            return (
+                f"the differing rows are {n_groups} whole groups of {block.factor!r}: their "
+                "offsets may sit under other groups' labels (group indices in another order "
+                "than the coordinates)"
+            )
+    return ""
+
+
+def tied_rows(hdraws: xr.Dataset, design: Design) -> list[tuple[str, str]]:
+    """Pairs of the harness's SD/sigma rows that the user's model ties (equal at every draw)."""
+    values = {
+        name: v
+        for name, v in _scalar_parameters(design, hdraws).items()
+        if any(r.name == name and r.kind in ("sd", "sigma") for r in harness_rows(design))
+    }
+    names = list(values)
+    return [
+        (a, b)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if np.array_equal(values[a], values[b]) and np.ptp(values[a]) > 0
+    ]
+
+
 def likelihood_check(
     design: Design,
     hdraws: xr.Dataset,
     user: np.ndarray,
     sources: list[str],
     pointwise: bool = True,
+    observed: np.ndarray | None = None,
 ) -> CheckResult:
     """Compare the user's log-likelihood with the harness's at each parameter point.
 
@@ -200,6 +289,8 @@ def likelihood_check(
         Where each point came from ("prior" or "posterior").
     pointwise : bool
         False when the user's model has several observed variables: totals only.
+    observed : ndarray, optional
+        The values the user's model observes, to name a response in another row order.
 
     Returns
     -------
@@ -254,6 +345,17 @@ def likelihood_check(
     rows["max_abs_difference"] = gap.max(axis=0)
     rows["points_differing"] = (~close).sum(axis=0)
     tables["rows"] = rows
+    tied = tied_rows(hdraws, design)
+    if not differ.any() and tied:
+        pairs = "; ".join(f"{a!r} and {b!r}" for a, b in tied)
+        return CheckResult(
+            "likelihood",
+            "fail",
+            f"the log-likelihood agrees at {n_points} points, but the model ties {pairs} "
+            "(one parameter where the formula has two: e.g. one residual SD where --sigma-by "
+            "asks for one per level)",
+            tables,
+        )
     if not differ.any():
         return CheckResult(
             "likelihood",
@@ -265,6 +367,12 @@ def likelihood_check(
         )
     where, levels = describe_rows(design, differ)
     tables["where"] = levels
+    response = _response_words(design, observed)
+    if response:
+        return CheckResult(
+            "likelihood", "fail", f"the log-likelihoods differ: {where}; {response}", tables
+        )
+    whole = _whole_groups(design, differ)
     moves = moving_parameter(design, hdraws, gap[:, differ].sum(axis=1))
     tables["moves"] = moves
     words = [f"the log-likelihoods differ: {where}"]
@@ -298,4 +406,6 @@ def likelihood_check(
             "no single mapped parameter moves the difference (data, indices or the "
             "density's form differ)"
         )
+    if whole and not structural and not mixup:
+        words.append(whole)
     return CheckResult("likelihood", "fail", "; ".join(words), tables)

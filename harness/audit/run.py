@@ -257,7 +257,13 @@ def audit(
     merged = merged.assign_coords(draw=np.arange(merged.sizes["draw"]))
     hpoints = harness_draws(mapping, merged, design)
     user = user_loglik(model, merged)
-    checks["likelihood"] = likelihood_check(design, hpoints, user, sources, pointwise=single)
+    observed = None
+    if single:
+        value = model.rvs_to_values[model.observed_RVs[0]]
+        observed = np.asarray(value.data if hasattr(value, "data") else value.eval())
+    checks["likelihood"] = likelihood_check(
+        design, hpoints, user, sources, pointwise=single, observed=observed
+    )
     order = ["likelihood", "random_effects", "priors", "posterior"]
     return AuditResult(
         spec=spec,
