@@ -409,3 +409,48 @@ def test_one_residual_sd_where_the_formula_has_one_per_arm_fails(trial):
     check = result.checks["likelihood"]
     assert check.verdict == "fail"
     assert "ties 'sigma: arm=control' and 'sigma: arm=treatment'" in check.diagnosis
+
+
+def _cbpp_model(link: str):
+    import pymc as pm
+
+    def build(data: pd.DataFrame):
+        herds = pd.Categorical(data["herd"].astype(str))
+        period = pd.get_dummies(data["period"].astype(str), drop_first=True).to_numpy(float)
+        with pm.Model(coords={"herd": list(herds.categories)}) as model:
+            b0 = pm.Normal("b0", 0.0, 2.0)
+            b = pm.Normal("b", 0.0, 2.0, shape=period.shape[1])
+            sd = pm.HalfNormal("sd", 1.0)
+            u = pm.Normal("u", 0.0, sd, dims="herd")
+            eta = b0 + pm.math.dot(period, b) + u[herds.codes]
+            n = data["size"].to_numpy().astype(int)
+            y = data["incidence"].to_numpy().astype(int)
+            if link == "logit":
+                pm.Binomial("y", n=n, logit_p=eta, observed=y)
+            else:
+                pm.Binomial("y", n=n, p=pm.math.invprobit(eta), observed=y)
+        return model
+
+    mapping = {
+        "(Intercept)": "b0",
+        "period2": "b[0]",
+        "period3": "b[1]",
+        "period4": "b[2]",
+        "herd: sd((Intercept))": "sd",
+        "herd: (Intercept)": "u",
+    }
+    return build, mapping
+
+
+@pytest.mark.parametrize("link", ["logit", "probit"])
+def test_glmm_link_is_checked(link):
+    data, spec = hz.datasets.load("cbpp")
+    build, mapping = _cbpp_model(link)
+    result = audit(build, data, spec.formula, mapping, family="binomial", posterior=False)
+    check = result.checks["likelihood"]
+    if link == "logit":
+        assert check.verdict == "pass", check.diagnosis
+        assert result.checks["random_effects"].verdict == "pass"
+    else:
+        assert check.verdict == "fail"
+        assert "the probit link where the formula's family has the logit link" in check.diagnosis

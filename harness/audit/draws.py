@@ -93,9 +93,7 @@ def harness_loglik(design: Design, hdraws: xr.Dataset) -> np.ndarray:
     eta = harness_mu(design, hdraws)
     family = design.family
     if family.glm:
-        return np.vstack(
-            [family.loglik(design.y, family.mean(e, design.trials), design.trials) for e in eta]
-        )
+        return np.asarray(family.loglik(design.y[None, :], family.link.inverse(eta), design.trials))
     points = eta.shape[0]
     sigma = hdraws["sigma"].values.reshape(points, -1)
     if design.sigma_index is not None:

@@ -132,10 +132,11 @@ def moving_parameter(design: Design, hdraws: xr.Dataset, gap: np.ndarray) -> pd.
 def _scale_mixup(design: Design, hdraws: xr.Dataset, user: np.ndarray) -> str | None:
     if design.family.glm or "sigma" not in hdraws:
         return None
+    harness = harness_loglik(design, hdraws)
     for words, change in SCALE_MIXUPS.items():
         changed = hdraws.copy()
         changed["sigma"] = xr.apply_ufunc(change, hdraws["sigma"])
-        if np.all(_close(user, harness_loglik(design, changed))):
+        if _explains(user, harness, harness_loglik(design, changed)):
             return words
     return None
 
@@ -169,6 +170,15 @@ def structural_alternatives(design: Design) -> dict[str, Design]:
         X = design.X.copy()
         X[term] = 0.0
         out[f"the fixed effect {term!r} is missing"] = replace(design, X=X)
+    family = design.family
+    for link in getattr(family, "links", ()):
+        if family.glm and link != family.link.name:
+            other = replace(design, spec=design.spec.with_(link=link))
+            out[f"the {link} link where the formula's family has the {family.link.name} link"] = (
+                other
+            )
+    if design.offset is not None:
+        out["the formula's offset() term is missing"] = replace(design, offset=None)
     # Rows sorted by a predictor on one side only.  Sorting by a grouping factor only
     # relabels groups, which the whole-groups diagnosis names instead.
     factors = {c for b in design.blocks for c in b.factor.split(":")}
@@ -209,9 +219,25 @@ def _predictors_in_order(design: Design, order: np.ndarray) -> Design:
     )
 
 
+#: An alternative explains the gap when it leaves at most this fraction of it, row by row
+#: (numerically different but equal formulas, e.g. two probit implementations in the tails).
+EXPLAINED_FRACTION = 1e-3
+
+
+def _explains(user: np.ndarray, harness: np.ndarray, alternative: np.ndarray) -> bool:
+    with np.errstate(invalid="ignore"):
+        left = np.abs(user - alternative)
+        return bool(
+            np.all(
+                _close(user, alternative) | (left <= EXPLAINED_FRACTION * np.abs(user - harness))
+            )
+        )
+
+
 def _structural(design: Design, hdraws: xr.Dataset, user: np.ndarray) -> str | None:
+    harness = harness_loglik(design, hdraws)
     for words, changed in structural_alternatives(design).items():
-        if np.all(_close(user, harness_loglik(changed, hdraws))):
+        if _explains(user, harness, harness_loglik(changed, hdraws)):
             return words
     return None
 

@@ -95,8 +95,9 @@ def _harness_prior_draws(design: Design, priors: Any, draws: int, seed: int) -> 
     from harness.engines.pymc import build_model
 
     model = build_model(design, priors)
+    latent = [v.name for v in (*model.free_RVs, *model.deterministics)]
     with model:
-        idata = pm.sample_prior_predictive(draws=draws, random_seed=seed)
+        idata = pm.sample_prior_predictive(draws=draws, random_seed=seed, var_names=latent)
     return idata.prior
 
 
