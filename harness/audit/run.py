@@ -113,7 +113,9 @@ def _posterior_check(
         frame = getattr(cmp, name)
         label = {"fixed": "term", "variance": "component", "agreement": "term"}[name]
         for _, row in frame[frame["verdict"] != "pass"].iterrows():
-            bad.append(f"{row.get(label, '?')} ({row['verdict']}: {row.get('explanation', '')})")
+            why = str(row.get("explanation", ""))
+            why = why if why.startswith(row["verdict"]) else f"{row['verdict']}: {why}"
+            bad.append(f"{row.get(label, '?')} ({why})")
     text = f"against lme4: {cmp.verdict}" + (
         f"; rows not passing: {'; '.join(bad[:6])}"
         if bad

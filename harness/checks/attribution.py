@@ -891,6 +891,7 @@ def conditional_modes(
     covs: dict[str, np.ndarray],
     sigma_rows: np.ndarray,
     beta_prior: tuple[np.ndarray, np.ndarray] | None = None,
+    Z: Any = None,
 ) -> pd.DataFrame:
     """Conditional modes (BLUPs) of the offsets for given variance components.
 
@@ -901,7 +902,8 @@ def conditional_modes(
 
     ``beta_prior`` (means, precisions) adds independent Normal priors on the
     fixed effects; the solution is then ``E[u | y, theta]`` under them (without,
-    under a flat prior: the BLUP).
+    under a flat prior: the BLUP).  ``Z`` is ``design.Z()`` when the caller
+    already holds it (many solves on one design).
 
     Returns
     -------
@@ -913,7 +915,7 @@ def conditional_modes(
 
     from harness.checks.marginal import psd_cholesky
 
-    Z = design.Z()
+    Z = design.Z() if Z is None else Z
     lambdas = []
     for block in design.lme4_block_order():
         L = psd_cholesky(covs[block.label])
@@ -977,6 +979,7 @@ def rao_blackwell_offsets(bayes: BayesFit, n_draws: int = RB_DRAWS) -> pd.DataFr
     factors, sigma = draw_factors(bayes, index)
     prior = _beta_prior(bayes)
     columns = design.Z_columns()
+    Z = design.Z()
     values = np.empty((len(index), len(columns)))
     for s in range(len(index)):
         covs = {
@@ -986,7 +989,7 @@ def rao_blackwell_offsets(bayes: BayesFit, n_draws: int = RB_DRAWS) -> pd.DataFr
             rows = sigma[s][design.sigma_index]
         else:
             rows = np.full(design.n, sigma[s][0])
-        values[s] = conditional_modes(design, covs, rows, prior)["mode"].to_numpy(float)
+        values[s] = conditional_modes(design, covs, rows, prior, Z)["mode"].to_numpy(float)
     se = (
         values.std(axis=0, ddof=1) / np.sqrt(len(index))
         if len(index) > 1
