@@ -166,6 +166,7 @@ def test_variance_used_as_sd_fails_random_effects(trial):
 
 def _sleep_model(mistake: str):
     import pymc as pm
+    import pytensor.tensor as pt
 
     def build(data: pd.DataFrame):
         subjects = pd.Categorical(data["Subject"].astype(str))
@@ -180,6 +181,10 @@ def _sleep_model(mistake: str):
                 u = pm.Deterministic("u", z * stds, dims=("subj", "cols"))
             elif mistake == "transposed":
                 u = pm.Deterministic("u", z @ chol, dims=("subj", "cols"))
+            elif mistake == "no_intercept":
+                u = pm.Deterministic(
+                    "u", pt.stack([0.0 * z[:, 0], z[:, 1] * stds[1]], axis=1), dims=("subj", "cols")
+                )
             else:
                 u = pm.Deterministic("u", z @ chol.T, dims=("subj", "cols"))
             sigma = pm.HalfNormal("sigma", 50.0)
@@ -205,6 +210,7 @@ def _sleep_model(mistake: str):
     [
         ("dropped_correlation", "a dropped correlation"),
         ("transposed", "a transposed Cholesky factor"),
+        ("no_intercept", "a missing random intercept"),
         ("", None),
     ],
 )

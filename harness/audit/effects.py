@@ -110,6 +110,14 @@ def block_check(
         & np.all(np.isfinite(u), axis=(1, 2))
     )
     u, sd, corr = u[keep], sd[keep], corr[keep]
+    absent = [t for k, t in enumerate(block.terms) if np.all(u[..., k] == 0)]
+    if absent and len(u):
+        words = (
+            f"{block.label}: the offsets of {', '.join(absent)} are 0 in every prior draw while "
+            "their SD is not: the model has no such random effect (a missing random "
+            f"{'intercept' if '(Intercept)' in absent else 'effect'})"
+        )
+        return "fail", words, pd.DataFrame(), pd.DataFrame()
     if len(u) < 20:
         return (
             "incomplete",
