@@ -460,3 +460,48 @@ def test_glmm_link_is_checked(link):
     else:
         assert check.verdict == "fail"
         assert "the probit link where the formula's family has the logit link" in check.diagnosis
+
+
+def test_two_observed_variables_compare_totals(trial):
+    import pymc as pm
+
+    def build(data):
+        X = np.column_stack([np.ones(len(data)), data["tx"].to_numpy(float)])
+        groups = list(pd.Categorical(data["group"]).categories.astype(str))
+        index = pd.Categorical(data["group"].astype(str), categories=groups).codes
+        tx = data["tx"].to_numpy(float)
+        control = data["tx"].to_numpy() == 0
+        with pm.Model(coords={"g": groups}) as model:
+            B = pm.Normal("B", 0.0, 10.0, shape=2)
+            sd_u = pm.HalfNormal("sd_u", 2.0)
+            U = pm.Normal("U", 0.0, sd_u, dims="g")
+            sigma = pm.HalfNormal("sigma", 2.0, shape=2)
+            mu = pm.math.dot(X, B) + U[index] * tx
+            y = data["y"].to_numpy()
+            # One likelihood per arm, each with its own residual SD (seed 000's question 3).
+            pm.Normal("y_control", mu[control], sigma[0], observed=y[control])
+            pm.Normal("y_treated", mu[~control], sigma[1], observed=y[~control])
+        return model
+
+    _, mapping = _trial_model()
+    result = audit(build, trial, TRIAL, mapping, sigma_by="arm", posterior=False)
+    check = result.checks["likelihood"]
+    assert check.verdict == "pass", check.diagnosis
+    assert "totals agree" in check.diagnosis
+
+
+def test_improper_priors_leave_the_prior_checks_incomplete(trial):
+    import pymc as pm
+
+    base, mapping = _trial_model()
+
+    def build(data):
+        model = base(data)
+        with model:
+            pm.Flat("unused")
+        return model
+
+    result = audit(build, trial, TRIAL, mapping, sigma_by="arm", posterior=False)
+    assert result.checks["random_effects"].verdict == "incomplete"
+    assert result.checks["likelihood"].verdict == "incomplete"
+    assert result.verdict == "incomplete"

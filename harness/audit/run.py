@@ -129,6 +129,77 @@ def _posterior_check(
     return CheckResult("posterior", cmp.verdict, text, tables), cmp
 
 
+def _ordered(checks: dict[str, CheckResult]) -> dict[str, CheckResult]:
+    order = ["likelihood", "random_effects", "priors", "posterior"]
+    return {k: checks[k] for k in order if k in checks}
+
+
+def _posterior_stage(
+    model: Any,
+    mapping: Mapping[str, Any],
+    design: Design,
+    spec: ModelSpec,
+    data: pd.DataFrame,
+    resolved: Any,
+    checks: dict[str, CheckResult],
+    point_sets: list[xr.Dataset],
+    sources: list[str],
+    *,
+    seed: int,
+    draws: int,
+    tune: int,
+    chains: int,
+    points: int,
+    freq: Any,
+    source: str,
+) -> Any:
+    """Sample the model, add posterior points, and compare with lme4 (check d)."""
+    from harness.audit.fit_adapter import as_bayes_fit, sample_user_model
+
+    try:
+        idata, compile_s, sample_s = sample_user_model(
+            model, draws=draws, tune=tune, chains=chains, seed=seed
+        )
+    except Exception as err:  # the model could not be sampled: the check did not run
+        log.warning("audit: sampling the model failed: %s", err)
+        checks["posterior"] = CheckResult(
+            "posterior", "incomplete", f"sampling the model failed: {type(err).__name__}: {err}"
+        )
+        return None
+    hpost = harness_draws(mapping, idata.posterior, design)
+    post_points = _points(idata.posterior, points)
+    point_sets.append(post_points)
+    sources += ["posterior"] * post_points.sizes["draw"]
+    bayes = as_bayes_fit(
+        design,
+        resolved,
+        idata,
+        hpost,
+        seed=seed,
+        draws=draws,
+        tune=tune,
+        chains=chains,
+        compile_seconds=compile_s,
+        sample_seconds=sample_s,
+        source=source,
+    )
+    try:
+        if freq is None:
+            from harness.engines.lme4 import fit_lme4
+
+            freq = fit_lme4(spec, data)
+        table = checks["priors"].tables.get("priors") if "priors" in checks else None
+        differ = bool(table is not None and "differs" in table and table["differs"].any())
+        checks["posterior"], comparison = _posterior_check(design, resolved, bayes, freq, differ)
+    except Exception as err:  # lme4 missing or failed: the check did not run, it did not pass
+        log.warning("audit: the posterior comparison did not run: %s", err)
+        checks["posterior"] = CheckResult(
+            "posterior", "incomplete", f"the comparison with lme4 did not run: {err}"
+        )
+        return None
+    return comparison
+
+
 def audit(
     build: Callable[[pd.DataFrame], Any],
     data: pd.DataFrame,
@@ -202,55 +273,61 @@ def audit(
     checks: dict[str, CheckResult] = {}
     notes: list[str] = []
 
-    prior = user_prior_draws(model, max(prior_draws, points), seed)
-    hprior = harness_draws(mapping, prior, design)
-    checks["random_effects"] = effects_check(design, hprior, hprior.attrs["supplied_levels"])
-    harness_prior = _harness_prior_draws(design, resolved, max(prior_draws, points), seed)
-    checks["priors"] = priors_check(design, resolved, dict(mapping), model, hprior, harness_prior)
-
-    point_sets = [_points(prior, points)]
-    sources = ["prior"] * point_sets[0].sizes["draw"]
+    point_sets: list[xr.Dataset] = []
+    sources: list[str] = []
+    try:
+        prior = user_prior_draws(model, max(prior_draws, points), seed)
+    except Exception as err:  # e.g. improper priors (pm.Flat) cannot be drawn from
+        log.warning("audit: no prior draws of the model: %s", err)
+        why = f"the model's prior cannot be drawn from ({type(err).__name__}: {err})"
+        for name in ("random_effects", "priors"):
+            checks[name] = CheckResult(name, "incomplete", why)
+        notes.append(f"{why}; the likelihood is checked at posterior draws only")
+    else:
+        hprior = harness_draws(mapping, prior, design)
+        checks["random_effects"] = effects_check(design, hprior, hprior.attrs["supplied_levels"])
+        harness_prior = _harness_prior_draws(design, resolved, max(prior_draws, points), seed)
+        checks["priors"] = priors_check(
+            design, resolved, dict(mapping), model, hprior, harness_prior
+        )
+        point_sets.append(_points(prior, points))
+        sources += ["prior"] * point_sets[0].sizes["draw"]
     comparison = None
     if posterior:
-        from harness.audit.fit_adapter import as_bayes_fit, sample_user_model
-
-        idata, compile_s, sample_s = sample_user_model(
-            model, draws=draws, tune=tune, chains=chains, seed=seed
-        )
-        hpost = harness_draws(mapping, idata.posterior, design)
-        post_points = _points(idata.posterior, points)
-        point_sets.append(post_points)
-        sources += ["posterior"] * post_points.sizes["draw"]
-        bayes = as_bayes_fit(
+        comparison = _posterior_stage(
+            model,
+            mapping,
             design,
+            spec,
+            data,
             resolved,
-            idata,
-            hpost,
+            checks,
+            point_sets,
+            sources,
             seed=seed,
             draws=draws,
             tune=tune,
             chains=chains,
-            compile_seconds=compile_s,
-            sample_seconds=sample_s,
+            points=points,
+            freq=freq,
             source=source,
         )
-        try:
-            if freq is None:
-                from harness.engines.lme4 import fit_lme4
-
-                freq = fit_lme4(spec, data)
-            differ = bool(checks["priors"].tables["priors"].get("differs", pd.Series()).any())
-            checks["posterior"], comparison = _posterior_check(
-                design, resolved, bayes, freq, differ
-            )
-        except Exception as err:  # lme4 missing or failed: the check did not run, it did not pass
-            log.warning("audit: the posterior comparison did not run: %s", err)
-            checks["posterior"] = CheckResult(
-                "posterior", "incomplete", f"the comparison with lme4 did not run: {err}"
-            )
     else:
         checks["posterior"] = CheckResult(
             "posterior", "incomplete", "not run (no sampling asked for)"
+        )
+    if not point_sets:
+        checks["likelihood"] = CheckResult(
+            "likelihood", "incomplete", "no parameter points (no prior draws and no posterior)"
+        )
+        return AuditResult(
+            spec=spec,
+            design=design,
+            checks=_ordered(checks),
+            comparison=comparison,
+            notes=notes,
+            source=source,
+            model_path=model_path,
         )
     free = [v.name for v in model.free_RVs]
     merged = xr.concat(
@@ -267,11 +344,10 @@ def audit(
     checks["likelihood"] = likelihood_check(
         design, hpoints, user, sources, pointwise=single, observed=observed
     )
-    order = ["likelihood", "random_effects", "priors", "posterior"]
     return AuditResult(
         spec=spec,
         design=design,
-        checks={k: checks[k] for k in order if k in checks},
+        checks=_ordered(checks),
         comparison=comparison,
         notes=notes,
         source=source,
