@@ -31,6 +31,7 @@ __all__ = [
     "Prior",
     "SameModel",
     "__version__",
+    "audit",
     "build_design",
     "compare",
     "datasets",
@@ -52,3 +53,10 @@ def fit_pymc(*args: Any, **kwargs: Any):
     from harness.engines.pymc import fit_pymc as _fit
 
     return _fit(*args, **kwargs)
+
+
+def audit(*args: Any, **kwargs: Any):
+    """Audit a user's own PyMC model (see :func:`harness.audit.run.audit`)."""
+    from harness.audit.run import audit as _audit
+
+    return _audit(*args, **kwargs)

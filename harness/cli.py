@@ -112,6 +112,47 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return run_compare_command(args)
 
 
+# --- audit (issue 21) -------------------------------------------------------
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit",
+        help="audit your own PyMC model against the harness's model and lme4",
+        description="Audit MODEL.py, your own PyMC model: its likelihood, random-effects law, "
+        "priors and posterior against the harness's model for --formula and against lme4. "
+        "This RUNS THE CODE IN MODEL.py (it must define build(data) -> pymc.Model and "
+        "MAPPING); audit only files you trust. Exit status 0 when the verdict is pass, 2 otherwise.",
+    )
+    p.add_argument("model", type=Path, help="your model file (Python; it is run)")
+    p.add_argument("--data", type=Path, required=True, help="data file (CSV with a header row)")
+    p.add_argument(
+        "--formula", required=True, help='lme4 formula, e.g. "y ~ tx + (0 + tx | group)"'
+    )
+    p.add_argument("--sigma-by", default=None, help="column with one residual SD per level")
+    p.add_argument("--family", default="gaussian", help="gaussian, binomial or poisson")
+    p.add_argument("--link", default=None, help="link (binomial: logit or probit)")
+    p.add_argument(
+        "--priors", default="weak", help="the harness's prior profile: weak, m14.1, flat"
+    )
+    p.add_argument("--out", type=Path, default=None, help="report file (HTML)")
+    p.add_argument("--json", type=Path, default=None, help="write the checks as JSON here")
+    p.add_argument("--seed", type=_seed, default=1, help="seed of the prior draws and the sampler")
+    p.add_argument("--draws", type=int, default=1000, help="posterior draws per chain")
+    p.add_argument("--tune", type=int, default=1000, help="warm-up draws per chain")
+    p.add_argument("--chains", type=int, default=4, help="chains")
+    p.add_argument(
+        "--no-posterior",
+        action="store_true",
+        help="skip sampling and lme4 (the posterior check then reads incomplete)",
+    )
+    p.set_defaults(func=_cmd_audit)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from harness.report.audit_command import run_audit_command
+
+    return run_audit_command(args)
+
+
 # --- study (owner: study engineer) -------------------------------------------
 def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="run a simulation study (coverage, Type I error, SBC)")
@@ -143,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_compare(sub)
     _add_study(sub)
+    _add_audit(sub)
     return parser
 
 

@@ -15,7 +15,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "harness"
 
 #: Subpackages/modules that fit, check or orchestrate: they must not import report code.
-FITTING = ("harness.model", "harness.engines", "harness.checks", "harness.pipeline")
+FITTING = (
+    "harness.model",
+    "harness.engines",
+    "harness.checks",
+    "harness.pipeline",
+    "harness.audit",
+)
 REPORT = "harness.report"
 
 

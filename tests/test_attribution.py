@@ -382,3 +382,30 @@ def test_fixed_row_counts_the_variance_component_share_in_summary():
     assert attr.attribution["remainder"] == pytest.approx(float(draws.mean()) - 1.3)
     assert attr.explained
     assert "variance components" in attr.explanation
+
+
+def test_boundary_remainder_is_honest_for_a_posterior_away_from_the_bound():
+    # Negative control (issue 21): lme4 says SD = 0, but the posterior sits well away from 0;
+    # the boundary cannot explain that, so the remainder is not 0 and the row is not explained.
+    rng = np.random.default_rng(18)
+    draws = np.abs(rng.normal(1.0, 0.1, (CHAINS, DRAWS)))
+    flat = draws.ravel()
+    attr = attribute_row(
+        draws,
+        0.0,
+        how="median",
+        wide_values=flat,
+        wide=_uniform(flat.size),
+        scale=float(flat.std(ddof=1)),
+        scale_name="posterior SD",
+        tolerance=0.5 * float(flat.std(ddof=1)),
+        tolerance_text="0.5 posterior SD",
+        bounds=(0.0, None),
+        boundary="lower",
+    )
+    assert attr.attribution["remainder"] > 0.1
+    assert not attr.explained
+    parts = attr.attribution
+    assert parts["prior"] + parts["boundary"] + parts["summary"] + parts["remainder"] == (
+        pytest.approx(attr.gap)
+    )

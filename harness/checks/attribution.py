@@ -85,6 +85,15 @@ REMAINDER_CORRELATION = 0.02  # agreement rows: correlation not explained
 BOUNDARY_SD_RATIO = 1e-4
 BOUNDARY_COR = 1.0 - 1e-6
 SOURCES = ("prior", "summary", "boundary", "remainder")
+#: A posterior "piled against" a bound has density there of at least this fraction of its peak.
+BULK_FRACTION = 0.1
+#: Edges of the bulk this close to the bound (in posterior SDs) are KDE resolution, not distance.
+BOUNDARY_EDGE_SD = 0.1
+#: Posterior draws whose conditional means average to E[u | y] (agreement rows).
+RB_DRAWS = 40
+#: RMS, over a term's informed groups, of (posterior mean - E[E[u|y,theta]]) / MCSE above which
+#: the posterior means are not those of the model's offsets.
+RB_Z_MAX = 3.0
 #: The source of a gap that lme4's optimizer leaves (it stopped short of its maximum).
 OPTIMIZER_SOURCE = "lme4_optimizer"
 #: Kernel width (posterior SDs) and the least kernel ESS for a conditional mode.
@@ -132,9 +141,22 @@ def weighted_mode(
     inwards.
     """
     values = np.asarray(values, dtype=float)
-    weights = np.asarray(weights, dtype=float)
     if np.ptp(values) == 0:
         return float(values[0])
+    xs, density = weighted_density(values, weights, lower, upper, grid)
+    return float(xs[int(np.argmax(density))])
+
+
+def weighted_density(
+    values: np.ndarray,
+    weights: np.ndarray,
+    lower: float | None = None,
+    upper: float | None = None,
+    grid: int = 512,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A weighted Gaussian KDE reflected at the bounds, on a grid spanning the draws and bounds."""
+    values = np.asarray(values, dtype=float)
+    weights = np.asarray(weights, dtype=float)
     pieces, wpieces = [values], [weights]
     if lower is not None:
         pieces.append(2 * lower - values)
@@ -147,7 +169,7 @@ def weighted_mode(
     n_eff = np.sum(weights) ** 2 / np.sum(weights**2)
     mean = np.sum(values * weights) / np.sum(weights)
     sd = np.sqrt(np.sum(weights * (values - mean) ** 2) / np.sum(weights))
-    bandwidth = sd * n_eff ** (-1 / 5)
+    bandwidth = max(sd * n_eff ** (-1 / 5), 1e-300)
     cloud, cloud_w = np.concatenate(pieces), np.concatenate(wpieces)
     lo = max(values.min(), lower) if lower is not None else values.min()
     hi = min(values.max(), upper) if upper is not None else values.max()
@@ -155,7 +177,42 @@ def weighted_mode(
     density = np.array(
         [np.sum(cloud_w * np.exp(-0.5 * ((x - cloud) / bandwidth) ** 2)) for x in xs]
     )
-    return float(xs[int(np.argmax(density))])
+    return xs, density
+
+
+def bulk_edge(
+    values: np.ndarray,
+    weights: np.ndarray,
+    bounds: tuple[float | None, float | None],
+    side: str,
+    fraction: float = BULK_FRACTION,
+) -> float:
+    """Where the posterior's bulk begins, seen from a bound.
+
+    From the bound (``side`` "lower" or "upper") inwards, the first point where
+    the reflected KDE reaches ``fraction`` of its peak.  A posterior piled
+    against the bound starts at the bound itself.
+    """
+    values = np.asarray(values, dtype=float)
+    if np.ptp(values) == 0:
+        return float(values[0])
+    lower, upper = bounds
+    xs, density = weighted_density(values, weights, lower, upper)
+    # Extend to the bound itself: the grid starts at the draws' extreme.
+    bound = lower if side == "lower" else upper
+    if bound is not None:
+        xs = np.concatenate([[bound], xs]) if side == "lower" else np.concatenate([xs, [bound]])
+        at_bound = weighted_density(values, weights, lower, upper, grid=2)[1]
+        edge_value = at_bound[0] if side == "lower" else at_bound[-1]
+        density = (
+            np.concatenate([[edge_value], density])
+            if side == "lower"
+            else np.concatenate([density, [edge_value]])
+        )
+    above = density >= fraction * density.max()
+    if side == "lower":
+        return float(xs[int(np.argmax(above))])
+    return float(xs[len(xs) - 1 - int(np.argmax(above[::-1]))])
 
 
 def conditional_weights(
@@ -535,9 +592,24 @@ def attribute_row(
     if boundary is not None:
         q = 0.025 if boundary == "lower" else 0.975
         tail = weighted_quantile(values, weights, q)
-        parts["boundary"] = tail - reference
-        parts["summary"] = at_wide - tail
-        parts["remainder"] = 0.0
+        # The bound explains the gap up to the near tail only for a posterior piled against
+        # it: its mode must lie between the bound and that tail.  A mode beyond the tail is a
+        # posterior that disagrees with lme4's boundary estimate: the remainder, honestly.
+        # The bound explains the gap up to the near tail only for a posterior piled against
+        # it.  Where the posterior's bulk begins away from the bound (its density there under
+        # BULK_FRACTION of its peak), lme4's boundary estimate and the posterior disagree: the
+        # distance from lme4's estimate to that edge is the remainder, honestly.
+        edge = bulk_edge(values, weights, bounds, boundary)
+        far = edge - reference
+        if abs(far) <= BOUNDARY_EDGE_SD * float(np.std(values)):
+            far = 0.0
+        lower_side = boundary == "lower"
+        start = reference + far
+        boundary_share = max(tail - start, 0.0) if lower_side else min(tail - start, 0.0)
+        parts["boundary"] = boundary_share
+        parts["remainder"] = far
+        parts["summary"] = at_wide - reference - far - boundary_share
+        extra["bulk_edge"] = edge
     elif summary_at is not None and np.isfinite(summary_at):
         parts["summary"] = float(summary_at) - reference
         parts["boundary"] = 0.0
@@ -815,7 +887,11 @@ def _block_covariances(bayes_or_freq: Any, values: dict[str, float], blocks: lis
 
 
 def conditional_modes(
-    design: Any, covs: dict[str, np.ndarray], sigma_rows: np.ndarray
+    design: Any,
+    covs: dict[str, np.ndarray],
+    sigma_rows: np.ndarray,
+    beta_prior: tuple[np.ndarray, np.ndarray] | None = None,
+    Z: Any = None,
 ) -> pd.DataFrame:
     """Conditional modes (BLUPs) of the offsets for given variance components.
 
@@ -823,6 +899,11 @@ def conditional_modes(
     ``u = Lambda v``, so that a zero SD (a singular fit) needs no inverse:
     ``[X'WX, X'WZL; L'Z'WX, L'Z'WZL + I] [b; v] = [X'Wy; L'Z'Wy]`` with
     ``W = diag(1 / sigma_i^2)``.
+
+    ``beta_prior`` (means, precisions) adds independent Normal priors on the
+    fixed effects; the solution is then ``E[u | y, theta]`` under them (without,
+    under a flat prior: the BLUP).  ``Z`` is ``design.Z()`` when the caller
+    already holds it (many solves on one design).
 
     Returns
     -------
@@ -834,7 +915,7 @@ def conditional_modes(
 
     from harness.checks.marginal import psd_cholesky
 
-    Z = design.Z()
+    Z = design.Z() if Z is None else Z
     lambdas = []
     for block in design.lme4_block_order():
         L = psd_cholesky(covs[block.label])
@@ -845,8 +926,14 @@ def conditional_modes(
     ZL = sp.diags(w) @ Z @ Lam
     yw = design.y * w
     p, q = Xw.shape[1], ZL.shape[1]
-    A = sp.bmat([[Xw.T @ Xw, Xw.T @ ZL], [ZL.T @ Xw, ZL.T @ ZL + sp.identity(q)]], format="csc")
-    rhs = np.concatenate([Xw.T @ yw, ZL.T @ yw])
+    XtX = Xw.T @ Xw
+    Xty = Xw.T @ yw
+    if beta_prior is not None:
+        mean, precision = (np.asarray(a, dtype=float) for a in beta_prior)
+        XtX = XtX + sp.diags(precision)
+        Xty = Xty + precision * mean
+    A = sp.bmat([[XtX, Xw.T @ ZL], [ZL.T @ Xw, ZL.T @ ZL + sp.identity(q)]], format="csc")
+    rhs = np.concatenate([Xty, ZL.T @ yw])
     solution = spsolve(A, rhs)
     u = Lam @ solution[p:]
     rows = [
@@ -854,6 +941,69 @@ def conditional_modes(
         for (block, level, term), value in zip(design.Z_columns(), u, strict=True)
     ]
     return pd.DataFrame(rows)
+
+
+def _beta_prior(bayes: BayesFit) -> tuple[np.ndarray, np.ndarray] | None:
+    """(means, precisions) of Normal priors on every fixed effect; None for any other prior."""
+    means, precisions = [], []
+    for term in bayes.design.fixed_terms:
+        prior = bayes.priors.fixed.get(term)
+        if prior is None or prior.dist != "Normal":
+            return None
+        means.append(float(prior.params.get("mu", 0.0)))
+        precisions.append(1.0 / float(prior.params["sigma"]) ** 2)
+    return np.array(means), np.array(precisions)
+
+
+def rao_blackwell_offsets(bayes: BayesFit, n_draws: int = RB_DRAWS) -> pd.DataFrame | None:
+    """The posterior mean of the offsets from the variance components' draws alone.
+
+    For a Gaussian model ``E[u | y] = E[E[u | y, theta] | y]``: the average, over
+    evenly spaced posterior draws of the variance components ``theta``, of the
+    offsets' conditional means (Henderson's equations with the fixed effects'
+    Normal priors).  The posterior means of the offsets must equal it within
+    Monte Carlo error; offsets in the wrong groups cannot.
+
+    Returns
+    -------
+    DataFrame or None
+        group_factor, group, term, rb_mean, rb_se (the Monte Carlo SE of the
+        average over the draws); None for a GLMM or a design without random effects.
+    """
+    design = bayes.design
+    if design.family.glm or not design.blocks:
+        return None
+    posterior = bayes.idata.posterior
+    n = posterior.sizes["chain"] * posterior.sizes["draw"]
+    index = np.unique(np.linspace(0, n - 1, min(n_draws, n)).round().astype(int))
+    factors, sigma = draw_factors(bayes, index)
+    prior = _beta_prior(bayes)
+    columns = design.Z_columns()
+    Z = design.Z()
+    values = np.empty((len(index), len(columns)))
+    for s in range(len(index)):
+        covs = {
+            block.label: factors[b][s] @ factors[b][s].T for b, block in enumerate(design.blocks)
+        }
+        if design.sigma_index is not None:
+            rows = sigma[s][design.sigma_index]
+        else:
+            rows = np.full(design.n, sigma[s][0])
+        values[s] = conditional_modes(design, covs, rows, prior, Z)["mode"].to_numpy(float)
+    se = (
+        values.std(axis=0, ddof=1) / np.sqrt(len(index))
+        if len(index) > 1
+        else np.zeros(values.shape[1])
+    )
+    return pd.DataFrame(
+        {
+            "group_factor": [block.factor for block, _, _ in columns],
+            "group": [str(level) for _, level, _ in columns],
+            "term": [term for _, _, term in columns],
+            "rb_mean": values.mean(axis=0),
+            "rb_se": se,
+        }
+    )
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -872,6 +1022,7 @@ def attribute_agreement(
     sigma_rows: dict[str, np.ndarray],
     offset_mcse: pd.Series,
     passes: pd.Series,
+    rao_blackwell: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Explain each agreement row's correlation deficit ``1 - r`` in correlation units.
 
@@ -894,6 +1045,10 @@ def attribute_agreement(
         MCSE of each offset's posterior mean, aligned with ``offsets``.
     passes : Series
         The agreement rows' own pass rule.
+    rao_blackwell : DataFrame, optional
+        :func:`rao_blackwell_offsets`: the posterior means of the offsets as the
+        model defines them.  With it, the remainder involves the posterior
+        draws: the posterior means must equal it within Monte Carlo error.
 
     Returns
     -------
@@ -925,6 +1080,8 @@ def attribute_agreement(
     table["mcse_mean"] = offset_mcse.to_numpy()
     for frame in modes.values():
         table = table.merge(frame, on=["group_factor", "group", "term"], how="left")
+    if rao_blackwell is not None and modes:
+        table = table.merge(rao_blackwell, on=["group_factor", "group", "term"], how="left")
     out = agreement.copy()
     attributions: list[dict[str, float | None]] = []
     explanations, explained = [], []
@@ -959,14 +1116,33 @@ def attribute_agreement(
         d_lme4 = 1.0 - _corr(x, part["mode_lme4"].to_numpy(float))
         mc_var = float(np.mean(part["mcse_mean"].to_numpy(float) ** 2))
         mcse = r * mc_var / (2.0 * float(np.var(y))) if np.var(y) > 0 else 0.0
-        parts = {
-            "mcse": mcse,
-            "prior": d_post - d_wide,
-            "summary": (d_obs - d_post - mcse) + (d_wide - d_lme4),
-            "boundary": 0.0,
-            "remainder": d_lme4,
-        }
-        ok_rest = abs(d_lme4) <= REMAINDER_CORRELATION
+        rb_z = float("nan")
+        if "rb_mean" in part and part["rb_mean"].notna().all():
+            # The Bayesian part of the gap: the posterior means against E[E[u|y,theta]].
+            rb = part["rb_mean"].to_numpy(float)
+            spread = np.sqrt(
+                part["mcse_mean"].to_numpy(float) ** 2 + part["rb_se"].to_numpy(float) ** 2
+            )
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = np.where(spread > 0, (y - rb) / spread, 0.0)
+            rb_z = float(np.sqrt(np.mean(z**2)))
+            d_rb = 1.0 - _corr(x, rb)
+            parts = {
+                "mcse": mcse,
+                "prior": d_post - d_wide,
+                "summary": (d_rb - d_post) + (d_wide - d_lme4),
+                "boundary": 0.0,
+                "remainder": d_lme4 + (d_obs - d_rb - mcse),
+            }
+        else:
+            parts = {
+                "mcse": mcse,
+                "prior": d_post - d_wide,
+                "summary": (d_obs - d_post - mcse) + (d_wide - d_lme4),
+                "boundary": 0.0,
+                "remainder": d_lme4,
+            }
+        ok_rest = abs(d_lme4) <= REMAINDER_CORRELATION and not rb_z > RB_Z_MAX
         slope = row.get("slope", float("nan"))
         sd_ratio = _sd_ratio(row, vc_post, vc_lme4, blocks)
         sentence = (
@@ -978,6 +1154,17 @@ def attribute_agreement(
             f"estimates the modes correlate {1 - d_lme4:.4f} with lme4's (the rest, "
             f"{d_lme4:.2g})"
         )
+        if np.isfinite(rb_z):
+            sentence += (
+                f"; the posterior means lie {rb_z:.2g} MCSE (RMS over groups) from the average "
+                "over posterior draws of the conditional means, E[E[u|y,theta]]"
+                + (
+                    " -- more than Monte Carlo error: the offsets are not the model's (wrong "
+                    "groups or terms?)"
+                    if rb_z > RB_Z_MAX
+                    else ""
+                )
+            )
         if np.isfinite(slope) and np.isfinite(sd_ratio):
             sentence += (
                 f"; the slope of posterior means on lme4's modes, {slope:.2f}, follows the ratio "

@@ -21,12 +21,14 @@ from harness.checks.align import check_alignment, informed_counts, posterior_off
 from harness.checks.attribution import (
     BOUNDARY_COR,
     BOUNDARY_SD_RATIO,
+    RB_Z_MAX,
     REMAINDER_VARIANCE_SD,
     WidePrior,
     attribute_agreement,
     attribute_row,
     integrate_variance_components,
     pick_conditioning,
+    rao_blackwell_offsets,
     reweight_to_wide_prior,
     weighted_summary,
 )
@@ -813,6 +815,11 @@ def explain_agreement(
         keyed, on=["group_factor", "group", "term"], how="left"
     )
     passes = agreement["verdict"] == "pass"
+    try:
+        rao_blackwell = rao_blackwell_offsets(bayes)
+    except (ValueError, KeyError, np.linalg.LinAlgError) as err:
+        log.warning("E[E[u|y,theta]] over the posterior draws: %s", err)
+        rao_blackwell = None
     out = attribute_agreement(
         agreement,
         offsets,
@@ -823,13 +830,22 @@ def explain_agreement(
         sigma_rows,
         merged["mcse_mean"],
         passes,
+        rao_blackwell,
     )
-    verdicts = []
+    reliability = _offset_reliability(bayes, offsets)
+    verdicts, reasons = [], []
     for row in out.itertuples():
-        if row.verdict == "pass" or not np.isfinite(row.correlation):
+        stats = reliability.get((str(row.group_factor), str(row.term)))
+        if stats is not None and not _row_reliable(stats, bayes):
+            # The same R-hat/ESS rule as every other row: offsets that did not mix say nothing.
+            verdicts.append("unreliable")
+            reasons.append(_unreliable_reason(stats, bayes))
+        elif row.verdict == "pass" or not np.isfinite(row.correlation):
             verdicts.append(row.verdict)
+            reasons.append("")
         else:
             verdicts.append("look" if row.explained else "fail")
+            reasons.append("")
     out["verdict"] = verdicts
     out["explanation"] = [
         (
@@ -838,13 +854,51 @@ def explain_agreement(
             else (
                 f"explained by the named sources, but large: {e}"
                 if v == "look"
-                else f"not explained (conditional modes at lme4's estimates correlate less "
-                f"than {1 - attribution_tolerance():.2f} with lme4's): {e}"
+                else f"not explained (the remainder fails: conditional modes at lme4's "
+                f"estimates must correlate at least {1 - attribution_tolerance():.2f} with "
+                f"lme4's, and the posterior means must equal E[E[u|y,theta]] within "
+                f"{RB_Z_MAX:g} MCSE): {e}"
             )
         )
         for e, v, c in zip(out["explanation"], out["verdict"], out["correlation"], strict=True)
     ]
+    out["explanation"] = [
+        f"{reason} (worst over the term's informed groups). {e}" if reason else e
+        for e, reason in zip(out["explanation"], reasons, strict=True)
+    ]
     return out.drop(columns=["explained"])
+
+
+def _offset_reliability(
+    bayes: BayesFit, offsets: pd.DataFrame
+) -> dict[tuple[str, str], dict[str, float]]:
+    """Worst R-hat and smallest bulk/tail ESS over each factor/term's informed offsets."""
+    import arviz as az
+
+    informed = offsets[offsets["n_obs"] > 0]
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for factor, draws in posterior_offsets(bayes).items():
+        if draws.sizes["chain"] * draws.sizes["draw"] < 4:
+            continue
+        data = xr.Dataset({"u": draws})
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rhat = az.rhat(data)["u"].to_pandas()
+            bulk = az.ess(data, method="bulk")["u"].to_pandas()
+            tail = az.ess(data, method="tail")["u"].to_pandas()
+        for term in draws["term"].values:
+            groups = informed[
+                (informed["group_factor"] == str(factor)) & (informed["term"] == str(term))
+            ]["group"]
+            keep = [g for g in rhat.index.astype(str) if g in set(groups)]
+            if not keep:
+                continue
+            pick = rhat.index.astype(str).isin(keep)
+            out[(str(factor), str(term))] = {
+                "r_hat": float(np.nanmax(rhat.loc[pick, term].to_numpy(float))),
+                "ess_bulk": float(np.nanmin(bulk.loc[pick, term].to_numpy(float))),
+                "ess_tail": float(np.nanmin(tail.loc[pick, term].to_numpy(float))),
+            }
+    return out
 
 
 def attribution_tolerance() -> float:

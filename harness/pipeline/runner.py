@@ -195,11 +195,18 @@ class DesignResult:
 
     @property
     def verdict(self) -> str:
-        """Worst verdict of the comparisons, or ``fail`` when the same-model check failed."""
+        """Worst verdict of the comparisons; ``fail`` when the same-model check failed.
+
+        A same-model check that crashed or is unavailable gives ``incomplete``
+        (unless a comparison already fails or is unreliable): a check the
+        verdict needs did not run, so the verdict cannot be "pass".
+        """
         order = ["pass", "look", "fail", "unreliable"]
         verdicts = [c.verdict for c in self.comparisons.values()]
         verdict = max(verdicts, key=lambda v: order.index(v) if v in order else 0, default="pass")
-        if self.same_model is not None and not bool(getattr(self.same_model, "ok", True)):
+        if self.same_model is None:
+            return verdict if verdict in ("fail", "unreliable") else "incomplete"
+        if not bool(getattr(self.same_model, "ok", True)):
             return "fail"
         return verdict
 
