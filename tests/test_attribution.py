@@ -409,3 +409,17 @@ def test_boundary_remainder_is_honest_for_a_posterior_away_from_the_bound():
     assert parts["prior"] + parts["boundary"] + parts["summary"] + parts["remainder"] == (
         pytest.approx(attr.gap)
     )
+
+
+def test_sentence_prints_noise_sized_shares_as_zero():
+    """A share far below the row's scale and MCSE (rounding of nearly equal numbers) reads 0."""
+    import numpy as np
+
+    from harness.checks.attribution import WidePrior, _sentence
+
+    wide = WidePrior(method="psis", k_hat=0.1, weights=np.ones(4) / 4)
+    parts = {"prior": 0.02, "summary": 1.78e-15, "boundary": None, "remainder": -3e-16}
+    text = _sentence(0.5, parts, "mean", 2.0, "lme4 SE", wide, None, 0.01, 1.0, {})
+    assert "e-15" not in text and "e-16" not in text
+    assert "the rest is +0 " in text
+    assert "+0.02" in text  # a real share keeps its value

@@ -67,6 +67,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from harness.checks.noise import noise_floor
+
 if TYPE_CHECKING:
     from harness.fits import BayesFit
     from harness.model.priors import ResolvedPriors
@@ -688,27 +690,35 @@ def _sentence(
     estimate: float,
     extra: dict[str, Any],
 ) -> str:
+    floor = noise_floor(scale, mcse)
+
+    def share(value: float | None) -> str:
+        # A share below the row's numerical noise is 0, as the report's picture draws it.
+        if value is not None and np.isfinite(value) and abs(value) < floor:
+            value = 0.0
+        return _fmt(value)
+
     in_scale = f" ({_fmt(gap / scale, '+.2g')} {scale_name})" if scale > 0 else ""
     pieces = [
         f"gap {_fmt(gap)}{in_scale} of the posterior {how} from lme4's {_fmt(estimate, '.4g')}"
     ]
-    pieces.append(f"the prior accounts for {_fmt(parts['prior'] or 0.0)} ({wide.describe()})")
+    pieces.append(f"the prior accounts for {share(parts['prior'] or 0.0)} ({wide.describe()})")
     if parts.get("laplace") is not None:
         pieces.append(
-            f"glmer's Laplace approximation accounts for {_fmt(parts['laplace'] or 0.0)} "
+            f"glmer's Laplace approximation accounts for {share(parts['laplace'] or 0.0)} "
             f"({extra.get('laplace_text') or 'exact ML estimate minus glmer'})"
         )
     if boundary is not None:
         bound = "0 (singular fit)" if boundary == "lower" and estimate >= 0 else f"{estimate:+.0f}"
         pieces.append(
-            f"lme4's estimate is on the boundary {bound}: {_fmt(parts['boundary'] or 0.0)} up to "
+            f"lme4's estimate is on the boundary {bound}: {share(parts['boundary'] or 0.0)} up to "
             f"the posterior's {'2.5%' if boundary == 'lower' else '97.5%'} tail, "
-            f"{_fmt(parts['summary'] or 0.0)} of posterior mass beyond it (a posterior "
+            f"{share(parts['summary'] or 0.0)} of posterior mass beyond it (a posterior "
             "cannot be centred on its bound)"
         )
     elif "summary_at" in extra:
         pieces.append(
-            f"the summary accounts for {_fmt(parts['summary'] or 0.0)}: the {how} of the "
+            f"the summary accounts for {share(parts['summary'] or 0.0)}: the {how} of the "
             f"wide-prior posterior computed from the exact likelihood ({extra['summary_at']:.4g}; "
             f"{extra.get('integration_text') or 'no draws'}) against its joint mode, the exact ML "
             "estimate"
@@ -717,23 +727,25 @@ def _sentence(
         # With a Laplace share the conditioning values are the exact ML estimates (GLMMs).
         held = "the exact ML values" if parts.get("laplace") is not None else "lme4's values"
         pieces.append(
-            f"the summary accounts for {_fmt(parts['summary'] or 0.0)}: the {how} of a skewed "
-            f"posterior against its mode {_fmt(extra['skew'])}, and that marginal mode "
+            f"the summary accounts for {share(parts['summary'] or 0.0)}: the {how} of a skewed "
+            f"posterior against its mode {share(extra['skew'])}, and that marginal mode "
             f"({extra['wide_mode']:.4g}) against the mode with the components that move with it "
             f"held at {held} ({extra['conditional_mode']:.4g}, a joint mode as lme4's is) "
-            f"{_fmt(extra['wide_mode'] - extra['conditional_mode'])}"
+            f"{share(extra['wide_mode'] - extra['conditional_mode'])}"
         )
     elif "variance_components" in extra:
         how_integrated = extra.get("integration_text") or (
             "the posterior mean averages the GLS estimate over the variance components' "
             "posterior, lme4's is the GLS estimate at its own (REML) variance components"
         )
-        pieces.append(f"the summary accounts for {_fmt(parts['summary'] or 0.0)}: {how_integrated}")
+        pieces.append(
+            f"the summary accounts for {share(parts['summary'] or 0.0)}: {how_integrated}"
+        )
     elif summary := parts.get("summary"):
-        pieces.append(f"the {how} of a skewed posterior against its mode {_fmt(summary)}")
+        pieces.append(f"the {how} of a skewed posterior against its mode {share(summary)}")
     remainder = float(parts["remainder"] or 0.0)
     in_mcse = f"{_fmt(remainder / mcse, '+.1f')} MCSE" if mcse > 0 else "n/a MCSE"
-    pieces.append(f"the rest is {_fmt(remainder)} = {in_mcse} (MCSE {_fmt(mcse, '.2g')})")
+    pieces.append(f"the rest is {share(remainder)} = {in_mcse} (MCSE {_fmt(mcse, '.2g')})")
     text = "; ".join(pieces)
     if wide.note:
         text += f" [{wide.note}]"

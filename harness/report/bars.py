@@ -27,6 +27,7 @@ import pandas as pd
 
 from harness.checks.attribution import OPTIMIZER_SOURCE, REMAINDER_MCSE, SOURCES
 from harness.checks.glmm_attribution import LAPLACE_SOURCE
+from harness.checks.noise import noise_floor
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -42,9 +43,6 @@ __all__ = [
     "source_order",
 ]
 
-#: A value smaller than this fraction of the row's scale (or MCSE, whichever is larger) is
-#: rounding left over from differences of nearly equal numbers, not a share of the gap.
-NOISE_RELATIVE = 1e-6
 
 REMAINDER = "remainder"
 #: Agreement rows (1 - r): Monte Carlo noise lowers a correlation, so it is one of the steps.
@@ -81,25 +79,6 @@ SOURCE_NAMES = {
 
 #: Short names of the row scales for the picture's label.
 SCALE_SHORT = {"lme4 SE": "SE", "posterior SD": "SD", "1 - r": "1−r"}
-
-
-def noise_floor(scale: float | None, mcse: float | None) -> float:
-    """The size below which a share of a row's gap is numerical noise (prints as 0).
-
-    Parameters
-    ----------
-    scale : float
-        The row's scale (lme4 SE, posterior SD, or 1 for ``1 - r``).
-    mcse : float
-        The Monte Carlo error of the row's summary.
-
-    Returns
-    -------
-    float
-        ``NOISE_RELATIVE * max(|scale|, |mcse|)`` over the finite ones; 0 when neither is.
-    """
-    sizes = [abs(float(v)) for v in (scale, mcse) if v is not None and np.isfinite(v)]
-    return NOISE_RELATIVE * max(sizes, default=0.0)
 
 
 def denoise(value: Any, floor: float) -> float | None:
