@@ -479,6 +479,10 @@ def run_compare_command(args: argparse.Namespace) -> int:
     adaptive = result.bayes_info.settings.get("adaptive")
     if adaptive:
         print(f"  sampling: {len(adaptive['rounds'])} round(s); {adaptive['reason']}")
+    for (a, b), bayes in result.bayes_pairs.items():
+        print(f"  {a} vs {b}: {bayes.verdict} (max |diff| {bayes.max_abs_z:.2f} combined MCSE)")
+    if result.same_model_bayes_status:
+        print(f"  log-density identity PyMC / brms: {result.same_model_bayes_status}")
     for path in written:
         print(f"  -> {path}")
     return 0
