@@ -209,7 +209,7 @@ class DesignResult:
 
     @property
     def verdict(self) -> str:
-        """Worst verdict of the comparisons, or ``fail`` when the same-model check failed."""
+        """Worst verdict of the comparisons; ``fail`` when a same-model check (lme4 or brms) failed."""
         order = ["pass", "look", "fail", "unreliable"]
         verdicts = [c.verdict for c in self.comparisons.values()]
         verdict = max(verdicts, key=lambda v: order.index(v) if v in order else 0, default="pass")
