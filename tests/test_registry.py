@@ -177,6 +177,16 @@ def test_a_registered_engine_runs_through_the_runner(
     fixed = again.comparisons[("lme4", "pymc_again")].fixed
     assert list(fixed["term"]) == list(result.comparison.fixed["term"])
     assert again.fit("pymc_again").idata.posterior.sizes["draw"] == REPORT_SETTINGS.draws
+    # The report's three-engine section and the JSON show the pair beside lme4 (no brms needed).
+    from harness.report.page import render_report
+    from harness.user_data import comparison_json
+
+    html = render_report(again)
+    label = get_engine("pymc_again").label
+    assert 'id="three-engines"' in html and f"{label} mean" in html
+    pairs = comparison_json(again)["bayes_pairs"]
+    assert [p["engines"] for p in pairs] == [["pymc", "pymc_again"]]
+    assert [r["row"] for r in pairs[0]["three_way"]][:2] == list(fixed["term"])
 
 
 @pytest.mark.r
