@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.checks.compare_bayes import BayesComparison
 from harness.cli import build_parser
 from harness.engines.registry import (
     ENGINES,
@@ -151,11 +152,18 @@ def test_a_registered_engine_runs_through_the_runner(
         )
     assert result.engines == ["lme4", "pymc", "pymc_again"]
     assert result.bayesian == ["pymc", "pymc_again"]
-    assert set(result.comparisons) == {("lme4", "pymc"), ("lme4", "pymc_again")}
+    assert set(result.comparisons) == {
+        ("lme4", "pymc"),
+        ("lme4", "pymc_again"),
+        ("pymc", "pymc_again"),
+    }
     assert result.comparisons[("lme4", "pymc_again")].engines == ("lme4", "pymc_again")
     assert result.comparison is result.comparisons[("lme4", "pymc")]
-    # No Bayesian-vs-Bayesian comparison exists yet: said, not faked.
-    assert "no comparison of pymc with pymc_again yet" in caplog.text
+    # The two Bayesian fits are compared with each other in combined MCSE (compare_bayes).
+    both = result.comparisons[("pymc", "pymc_again")]
+    assert isinstance(both, BayesComparison) and both.engines == ("pymc", "pymc_again")
+    assert list(both.table["row"][:2]) == list(result.comparison.fixed["term"])
+    assert "no comparison" not in caplog.text
     assert result.keys["pymc_again"] != result.keys["pymc"]
     assert (cache / "pymc_again" / f"{result.keys['pymc_again']}.nc").is_file()
     again = fit_design(
@@ -169,6 +177,16 @@ def test_a_registered_engine_runs_through_the_runner(
     fixed = again.comparisons[("lme4", "pymc_again")].fixed
     assert list(fixed["term"]) == list(result.comparison.fixed["term"])
     assert again.fit("pymc_again").idata.posterior.sizes["draw"] == REPORT_SETTINGS.draws
+    # The report's three-engine section and the JSON show the pair beside lme4 (no brms needed).
+    from harness.report.page import render_report
+    from harness.user_data import comparison_json
+
+    html = render_report(again)
+    label = get_engine("pymc_again").label
+    assert 'id="three-engines"' in html and f"{label} mean" in html
+    pairs = comparison_json(again)["bayes_pairs"]
+    assert [p["engines"] for p in pairs] == [["pymc", "pymc_again"]]
+    assert [r["row"] for r in pairs[0]["three_way"]][:2] == list(fixed["term"])
 
 
 @pytest.mark.r
