@@ -275,6 +275,24 @@ def _same_model_json(result: DesignResult) -> dict[str, Any]:
     return payload
 
 
+def _engines_json(result: DesignResult) -> list[dict[str, Any]]:
+    """Every engine that fitted the design (the reference first): name, label, kind, cached."""
+    from harness.engines.registry import ENGINES
+
+    out = []
+    for name, fit in result.fits.items():
+        engine = ENGINES.get(name)
+        out.append(
+            {
+                "name": name,
+                "label": engine.label if engine is not None else name,
+                "kind": fit.kind,
+                "cached": result.cached.get(name),
+            }
+        )
+    return out
+
+
 def comparison_json(
     result: DesignResult, *, source: str | None = None, rows_read: int | None = None
 ) -> dict[str, Any]:
@@ -313,6 +331,7 @@ def comparison_json(
             },
             "verdict": result.verdict,
             "notes": notes,
+            "engines": _engines_json(result),
             "lme4": {
                 "engine": freq.engine,
                 "method": freq.method,
