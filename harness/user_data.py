@@ -265,16 +265,6 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _same_model_json(result: DesignResult) -> dict[str, Any]:
-    sm = result.same_model
-    payload: dict[str, Any] = {"status": result.same_model_status, "available": sm is not None}
-    if sm is not None:
-        details = sm.to_dict() if hasattr(sm, "to_dict") else dataclasses.asdict(sm)
-        payload.update(_plain(details))
-        payload["ok"] = bool(getattr(sm, "ok", False))
-    return payload
-
-
 def _engines_json(result: DesignResult) -> list[dict[str, Any]]:
     """Every engine that fitted the design (the reference first): name, label, kind, cached."""
     from harness.engines.registry import ENGINES
@@ -291,6 +281,16 @@ def _engines_json(result: DesignResult) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _same_model_json(result: DesignResult) -> dict[str, Any]:
+    sm = result.same_model
+    payload: dict[str, Any] = {"status": result.same_model_status, "available": sm is not None}
+    if sm is not None:
+        details = sm.to_dict() if hasattr(sm, "to_dict") else dataclasses.asdict(sm)
+        payload.update(_plain(details))
+        payload["ok"] = bool(getattr(sm, "ok", False))
+    return payload
 
 
 def comparison_json(
