@@ -265,24 +265,6 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _engines_json(result: DesignResult) -> list[dict[str, Any]]:
-    """Every engine that fitted the design (the reference first): name, label, kind, cached."""
-    from harness.engines.registry import ENGINES
-
-    out = []
-    for name, fit in result.fits.items():
-        engine = ENGINES.get(name)
-        out.append(
-            {
-                "name": name,
-                "label": engine.label if engine is not None else name,
-                "kind": fit.kind,
-                "cached": result.cached.get(name),
-            }
-        )
-    return out
-
-
 def _same_model_json(result: DesignResult) -> dict[str, Any]:
     sm = result.same_model
     payload: dict[str, Any] = {"status": result.same_model_status, "available": sm is not None}
@@ -331,7 +313,6 @@ def comparison_json(
             },
             "verdict": result.verdict,
             "notes": notes,
-            "engines": _engines_json(result),
             "lme4": {
                 "engine": freq.engine,
                 "method": freq.method,

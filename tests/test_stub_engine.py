@@ -128,9 +128,8 @@ def test_a_stub_engine_runs_through_compare_and_the_report(
     html = html_path.read_text(encoding="utf-8")
     assert f"{LABEL} ({NAME})" in html
     payload: dict[str, Any] = json.loads(json_path.read_text(encoding="utf-8"))
-    assert [e["name"] for e in payload["engines"]] == ["lme4", "pymc", NAME]
-    stub_entry = payload["engines"][2]
-    assert stub_entry == {"name": NAME, "label": LABEL, "kind": BAYESIAN, "cached": False}
+    # The stub's fit is in the JSON's record of what was fitted now and what came from the cache.
+    assert payload["cached"][NAME] is False
 
     # Registering was the only change: no module of the package rebinds or gains a name.
     after = _module_bindings()
