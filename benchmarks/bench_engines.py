@@ -14,15 +14,16 @@ Each (engine, case) runs in a fresh child process, so its memory is its own:
 
 Columns: compile seconds (PyMC: nutpie's compilation; brms: the C++ compile, or the
 read of the cached program), sampling seconds, the child's CPU seconds for the fit (all
-threads; a compiler run as a child process of its own is counted apart, ``compiler CPU
-s``), peak memory, the smallest bulk ESS over every compared quantity
+threads; child processes, such as brms's C++ compiler, are counted apart in ``children
+CPU s``), peak memory, the smallest bulk ESS over every compared quantity
 (:func:`harness.engines.adaptive.diagnose`: fixed effects, SDs, correlations, sigma,
 offsets of informed groups), bulk ESS per sampling second, the largest R-hat and the
 divergences.  Peak memory is the child's ``ru_maxrss``: the **whole child process's
 high-water mark** (Python, imports, R, the sampler and its draws), given together with
 the resident size after the imports (``rss before fit``) so that the fit's own growth
-is their difference; ``compiler peak`` is the largest child process the fit waited for
-(brms: the C++ compiler, on a cold compile).
+is their difference; ``children peak`` is the largest child process the child waited for
+(on a cold brms compile, the C++ compiler; otherwise a short-lived fork of the child
+itself, about its size at the time).
 
 A missing brms (R packages brms/rstan not installed) skips the brms rows with a message
 saying so; the PyMC rows are still written.  Writes ``reports/bench/engines.csv`` and
@@ -163,8 +164,8 @@ def _child(args: argparse.Namespace) -> None:
             "max_r_hat": diag["max_r_hat"],
             "divergences": diag["divergences"],
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "compiler_peak_rss_mib": children.ru_maxrss / 1024,
-            "compiler_cpu_s": children.ru_utime + children.ru_stime,
+            "children_peak_rss_mib": children.ru_maxrss / 1024,
+            "children_cpu_s": children.ru_utime + children.ru_stime,
         }
     )
     Path(args.child_out).write_text(json.dumps(row))
@@ -211,8 +212,8 @@ COLUMNS = [
     ("cpu_s", "fit CPU s", "{:.1f}"),
     ("rss_before_fit_mib", "rss before fit MiB", "{:.0f}"),
     ("peak_rss_mib", "peak MiB", "{:.0f}"),
-    ("compiler_peak_rss_mib", "compiler peak MiB", "{:.0f}"),
-    ("compiler_cpu_s", "compiler CPU s", "{:.0f}"),
+    ("children_peak_rss_mib", "children peak MiB", "{:.0f}"),
+    ("children_cpu_s", "children CPU s", "{:.0f}"),
     ("min_ess_bulk", "min bulk ESS", "{:.0f}"),
     ("ess_bulk_per_s", "ESS/s", "{:.0f}"),
     ("max_r_hat", "max R-hat", "{:.3f}"),
