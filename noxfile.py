@@ -130,8 +130,9 @@ def report(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Time fits and samplers (``benchmarks/run.py``, posargs go to it), the same-model
     check (``bench_same_model.py``), study throughput (``bench_study.py``), adaptive
-    sampling against one run (``bench_adaptive.py``), and the fixed effects' basis and nutpie's
-    mass matrix (``bench_geometry.py``)."""
+    sampling against one run (``bench_adaptive.py``), the fixed effects' basis and nutpie's
+    mass matrix (``bench_geometry.py``), and a brms fit beside the PyMC fit of the same
+    model (``bench_engines.py``; skipped with a message when brms is not installed)."""
     _setup(session, extras="[study]")
     session.run("python", "benchmarks/run.py", *session.posargs, env=_env())
     session.run("python", "benchmarks/bench_same_model.py", env=_env())
@@ -139,6 +140,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_adaptive.py", env=_env())
     session.run("python", "benchmarks/bench_geometry.py", env=_env())
     session.run("python", "benchmarks/bench_scale.py", env=_env())
+    session.run("python", "benchmarks/bench_engines.py", env=_env())
 
 
 @nox.session(python=PYTHON, default=False)

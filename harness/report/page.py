@@ -568,6 +568,18 @@ def _split_diagnostics(diagnostics: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     return main, summary
 
 
+def _engines_line(result: DesignResult) -> str:
+    """Every engine that fitted the design, as the report names it (the reference first)."""
+    from harness.engines.registry import ENGINES
+
+    parts = []
+    for name in result.engines:
+        engine = ENGINES.get(name)
+        label = engine.label if engine is not None else name
+        parts.append(label if label == name else f"{label} ({name})")
+    return ", ".join(parts)
+
+
 def report_context(result: DesignResult, figures: Mapping[str, Any]) -> dict[str, Any]:
     """Everything ``report.html.j2`` renders, as plain values (templates only render)."""
     from harness.report.verdict import verdict_view
@@ -685,6 +697,7 @@ def report_context(result: DesignResult, figures: Mapping[str, Any]) -> dict[str
             "REsim draws": result.settings.n_sims,
             "lme4 method": freq.method,
             "lme4 df method": freq.df_method or "—",
+            "engines": _engines_line(result),
         },
         "timings": timing_rows,
         "keys": result.keys,
