@@ -671,16 +671,44 @@ def write_index(
     return index, json_path
 
 
-def select_cases(names: list[str] | None, kind: str | None) -> list[Case]:
-    """The cases named (all by default), in the gallery's order, of one kind if given."""
+#: The cases run by default when brms is among the engines (a compile per model structure makes
+#: all of them a day's work): one of each design the registry's engines must agree on:
+#: random slopes with a correlation, crossed and nested factors, an uncentred predictor, one
+#: residual SD per level, binomial with trials, binary, Poisson with an offset.
+THREE_ENGINE_CASES = (
+    "sleepstudy",
+    "penicillin",
+    "pastes",
+    "cake",
+    "orthodont_sigma",
+    "cbpp",
+    "bacteria",
+    "mmmec",
+)
+
+
+def select_cases(
+    names: list[str] | None, kind: str | None, engines: tuple[str, ...] | None = None
+) -> list[Case]:
+    """The cases named (by default all, or :data:`THREE_ENGINE_CASES` when brms runs), in the
+    gallery's order, of one kind if given."""
     known = {c.name: c for c in CASES}
-    cases = [known[n] for n in names] if names else list(CASES)
+    if names:
+        cases = [known[n] for n in names]
+    elif engines is not None and "brms" in engines:
+        cases = [c for c in CASES if c.name in THREE_ENGINE_CASES]
+    else:
+        cases = list(CASES)
     return [c for c in cases if kind is None or c.kind == kind]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="*", help="case names (default: all)")
+    parser.add_argument(
+        "--cases",
+        nargs="*",
+        help="case names (default: all; with brms among the engines the 8 of THREE_ENGINE_CASES)",
+    )
     parser.add_argument(
         "--family", choices=KINDS, help="only the gaussian cases or only the GLMM cases"
     )
@@ -708,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
             check_installed(engines)
         except (ValueError, RuntimeError) as err:
             parser.error(str(err))
-    cases = select_cases(args.cases, args.family)
+    cases = select_cases(args.cases, args.family, engines)
     if args.list:
         for case in cases:
             extra = f" [sigma_by={case.sigma_by}]" if case.sigma_by else ""

@@ -61,6 +61,16 @@ def test_gallery_has_both_kinds() -> None:
     ]
 
 
+def test_brms_runs_a_subset_of_eight_cases_of_every_family() -> None:
+    """Issue 22: with brms among the engines the default is a subset of at least 8 cases."""
+    three = gallery.select_cases(None, None, ("lme4", "pymc", "brms"))
+    assert len(three) >= 8
+    assert [c.name for c in three] == [c.name for c in gallery.CASES if c in three]
+    assert {c.family for c in three} == {"gaussian", "binomial", "poisson"}
+    assert any(c.sigma_by for c in three)
+    assert len(gallery.select_cases(None, None, ("lme4", "pymc"))) == len(gallery.CASES)
+
+
 def test_list_prints_the_cases_of_one_kind(capsys: pytest.CaptureFixture[str]) -> None:
     assert gallery.main(["--list", "--family", "glmm"]) == 0
     lines = capsys.readouterr().out.splitlines()
