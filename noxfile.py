@@ -145,7 +145,8 @@ def bench(session: nox.Session) -> None:
 def gallery(session: nox.Session) -> None:
     """Fit the real-data gallery (R packages' shipped data) into ``reports/gallery/``.
 
-    ``nox -s gallery -- --cases orthodont dyestuff2 --draws 500``; ``--list`` names the cases.
+    ``nox -s gallery -- --cases orthodont dyestuff2 --draws 500``; ``--list`` names the cases;
+    ``--engines lme4,pymc,brms`` adds brms (PyMC vs brms per case).
     Cached fits make a rerun resume where the last one stopped.
     """
     _setup(session, gallery=True)

@@ -14,8 +14,13 @@ The data come from the R packages at run time (``r_scripts/export_data.R``
 writes CSV files to a temporary folder; no network).
 
     python benchmarks/gallery.py [--cases NAME ...] [--family gaussian|glmm] [--list]
-                                 [--draws N] [--tune N] [--chains N]
+                                 [--draws N] [--tune N] [--chains N] [--engines lme4,pymc,brms]
                                  [--out-dir reports/gallery] [--refit]
+
+``--engines lme4,pymc,brms`` adds brms (issue 22): each case then also gets the
+PyMC-vs-brms comparison in combined Monte Carlo error and the log-density identity,
+listed per case in the index and the summary; brms compiles once per model
+structure (kept in ``$HARNESS_CACHE_DIR/brms``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness.engines.registry import (  # noqa: E402
+    DEFAULT_ENGINES,
+    check_installed,
+    parse_engines,
+)
 from harness.model.spec import ModelSpec  # noqa: E402
 from harness.pipeline.runner import fit_design  # noqa: E402
 from harness.pipeline.settings import FitSettings  # noqa: E402
@@ -421,9 +431,47 @@ def valid_dataset_name(dataset: str) -> bool:
     return re.fullmatch(r"[A-Za-z][A-Za-z0-9.]*::[A-Za-z.][A-Za-z0-9._]*", dataset) is not None
 
 
+def _bayes_pairs(result) -> list[dict]:
+    """Each comparison of two Bayesian fits (PyMC vs brms): verdict, max |z|, its rows' z."""
+    return [
+        {
+            "engines": list(pair),
+            "verdict": cmp.verdict,
+            "max_abs_z": cmp.max_abs_z,
+            "z": dict(zip(cmp.table["row"], cmp.table["z"].astype(float), strict=True)),
+        }
+        for pair, cmp in result.bayes_pairs.items()
+    ]
+
+
+def _identity(result) -> dict | None:
+    """The PyMC-vs-brms log-density identity (None when brms did not run)."""
+    check = result.same_model_bayes
+    if check is None:
+        status = result.same_model_bayes_status
+        return {"status": status, "ok": None, "max_abs_diff": None} if status else None
+    return {
+        "status": result.same_model_bayes_status,
+        "ok": bool(check.ok),
+        "max_abs_diff": float(check.max_abs_diff),
+    }
+
+
 def _non_pass_rows(result) -> list[dict[str, str]]:
     cmp = result.comparison
     rows = []
+    for (a, b), pair in result.bayes_pairs.items():
+        rows += [
+            {
+                "quantity": f"{a} vs {b}: {r['row']}",
+                "verdict": r["verdict"],
+                "explanation": r["note"],
+                "attribution": "",
+                "attribution_values": None,
+            }
+            for r in pair.table.to_dict("records")
+            if r["verdict"] != "pass"
+        ]
     for table, key in ((cmp.fixed, "term"), (cmp.variance, "component"), (cmp.agreement, None)):
         for r in table.to_dict("records"):
             if r["verdict"] == "pass":
@@ -442,7 +490,12 @@ def _non_pass_rows(result) -> list[dict[str, str]]:
 
 
 def run_case(
-    case: Case, data: pd.DataFrame, settings: FitSettings, out_dir: Path, refit: bool
+    case: Case,
+    data: pd.DataFrame,
+    settings: FitSettings,
+    out_dir: Path,
+    refit: bool,
+    engines: tuple[str, ...] | None = None,
 ) -> dict:
     """Fit, compare and report one case; errors are returned, not raised."""
     started = time.perf_counter()
@@ -464,7 +517,11 @@ def run_case(
     }
     try:
         result = fit_design(
-            (case.spec(), data), settings=settings, refit=refit, render=render_figures
+            (case.spec(), data),
+            settings=settings,
+            refit=refit,
+            render=render_figures,
+            engines=engines,
         )
         report = write_report(result, out_dir / f"{case.name}.html")
         bayes = result.bayes_info
@@ -478,6 +535,9 @@ def run_case(
             rows_not_pass=_non_pass_rows(result),
             fit_seconds={k: round(float(v), 2) for k, v in result.timings.items()},
             cached=result.cached,
+            engines=result.engines,
+            bayes_pairs=_bayes_pairs(result),
+            same_model_bayes=_identity(result),
         )
     except Exception as err:  # listed with its error, never hidden
         log.exception("gallery case %s failed", case.name)
@@ -561,7 +621,12 @@ def median_cost(entries: list[dict]) -> dict[str, float | None]:
     return out
 
 
-def write_index(entries: list[dict], settings: FitSettings, out_dir: Path) -> tuple[Path, Path]:
+def write_index(
+    entries: list[dict],
+    settings: FitSettings,
+    out_dir: Path,
+    engines: tuple[str, ...] | None = None,
+) -> tuple[Path, Path]:
     """``index.html`` and ``summary.json`` of the gallery."""
     order = ["pass", "look", "fail", "unreliable"]
     counts = {v: sum(e["verdict"] == v for e in entries) for v in order}
@@ -573,7 +638,12 @@ def write_index(entries: list[dict], settings: FitSettings, out_dir: Path) -> tu
     by_kind = shares(entries)
     summary = {
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "settings": {"draws": settings.draws, "tune": settings.tune, "chains": settings.chains},
+        "settings": {
+            "draws": settings.draws,
+            "tune": settings.tune,
+            "chains": settings.chains,
+            "engines": list(engines or DEFAULT_ENGINES),
+        },
         "counts": counts,
         "conclusive": by_kind,
         "crashes": crashes,
@@ -620,11 +690,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=str(ROOT / "reports" / "gallery"))
     parser.add_argument("--refit", action="store_true", help="ignore cached fits")
     parser.add_argument("--list", action="store_true", help="list the cases and stop")
+    parser.add_argument(
+        "--engines",
+        default=None,
+        help="engines, comma-separated, lme4 among them (default: lme4,pymc; "
+        "lme4,pymc,brms adds brms)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     unknown = sorted(set(args.cases or []) - {c.name for c in CASES})
     if unknown:
         parser.error(f"unknown case(s) {unknown}; known: {sorted(c.name for c in CASES)}")
+    engines = None
+    if args.engines is not None:
+        try:
+            engines = parse_engines(args.engines)
+            check_installed(engines)
+        except (ValueError, RuntimeError) as err:
+            parser.error(str(err))
     cases = select_cases(args.cases, args.family)
     if args.list:
         for case in cases:
@@ -638,13 +721,13 @@ def main(argv: list[str] | None = None) -> int:
         frames = export_data(sorted({c.dataset for c in cases}), Path(folder))
     entries = []
     for case in cases:
-        entry = run_case(case, case_data(case, frames), settings, out_dir, args.refit)
+        entry = run_case(case, case_data(case, frames), settings, out_dir, args.refit, engines)
         print(
             f"{case.name}: {entry['error'] or entry['verdict']} ({entry['seconds']:.0f} s)",
             flush=True,
         )
         entries.append(entry)
-    index, summary = write_index(entries, settings, out_dir)
+    index, summary = write_index(entries, settings, out_dir, engines)
     for kind, share in shares(entries).items():
         if share["cases"]:
             print(f"{kind}: {share['conclusive']}/{share['cases']} conclusive")

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from harness._io import atomic_write, check_outputs
+from harness.engines.registry import get_engine
 from harness.model.spec import ModelSpec, build_design
 
 if TYPE_CHECKING:
@@ -275,6 +276,47 @@ def _same_model_json(result: DesignResult) -> dict[str, Any]:
     return payload
 
 
+def _same_model_bayes_json(result: DesignResult) -> dict[str, Any] | None:
+    """The PyMC-vs-brms log-density identity; None when it was not asked for."""
+    check = result.same_model_bayes
+    if check is None:
+        status = result.same_model_bayes_status
+        return {"status": status, "available": False} if status else None
+    return _plain(
+        {
+            "status": result.same_model_bayes_status,
+            "available": True,
+            "ok": bool(check.ok),
+            "max_abs_diff": check.max_abs_diff,
+            "tolerance": check.tolerance,
+            "reasons": list(check.reasons),
+            "table": check.table,
+        }
+    )
+
+
+def _bayes_pairs_json(result: DesignResult) -> list[dict[str, Any]]:
+    """Each comparison of two Bayesian fits: its rows, lme4 | a | b side by side, the sentence."""
+    from harness.checks.compare_bayes import gap_side, three_way_table
+
+    out = []
+    for (a, b), bayes in result.bayes_pairs.items():
+        reference = result.comparisons.get((result.reference, a))
+        labels = {n: get_engine(n).label for n in (a, b)}
+        out.append(
+            {
+                "engines": [a, b],
+                "verdict": bayes.verdict,
+                "max_abs_z": bayes.max_abs_z,
+                "z_max": bayes.z_max,
+                "gap_side": gap_side(bayes, reference, labels),  # type: ignore[arg-type]
+                "three_way": _table(three_way_table(bayes, reference)),  # type: ignore[arg-type]
+                "table": _table(bayes.table),
+            }
+        )
+    return out
+
+
 def comparison_json(
     result: DesignResult, *, source: str | None = None, rows_read: int | None = None
 ) -> dict[str, Any]:
@@ -345,6 +387,9 @@ def comparison_json(
             },
             "same_model": _same_model_json(result),
             "tables": {name: _table(frame) for name, frame in cmp.tables().items()},
+            "engines": list(result.engines),
+            "bayes_pairs": _bayes_pairs_json(result),
+            "same_model_bayes": _same_model_bayes_json(result),
             "versions": result.versions,
             "cached": result.cached,
         }
@@ -434,6 +479,10 @@ def run_compare_command(args: argparse.Namespace) -> int:
     adaptive = result.bayes_info.settings.get("adaptive")
     if adaptive:
         print(f"  sampling: {len(adaptive['rounds'])} round(s); {adaptive['reason']}")
+    for (a, b), bayes in result.bayes_pairs.items():
+        print(f"  {a} vs {b}: {bayes.verdict} (max |diff| {bayes.max_abs_z:.2f} combined MCSE)")
+    if result.same_model_bayes_status:
+        print(f"  log-density identity PyMC / brms: {result.same_model_bayes_status}")
     for path in written:
         print(f"  -> {path}")
     return 0

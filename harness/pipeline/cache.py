@@ -55,7 +55,7 @@ log = logging.getLogger("harness")
 CACHE_FORMAT = "3"
 FORMAT_NAME = "harness-fit-cache"
 #: The kinds of entries that are not engine fits; every registered engine's name is one too.
-STAGE_KINDS = ("same_model", "compare", "figures")
+STAGE_KINDS = ("same_model", "same_model_bayes", "compare", "figures")
 
 
 def kinds() -> tuple[str, ...]:
@@ -72,6 +72,8 @@ ALLOWED_CLASSES: dict[str, tuple[str, str]] = {
     "FreqFit": ("harness.fits", "FreqFit"),
     "BayesFit": ("harness.fits", "BayesFit"),
     "Comparison": ("harness.checks.compare", "Comparison"),
+    "BayesComparison": ("harness.checks.compare_bayes", "BayesComparison"),
+    "SameModelBayes": ("harness.checks.same_model_bayes", "SameModelBayes"),
     "SameModel": ("harness.checks.same_model", "SameModel"),
     "BlockValue": ("harness.checks.same_model", "BlockValue"),
     "ParameterValues": ("harness.checks.same_model", "ParameterValues"),

@@ -8,7 +8,9 @@ an engine  data hash, spec key, its settings (and seed), its versions, its code
            (:mod:`harness.engines.registry`: lme4 keys R/lme4/nlme versions and
            the R + bridge code; PyMC the seed, PyMC/PyTensor/nutpie versions)
 same_model the lme4 key, the PyMC versions, ``harness/checks/same_model.py``
-compare    the keys of the pair's two fits, ``compare.py`` and ``align.py``
+compare    the keys of the pair's two fits and the checks' code (two Bayesian fits are
+           compared by ``compare_bayes.py``, in combined Monte Carlo error)
+same_model_bayes  the keys of the PyMC and brms fits, the model, engines and checks code
 figures    the compare and same-model keys, ``plots.py``, ``report_tables.py``, ``report.py``
 ========== ===================================================================
 
@@ -83,6 +85,7 @@ from harness.versions import python_versions, r_ready_cheap
 
 if TYPE_CHECKING:
     from harness.checks.compare import Comparison
+    from harness.checks.compare_bayes import BayesComparison
 
 log = logging.getLogger("harness")
 
@@ -112,7 +115,7 @@ class DesignResult:
     data: pd.DataFrame
     design: Design
     fits: dict[str, Fit]
-    comparisons: dict[tuple[str, str], Comparison]
+    comparisons: dict[tuple[str, str], Comparison | BayesComparison]
     same_model: Any | None
     same_model_status: str
     seed: int
@@ -123,6 +126,10 @@ class DesignResult:
     versions: dict[str, str]
     figures: dict[str, Any] | None = None
     reference: str = REFERENCE
+    #: The log-density identity PyMC vs brms (:mod:`harness.checks.same_model_bayes`) when
+    #: both engines ran; its status line says why it is missing otherwise.
+    same_model_bayes: Any | None = None
+    same_model_bayes_status: str = ""
     _idata_paths: dict[str, Path] = field(default_factory=dict, repr=False)
 
     @property
@@ -187,11 +194,18 @@ class DesignResult:
     @property
     def comparison(self) -> Comparison:
         """The comparison of the main pair (:attr:`pair`)."""
-        return self.comparisons[self.pair]
+        return self.comparisons[self.pair]  # type: ignore[return-value]
 
     @comparison.setter
     def comparison(self, value: Comparison) -> None:
         self.comparisons[self.pair] = value
+
+    @property
+    def bayes_pairs(self) -> dict[tuple[str, str], BayesComparison]:
+        """The comparisons of two Bayesian fits (PyMC against brms), by pair."""
+        from harness.checks.compare_bayes import BayesComparison
+
+        return {p: c for p, c in self.comparisons.items() if isinstance(c, BayesComparison)}
 
     @property
     def verdict(self) -> str:
@@ -206,8 +220,9 @@ class DesignResult:
         verdict = max(verdicts, key=lambda v: order.index(v) if v in order else 0, default="pass")
         if self.same_model is None:
             return verdict if verdict in ("fail", "unreliable") else "incomplete"
-        if not bool(getattr(self.same_model, "ok", True)):
-            return "fail"
+        for check in (self.same_model, self.same_model_bayes):
+            if check is not None and not bool(getattr(check, "ok", True)):
+                return "fail"
         return verdict
 
     def __repr__(self) -> str:
@@ -323,7 +338,7 @@ def _compare_key(fit_keys: dict[str, str]) -> tuple[dict[str, Any], str]:
     return stage_key("compare", ("model", "fits.py", "engines", "checks"), fits=fit_keys)
 
 
-def _compare_stage(pair: tuple[str, str], main: tuple[str, str]) -> str:
+def _compare_stage(pair: tuple[str, str], main: tuple[str, str] | None) -> str:
     """The name a comparison goes by in ``keys``, ``cached`` and ``timings``."""
     return "compare" if pair == main else f"compare:{pair[0]}-{pair[1]}"
 
@@ -529,6 +544,98 @@ def _compare_cached(
     return comparison, key, False, seconds
 
 
+def _compare_bayes_cached(
+    store: FitCache,
+    pair: tuple[str, str],
+    loaders: tuple[Callable[[], BayesFit], Callable[[], BayesFit]],
+    fit_keys: dict[str, str],
+    refit: bool,
+) -> tuple[BayesComparison, str, bool, float]:
+    """Two Bayesian fits against each other: (comparison, key, cached, seconds)."""
+    parts, key = _compare_key(fit_keys)
+    if not refit:
+        from harness.checks.compare_bayes import BayesComparison
+
+        shape = {"comparison": BayesComparison, "seconds": (float, int)}
+        hit = store.load("compare", key, parts, shape=shape)
+        if hit is not None:
+            return hit[0]["comparison"], key, True, hit[0]["seconds"]
+    from harness.checks.compare_bayes import compare_bayes
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="invalid value encountered", category=RuntimeWarning
+        )
+        comparison, seconds = _timed(
+            lambda: compare_bayes(loaders[0](), loaders[1](), engines=pair)
+        )
+    store.store(
+        "compare", key, {"comparison": comparison, "seconds": seconds}, parts, {"seconds": seconds}
+    )
+    return comparison, key, False, seconds
+
+
+#: The two engines whose log densities :mod:`harness.checks.same_model_bayes` compares.
+IDENTITY_PAIR = ("pymc", "brms")
+
+
+def _identity_wanted(engines: Collection[str]) -> bool:
+    """Whether the PyMC-vs-brms log-density identity runs for these engines."""
+    return set(IDENTITY_PAIR) <= set(engines)
+
+
+def _same_model_bayes_key(fit_keys: dict[str, str]) -> tuple[dict[str, Any], str]:
+    return stage_key(
+        "same_model_bayes", ("model", "fits.py", "engines", "checks", "r_scripts"), fits=fit_keys
+    )
+
+
+def _same_model_bayes_cached(
+    store: FitCache, design: Design, fit_keys: dict[str, str], refit: bool
+) -> tuple[Any | None, str, str | None, bool, float]:
+    """The PyMC-vs-brms identity: (result, status line, key, cached, seconds); never a fake pass."""
+    parts, key = _same_model_bayes_key(fit_keys)
+    if design.spec.parameterization != "offsets":
+        return (
+            None,
+            "log-density identity with brms not applicable: it is for the offsets "
+            f"parameterization, not {design.spec.parameterization!r}",
+            None,
+            False,
+            0.0,
+        )
+    if not refit:
+        from harness.checks.same_model_bayes import SameModelBayes
+
+        shape = {"result": SameModelBayes, "status": str, "seconds": (float, int)}
+        hit = store.load("same_model_bayes", key, parts, shape=shape)
+        if hit is not None:
+            value = hit[0]
+            return value["result"], value["status"], key, True, value["seconds"]
+    try:
+        from harness.checks.same_model_bayes import same_model_bayes
+
+        result, seconds = _timed(lambda: same_model_bayes(design, cache_dir=store.root))
+    except Exception as err:  # reported in the page, not hidden, and not cached
+        log.warning("log-density identity PyMC vs brms failed to run: %s", err)
+        return (
+            None,
+            f"log-density identity failed to run: {type(err).__name__}: {err}",
+            None,
+            False,
+            0.0,
+        )
+    status = "ok" if result.ok else "the log densities differ"
+    store.store(
+        "same_model_bayes",
+        key,
+        {"result": result, "status": status, "seconds": seconds},
+        parts,
+        {"seconds": seconds},
+    )
+    return result, status, key, False, seconds
+
+
 def _bayes_fit(result: DesignResult, engine: str) -> BayesFit:
     """A Bayesian fit of the result, its draws loaded."""
     return cast(BayesFit, result.fit(engine))
@@ -537,11 +644,12 @@ def _bayes_fit(result: DesignResult, engine: str) -> BayesFit:
 def _comparable(result: DesignResult, pair: tuple[str, str]) -> bool:
     """Whether a comparison function exists for the kinds of this pair's fits.
 
-    Today: a frequentist reference against a Bayesian fit.  Two Bayesian fits
-    (PyMC against brms) have no comparison yet; the pair is logged, not faked.
+    A frequentist reference against a Bayesian fit (:mod:`harness.checks.compare`)
+    and two Bayesian fits (:mod:`harness.checks.compare_bayes`); any other pair is
+    logged, not faked.
     """
     first, second = (result.fit_info(name) for name in pair)
-    return isinstance(first, FreqFit) and isinstance(second, BayesFit)
+    return isinstance(second, BayesFit) and isinstance(first, (FreqFit, BayesFit))
 
 
 def figures_key_parts(
@@ -603,6 +711,8 @@ STAGES = (*DEFAULT_ENGINES, *CHECK_STAGES)
 def _refit_set(refit: bool | Collection[str], engines: tuple[str, ...]) -> frozenset[str]:
     """``refit`` as the set of stages to recompute (True: all, False: none)."""
     stages = (*engines, *CHECK_STAGES)
+    if _identity_wanted(engines):
+        stages += ("same_model_bayes",)
     if isinstance(refit, bool):
         return frozenset(stages) if refit else frozenset()
     unknown = sorted(set(refit) - set(stages))
@@ -708,9 +818,18 @@ def missing_stages(
         keys[stage] = _compare_key({n: keys[n] for n in pair})[1]
         if not store.path("compare", keys[stage], ".json").is_file() and "compare" not in missing:
             missing.append("compare")
+    for pair in comparison_pairs(names):
+        if all(get_engine(n).kind == BAYESIAN for n in pair):
+            bkey = _compare_key({n: keys[n] for n in pair})[1]
+            if not store.path("compare", bkey, ".json").is_file() and "compare" not in missing:
+                missing.append("compare")
     keys["same_model"] = _same_model_key(keys[REFERENCE])[1]
     if not store.path("same_model", keys["same_model"], ".json").is_file():
         missing.append("same_model")
+    if _identity_wanted(names) and spec.parameterization == "offsets":
+        ikey = _same_model_bayes_key({n: keys[n] for n in IDENTITY_PAIR})[1]
+        if not store.path("same_model_bayes", ikey, ".json").is_file():
+            missing.append("same_model_bayes")
     if render is not None:
         figures = _figures_key(name, keys, render)[1]
         if not store.path("figures", figures, ".json").is_file():
@@ -890,10 +1009,42 @@ def fit_design(
     for pair in comparison_pairs(names):
         if pair not in pairs:
             log.warning("%s: no comparison of %s with %s yet", name, *pair)
+    if _identity_wanted(names):
+        with progress.stage("same-model check PyMC / brms"):
+            (
+                result.same_model_bayes,
+                result.same_model_bayes_status,
+                ikey,
+                cached["same_model_bayes"],
+                timings["same_model_bayes"],
+            ) = _same_model_bayes_cached(
+                store,
+                design,
+                {n: keys[n] for n in IDENTITY_PAIR},
+                "same_model_bayes" in redo,
+            )
+        if ikey:
+            keys["same_model_bayes"] = ikey
+    main = pairs[0] if pairs else None  # the reference pairs come first
     for pair in pairs:
-        stage = _compare_stage(pair, pairs[0])
+        stage = _compare_stage(pair, main)
         first, second = pair
-        with progress.stage("compare" if stage == "compare" else f"compare {first} / {second}"):
+        label = "compare" if stage == "compare" else f"compare {first} / {second}"
+        if isinstance(result.fit_info(first), BayesFit):
+            with progress.stage(label):
+                bayes_cmp, keys[stage], cached[stage], timings[stage] = _compare_bayes_cached(
+                    store,
+                    pair,
+                    (
+                        functools.partial(_bayes_fit, result, first),
+                        functools.partial(_bayes_fit, result, second),
+                    ),
+                    {n: keys[n] for n in pair},
+                    "compare" in redo,
+                )
+            result.comparisons[pair] = bayes_cmp
+            continue
+        with progress.stage(label):
             comparison, keys[stage], cached[stage], timings[stage] = _compare_cached(
                 store,
                 pair,

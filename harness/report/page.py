@@ -33,6 +33,7 @@ from harness.report.html import (
     render_page,
     write_html,
 )
+from harness.report.three_way import three_way_context
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -668,6 +669,7 @@ def report_context(result: DesignResult, figures: Mapping[str, Any]) -> dict[str
         "converged": freq.converged,
         "singular": freq.singular,
         "same_model": _same_model_context(result),
+        "three_way": three_way_context(result),
         "versions": [(k, v) for k, v in version_rows if v],
         "provenance": {
             "data hash": result.design.data_hash(),
