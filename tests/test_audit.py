@@ -692,3 +692,144 @@ def test_posterior_against_the_harness_and_efficiency(trial, tmp_path):
     assert set(record["checks"]) >= {"posterior_harness", "efficiency"}
     html = write_audit(result, tmp_path / "audit.html").read_text(encoding="utf-8")
     assert 'id="posterior_harness"' in html and 'id="efficiency"' in html
+
+
+# ----------------------------------------------------------------------------- the rest of the catalogue
+
+
+def _cbpp_coded(mistake: str):
+    """cbpp in the user's style: dummy columns built by hand, with one planted coding mistake."""
+    import pymc as pm
+
+    def build(data: pd.DataFrame):
+        herds = pd.Categorical(data["herd"].astype(str))
+        period = data["period"].astype(str)
+        levels = ["1", "2", "3", "4"]
+        onehot = np.column_stack([(period == lev).to_numpy(float) for lev in levels])
+        if mistake == "reference_last":
+            P = onehot[:, :3]  # get_dummies(...).iloc[:, :-1]: period 4 as the reference
+        elif mistake == "sum":
+            P = onehot[:, :3] - onehot[:, [3]]
+        else:
+            P = onehot[:, 1:]
+        with pm.Model(coords={"herd": list(herds.categories)}) as model:
+            b0 = pm.Normal("b0", 0.0, 2.0)
+            b = pm.Normal("b", 0.0, 2.0, shape=P.shape[1])
+            sd = pm.HalfNormal("sd", 1.0)
+            u = pm.Normal("u", 0.0, sd, dims="herd")
+            if mistake == "dropped":  # period4's column forgotten in the linear predictor
+                eta = b0 + pm.math.dot(P[:, :2], b[:2]) + u[herds.codes]
+            else:
+                eta = b0 + pm.math.dot(P, b) + u[herds.codes]
+            y = data["incidence"].to_numpy().astype(int)
+            if mistake in ("poisson", "no_offset"):
+                offset = 0.0 if mistake == "no_offset" else np.log(data["size"].to_numpy(float))
+                pm.Poisson("y", mu=pm.math.exp(eta + offset), observed=y)
+            else:
+                n = data["size"].to_numpy().astype(int)
+                pm.Binomial("y", n=n, logit_p=eta, observed=y)
+        return model
+
+    mapping = {
+        "(Intercept)": "b0",
+        "period2": "b[0]",
+        "period3": "b[1]",
+        "period4": "b[2]",
+        "herd: sd((Intercept))": "sd",
+        "herd: (Intercept)": "u",
+    }
+    return build, mapping
+
+
+@pytest.mark.parametrize(
+    ("mistake", "named"),
+    [
+        ("reference_last", "coded with treatment contrasts with reference level '4'"),
+        ("sum", "coded with sum-to-zero contrasts"),
+        ("dropped", "the fixed effect 'period4' is missing"),
+        ("", None),
+    ],
+)
+def test_fixed_effect_coding_mistakes_are_named(mistake, named):
+    data, spec = hz.datasets.load("cbpp")
+    build, mapping = _cbpp_coded(mistake)
+    result = audit(build, data, spec.formula, mapping, family="binomial", posterior=False)
+    check = result.checks["likelihood"]
+    if named is None:
+        assert check.verdict == "pass", check.diagnosis
+    else:
+        assert check.verdict == "fail"
+        assert named in check.diagnosis, check.diagnosis
+
+
+@pytest.mark.parametrize(("mistake", "verdict"), [("poisson", "pass"), ("no_offset", "fail")])
+def test_glmm_missing_offset_is_named(mistake, verdict):
+    data, _ = hz.datasets.load("cbpp")
+    build, mapping = _cbpp_coded(mistake)
+    formula = "incidence ~ period + offset(log(size)) + (1 | herd)"
+    result = audit(build, data, formula, mapping, family="poisson", posterior=False)
+    check = result.checks["likelihood"]
+    assert check.verdict == verdict, check.diagnosis
+    if verdict == "fail":
+        assert "the formula's offset() term is missing" in check.diagnosis
+
+
+def _trial_law(mistake: str):
+    import pymc as pm
+
+    base, mapping = _trial_model()
+
+    def build(data: pd.DataFrame):
+        X = np.column_stack([np.ones(len(data)), data["tx"].to_numpy(float)])
+        groups = list(pd.Categorical(data["group"]).categories.astype(str))
+        index = pd.Categorical(data["group"].astype(str), categories=groups).codes
+        tx = data["tx"].to_numpy(float)
+        arm = pd.Categorical(data["arm"], categories=["control", "treatment"]).codes
+        with pm.Model(coords={"g": groups}) as model:
+            B = pm.Normal("B", 0.0, 10.0, shape=2)
+            sd_u = pm.HalfNormal("sd_u", 2.0)
+            # PyMC 2 / BUGS: dnorm(0, tau) takes a precision; PyMC 5's second argument is an SD.
+            U = pm.Normal("U", 0.0, 1.0 / sd_u**2 if mistake == "precision" else sd_u, dims="g")
+            sigma = pm.HalfNormal("sigma", 2.0, shape=2)
+            pm.Normal("y", pm.math.dot(X, B) + U[index] * tx, sigma[arm], observed=data["y"])
+        return model
+
+    return build, mapping
+
+
+def test_precision_used_as_sd_fails_random_effects(trial):
+    build, mapping = _trial_law("precision")
+    result = audit(build, trial, TRIAL, mapping, sigma_by="arm", posterior=False)
+    check = result.checks["random_effects"]
+    assert check.verdict == "fail"
+    assert "a precision used as an SD" in check.diagnosis, check.diagnosis
+    assert result.checks["likelihood"].verdict == "pass"
+
+
+def test_correlation_matrix_used_as_covariance_fails_random_effects(sleepstudy):
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    data, spec = sleepstudy
+    _, mapping = _sleep_model("")
+
+    def build(frame: pd.DataFrame):
+        subjects = pd.Categorical(frame["Subject"].astype(str))
+        X = np.column_stack([np.ones(len(frame)), frame["Days"].to_numpy(float)])
+        with pm.Model(coords={"subj": list(subjects.categories), "cols": ["a", "b"]}) as model:
+            mu = pm.Normal("mu", 250.0, 100.0, shape=2)
+            _chol, corr, _stds = pm.LKJCholeskyCov(
+                "L", n=2, eta=1.0, sd_dist=pm.HalfNormal.dist(30.0, size=2)
+            )
+            # The mistake: MvNormal(cov=corr), the correlation matrix as the covariance.
+            z = pm.Normal("z", 0.0, 1.0, dims=("subj", "cols"))
+            u = pm.Deterministic("u", z @ pt.linalg.cholesky(corr).T, dims=("subj", "cols"))
+            sigma = pm.HalfNormal("sigma", 50.0)
+            eta = (X * (mu + u[subjects.codes])).sum(axis=1)
+            pm.Normal("y", eta, sigma, observed=frame["Reaction"].to_numpy())
+        return model
+
+    result = audit(build, data, spec.formula, mapping, posterior=False)
+    check = result.checks["random_effects"]
+    assert check.verdict == "fail", (check.diagnosis, check.tables)
+    assert "a correlation matrix used as the covariance" in check.diagnosis, check.diagnosis
