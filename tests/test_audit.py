@@ -777,7 +777,7 @@ def test_glmm_missing_offset_is_named(mistake, verdict):
 def _trial_law(mistake: str):
     import pymc as pm
 
-    base, mapping = _trial_model()
+    _, mapping = _trial_model()
 
     def build(data: pd.DataFrame):
         X = np.column_stack([np.ones(len(data)), data["tx"].to_numpy(float)])
