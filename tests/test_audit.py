@@ -833,3 +833,45 @@ def test_correlation_matrix_used_as_covariance_fails_random_effects(sleepstudy):
     check = result.checks["random_effects"]
     assert check.verdict == "fail", (check.diagnosis, check.tables)
     assert "a correlation matrix used as the covariance" in check.diagnosis, check.diagnosis
+
+
+# ----------------------------------------------------------------------------- a newcomer's style
+
+
+def test_mvnormal_offsets_model_passes_and_its_cov_mistake_fails(sleepstudy):
+    """``u ~ MvNormal(0, chol=chol)`` passes; ``cov=chol`` (a Cholesky factor as the covariance) fails."""
+    data, spec = sleepstudy
+    right = _run(load_model_file(EXAMPLES / "sleepstudy_mvnormal.py"), data, spec.formula)
+    assert right.checks["likelihood"].verdict == "pass", right.checks["likelihood"].diagnosis
+    assert right.checks["random_effects"].verdict == "pass"
+    wrong = _run(load_model_file(EXAMPLES / "sleepstudy_mvnormal_mistake.py"), data, spec.formula)
+    check = wrong.checks["random_effects"]
+    assert check.verdict == "fail" and wrong.verdict == "fail"
+    assert "not positive definite" in check.diagnosis
+    assert "Apply node" not in check.diagnosis  # PyTensor's dump is cut to its first line
+
+
+def test_lkj_cholesky_cov_prior_density_is_read(sleepstudy):
+    from scipy import stats
+
+    from harness.audit.draws import user_prior_draws
+    from harness.audit.prior_share import user_log_prior
+    from harness.model.spec import build_design
+
+    data, spec = sleepstudy
+    user = load_model_file(EXAMPLES / "sleepstudy_mvnormal.py")
+    design = build_design(spec, data)
+    model = user.build(design.data.reset_index(drop=True))
+    prior = user_prior_draws(model, 50, 3)
+    got, missing = user_log_prior(model, user.mapping, design, prior)
+    assert not missing and got is not None
+    stds = prior["chol_stds"].values[0]
+    corr = prior["chol_corr"].values[0]
+    b = prior["b"].values[0]
+    want = (
+        stats.expon(scale=20.0).logpdf(stds).sum(axis=1)
+        + np.linalg.slogdet(corr)[1]  # (eta - 1) log det R, eta = 2
+        + stats.norm([250.0, 10.0], [50.0, 10.0]).logpdf(b).sum(axis=1)
+        + stats.expon(scale=30.0).logpdf(prior["sigma"].values[0])
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-8)

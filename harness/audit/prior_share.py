@@ -8,7 +8,9 @@ effects, SDs, correlations, residual SDs); the offsets' law given the SDs is the
 same on both sides once check (b) passes, so it cancels from the ratio.
 
 The user's prior density of a row is read from the user's model: the log
-density (no Jacobian: natural units) of the free variable the mapping names.  A
+density (no Jacobian: natural units) of the free variable the mapping names, or,
+for the SDs and correlations of an ``LKJCholeskyCov``, its ``sd_dist`` at the SDs
+plus the LKJ density of the correlation matrix.  A
 row mapped through a callable or a deterministic, or whose variable's prior
 depends on other variables, has no density there; the share is then not
 computed and the result says which rows stopped it.  The weights are smoothed
@@ -100,14 +102,51 @@ def harness_log_prior(design: Design, priors: ResolvedPriors, hdraws: xr.Dataset
     return total
 
 
+def _lkj_parent(model: Any, name: str) -> Any:
+    """The ``LKJCholeskyCov`` free variable whose ``<name>_stds`` or ``<name>_corr`` this is."""
+    for suffix in ("_stds", "_corr"):
+        if name.endswith(suffix):
+            var = model.named_vars.get(name.removesuffix(suffix))
+            if var is not None and "LKJCholeskyCov" in type(var.owner.op).__name__:
+                return var
+    return None
+
+
+def _lkj_log_prior(var: Any, draws: xr.Dataset) -> np.ndarray:
+    """``LKJCholeskyCov``'s density on (SDs, correlations): sd_dist at the SDs + LKJ on R.
+
+    The LKJ part is ``(eta - 1) log det R``, up to its constant as on the
+    harness's side.  The inputs are (rng, n, eta, sd_dist).
+    """
+    import pymc as pm
+
+    eta = float(np.asarray(var.owner.inputs[2].eval()))
+    sd_dist = var.owner.inputs[3]
+    stds = _flat(draws[f"{var.name}_stds"].values)
+    corr = _flat(draws[f"{var.name}_corr"].values)
+    x = np.asarray(pm.logp(sd_dist, stds).eval(), dtype=float)
+    _, logdet = np.linalg.slogdet(corr)
+    return x.reshape(x.shape[0], -1).sum(axis=1) + (eta - 1.0) * logdet
+
+
 def _user_variable(model: Any, value: Any) -> tuple[Any, tuple[int, ...] | None] | str:
-    """The model's free variable a mapping value names (and its index), or why there is none."""
+    """The model's free variable a mapping value names (and its index), or why there is none.
+
+    The SDs and correlations of an ``LKJCholeskyCov`` (deterministics
+    ``<name>_stds``, ``<name>_corr``) stand for the free variable ``<name>``.
+    """
     import pytensor
 
     if not isinstance(value, str):
         return "mapped through a callable"
     match = _INDEXED.match(value.strip())
     name = match["name"].strip() if match else value.strip()
+    lkj = _lkj_parent(model, name)
+    if lkj is not None:
+        sd_dist = lkj.owner.inputs[3]
+        if set(pytensor.graph.ancestors([sd_dist])) & set(model.free_RVs):
+            return f"the SD prior of {lkj.name!r} depends on other variables"
+        return lkj, None
     var = model.named_vars.get(name)
     if var is None or var not in model.free_RVs:
         return f"{name!r} is not a free variable"
@@ -143,6 +182,10 @@ def user_log_prior(
         return None, missing
     total: np.ndarray | None = None
     for name, (var, indices) in used.items():
+        if "LKJCholeskyCov" in type(var.owner.op).__name__:
+            part = _lkj_log_prior(var, draws)
+            total = part if total is None else total + part
+            continue
         values = draws[name].values
         x = pt.tensor(name=f"{name}_value", shape=(None, *values.shape[2:]), dtype=var.dtype)
         # One draw per row of x: the variable's elementwise log density, vectorised over draws.

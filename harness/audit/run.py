@@ -356,10 +356,21 @@ def audit(
     try:
         prior = user_prior_draws(model, max(prior_draws, points), seed)
     except Exception as err:  # e.g. improper priors (pm.Flat) cannot be drawn from
-        log.warning("audit: no prior draws of the model: %s", err)
-        why = f"the model's prior cannot be drawn from ({type(err).__name__}: {err})"
+        # PyTensor appends its whole Apply-node dump to the message: keep the first line.
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        log.warning("audit: no prior draws of the model: %s", message)
+        why = f"the model's prior cannot be drawn from ({type(err).__name__}: {message})"
         for name in ("random_effects", "priors"):
             checks[name] = CheckResult(name, "incomplete", why)
+        if isinstance(err, np.linalg.LinAlgError):
+            # Not an improper prior: a covariance the model builds is not one.
+            checks["random_effects"] = CheckResult(
+                "random_effects",
+                "fail",
+                f"{why}: a covariance of the model is not positive definite at its prior "
+                "draws (a Cholesky factor or correlation factor passed as cov=, or a "
+                "non-symmetric matrix)",
+            )
         notes.append(f"{why}; the likelihood is checked at posterior draws only")
     else:
         hprior = harness_draws(mapping, prior, design)
