@@ -178,7 +178,7 @@ def efficiency_check(
     if design.blocks and uses_matrix_product(model, design, offsets):
         differences.append(
             "the model reaches the rows through a matrix product Z @ u (n x levels), the harness "
-            "by indexing u[group] (a gather, cheaper per gradient)"
+            "by indexing u[group]"
         )
     user_rate = float(rates.loc[0, "ess_per_second"])
     harness_rate = float(rates.loc[1, "ess_per_second"])
