@@ -875,3 +875,17 @@ def test_lkj_cholesky_cov_prior_density_is_read(sleepstudy):
         + stats.expon(scale=30.0).logpdf(prior["sigma"].values[0])
     )
     np.testing.assert_allclose(got, want, rtol=1e-8)
+
+
+def test_efficiency_advises_without_changing_the_verdict(trial):
+    from harness.audit.verdicts import CheckResult
+
+    result = _run(
+        load_model_file(EXAMPLES / "partially_clustered_matrix.py"), trial, TRIAL, sigma_by="arm"
+    )
+    for name in ("posterior", "posterior_harness"):
+        result.checks[name] = CheckResult(name, "pass", "stand-in for a sampled pass")
+    result.checks["efficiency"] = CheckResult("efficiency", "look", "10x slower")
+    assert result.verdict == "pass"
+    result.checks["posterior_harness"] = CheckResult("posterior_harness", "fail", "shifted")
+    assert result.verdict == "fail"

@@ -25,7 +25,10 @@ from harness.model.spec import Design, ModelSpec, build_design
 
 log = logging.getLogger("harness")
 
-__all__ = ["AuditResult", "audit"]
+__all__ = ["ADVISORY", "AuditResult", "audit"]
+
+#: Checks that advise without judging the model: their verdict is shown, never the overall one.
+ADVISORY = frozenset({"efficiency"})
 
 
 @dataclass
@@ -42,7 +45,8 @@ class AuditResult:
 
     @property
     def verdict(self) -> str:
-        return worst([c.verdict for c in self.checks.values()])
+        """The worst verdict of the checks that judge the model (efficiency only advises)."""
+        return worst([c.verdict for k, c in self.checks.items() if k not in ADVISORY])
 
     def summary(self) -> pd.DataFrame:
         """One row per check: name, verdict, diagnosis."""

@@ -32,7 +32,7 @@ ABOUT = {
     "model's draws to the harness's priors (PSIS; not reliable above Pareto k-hat 0.7).",
     "efficiency": "Smallest bulk ESS over the compared rows per second of sampling and per 1000 "
     "gradient evaluations, the model's against the harness's, and what differs in form "
-    "(centred or non-centred offsets, Z @ u or indexing).",
+    "(centred or non-centred offsets, Z @ u or indexing). Advice: not part of the overall verdict.",
 }
 TITLES = {
     "likelihood": "Likelihood at the same parameters",
