@@ -148,7 +148,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from harness.audit_command import run_audit_command
+    from harness.cli_audit import run_audit_command
 
     return run_audit_command(args)
 

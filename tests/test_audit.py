@@ -505,3 +505,387 @@ def test_improper_priors_leave_the_prior_checks_incomplete(trial):
     assert result.checks["random_effects"].verdict == "incomplete"
     assert result.checks["likelihood"].verdict == "incomplete"
     assert result.verdict == "incomplete"
+
+
+# ----------------------------------------------------------------------------- prior share, efficiency
+# No sampling: prior draws stand in for posteriors (both are draws of a known law), so
+# importance re-weighting and the row-by-row comparison have a known right answer.
+
+
+def _prior_fit(design, idata_posterior, hdraws, engine_seed=1):
+    import arviz as az
+    import xarray as xr
+
+    from harness.audit.fit_adapter import as_bayes_fit
+    from harness.model.priors import resolve_priors
+
+    diverging = xr.zeros_like(hdraws["beta"].isel(fixed_term=0), dtype=bool).rename("diverging")
+    idata = az.InferenceData(posterior=idata_posterior, sample_stats=diverging.to_dataset())
+    return as_bayes_fit(
+        design,
+        resolve_priors(design),
+        idata,
+        hdraws,
+        seed=engine_seed,
+        draws=hdraws.sizes["draw"],
+        tune=0,
+        chains=hdraws.sizes["chain"],
+        compile_seconds=0.0,
+        sample_seconds=1.0,
+        source="",
+    )
+
+
+def _four_chains(ds):
+    """One chain of independent draws as four chains (R-hat and ESS need chains)."""
+    import xarray as xr
+
+    n = ds.sizes["draw"] // 4
+    parts = [ds.isel(chain=0, draw=slice(i * n, (i + 1) * n)) for i in range(4)]
+    parts = [p.drop_vars(["chain", "draw"]).assign_coords(draw=np.arange(n)) for p in parts]
+    out = xr.concat(parts, dim="chain").assign_coords(chain=np.arange(4))
+    return out.transpose("chain", "draw", ...)
+
+
+def _wide_trial_model(user, data):
+    """The trial's matrix-form model with priors heavier-tailed than the harness's.
+
+    Importance re-weighting from a prior to another works only from the heavier
+    tails to the lighter (otherwise the weights are unbounded, k-hat > 0.7).
+    """
+    import pymc as pm
+
+    X, Z, clusters = user.build.__globals__["design_matrices"](data)
+    arm = pd.Categorical(data["arm"], categories=["control", "treatment"]).codes
+    with pm.Model(coords={"cluster": clusters, "arm": ["control", "treatment"]}) as model:
+        B = pm.StudentT("B", nu=3, mu=0.0, sigma=8.0, shape=2)
+        sigma_u = pm.HalfStudentT("sigma_u", nu=3, sigma=6.0)
+        U = pm.Normal("U", mu=0.0, sigma=sigma_u, dims="cluster")
+        sigma_e = pm.HalfStudentT("sigma_e", nu=3, sigma=2.0, dims="arm")
+        mu = pm.math.dot(X, B) + pm.math.dot(Z, U)
+        pm.Normal("y", mu=mu, sigma=sigma_e[arm], observed=data["y"].to_numpy())
+    return model
+
+
+@pytest.fixture(scope="module")
+def trial_priors(trial):
+    from harness.audit.draws import user_prior_draws
+    from harness.audit.mapping import harness_draws
+    from harness.audit.run import _harness_prior_draws
+    from harness.model.priors import resolve_priors
+    from harness.model.spec import ModelSpec, build_design
+
+    user = load_model_file(EXAMPLES / "partially_clustered_matrix.py")
+    design = build_design(ModelSpec(TRIAL, sigma_by="arm"), trial)
+    model = _wide_trial_model(user, design.data.reset_index(drop=True))
+    prior = _four_chains(user_prior_draws(model, 4000, 5))
+    hprior = harness_draws(user.mapping, prior, design)
+    theirs = _four_chains(_harness_prior_draws(design, resolve_priors(design), 4000, 6))
+    return user, design, model, prior, hprior, theirs
+
+
+def test_prior_share_reweights_the_users_prior_to_the_harnesss(trial_priors):
+    from harness.audit.prior_share import prior_share
+    from harness.model.priors import resolve_priors
+
+    user, design, model, prior, hprior, theirs = trial_priors
+    share = prior_share(model, user.mapping, design, resolve_priors(design), prior, hprior)
+    assert share.weights is not None and share.reliable, (share.k_hat, share.why)
+    # Re-weighted, the user's prior draws of sd(tx) follow the harness's prior.
+    x = hprior["sd_group"].values.reshape(-1)
+    target = float(theirs["sd_group"].mean())
+    reweighted = float(np.sum(share.weights * x))
+    assert abs(reweighted - target) < 0.1 * target, (reweighted, target, float(x.mean()))
+    assert abs(float(x.mean()) - target) > 0.2 * target  # the priors really differ
+
+
+def test_prior_share_not_available_through_a_callable(trial_priors):
+    from harness.audit.prior_share import prior_share
+    from harness.model.priors import resolve_priors
+
+    user, design, model, prior, hprior, _ = trial_priors
+    mapping = dict(user.mapping) | {"tx": lambda post: post["B"].isel(B_dim_0=1)}
+    share = prior_share(model, mapping, design, resolve_priors(design), prior, hprior)
+    assert share.weights is None and not share.reliable
+    assert "tx (mapped through a callable)" in share.why
+
+
+def test_against_harness_passes_prior_gaps_and_fails_a_shift(trial_priors):
+    """Two different priors pass once the share is removed; a shifted posterior fails."""
+    from harness.audit.against_harness import harness_check
+    from harness.audit.prior_share import prior_share
+    from harness.model.priors import resolve_priors
+
+    user, design, model, prior, hprior, theirs = trial_priors
+    resolved = resolve_priors(design)
+    share = prior_share(model, user.mapping, design, resolved, prior, hprior)
+    mine = _prior_fit(design, prior, hprior)
+    harness_fit = _prior_fit(design, theirs, theirs)
+    check, pair = harness_check(mine, harness_fit, share, priors_differ=True)
+    rows = check.tables["rows"].set_index("row")
+    assert pair.table.set_index("row").loc["group: sd(tx)", "verdict"] == "fail"  # raw gap
+    assert rows.loc["group: sd(tx)", "verdict"] == "pass", rows.loc["group: sd(tx)", "note"]
+    assert "prior share" in rows.loc["group: sd(tx)", "note"]
+    # Negative control: the user's draws of sd(tx) moved by 50%: the prior share cannot explain it.
+    shifted = hprior.copy()
+    shifted["sd_group"] = hprior["sd_group"] * 1.5
+    check, _ = harness_check(_prior_fit(design, prior, shifted), harness_fit, share, True)
+    rows = check.tables["rows"].set_index("row")
+    assert rows.loc["group: sd(tx)", "verdict"] == "fail"
+    assert check.verdict == "fail"
+    # Without a share and with differing priors, a raw gap is "look", never "fail".
+    from harness.audit.prior_share import PriorShare
+
+    check, _ = harness_check(mine, harness_fit, PriorShare(None, why="test"), True)
+    assert check.tables["rows"].set_index("row").loc["group: sd(tx)", "verdict"] == "look"
+    assert "prior share not computed" in check.diagnosis
+
+
+def test_efficiency_names_centred_offsets_and_matrix_products(trial, sleepstudy):
+    from harness.audit.efficiency import offsets_form, uses_matrix_product
+    from harness.model.spec import ModelSpec, build_design
+
+    user = load_model_file(EXAMPLES / "partially_clustered_matrix.py")
+    design = build_design(ModelSpec(TRIAL, sigma_by="arm"), trial)
+    model = user.build(design.data.reset_index(drop=True))
+    assert offsets_form(model, "U", design.blocks[0]) == "centred"
+    assert uses_matrix_product(model, design, ["U"])
+
+    import pymc as pm
+
+    with pm.Model() as nc:
+        z = pm.Normal("z", 0.0, 1.0, shape=len(design.blocks[0].levels))
+        s = pm.HalfNormal("s", 1.0)
+        pm.Deterministic("u", z * s)
+    assert offsets_form(nc, "u", design.blocks[0]) == "non-centred"
+
+    data, spec = sleepstudy
+    sleep = load_model_file(EXAMPLES / "sleepstudy_lkj.py")
+    sdesign = build_design(spec, data)
+    smodel = sleep.build(sdesign.data.reset_index(drop=True))
+    block = sdesign.blocks[0]
+    assert (
+        offsets_form(smodel, sleep.mapping[f"{block.label}: {block.terms[0]}"], block) == "centred"
+    )
+    assert not uses_matrix_product(smodel, sdesign, [])
+
+
+@pytest.mark.slow
+@pytest.mark.r
+def test_posterior_against_the_harness_and_efficiency(trial, tmp_path):
+    """Sampling end to end: checks d (second half) and e appear on the page and in the JSON."""
+    import json
+
+    from harness.report.audit_page import write_audit
+
+    user = load_model_file(EXAMPLES / "partially_clustered_matrix.py")
+    result = audit(
+        user.build, trial, TRIAL, user.mapping, sigma_by="arm", draws=300, tune=300, chains=2
+    )
+    against = result.checks["posterior_harness"]
+    assert against.verdict in {"pass", "unreliable"}, against.diagnosis
+    assert "k-hat" in against.diagnosis
+    efficiency = result.checks["efficiency"]
+    assert efficiency.verdict in {"pass", "look"}, efficiency.diagnosis
+    assert "centred" in efficiency.diagnosis and "Z @ u" in efficiency.diagnosis
+    record = json.loads(result.to_json())
+    assert set(record["checks"]) >= {"posterior_harness", "efficiency"}
+    html = write_audit(result, tmp_path / "audit.html").read_text(encoding="utf-8")
+    assert 'id="posterior_harness"' in html and 'id="efficiency"' in html
+
+
+# ----------------------------------------------------------------------------- the rest of the catalogue
+
+
+def _cbpp_coded(mistake: str):
+    """cbpp in the user's style: dummy columns built by hand, with one planted coding mistake."""
+    import pymc as pm
+
+    def build(data: pd.DataFrame):
+        herds = pd.Categorical(data["herd"].astype(str))
+        period = data["period"].astype(str)
+        levels = ["1", "2", "3", "4"]
+        onehot = np.column_stack([(period == lev).to_numpy(float) for lev in levels])
+        if mistake == "reference_last":
+            P = onehot[:, :3]  # get_dummies(...).iloc[:, :-1]: period 4 as the reference
+        elif mistake == "sum":
+            P = onehot[:, :3] - onehot[:, [3]]
+        else:
+            P = onehot[:, 1:]
+        with pm.Model(coords={"herd": list(herds.categories)}) as model:
+            b0 = pm.Normal("b0", 0.0, 2.0)
+            b = pm.Normal("b", 0.0, 2.0, shape=P.shape[1])
+            sd = pm.HalfNormal("sd", 1.0)
+            u = pm.Normal("u", 0.0, sd, dims="herd")
+            if mistake == "dropped":  # period4's column forgotten in the linear predictor
+                eta = b0 + pm.math.dot(P[:, :2], b[:2]) + u[herds.codes]
+            else:
+                eta = b0 + pm.math.dot(P, b) + u[herds.codes]
+            y = data["incidence"].to_numpy().astype(int)
+            if mistake in ("poisson", "no_offset"):
+                offset = 0.0 if mistake == "no_offset" else np.log(data["size"].to_numpy(float))
+                pm.Poisson("y", mu=pm.math.exp(eta + offset), observed=y)
+            else:
+                n = data["size"].to_numpy().astype(int)
+                pm.Binomial("y", n=n, logit_p=eta, observed=y)
+        return model
+
+    mapping = {
+        "(Intercept)": "b0",
+        "period2": "b[0]",
+        "period3": "b[1]",
+        "period4": "b[2]",
+        "herd: sd((Intercept))": "sd",
+        "herd: (Intercept)": "u",
+    }
+    return build, mapping
+
+
+@pytest.mark.parametrize(
+    ("mistake", "named"),
+    [
+        ("reference_last", "coded with treatment contrasts with reference level '4'"),
+        ("sum", "coded with sum-to-zero contrasts"),
+        ("dropped", "the fixed effect 'period4' is missing"),
+        ("", None),
+    ],
+)
+def test_fixed_effect_coding_mistakes_are_named(mistake, named):
+    data, spec = hz.datasets.load("cbpp")
+    build, mapping = _cbpp_coded(mistake)
+    result = audit(build, data, spec.formula, mapping, family="binomial", posterior=False)
+    check = result.checks["likelihood"]
+    if named is None:
+        assert check.verdict == "pass", check.diagnosis
+    else:
+        assert check.verdict == "fail"
+        assert named in check.diagnosis, check.diagnosis
+
+
+@pytest.mark.parametrize(("mistake", "verdict"), [("poisson", "pass"), ("no_offset", "fail")])
+def test_glmm_missing_offset_is_named(mistake, verdict):
+    data, _ = hz.datasets.load("cbpp")
+    build, mapping = _cbpp_coded(mistake)
+    formula = "incidence ~ period + offset(log(size)) + (1 | herd)"
+    result = audit(build, data, formula, mapping, family="poisson", posterior=False)
+    check = result.checks["likelihood"]
+    assert check.verdict == verdict, check.diagnosis
+    if verdict == "fail":
+        assert "the formula's offset() term is missing" in check.diagnosis
+
+
+def _trial_law(mistake: str):
+    import pymc as pm
+
+    _, mapping = _trial_model()
+
+    def build(data: pd.DataFrame):
+        X = np.column_stack([np.ones(len(data)), data["tx"].to_numpy(float)])
+        groups = list(pd.Categorical(data["group"]).categories.astype(str))
+        index = pd.Categorical(data["group"].astype(str), categories=groups).codes
+        tx = data["tx"].to_numpy(float)
+        arm = pd.Categorical(data["arm"], categories=["control", "treatment"]).codes
+        with pm.Model(coords={"g": groups}) as model:
+            B = pm.Normal("B", 0.0, 10.0, shape=2)
+            sd_u = pm.HalfNormal("sd_u", 2.0)
+            # PyMC 2 / BUGS: dnorm(0, tau) takes a precision; PyMC 5's second argument is an SD.
+            U = pm.Normal("U", 0.0, 1.0 / sd_u**2 if mistake == "precision" else sd_u, dims="g")
+            sigma = pm.HalfNormal("sigma", 2.0, shape=2)
+            pm.Normal("y", pm.math.dot(X, B) + U[index] * tx, sigma[arm], observed=data["y"])
+        return model
+
+    return build, mapping
+
+
+def test_precision_used_as_sd_fails_random_effects(trial):
+    build, mapping = _trial_law("precision")
+    result = audit(build, trial, TRIAL, mapping, sigma_by="arm", posterior=False)
+    check = result.checks["random_effects"]
+    assert check.verdict == "fail"
+    assert "a precision used as an SD" in check.diagnosis, check.diagnosis
+    assert result.checks["likelihood"].verdict == "pass"
+
+
+def test_correlation_matrix_used_as_covariance_fails_random_effects(sleepstudy):
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    data, spec = sleepstudy
+    _, mapping = _sleep_model("")
+
+    def build(frame: pd.DataFrame):
+        subjects = pd.Categorical(frame["Subject"].astype(str))
+        X = np.column_stack([np.ones(len(frame)), frame["Days"].to_numpy(float)])
+        with pm.Model(coords={"subj": list(subjects.categories), "cols": ["a", "b"]}) as model:
+            mu = pm.Normal("mu", 250.0, 100.0, shape=2)
+            _chol, corr, _stds = pm.LKJCholeskyCov(
+                "L", n=2, eta=1.0, sd_dist=pm.HalfNormal.dist(30.0, size=2)
+            )
+            # The mistake: MvNormal(cov=corr), the correlation matrix as the covariance.
+            z = pm.Normal("z", 0.0, 1.0, dims=("subj", "cols"))
+            u = pm.Deterministic("u", z @ pt.linalg.cholesky(corr).T, dims=("subj", "cols"))
+            sigma = pm.HalfNormal("sigma", 50.0)
+            eta = (X * (mu + u[subjects.codes])).sum(axis=1)
+            pm.Normal("y", eta, sigma, observed=frame["Reaction"].to_numpy())
+        return model
+
+    result = audit(build, data, spec.formula, mapping, posterior=False)
+    check = result.checks["random_effects"]
+    assert check.verdict == "fail", (check.diagnosis, check.tables)
+    assert "a correlation matrix used as the covariance" in check.diagnosis, check.diagnosis
+
+
+# ----------------------------------------------------------------------------- a newcomer's style
+
+
+def test_mvnormal_offsets_model_passes_and_its_cov_mistake_fails(sleepstudy):
+    """``u ~ MvNormal(0, chol=chol)`` passes; ``cov=chol`` (a Cholesky factor as the covariance) fails."""
+    data, spec = sleepstudy
+    right = _run(load_model_file(EXAMPLES / "sleepstudy_mvnormal.py"), data, spec.formula)
+    assert right.checks["likelihood"].verdict == "pass", right.checks["likelihood"].diagnosis
+    assert right.checks["random_effects"].verdict == "pass"
+    wrong = _run(load_model_file(EXAMPLES / "sleepstudy_mvnormal_mistake.py"), data, spec.formula)
+    check = wrong.checks["random_effects"]
+    assert check.verdict == "fail" and wrong.verdict == "fail"
+    assert "not positive definite" in check.diagnosis
+    assert "Apply node" not in check.diagnosis  # PyTensor's dump is cut to its first line
+
+
+def test_lkj_cholesky_cov_prior_density_is_read(sleepstudy):
+    from scipy import stats
+
+    from harness.audit.draws import user_prior_draws
+    from harness.audit.prior_share import user_log_prior
+    from harness.model.spec import build_design
+
+    data, spec = sleepstudy
+    user = load_model_file(EXAMPLES / "sleepstudy_mvnormal.py")
+    design = build_design(spec, data)
+    model = user.build(design.data.reset_index(drop=True))
+    prior = user_prior_draws(model, 50, 3)
+    got, missing = user_log_prior(model, user.mapping, design, prior)
+    assert not missing and got is not None
+    stds = prior["chol_stds"].values[0]
+    corr = prior["chol_corr"].values[0]
+    b = prior["b"].values[0]
+    want = (
+        stats.expon(scale=20.0).logpdf(stds).sum(axis=1)
+        + np.linalg.slogdet(corr)[1]  # (eta - 1) log det R, eta = 2
+        + stats.norm([250.0, 10.0], [50.0, 10.0]).logpdf(b).sum(axis=1)
+        + stats.expon(scale=30.0).logpdf(prior["sigma"].values[0])
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-8)
+
+
+def test_efficiency_advises_without_changing_the_verdict(trial):
+    from harness.audit.verdicts import CheckResult
+
+    result = _run(
+        load_model_file(EXAMPLES / "partially_clustered_matrix.py"), trial, TRIAL, sigma_by="arm"
+    )
+    for name in ("posterior", "posterior_harness"):
+        result.checks[name] = CheckResult(name, "pass", "stand-in for a sampled pass")
+    result.checks["efficiency"] = CheckResult("efficiency", "look", "10x slower")
+    assert result.verdict == "pass"
+    result.checks["posterior_harness"] = CheckResult("posterior_harness", "fail", "shifted")
+    assert result.verdict == "fail"

@@ -141,6 +141,73 @@ def _scale_mixup(design: Design, hdraws: xr.Dataset, user: np.ndarray) -> str | 
     return None
 
 
+def factor_columns(design: Design) -> dict[str, tuple[list[str], list[str]]]:
+    """Per factor of the fixed effects: its levels (reference first) and its X columns.
+
+    A factor is a data column whose treatment-coded columns (R's default,
+    named column + level) are in X: one level has no column, the reference.
+    """
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    columns = [str(c) for c in design.X.columns]
+    for column in design.data.columns:
+        if column == design.response:
+            continue
+        levels = [str(v) for v in pd.unique(design.data[column].astype(str))]
+        if not 2 <= len(levels) <= 50:
+            continue
+        named = [f"{column}{lev}" for lev in levels]
+        present = [c for c in columns if c in named]
+        if len(present) != len(levels) - 1:
+            continue
+        coded = [c[len(str(column)) :] for c in present]
+        reference = next(lev for lev in levels if lev not in coded)
+        out[str(column)] = ([reference, *coded], present)
+    return out
+
+
+def contrast_alternatives(design: Design) -> dict[str, Design]:
+    """The fixed effects of each factor coded with other contrasts, columns mapped in order.
+
+    A port that codes a factor otherwise (another reference level, levels in
+    string order as ``pandas.get_dummies`` sorts them, R's ``contr.sum``) and
+    maps its coefficients to lme4's columns in order computes the formula's
+    likelihood with these columns instead.
+    """
+    out: dict[str, Design] = {}
+    for column, (levels, present) in factor_columns(design).items():
+        values = design.data[column].astype(str).to_numpy()
+        indicator = {lev: (values == lev).astype(float) for lev in levels}
+        codings: dict[str, list[np.ndarray]] = {}
+        for reference in levels[1:]:
+            others = [lev for lev in levels if lev != reference]
+            codings[f"treatment contrasts with reference level {reference!r}"] = [
+                indicator[lev] for lev in others
+            ]
+        ordered = sorted(levels)
+        if ordered != levels:
+            codings[
+                f"treatment contrasts over the levels in string order ({', '.join(ordered[:4])}, "
+                "...: pandas.get_dummies's order)"
+            ] = [indicator[lev] for lev in ordered[1:]]
+        last = levels[-1]
+        codings["sum-to-zero contrasts (R's contr.sum: each level minus the last)"] = [
+            indicator[lev] - indicator[last] for lev in levels[:-1]
+        ]
+        for name, cols in codings.items():
+            X = design.X.copy()
+            for target, values_ in zip(present, cols, strict=True):
+                X[target] = values_
+            if np.allclose(X.to_numpy(float), design.X.to_numpy(float)):
+                continue
+            words = (
+                f"the fixed-effect columns of {column!r} coded with {name}, where lme4 uses "
+                f"treatment contrasts with reference level {levels[0]!r} (a fixed-effect column "
+                "coded with other contrasts)"
+            )
+            out[words] = replace(design, X=X)
+    return out
+
+
 def structural_alternatives(design: Design) -> dict[str, Design]:
     """Designs that each make one usual porting mistake in the formula's structure.
 
@@ -179,6 +246,7 @@ def structural_alternatives(design: Design) -> dict[str, Design]:
             )
     if design.offset is not None:
         out["the formula's offset() term is missing"] = replace(design, offset=None)
+    out |= contrast_alternatives(design)
     # Rows sorted by a predictor on one side only.  Sorting by a grouping factor only
     # relabels groups, which the whole-groups diagnosis names instead.
     factors = {c for b in design.blocks for c in b.factor.split(":")}

@@ -25,7 +25,10 @@ from harness.model.spec import Design, ModelSpec, build_design
 
 log = logging.getLogger("harness")
 
-__all__ = ["AuditResult", "audit"]
+__all__ = ["ADVISORY", "AuditResult", "audit"]
+
+#: Checks that advise without judging the model: their verdict is shown, never the overall one.
+ADVISORY = frozenset({"efficiency"})
 
 
 @dataclass
@@ -42,7 +45,8 @@ class AuditResult:
 
     @property
     def verdict(self) -> str:
-        return worst([c.verdict for c in self.checks.values()])
+        """The worst verdict of the checks that judge the model (efficiency only advises)."""
+        return worst([c.verdict for k, c in self.checks.items() if k not in ADVISORY])
 
     def summary(self) -> pd.DataFrame:
         """One row per check: name, verdict, diagnosis."""
@@ -130,7 +134,14 @@ def _posterior_check(
 
 
 def _ordered(checks: dict[str, CheckResult]) -> dict[str, CheckResult]:
-    order = ["likelihood", "random_effects", "priors", "posterior"]
+    order = [
+        "likelihood",
+        "random_effects",
+        "priors",
+        "posterior",
+        "posterior_harness",
+        "efficiency",
+    ]
     return {k: checks[k] for k in order if k in checks}
 
 
@@ -152,8 +163,9 @@ def _posterior_stage(
     points: int,
     freq: Any,
     source: str,
+    harness_fit: Any = None,
 ) -> Any:
-    """Sample the model, add posterior points, and compare with lme4 (check d)."""
+    """Sample the model, add posterior points, compare with lme4 and the harness (checks d, e)."""
     from harness.audit.fit_adapter import as_bayes_fit, sample_user_model
 
     try:
@@ -162,9 +174,9 @@ def _posterior_stage(
         )
     except Exception as err:  # the model could not be sampled: the check did not run
         log.warning("audit: sampling the model failed: %s", err)
-        checks["posterior"] = CheckResult(
-            "posterior", "incomplete", f"sampling the model failed: {type(err).__name__}: {err}"
-        )
+        why = f"sampling the model failed: {type(err).__name__}: {err}"
+        for name in ("posterior", "posterior_harness", "efficiency"):
+            checks[name] = CheckResult(name, "incomplete", why)
         return None
     hpost = harness_draws(mapping, idata.posterior, design)
     post_points = _points(idata.posterior, points)
@@ -196,8 +208,74 @@ def _posterior_stage(
         checks["posterior"] = CheckResult(
             "posterior", "incomplete", f"the comparison with lme4 did not run: {err}"
         )
-        return None
+        comparison = None
+    _harness_stage(
+        model,
+        mapping,
+        design,
+        data,
+        resolved,
+        checks,
+        idata,
+        hpost,
+        bayes,
+        seed=seed,
+        draws=draws,
+        tune=tune,
+        chains=chains,
+        harness_fit=harness_fit,
+    )
     return comparison
+
+
+def _harness_stage(
+    model: Any,
+    mapping: Mapping[str, Any],
+    design: Design,
+    data: pd.DataFrame,
+    resolved: Any,
+    checks: dict[str, CheckResult],
+    idata: Any,
+    hpost: xr.Dataset,
+    bayes: Any,
+    *,
+    seed: int,
+    draws: int,
+    tune: int,
+    chains: int,
+    harness_fit: Any,
+) -> None:
+    """Checks (d, second half) and (e): the harness's own fit of the same data beside the model's."""
+    from harness.audit.against_harness import harness_check
+    from harness.audit.efficiency import efficiency_check
+    from harness.audit.prior_share import prior_share
+
+    try:
+        if harness_fit is None:
+            from harness.engines.pymc import fit_pymc
+
+            harness_fit = fit_pymc(
+                design.spec,
+                data,
+                seed,
+                draws=draws,
+                tune=tune,
+                chains=chains,
+                design=design,
+                # Like for like with the model's single run: same draws, tune and chains.
+                adaptive=False,
+            )
+        share = prior_share(model, dict(mapping), design, resolved, idata.posterior, hpost)
+        table = checks["priors"].tables.get("priors") if "priors" in checks else None
+        differ = bool(table is not None and "differs" in table and table["differs"].any())
+        checks["posterior_harness"], pair = harness_check(bayes, harness_fit, share, differ)
+    except Exception as err:  # the harness's fit or the comparison failed: not run, not passed
+        log.warning("audit: the comparison with the harness's posterior did not run: %s", err)
+        why = f"the harness's own fit or the comparison did not run: {type(err).__name__}: {err}"
+        checks["posterior_harness"] = CheckResult("posterior_harness", "incomplete", why)
+        checks["efficiency"] = CheckResult("efficiency", "incomplete", why)
+        return
+    checks["efficiency"] = efficiency_check(model, dict(mapping), design, bayes, harness_fit, pair)
 
 
 def audit(
@@ -220,6 +298,7 @@ def audit(
     freq: Any = None,
     source: str = "",
     model_path: str = "",
+    harness_fit: Any = None,
 ) -> AuditResult:
     """Audit a user's own PyMC model against the harness's model for a formula, and lme4.
 
@@ -250,6 +329,9 @@ def audit(
         The sampler's settings (nutpie, as the harness's own fits).
     freq : FreqFit, optional
         An lme4 fit of the same spec to reuse.
+    harness_fit : BayesFit, optional
+        The harness's own PyMC fit of the same spec and data to reuse (checks d
+        and e); by default fitted here with the same seed, draws and chains.
     source : str
         The model's source text, for the report.
     model_path : str
@@ -278,10 +360,21 @@ def audit(
     try:
         prior = user_prior_draws(model, max(prior_draws, points), seed)
     except Exception as err:  # e.g. improper priors (pm.Flat) cannot be drawn from
-        log.warning("audit: no prior draws of the model: %s", err)
-        why = f"the model's prior cannot be drawn from ({type(err).__name__}: {err})"
+        # PyTensor appends its whole Apply-node dump to the message: keep the first line.
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        log.warning("audit: no prior draws of the model: %s", message)
+        why = f"the model's prior cannot be drawn from ({type(err).__name__}: {message})"
         for name in ("random_effects", "priors"):
             checks[name] = CheckResult(name, "incomplete", why)
+        if isinstance(err, np.linalg.LinAlgError):
+            # Not an improper prior: a covariance the model builds is not one.
+            checks["random_effects"] = CheckResult(
+                "random_effects",
+                "fail",
+                f"{why}: a covariance of the model is not positive definite at its prior "
+                "draws (a Cholesky factor or correlation factor passed as cov=, or a "
+                "non-symmetric matrix)",
+            )
         notes.append(f"{why}; the likelihood is checked at posterior draws only")
     else:
         hprior = harness_draws(mapping, prior, design)
@@ -311,11 +404,11 @@ def audit(
             points=points,
             freq=freq,
             source=source,
+            harness_fit=harness_fit,
         )
     else:
-        checks["posterior"] = CheckResult(
-            "posterior", "incomplete", "not run (no sampling asked for)"
-        )
+        for name in ("posterior", "posterior_harness", "efficiency"):
+            checks[name] = CheckResult(name, "incomplete", "not run (no sampling asked for)")
     if not point_sets:
         checks["likelihood"] = CheckResult(
             "likelihood", "incomplete", "no parameter points (no prior draws and no posterior)"

@@ -27,12 +27,20 @@ ABOUT = {
     "priors": "Prior draws of each mapped quantity, the model's against the harness's "
     "(differences are reported, never failed).",
     "posterior": "The model's posterior against lme4, row by row, with the harness's attribution.",
+    "posterior_harness": "The model's posterior against the harness's own posterior (same data, "
+    "priors profile, seed, draws), row by row in combined MCSE; the prior share re-weights the "
+    "model's draws to the harness's priors (PSIS; not reliable above Pareto k-hat 0.7).",
+    "efficiency": "Smallest bulk ESS over the compared rows per second of sampling and per 1000 "
+    "gradient evaluations, the model's against the harness's, and what differs in form "
+    "(centred or non-centred offsets, Z @ u or indexing). Advice: not part of the overall verdict.",
 }
 TITLES = {
     "likelihood": "Likelihood at the same parameters",
     "random_effects": "Random-effects distribution",
     "priors": "Priors side by side",
     "posterior": "Posterior against lme4",
+    "posterior_harness": "Posterior against the harness's model",
+    "efficiency": "Efficiency",
 }
 
 
