@@ -19,7 +19,7 @@ def build(data: pd.DataFrame) -> pm.Model:
     coords = {"subject": list(subject.categories), "effect": ["intercept", "slope"]}
     with pm.Model(coords=coords) as model:
         b = pm.Normal("b", mu=[250.0, 10.0], sigma=[50.0, 10.0], dims="effect")
-        chol, corr, stds = pm.LKJCholeskyCov(
+        chol, _corr, _stds = pm.LKJCholeskyCov(
             "chol", n=2, eta=2.0, sd_dist=pm.Exponential.dist(1 / 20.0, size=2)
         )
         u = pm.MvNormal("u", mu=np.zeros(2), chol=chol, dims=("subject", "effect"))
