@@ -902,8 +902,8 @@ def best_fit_summary(
     """
     original = {"ML": float(freq.loglik_ml)}
     # A glmer fit's method reads "ML (Laplace)"; its refits are keyed "ML" like lmer's.
-    method = "REML" if freq.method == "REML" else "ML"
-    if method == "REML":
+    own_method = "REML" if freq.method == "REML" else "ML"
+    if own_method == "REML":
         original["REML"] = float(freq.loglik)
     by_method: dict[str, dict[str, Any]] = {}
     for method, chosen in best.items():
@@ -911,13 +911,13 @@ def best_fit_summary(
         entry["loglik_original"] = original[method]
         entry["improved"] = bool(chosen["loglik"] > original[method] + IMPROVEMENT_TOLERANCE)
         by_method[method] = entry
-    own = by_method.get(method, {})
+    own = by_method.get(own_method, {})
     missing_list = [str(m) for m in np.atleast_1d(missing)] if missing is not None else []
     return {
-        "method": method,
+        "method": own_method,
         "by_method": by_method,
         "improved": bool(own.get("improved", False)),
-        "sentence": optimizer_sentence(by_method, method, laplace=freq.design.family.glm),
+        "sentence": optimizer_sentence(by_method, own_method, laplace=freq.design.family.glm),
         "missing": missing_list,
         "laplace": bool(freq.design.family.glm),
     }
