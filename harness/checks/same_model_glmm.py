@@ -14,6 +14,13 @@ and takes ``log det L`` from its last factorisation; solving the modes
 exactly moves the approximation by about 1e-4 (cbpp: 2.8e-4).  The check
 reproduces lme4's iteration from glmer's own starting linear predictor, and
 the notes report the exact-mode value and its distance too.
+
+When glmer warned or the maximiser climbs above glmer's ``logLik``, glmer is
+refitted with lme4's other optimizers and from the maximiser's point
+(:func:`harness.engines.lme4.refit_lme4`); the estimates are compared with the
+best fit.  A higher Laplace likelihood with the identity holding is glmer
+stopping short ("same model; lme4 did not reach its maximum"), never a
+different model: that takes the identity itself failing.
 """
 
 from __future__ import annotations

@@ -509,7 +509,8 @@ def fit_lme4(
     control : mapping, optional
         lmer's control, as a user's own call may set it: ``optimizer`` (one of
         :data:`OPTIMIZERS`), ``maxfun`` (an evaluation cap) and ``start``
-        (theta, lme4's order).  Gaussian lmer fits only.
+        (theta, lme4's order).  lmer fits; glmer fits take ``optimizer`` and
+        ``maxfun`` (for both of glmer's stages; ``maxfun`` alone: bobyqa).
     refit_on_warning : bool
         When lme4 warns about convergence, refit with its other optimizers
         (:func:`refit_lme4`) and keep what they find in ``optimizer_refits``
