@@ -12,12 +12,17 @@ harness_glm_family <- function(family_name, link) {
 
 # `formula` is text the Python side rebuilt on internal column names; harness_formula
 # (fit.R) checks every symbol in it against `symbols` before evaluating it.
+# `optimizer` (a name of refit.R's fixed table, for both stages) and `maxfun` (an evaluation
+# cap) stand for a user's glmerControl; NULL keeps glmer's defaults.
 harness_fit_glmer <- function(data, formula, symbols, family_name, link, nAGQ = 1L,
-                              profile = FALSE, level = 0.95) {
+                              profile = FALSE, level = 0.95, optimizer = NULL, maxfun = NULL) {
   formula <- harness_formula(formula, symbols)
   fam <- harness_glm_family(family_name, link)
+  control <- if (is.null(optimizer)) lme4::glmerControl()
+             else harness_glmer_control(optimizer, maxfun)
   started <- proc.time()[["elapsed"]]
-  fitted <- harness_capture(lme4::glmer(formula, data = data, family = fam, nAGQ = nAGQ))
+  fitted <- harness_capture(lme4::glmer(formula, data = data, family = fam, nAGQ = nAGQ,
+                                        control = control))
   fit_seconds <- proc.time()[["elapsed"]] - started
   fit <- fitted$value
   notes <- fitted$notes
@@ -71,6 +76,12 @@ harness_fit_glmer <- function(data, formula, symbols, family_name, link, nAGQ = 
   if (length(conv) == 0) conv <- NULL
   if (singular) notes <- c(notes, "singular fit: a variance component is (near) zero or a correlation is +/-1")
   if (!is.null(conv)) notes <- c(notes, paste("convergence:", conv))
+  code <- fit@optinfo$conv$opt
+  if (!is.null(code) && code != 0) {
+    # An optimizer that stopped at its evaluation cap: lme4 reports it as a warning only.
+    conv <- c(conv, sprintf("convergence code %s from %s", code, fit@optinfo$optimizer))
+    notes <- c(notes, paste("convergence:", conv[length(conv)]))
+  }
   ll <- as.numeric(logLik(fit))
   # The linear predictor glmer's deviance function starts its penalised IRLS from
   # (the end of its nAGQ = 0 stage): lme4's logLik is the Laplace value after its

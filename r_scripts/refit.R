@@ -134,3 +134,120 @@ harness_lmer_refits <- function(data, formula, symbols, REML = TRUE, start = NUL
               else NULL
   )
 }
+
+# ------------------------------------------------------------------------- glmer (GLMMs)
+
+# glmerControl for one optimizer of the table (by name), used for both of glmer's stages
+# (its nAGQ = 0 start and the Laplace fit), as allFit() refits a glmer model; with an
+# optional evaluation cap.  `init_step = FALSE` skips the nAGQ = 0 stage, so that a given
+# start is where the Laplace fit begins (glmer would otherwise replace theta by that stage's).
+harness_glmer_control <- function(name, maxfun = NULL, init_step = TRUE) {
+  table <- harness_optimizer_table()
+  if (!name %in% names(table)) stop("unknown optimizer: ", name)
+  entry <- table[[name]]
+  opt_ctrl <- entry$optCtrl
+  if (!is.null(maxfun)) {
+    key <- switch(entry$optimizer, nloptwrap = "maxeval", nlminbwrap = "eval.max", "maxfun")
+    opt_ctrl[[key]] <- as.integer(maxfun)
+  }
+  lme4::glmerControl(optimizer = entry$optimizer, optCtrl = opt_ctrl,
+                     nAGQ0initStep = isTRUE(init_step))
+}
+
+# Point estimates of a glmer fit as plain tables (internal names; Python maps them back).
+harness_glmer_estimates <- function(fit) {
+  vc <- as.data.frame(VarCorr(fit), order = "lower.tri")
+  vc <- vc[vc$grp != "Residual", , drop = FALSE]
+  list(
+    fixed = data.frame(term = names(fixef(fit)), estimate = unname(fixef(fit)),
+                       stringsAsFactors = FALSE),
+    variance = data.frame(
+      group_factor = vc$grp,
+      kind = ifelse(is.na(vc$var2), "sd", "cor"),
+      term = vc$var1,
+      term2 = vc$var2,
+      estimate = vc$sdcor,
+      stringsAsFactors = FALSE
+    ),
+    theta = getME(fit, "theta"),
+    beta = fixef(fit),
+    sigma = 1
+  )
+}
+
+# One glmer fit (nAGQ = 1) with a named optimizer and start; never stops: an error is a row.
+# `start` is list(theta = , fixef = ) or NULL; `maxfun` caps the evaluations.
+harness_glmer_try <- function(formula, data, fam, name, start = NULL, maxfun = NULL) {
+  ctrl <- harness_glmer_control(name, maxfun, init_step = is.null(start))
+  fitted <- harness_capture(tryCatch(
+    lme4::glmer(formula, data = data, family = fam, nAGQ = 1L, control = ctrl, start = start),
+    error = function(e) e
+  ))
+  fit <- fitted$value
+  if (inherits(fit, "error")) {
+    return(list(fit = NULL, converged = FALSE, messages = paste("error:", conditionMessage(fit))))
+  }
+  doubts <- harness_convergence_doubts(fit, fitted$notes)
+  list(fit = fit, converged = length(doubts) == 0, messages = paste(doubts, collapse = "; "))
+}
+
+# The linear predictor glmer's Laplace deviance function restarts its penalised IRLS from,
+# for a fit made by harness_glmer_try (the same control and start), and its tolerance.
+harness_glmer_lp0 <- function(formula, data, fam, name, start = NULL) {
+  ctrl <- harness_glmer_control(name, init_step = is.null(start))
+  devfun <- harness_capture(lme4::glmer(formula, data = data, family = fam, nAGQ = 1L,
+                                        control = ctrl, start = start,
+                                        devFunOnly = TRUE))$value
+  list(lp0 = as.numeric(environment(devfun)$lp0),
+       tol_pwrss = as.numeric(environment(devfun)$tolPwrss))
+}
+
+# Refit a glmer model (nAGQ = 1) with every optimizer of the table from glmer's default
+# start and, when `theta` and `fixef` are given (the harness's Laplace optimum), with bobyqa
+# and Nelder_Mead (the optimizers of glmer's default two stages) from there.  Returns one row
+# per fit and the estimates of the best fit (lowest deviance = -2 Laplace log-likelihood).
+harness_glmer_refits <- function(data, formula, symbols, family_name, link, theta = NULL,
+                                 fixef = NULL, maxfun = NULL) {
+  formula <- harness_formula(formula, symbols)
+  fam <- harness_glm_family(family_name, link)
+  starts <- list("glmer's default start" = NULL)
+  if (!is.null(theta) && !is.null(fixef)) {
+    starts[["the harness's Laplace optimum"]] <- list(theta = as.numeric(theta),
+                                                       fixef = as.numeric(fixef))
+  }
+  from_start <- c("bobyqa", "Nelder_Mead")
+  rows <- list()
+  best <- NULL
+  best_value <- Inf
+  for (s in names(starts)) {
+    names_here <- if (is.null(starts[[s]])) names(harness_optimizer_table()) else from_start
+    for (name in names_here) {
+      tried <- harness_glmer_try(formula, data, fam, name, starts[[s]], maxfun)
+      fit <- tried$fit
+      criterion <- if (is.null(fit)) NA_real_ else as.numeric(deviance(fit))
+      loglik <- if (is.null(fit)) NA_real_ else as.numeric(logLik(fit))
+      # glmer's deviance() is the conditional deviance for some families; the criterion
+      # compared is -2 logLik (the Laplace approximation) for every one.
+      if (!is.null(fit)) criterion <- -2 * loglik
+      rows[[length(rows) + 1]] <- data.frame(
+        optimizer = name, start = s, method = "ML", criterion = criterion, loglik = loglik,
+        converged = tried$converged,
+        singular = if (is.null(fit)) NA else isSingular(fit),
+        messages = tried$messages, stringsAsFactors = FALSE
+      )
+      if (!is.na(criterion) && criterion < best_value) {
+        best_value <- criterion
+        best <- c(list(optimizer = name, start = s, criterion = criterion, loglik = loglik),
+                  harness_glmer_estimates(fit),
+                  harness_glmer_lp0(formula, data, fam, name, starts[[s]]))
+      }
+    }
+  }
+  missing <- harness_optimizers_missing()
+  list(
+    table = do.call(rbind, rows),
+    best_ml = best,
+    missing = if (length(missing)) paste0(names(missing), " (needs R package ", missing, ")")
+              else NULL
+  )
+}

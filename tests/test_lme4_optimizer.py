@@ -248,3 +248,141 @@ def test_a_reml_fit_stopped_short_is_named_by_its_reml_criterion():
     result = same_model(spec, data, freq=freq, check_pymc_model=False)
     assert result.ok and result.verdict == "same model; lme4 did not reach its maximum"
     assert result.lme4_optimum.startswith("lme4's REML fit did not reach its maximum (REML")
+
+
+# --------------------------------------------------------------------------- glmer (GLMMs)
+
+
+def test_glmm_optimizer_share_comes_before_the_laplace_share():
+    """glmer short of its Laplace maximum: optimizer share to it, Laplace share from it on."""
+    from harness.checks.attribution import WidePrior, attribute_row
+
+    rng = np.random.default_rng(0)
+    draws = rng.normal(1.5, 0.2, size=(2, 2000))
+    wide = WidePrior("psis", 0.0, np.full(draws.size, 1.0 / draws.size))
+    # glmer 1.2; its best refit (the Laplace maximum) 1.25; exact ML 1.4 (laplace runs from
+    # glmer's 1.2: +0.2); the summary's share is measured from the exact ML estimate.
+    attr = attribute_row(
+        draws,
+        1.2,
+        how="mean",
+        wide_values=draws.ravel(),
+        wide=wide,
+        scale=0.2,
+        scale_name="lme4 SE",
+        tolerance=0.05,
+        tolerance_text="0.25 lme4 SE",
+        use_mode=False,
+        integration=0.1,
+        laplace=0.2,
+        laplace_text="exact ML by quadrature: 1.4",
+        optimizer_shift=0.05,
+        optimizer_text="lme4 did not reach its maximum (Laplace log-likelihood ...)",
+    )
+    parts = attr.attribution
+    assert parts["lme4_optimizer"] == pytest.approx(0.05)
+    assert parts["laplace"] == pytest.approx(0.15)
+    assert parts["summary"] == pytest.approx(0.1)
+    total = sum(v for k, v in parts.items() if k != "mcse")
+    assert total == pytest.approx(attr.gap, abs=1e-12)
+    assert "its best refit moves lme4's estimate by +0.05" in attr.explanation
+
+
+def _short_glmer_data() -> pd.DataFrame:
+    """A binary design: 40 groups of 5, one covariate, a random intercept of SD 1."""
+    rng = np.random.default_rng(3)
+    g = np.repeat(np.arange(40), 5)
+    x = rng.normal(size=g.size)
+    u = rng.normal(scale=1.0, size=40)[g]
+    y = (rng.random(g.size) < 1 / (1 + np.exp(-(-0.3 + 0.8 * x + u)))).astype(int)
+    return pd.DataFrame({"y": y, "x": x, "g": pd.Categorical(g.astype(str))})
+
+
+@pytest.fixture(scope="module")
+def short_glmer():
+    """glmer stopped after 5 evaluations per stage (bobyqa, ``maxfun = 5``): short of its max."""
+    import harness as hz
+
+    data = _short_glmer_data()
+    spec = ModelSpec("y ~ x + (1 | g)", family="binomial")
+    control = {"optimizer": "bobyqa", "maxfun": 5}
+    freq = hz.fit_lme4(spec, data, n_sims=0, control=control, refit_on_warning=False)
+    return spec, data, freq
+
+
+@pytest.mark.r
+def test_glmer_stopped_short_is_the_same_model_and_its_refits_feed_the_optimizer_source(
+    short_glmer,
+):
+    from harness.checks.compare import _optimizer_shifts
+    from harness.checks.same_model import same_model, with_lme4_refits
+
+    spec, data, freq = short_glmer
+    assert not freq.converged
+    assert any("convergence code 1 from bobyqa" in m for m in freq.messages)
+    assert 'glmerControl(optimizer = "bobyqa", optCtrl = list(maxfun = 5))' in freq.r_call
+    # Recorded (lme4 1.1, R 4.2): glmer's short Laplace log-likelihood and the maximum.
+    assert freq.loglik == pytest.approx(-113.499943, abs=1e-5)
+
+    result = same_model(spec, data, freq=freq, check_pymc_model=False)
+    assert result.ok, result.reasons
+    assert result.verdict == "same model; lme4 did not reach its maximum"
+    assert abs(result.difference) < 1e-6  # the identity at glmer's own (short) estimates
+    assert result.lme4_short
+    refits = result.lme4_refits
+    assert set(refits.loc[refits["start"] == "glmer's default start", "optimizer"]) == set(
+        OPTIMIZERS
+    )
+    assert {"bobyqa", "Nelder_Mead"} <= set(
+        refits.loc[refits["start"] == "the harness's Laplace optimum", "optimizer"]
+    )
+    assert refits["best"].sum() == 1
+    assert result.loglik_lme4_best == pytest.approx(-113.313821, abs=1e-5)
+    assert result.loglik_lme4_best == pytest.approx(result.loglik_pymc_max, abs=1e-4)
+    assert abs(result.loglik_pymc_at_best - result.loglik_lme4_best) < 1e-6
+    assert result.lme4_optimum.startswith(
+        "lme4 did not reach its maximum (Laplace log-likelihood -113.499943 at lme4's "
+        "estimates, -113.313821 at the best fit"
+    )
+    assert "lme4_original" in result.estimates.columns
+    assert result.estimates["ok"].all()
+    assert result.to_dict()["verdict"] == "same model; lme4 did not reach its maximum"
+
+    # The comparison's lme4_optimizer source: the best refit's estimate minus glmer's.
+    carried = with_lme4_refits(freq, result)
+    best = carried.best_fit["by_method"]["ML"]
+    fixed, text = _optimizer_shifts(carried, "fixed")
+    assert text.startswith("lme4 did not reach its maximum (Laplace log-likelihood")
+    for term, estimate in zip(freq.fixed["term"], freq.fixed["estimate"], strict=True):
+        assert fixed[term] == pytest.approx(best["fixed"][term] - estimate)
+    assert abs(fixed["x"]) > 0.05  # x: 1.0376 at glmer's stop, 1.1644 at the maximum
+    variance, _ = _optimizer_shifts(carried, "variance")
+    assert variance["g: sd((Intercept))"] == pytest.approx(
+        best["variance"]["g: sd((Intercept))"] - float(freq.variance["estimate"].iloc[0])
+    )
+
+
+@pytest.mark.r
+def test_glmer_different_models_only_when_the_identity_fails(short_glmer):
+    import dataclasses
+
+    from harness.checks.same_model import same_model
+
+    spec, data, freq = short_glmer
+    # The same short fit with a log-likelihood the Laplace approximation does not give.
+    wrong = dataclasses.replace(freq, loglik=freq.loglik - 0.5, loglik_ml=freq.loglik_ml - 0.5)
+    result = same_model(spec, data, freq=wrong, check_pymc_model=False)
+    assert not result.ok
+    assert result.verdict == "different models"
+    assert any(r.startswith("Laplace log-likelihood at glmer's estimates") for r in result.reasons)
+
+
+@pytest.mark.r
+def test_a_glmer_start_needs_theta_and_beta(short_glmer):
+    from harness.engines.lme4 import refit_lme4
+
+    _, _, freq = short_glmer
+    with pytest.raises(ValueError, match="needs both theta and the fixed effects"):
+        refit_lme4(freq, start=[1.0])
+    with pytest.raises(ValueError, match="finite"):
+        refit_lme4(freq, start=[float("nan")], beta=[0.0, 1.0])

@@ -547,7 +547,8 @@ def attribute_row(
         becomes the summary's share.
     laplace : float, optional
         A GLMM's ``laplace`` source: the exact ML estimate minus glmer's
-        (:mod:`harness.checks.glmm_attribution`).  The summary's share is then
+        (:mod:`harness.checks.glmm_attribution`); with ``optimizer_shift``,
+        the share is measured from the best refit (the Laplace maximum).  The summary's share is then
         measured from the exact ML estimate, and the remainder is what neither
         explains.
     laplace_text, integration_text : str
@@ -583,7 +584,9 @@ def attribute_row(
     extra: dict[str, Any] = {"k_hat": wide.k_hat, "prior_method": wide.method}
     lap = 0.0  # the Laplace share: lme4's estimate moved to the exact ML estimate
     if laplace is not None and np.isfinite(laplace):
-        lap = float(laplace)
+        # ``laplace`` runs from glmer's estimate; when glmer stopped short, the optimizer's
+        # share holds the way to the Laplace maximum and the Laplace share the rest.
+        lap = float(laplace) - opt
         parts["laplace"] = lap
         extra["laplace_text"] = laplace_text
     # What the other sources are measured from: the best fit lme4 reaches (its own
@@ -635,7 +638,9 @@ def attribute_row(
         extra["skew"] = at_wide - mode
     else:
         # A Gaussian integration share is measured from lme4's own estimate: it holds opt.
-        share = float(integration) - opt if integration is not None else 0.0
+        # A GLMM's (with ``laplace``) is measured from the exact ML estimate, the reference.
+        held = opt if laplace is None or not np.isfinite(laplace) else 0.0
+        share = float(integration) - held if integration is not None else 0.0
         parts["summary"] = share
         parts["boundary"] = 0.0
         parts["remainder"] = at_wide - reference - share

@@ -200,14 +200,22 @@ class SameModel:
     def lme4_optimum(self) -> str:
         """What lme4's refits found, in one sentence ("" when none were tried)."""
         by_method = self.lme4_best.get("by_method", {}) if self.lme4_best else {}
-        if not by_method:
-            return ""
+        laplace = bool(self.lme4_best.get("laplace")) if self.lme4_best else False
         # The fit that stopped short: its ML refit (the identity) and/or its REML fit (the
         # estimates the tables hold); when neither did, that lme4's estimates stand.
         short = [m for m in ("ML", "REML") if by_method.get(m, {}).get("improved")]
+        if self.lme4_short and not short:
+            # No refit climbed as high as the harness's maximiser of the same likelihood.
+            what = "Laplace log-likelihood" if laplace else "log-likelihood"
+            return (
+                f"lme4 did not reach its maximum ({what} {self.loglik_lme4:.6f} at lme4's "
+                f"estimates, {self.loglik_pymc_max:.6f} at the best fit: the harness's maximiser)"
+            )
+        if not by_method:
+            return ""
         shown = short or [m for m in ("ML", "REML") if m in by_method][:1]
         return "; ".join(
-            optimizer_sentence(by_method, m).replace(
+            optimizer_sentence(by_method, m, laplace=laplace).replace(
                 "lme4 did not", "lme4's REML fit did not" if m == "REML" else "lme4 did not"
             )
             for m in shown
@@ -1089,6 +1097,11 @@ def _glmm_same_model(
         optimizer=checks.get("optimizer", {}),
         notes=notes,
         seconds=time.perf_counter() - started,
+        lme4_refits=checks.get("lme4_refits"),
+        lme4_best=checks.get("lme4_best") or {},
+        lme4_short=bool(checks.get("lme4_short")),
+        loglik_lme4_best=checks.get("loglik_lme4_best"),
+        loglik_pymc_at_best=checks.get("loglik_pymc_at_best"),
     )
     log.info("same model (GLMM, Laplace)? %s", result.verdict)
     return result

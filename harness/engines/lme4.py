@@ -509,7 +509,8 @@ def fit_lme4(
     control : mapping, optional
         lmer's control, as a user's own call may set it: ``optimizer`` (one of
         :data:`OPTIMIZERS`), ``maxfun`` (an evaluation cap) and ``start``
-        (theta, lme4's order).  Gaussian lmer fits only.
+        (theta, lme4's order).  lmer fits; glmer fits take ``optimizer`` and
+        ``maxfun`` (for both of glmer's stages; ``maxfun`` alone: bobyqa).
     refit_on_warning : bool
         When lme4 warns about convergence, refit with its other optimizers
         (:func:`refit_lme4`) and keep what they find in ``optimizer_refits``
@@ -521,15 +522,19 @@ def fit_lme4(
     """
     design = design if design is not None else build_design(spec, data)
     control = _check_control(control)
-    if control and (spec.sigma_by or design.family.glm):
-        raise ValueError("control applies to lmer fits (gaussian, one residual SD) only")
+    if control and spec.sigma_by:
+        raise ValueError("control applies to lme4 fits (one residual SD) only")
+    if "start" in control and design.family.glm:
+        raise ValueError("control: a glmer start is not supported (optimizer and maxfun are)")
+    if "maxfun" in control and "optimizer" not in control and design.family.glm:
+        control["optimizer"] = "bobyqa"  # glmer's default for both stages' cap
     reml = spec.reml if reml is None else reml
     started = time.perf_counter()
     names = r_names(design)
     frame = to_r_frame(design.data, names.columns)
     pieces = None
     if design.family.glm:  # GLMM hook (issue 12): glmer, see r_scripts/glmm.R
-        result = _fit_glmer(design, frame, names, profile=profile)
+        result = _fit_glmer(design, frame, names, profile=profile, control=control)
         ml = {
             "beta": _user_keys(result["ml_beta"], names),
             "theta": _user_keys(result["ml_theta"], names),
@@ -605,7 +610,7 @@ def fit_lme4(
         converged=bool(info["converged"]),
         messages=messages,
         versions=versions,
-        r_call=_glmer_call_text(design)
+        r_call=_glmer_call_text(design, control)
         if design.family.glm
         else _r_call_text(design, reml, pieces, control),
         fit_seconds=elapsed,
@@ -699,11 +704,11 @@ def _control_args(control: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def refits_apply(freq: FreqFit) -> bool:
-    """Whether :func:`refit_lme4` can refit ``freq`` (lmer fits; not glmer, not nlme)."""
-    return freq.engine == "lme4" and not freq.design.family.glm
+    """Whether :func:`refit_lme4` can refit ``freq`` (lmer and glmer fits; not nlme)."""
+    return freq.engine == "lme4"
 
 
-def refit_lme4(freq: FreqFit, start: Any = None) -> FreqFit:
+def refit_lme4(freq: FreqFit, start: Any = None, beta: Any = None) -> FreqFit:
     """``freq`` with lme4's other optimizers tried, as ``allFit`` tries them, and the best named.
 
     Every optimizer of :data:`OPTIMIZERS` refits the model from lme4's default
@@ -713,12 +718,21 @@ def refit_lme4(freq: FreqFit, start: Any = None) -> FreqFit:
     hold) and by ML (the likelihood of the same-model check); the best fit of
     each is the one with the lowest criterion (REML criterion; deviance for ML).
 
+    A glmer fit (nAGQ = 1) is refitted by its Laplace likelihood, each
+    optimizer running both of glmer's stages; from ``start`` and ``beta``
+    (theta and the fixed effects of the harness's Laplace optimum) bobyqa and
+    Nelder_Mead (glmer's default pair) refit it from there, without the
+    nAGQ = 0 stage that would replace that theta.
+
     Parameters
     ----------
     freq : FreqFit
-        An lmer fit (see :func:`refits_apply`).
+        An lmer or glmer fit (see :func:`refits_apply`).
     start : array or mapping, optional
         Theta in lme4's order.
+    beta : array or mapping, optional
+        glmer only: the fixed effects of that start, in lme4's order (a glmer
+        start needs both).
 
     Returns
     -------
@@ -732,19 +746,36 @@ def refit_lme4(freq: FreqFit, start: Any = None) -> FreqFit:
     import rpy2.robjects as ro
 
     if not refits_apply(freq):
-        raise ValueError(f"lme4's optimizers refit lmer fits only, not {freq.engine} ones")
+        raise ValueError(f"lme4's optimizers refit lme4 fits only, not {freq.engine} ones")
     design = freq.design
     names = r_names(design)
     frame = to_r_frame(design.data, names.columns)
     kwargs: dict[str, Any] = {}
-    if start is not None:
-        values = list(start.values()) if isinstance(start, Mapping) else start
-        theta = np.atleast_1d(np.asarray(values, dtype=float))
-        kwargs["start"] = ro.FloatVector(np.clip(theta, -1e6, 1e6).tolist())
-    reml = freq.method == "REML"
-    result = _from_r(
-        _call("harness_lmer_refits", frame, names.formula, _symbols(names), REML=reml, **kwargs)
-    )
+    if design.family.glm:
+        if (start is None) != (beta is None):
+            raise ValueError("a glmer start needs both theta and the fixed effects")
+        if start is not None:
+            kwargs["theta"] = ro.FloatVector(_start_vector(start))
+            kwargs["fixef"] = ro.FloatVector(_start_vector(beta))
+        family, link = design.family.r_family()
+        result = _from_r(
+            _call(
+                "harness_glmer_refits",
+                frame,
+                names.formula,
+                _symbols(names),
+                family,
+                link,
+                **kwargs,
+            )
+        )
+    else:
+        if start is not None:
+            kwargs["start"] = ro.FloatVector(_start_vector(start))
+        reml = freq.method == "REML"
+        result = _from_r(
+            _call("harness_lmer_refits", frame, names.formula, _symbols(names), REML=reml, **kwargs)
+        )
     table = result["table"]
     table["messages"] = [names.user(str(m)) if m else "" for m in table["messages"]]
     table["optimizer"] = table["optimizer"].astype(object)
@@ -769,6 +800,15 @@ def refit_lme4(freq: FreqFit, start: Any = None) -> FreqFit:
         table.loc[hit[hit].index[:1], "best"] = True
     log.info("lme4 refits: %s", summary["sentence"])
     return dataclasses.replace(freq, optimizer_refits=table, best_fit=summary)
+
+
+def _start_vector(values: Any) -> list[float]:
+    """A start (array or mapping, lme4's order) as finite floats R reads as numbers only."""
+    values = list(values.values()) if isinstance(values, Mapping) else values
+    vector = np.atleast_1d(np.asarray(values, dtype=float))
+    if not np.all(np.isfinite(vector)):
+        raise ValueError("a start must be finite numbers")
+    return [float(v) for v in np.clip(vector, -1e6, 1e6)]
 
 
 def _original_rows(freq: FreqFit) -> pd.DataFrame:
@@ -804,9 +844,10 @@ def _original_rows(freq: FreqFit) -> pd.DataFrame:
             }
         )
     else:
+        default = "glmer's default (bobyqa, Nelder_Mead)" if freq.design.family.glm else None
         rows.append(
             {
-                "optimizer": freq.optimizer or "lmer's default",
+                "optimizer": freq.optimizer or default or "lmer's default",
                 "start": start,
                 "method": "ML",
                 "criterion": -2.0 * float(freq.loglik_ml),
@@ -838,6 +879,9 @@ def _best_estimates(raw: dict[str, Any], names: RNames, spec: ModelSpec) -> dict
         "beta": _user_keys(raw["beta"], names),
         "theta": _user_keys(raw["theta"], names),
         "sigma": float(raw["sigma"]),
+        # glmer: where its penalised IRLS restarts (the Laplace identity at this fit).
+        "lp0": np.asarray(raw["lp0"], dtype=float) if raw.get("lp0") is not None else None,
+        "tol_pwrss": float(raw["tol_pwrss"]) if raw.get("tol_pwrss") is not None else None,
     }
 
 
@@ -858,7 +902,9 @@ def best_fit_summary(
         method), ``sentence`` and ``missing`` (optimizers that need absent packages).
     """
     original = {"ML": float(freq.loglik_ml)}
-    if freq.method == "REML":
+    # A glmer fit's method reads "ML (Laplace)"; its refits are keyed "ML" like lmer's.
+    own_method = "REML" if freq.method == "REML" else "ML"
+    if own_method == "REML":
         original["REML"] = float(freq.loglik)
     by_method: dict[str, dict[str, Any]] = {}
     for method, chosen in best.items():
@@ -866,26 +912,36 @@ def best_fit_summary(
         entry["loglik_original"] = original[method]
         entry["improved"] = bool(chosen["loglik"] > original[method] + IMPROVEMENT_TOLERANCE)
         by_method[method] = entry
-    own = by_method.get(freq.method, {})
+    own = by_method.get(own_method, {})
     missing_list = [str(m) for m in np.atleast_1d(missing)] if missing is not None else []
     return {
-        "method": freq.method,
+        "method": own_method,
         "by_method": by_method,
         "improved": bool(own.get("improved", False)),
-        "sentence": optimizer_sentence(by_method, freq.method),
+        "sentence": optimizer_sentence(by_method, own_method, laplace=freq.design.family.glm),
         "missing": missing_list,
+        "laplace": bool(freq.design.family.glm),
     }
 
 
-def optimizer_sentence(by_method: Mapping[str, Mapping[str, Any]], method: str) -> str:
+def optimizer_sentence(
+    by_method: Mapping[str, Mapping[str, Any]], method: str, *, laplace: bool = False
+) -> str:
     """``lme4 did not reach its maximum (log-likelihood X at lme4's estimates, Y at the best fit)``.
 
-    Or, when no refit beat lme4's own estimates, that they stand.
+    Or, when no refit beat lme4's own estimates, that they stand.  ``laplace``
+    (glmer fits) names the likelihood: glmer's Laplace approximation.
     """
     chosen = by_method.get(method)
     if not chosen:
         return "no refit with lme4's other optimizers succeeded"
-    what = "REML log-likelihood" if method == "REML" else "log-likelihood"
+    what = (
+        "REML log-likelihood"
+        if method == "REML"
+        else "Laplace log-likelihood"
+        if laplace
+        else "log-likelihood"
+    )
     where = f"{chosen['optimizer']} from {chosen['start']}"
     if chosen["improved"]:
         return (
@@ -958,14 +1014,21 @@ def _component(kind: str, group: Any, term: Any, term2: Any, sigma_by: str | Non
 
 
 def _fit_glmer(
-    design: Design, frame: Any, names: RNames, n_agq: int = 1, profile: bool = False
+    design: Design,
+    frame: Any,
+    names: RNames,
+    n_agq: int = 1,
+    profile: bool = False,
+    control: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``lme4::glmer`` on the design's data (internal names, see :class:`RNames`).
 
     Family and link are names R looks up in a fixed table; the formula is the
     rebuilt one, checked symbol by symbol in R before it is evaluated.
+    ``control`` (checked by :func:`_check_control`): ``optimizer`` and ``maxfun``.
     """
     family, link = design.family.r_family()
+    args = _control_args({k: v for k, v in (control or {}).items() if k != "start"})
     return _from_r(
         _call(
             "harness_fit_glmer",
@@ -976,15 +1039,17 @@ def _fit_glmer(
             link,
             nAGQ=int(n_agq),
             profile=profile,
+            **args,
         )
     )
 
 
-def _glmer_call_text(design: Design) -> str:
+def _glmer_call_text(design: Design, control: Mapping[str, Any] | None = None) -> str:
     family, link = design.family.r_family()
+    text = _control_text(control or {}).replace("lmerControl(", "glmerControl(")
     return (
         f"lme4::glmer({design.spec.formula}, data = data, "
-        f'family = {family}(link = "{link}"), nAGQ = 1)'
+        f'family = {family}(link = "{link}"), nAGQ = 1{text})'
     )
 
 
