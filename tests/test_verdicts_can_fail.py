@@ -67,5 +67,9 @@ def test_offsets_that_did_not_mix_are_unreliable(sleepstudy_freq, sleepstudy_bay
     ],
 )
 def test_a_same_model_check_that_did_not_run_is_incomplete(comparison, same_model, expected):
-    result = SimpleNamespace(comparison=SimpleNamespace(verdict=comparison), same_model=same_model)
+    result = SimpleNamespace(
+        comparisons={("lme4", "pymc"): SimpleNamespace(verdict=comparison)},
+        same_model=same_model,
+        same_model_bayes=None,
+    )
     assert DesignResult.verdict.fget(result) == expected
