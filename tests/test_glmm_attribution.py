@@ -323,3 +323,50 @@ def test_binomial_and_poisson_loglik_equal_scipys():
     rate[0], y[0] = 0.0, 0.0
     poisson = get_family("poisson").loglik(y, rate, None)
     np.testing.assert_allclose(poisson, stats.poisson.logpmf(y, rate), rtol=1e-13, atol=1e-12)
+
+
+def _slope_design(scale_x: float = 1.0):
+    frame = simulate(slope=True)
+    frame["x"] = frame["x"] * scale_x
+    return build_design(SPEC.with_(formula="y ~ x + (1 + x | g)"), frame)
+
+
+def test_importance_gradient_in_beta_is_the_estimates_own():
+    """The exact gradient (draws' centre and scale move with beta) against central differences
+    of the estimate itself, away from its maximum."""
+    design = _slope_design()
+    sampler = ga.ImportanceLikelihood(design)
+    theta, beta = np.array([2.0, 0.3, 0.6]), np.array([-1.0, 1.0])
+    value, gradient = sampler.value_and_beta_gradient(theta, beta)
+    assert value == sampler(theta, beta)
+    h = 1e-4
+    numeric = [
+        (sampler(theta, beta + h * e) - sampler(theta, beta - h * e)) / (2 * h) for e in np.eye(2)
+    ]
+    assert np.max(np.abs(gradient)) > 0.1  # not at the maximum: the check can fail
+    np.testing.assert_allclose(gradient, numeric, atol=1e-6)
+
+
+def test_conditional_beta_with_the_gradient_is_the_finite_difference_maximiser():
+    """beta_hat(theta) is the same point with the exact gradient as with L-BFGS-B's own
+    finite differences of the same estimate, and a predictor in other units moves it only
+    by those units (a badly scaled column once stopped the search at its start)."""
+    from scipy import optimize
+
+    design = _slope_design()
+    sampler = ga.ImportanceLikelihood(design)
+    theta, beta = np.array([2.0, 0.3, 0.6]), np.array([-1.0, 1.0])
+    assert sampler.has_beta_gradient
+    fast = ga.conditional_beta(sampler, theta, beta)
+    plain = optimize.minimize(
+        lambda b: -sampler(theta, b), beta, method="L-BFGS-B", options={"ftol": 1e-12, "gtol": 1e-7}
+    ).x
+    np.testing.assert_allclose(fast, plain, atol=1e-5)
+    assert np.max(np.abs(fast - beta)) > 0.05  # it moved from the start
+
+    # x in thousandths: theta's slope entries and beta's slope carry the factor.
+    wide = _slope_design(scale_x=1000.0)
+    scaled = ga.conditional_beta(
+        ga.ImportanceLikelihood(wide), theta * np.array([1.0, 1e-3, 1e-3]), beta * [1.0, 1e-3]
+    )
+    np.testing.assert_allclose(scaled * [1.0, 1e3], fast, atol=1e-5)

@@ -44,6 +44,7 @@ are joint modes over ``beta`` and ``theta``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -98,6 +99,8 @@ MAX_RANDOM_EFFECTS = 3000
 #: binary design); draws for a vector theta (each costs an optimisation of sampled likelihoods).
 THETA_GRID = 15
 SUMMARY_DRAWS = 20
+#: A step that may run longer than this many seconds says every so often that it is working.
+PROGRESS_SECONDS = 30.0
 #: Relative step of the finite-difference Hessian in beta.
 HESSIAN_STEP = 1e-3
 #: Weighted quantiles of theta that the grid spans (draws beyond are clamped to its ends).
@@ -200,8 +203,10 @@ class ImportanceLikelihood:
             constant[:, c] = -0.5 * d * np.log(2 * np.pi) - log_t
         self.constant = constant
 
-    def _by_component(self, M: sp.csc_matrix, fixed_eta: np.ndarray, u0: np.ndarray) -> float:
-        """The log-likelihood as a sum of one importance-sampled integral per component."""
+    def _component_proposal(
+        self, M: sp.csc_matrix, fixed_eta: np.ndarray, u0: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Draws' ``M u`` and log weights less the data's, one integral per component."""
         design = self.design
         family = design.family
         u_hat, _ = _pirls(design, M, fixed_eta, u0, 1e-10, 200)
@@ -215,16 +220,8 @@ class ImportanceLikelihood:
             log_det_c[c] = np.sum(np.log(np.diag(C)))
             # u = u_hat + C^-T z: solve C' x = z for every draw at once.
             draws[:, cols] += np.linalg.solve(C.T, self.component_z[c].T).T
-        etas = fixed_eta[None, :] + (M @ draws.T).T
-        pointwise = family.loglik(design.y, family.link.inverse(etas), design.trials)
-        per_component = np.asarray(self.indicator.T @ pointwise.T).T  # (K, components)
         squares = np.asarray(self.column_component.T @ (draws**2).T).T  # (K, components)
-        log_w = per_component - 0.5 * squares + self.constant - log_det_c[None, :]
-        top = log_w.max(axis=0)
-        w = np.exp(log_w - top)
-        ess = w.sum(axis=0) ** 2 / np.sum(w**2, axis=0)
-        self.last_ess = float(ess.min())
-        return float(np.sum(top + np.log(w.mean(axis=0))))
+        return (M @ draws.T).T, -0.5 * squares + self.constant - log_det_c[None, :]
 
     def _curvature(self, M: sp.csc_matrix, fixed_eta: np.ndarray, u: np.ndarray) -> np.ndarray:
         """``H = M' W M + I`` at ``u``, as its diagonal blocks (one per integral): (g, k, k)."""
@@ -288,41 +285,172 @@ class ImportanceLikelihood:
                 break
         return u
 
-    def __call__(self, theta: np.ndarray, beta: np.ndarray) -> float:
-        """The log-likelihood at (theta, beta); ``last_ess`` the smallest weights' ESS."""
-        design = self.design
-        family = design.family
-        M = (self.Z @ lambda_matrix(design, theta)).tocsc()
-        fixed_eta = design.X.to_numpy(dtype=float) @ np.asarray(beta, dtype=float)
-        if design.offset is not None:
-            fixed_eta = fixed_eta + design.offset
+    def _proposal(
+        self, theta: np.ndarray, beta: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The proposal centred at the conditional modes at (theta, beta).
+
+        Returns the fixed part of the linear predictor (n,), each draw's random
+        part ``M u`` (K, n) and each draw's log weight less the data's log
+        density, ``-|u|^2 / 2 - log q(u)`` per integral (K, g).
+        """
+        M = (self.Z @ lambda_matrix(self.design, theta)).tocsc()
+        fixed_eta = self._fixed_eta(beta)
         u0 = np.zeros(M.shape[1]) if self._u is None else self._u
         if self.components:
-            return self._by_component(M, fixed_eta, u0)
-        g, k = self.n_groups, self.k
-        if g > 1:
-            u_hat = self._modes_by_level(M, fixed_eta, u0)
-        else:
-            u_hat, _ = _pirls(design, M, fixed_eta, u0, 1e-10, 200)
+            return (fixed_eta, *self._component_proposal(M, fixed_eta, u0))
+        if self.n_groups > 1:
+            level = self._level_proposal(M, fixed_eta, u0)
+            return fixed_eta, level.random_eta, level.base
+        u_hat, _ = _pirls(self.design, M, fixed_eta, u0, 1e-10, 200)
         self._u = u_hat
-        blocks = self._curvature(M, fixed_eta, u_hat)
+        return (fixed_eta, *self._draws(M, fixed_eta, u_hat)[-2:])
+
+    def _draws(
+        self, M: sp.csc_matrix, fixed_eta: np.ndarray, u_hat: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Draws around ``u_hat``: (H, C, u, M u, base) with C C' = H per integral."""
+        g, k = self.n_groups, self.k
+        H = self._curvature(M, fixed_eta, u_hat)
         # Per integral: C C' = H_g, u = u_hat + C^-T z (H is block diagonal over the levels of
         # a single grouping factor, so each level's block is its own integral).
-        C = np.linalg.cholesky(blocks)  # (g, k, k)
+        C = np.linalg.cholesky(H)  # (g, k, k)
         log_det_c = np.sum(np.log(np.diagonal(C, axis1=1, axis2=2)), axis=1)  # (g,)
         # C^-T z for every draw and group: one small inverse per group, then one product.
         inv_ct = np.linalg.inv(np.swapaxes(C, 1, 2))  # (g, k, k)
         shift = np.einsum("gab,ngb->nga", inv_ct, self.z)  # (K, g, k)
         u = u_hat.reshape(g, k)[None] + shift
-        etas = fixed_eta[None, :] + (M @ u.reshape(self.n_draws, g * k).T).T
+        random_eta = (M @ u.reshape(self.n_draws, g * k).T).T
+        base = -0.5 * np.sum(u**2, axis=2) + self.constant - log_det_c[None, :]
+        return H, C, u, random_eta, base
+
+    def _level_proposal(
+        self, M: sp.csc_matrix, fixed_eta: np.ndarray, u0: np.ndarray
+    ) -> _LevelProposal:
+        u_hat = self._modes_by_level(M, fixed_eta, u0)
+        self._u = u_hat
+        H, C, u, random_eta, base = self._draws(M, fixed_eta, u_hat)
+        return _LevelProposal(u_hat, H, C, u, random_eta, base)
+
+    def _fixed_eta(self, beta: np.ndarray) -> np.ndarray:
+        design = self.design
+        fixed_eta = design.X.to_numpy(dtype=float) @ np.asarray(beta, dtype=float)
+        if design.offset is not None:
+            fixed_eta = fixed_eta + design.offset
+        return fixed_eta
+
+    def _estimate(
+        self, fixed_eta: np.ndarray, random_eta: np.ndarray, base: np.ndarray
+    ) -> tuple[float, np.ndarray, np.ndarray]:
+        """sum over integrals of log mean_k w_k; the normalised weights (K, g) and the etas."""
+        design = self.design
+        family = design.family
+        etas = fixed_eta[None, :] + random_eta
         pointwise = family.loglik(design.y, family.link.inverse(etas), design.trials)
-        per_group = np.asarray(self.indicator.T @ pointwise.T).T  # (K, g)
-        log_w = per_group - 0.5 * np.sum(u**2, axis=2) + self.constant - log_det_c[None, :]
+        log_w = np.asarray(self.indicator.T @ pointwise.T).T + base  # (K, g)
         top = log_w.max(axis=0)
-        w = np.exp(log_w - top)
-        ess = w.sum(axis=0) ** 2 / np.sum(w**2, axis=0)
-        self.last_ess = float(ess.min())
-        return float(np.sum(top + np.log(w.mean(axis=0))))
+        with np.errstate(invalid="ignore"):  # every draw underflows: nan, read as no value
+            w = np.exp(log_w - top)
+        total = w.sum(axis=0)
+        self.last_ess = float(np.min(total**2 / np.sum(w**2, axis=0)))
+        return float(np.sum(top + np.log(total / w.shape[0]))), w / total, etas
+
+    def __call__(self, theta: np.ndarray, beta: np.ndarray) -> float:
+        """The log-likelihood at (theta, beta); ``last_ess`` the smallest weights' ESS."""
+        return self._estimate(*self._proposal(theta, beta))[0]
+
+    @property
+    def has_beta_gradient(self) -> bool:
+        """Whether :meth:`value_and_beta_gradient` applies (one grouping factor, several levels)."""
+        return not self.components and self.n_groups > 1
+
+    def value_and_beta_gradient(
+        self, theta: np.ndarray, beta: np.ndarray
+    ) -> tuple[float, np.ndarray]:
+        """The estimate of :meth:`__call__` at (theta, beta) and its exact gradient in beta.
+
+        The estimate is ``sum_g log mean_k w_gk`` with ``w = g(u) / q(u)`` at
+        ``u_k = u_hat + C^-T z_k``: the standard draws ``z_k`` are fixed, while
+        the proposal's centre ``u_hat(beta)`` and scale ``C(beta)`` (``C C' = H``,
+        the Fisher curvature at the modes) move with beta.  Its gradient is the
+        normalised-weight average of ``d log w_k / d beta``::
+
+            X' s_k + r_k' (du_hat/dbeta + dC^-T/dbeta z_k) - tr(H^-1 dH/dbeta) / 2,
+
+        ``s_k`` the data's score at draw k's linear predictor and ``r_k`` the
+        gradient of ``log g`` in u there; ``du_hat/dbeta`` by implicit
+        differentiation of the mode equation, ``dC`` by the Cholesky factor's
+        derivative.  The families' score and weight are differentiated in eta
+        pointwise by central differences (scalar functions: accurate to about
+        1e-9), which is all this needs of them.  One grouping factor only
+        (:attr:`has_beta_gradient`).
+        """
+        if not self.has_beta_gradient:
+            raise ValueError("the beta gradient needs one grouping factor with several levels")
+        design, family = self.design, self.design.family
+        X = design.X.to_numpy(dtype=float)
+        g, k, p = self.n_groups, self.k, X.shape[1]
+        M = (self.Z @ lambda_matrix(design, theta)).tocsc()
+        fixed_eta = self._fixed_eta(beta)
+        u0 = np.zeros(M.shape[1]) if self._u is None else self._u
+        level = self._level_proposal(M, fixed_eta, u0)
+        value, wn, etas = self._estimate(fixed_eta, level.random_eta, level.base)
+        rows = self._row_columns(M)  # (n, k): row i's entries in its level's columns
+        per_level = self.indicator.T  # (g, n): sums rows by level
+
+        # Every draw's score; r_k = M_g' s_k - u_k, and the weighted sums the chain rule needs.
+        score, _ = family.score_weights(design.y, etas, design.trials)  # (K, n)
+        gradient = X.T @ np.sum(wn[:, self.row_group] * score, axis=0)
+        r = np.stack([np.asarray(per_level @ (score * rows[:, a]).T).T for a in range(k)], 2)
+        r -= level.u  # (K, g, k)
+        rho = np.einsum("ng,nga->ga", wn, r)
+        P = np.einsum("ng,nga,ngb->gab", wn, r, self.z)
+
+        # d u_hat / d beta from M' s(eta_hat) - u_hat = 0 (observed weights), then d H.
+        eta_hat = fixed_eta + M @ level.u_hat
+        step = 1e-5 * (1.0 + np.abs(eta_hat))
+        s_up, w_up = family.score_weights(design.y, eta_hat + step, design.trials)
+        s_down, w_down = family.score_weights(design.y, eta_hat - step, design.trials)
+        observed = -(s_up - s_down) / (2 * step)
+        w_slope = (w_up - w_down) / (2 * step)
+        outer = rows[:, :, None] * rows[:, None, :]  # (n, k, k)
+        H_obs = np.asarray(per_level @ (observed[:, None, None] * outer).reshape(-1, k * k))
+        H_obs = H_obs.reshape(g, k, k) + np.eye(k)[None]
+        B = np.asarray(
+            per_level
+            @ (observed[:, None, None] * rows[:, :, None] * X[:, None, :]).reshape(-1, k * p)
+        )
+        D = -np.linalg.solve(H_obs, B.reshape(g, k, p))  # (g, k, p)
+        E = X + np.einsum("na,nap->np", rows, D[self.row_group])  # d eta_hat / d beta
+        dH = np.asarray(
+            per_level
+            @ ((w_slope[:, None] * E)[:, :, None, None] * outer[:, None]).reshape(-1, p * k * k)
+        ).reshape(g, p, k, k)
+
+        gradient += np.einsum("ga,gap->p", rho, D)
+        gradient -= 0.5 * np.einsum("gab,gpba->p", np.linalg.inv(level.H), dH)
+        # dC = C Phi(C^-1 dH C^-T) (Phi: lower triangle, diagonal halved); d C^-T = -A dC' A.
+        C = level.C
+        C_inv = np.linalg.inv(C)
+        inner = C_inv[:, None] @ dH @ np.swapaxes(C_inv, 1, 2)[:, None]  # (g, p, k, k)
+        dC = C[:, None] @ (inner * (np.tril(np.ones((k, k))) - 0.5 * np.eye(k)))
+        A = np.swapaxes(C_inv, 1, 2)[:, None]  # C^-T
+        dA = -A @ np.swapaxes(dC, 2, 3) @ A
+        gradient += np.einsum("gpab,gab->p", dA, P)
+        return value, gradient
+
+
+@dataclass
+class _LevelProposal:
+    """The proposal of one grouping factor's levels at (theta, beta), with what the gradient
+    needs: modes, Fisher curvature blocks H (g, k, k), their Cholesky factors, the draws u."""
+
+    u_hat: np.ndarray
+    H: np.ndarray
+    C: np.ndarray
+    u: np.ndarray
+    random_eta: np.ndarray
+    base: np.ndarray
 
 
 class ScalarQuadrature:
@@ -394,6 +522,35 @@ def _lower_bounds(design: Design) -> list[float]:
     return lower
 
 
+def beta_scale(design: Design, theta: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """An upper triangular R with R'R the Laplace information of beta at (theta, beta).
+
+    ``X'WX - X'WM (M'WM + I)^-1 M'WX`` at the conditional modes (the random
+    effects profiled out): the optimisers work in ``z = R (beta - beta0)``,
+    where the likelihood's curvature is about the identity.  In the raw
+    fixed effects a predictor on a large scale (a squared age, up to 2000)
+    makes the first L-BFGS-B step so long that every importance draw's
+    likelihood underflows and the line search gives up at the start.  The
+    identity where the information is not positive definite.
+    """
+    from harness.checks.laplace import _penalised_system, _solve
+
+    X = design.X.to_numpy(dtype=float)
+    M = (design.Z() @ lambda_matrix(design, theta)).tocsc()
+    fixed_eta = X @ np.asarray(beta, dtype=float)
+    if design.offset is not None:
+        fixed_eta = fixed_eta + design.offset
+    u_hat, _ = _pirls(design, M, fixed_eta, np.zeros(M.shape[1]), 1e-8, 200)
+    _, weight = design.family.score_weights(design.y, fixed_eta + M @ u_hat, design.trials)
+    WX = weight[:, None] * X
+    MtWX = np.asarray(M.T @ WX)
+    info = X.T @ WX - MtWX.T @ _solve(_penalised_system(M, weight), MtWX)
+    try:
+        return np.asarray(np.linalg.cholesky(0.5 * (info + info.T)).T)
+    except np.linalg.LinAlgError:
+        return np.eye(X.shape[1])
+
+
 def _maximise(
     loglik: Callable[[np.ndarray, np.ndarray], float],
     design: Design,
@@ -404,49 +561,85 @@ def _maximise(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """L-BFGS-B, then a Nelder-Mead polish, over (theta, beta); diagonals of theta >= 0.
 
-    The polish (finite differences leave L-BFGS-B about 1e-5 short) costs a few
-    hundred evaluations; without it the importance-sampled likelihood, whose
+    beta moves in the scaled coordinates of :func:`beta_scale`.  The polish
+    (finite differences leave L-BFGS-B about 1e-5 short) costs a few hundred
+    evaluations; without it the importance-sampled likelihood, whose
     evaluations are a hundred times dearer than quadrature's, stays affordable.
     """
     t = theta0.size
     lower = _lower_bounds(design)
+    R = beta_scale(design, theta0, beta0)
+
+    def beta_of(z: np.ndarray) -> np.ndarray:
+        return beta0 + np.linalg.solve(R, z)
 
     def negative(params: np.ndarray) -> float:
-        value = loglik(params[:t], params[t:])
+        value = loglik(params[:t], beta_of(params[t:]))
         return -value if np.isfinite(value) else 1e300
 
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower] + [(None, None)] * len(beta0)
-    start = np.concatenate([theta0, beta0])
+    start = np.concatenate([theta0, np.zeros(len(beta0))])
     best = optimize.minimize(
         negative, start, method="L-BFGS-B", bounds=bounds, options={"ftol": 1e-13, "gtol": 1e-8}
     )
-    if not polish:
-        theta = np.array(best.x[:t])
-        return theta, np.array(best.x[t:]), -float(best.fun)
-    best = optimize.minimize(
-        negative,
-        best.x,
-        method="Nelder-Mead",
-        options={"xatol": 1e-8, "fatol": 1e-11, "maxiter": 20000, "adaptive": True},
-    )
+    if polish:
+        best = optimize.minimize(
+            negative,
+            best.x,
+            method="Nelder-Mead",
+            options={"xatol": 1e-8, "fatol": 1e-11, "maxiter": 20000, "adaptive": True},
+        )
     theta = np.array(best.x[:t])
-    for i, lo in enumerate(lower):
-        if lo == 0.0:
-            theta[i] = abs(theta[i])  # the likelihood is even in a diagonal entry's sign
-    return theta, np.array(best.x[t:]), -float(best.fun)
+    if polish:
+        for i, lo in enumerate(lower):
+            if lo == 0.0:
+                theta[i] = abs(theta[i])  # the likelihood is even in a diagonal entry's sign
+    return theta, beta_of(best.x[t:]), -float(best.fun)
 
 
 def conditional_beta(
-    loglik: Callable[[np.ndarray, np.ndarray], float], theta: np.ndarray, beta0: np.ndarray
+    loglik: Callable[[np.ndarray, np.ndarray], float],
+    theta: np.ndarray,
+    beta0: np.ndarray,
+    scale: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``beta_hat(theta)``: the maximiser of the exact likelihood over beta at fixed theta."""
-    best = optimize.minimize(
-        lambda b: -loglik(theta, b),
-        beta0,
-        method="L-BFGS-B",
-        options={"ftol": 1e-12, "gtol": 1e-7, "maxiter": 500},
-    )
-    return np.asarray(best.x, dtype=float)
+    """``beta_hat(theta)``: the maximiser of the exact likelihood over beta at fixed theta.
+
+    L-BFGS-B in the coordinates ``z = scale (beta - beta0)`` (``scale`` from
+    :func:`beta_scale`, computed here when not given); with the importance
+    sampler's exact gradient where it has one
+    (:meth:`ImportanceLikelihood.value_and_beta_gradient`: one evaluation per
+    step instead of one plus one per fixed effect), else finite differences.
+    """
+    beta0 = np.asarray(beta0, dtype=float)
+    if scale is None:
+        design = getattr(loglik, "design", None)
+        scale = np.eye(beta0.size) if design is None else beta_scale(design, theta, beta0)
+    R = scale
+
+    def beta_of(z: np.ndarray) -> np.ndarray:
+        return beta0 + np.linalg.solve(R, z)
+
+    options = {"ftol": 1e-12, "gtol": 1e-7, "maxiter": 500}
+    start = np.zeros(beta0.size)
+    if isinstance(loglik, ImportanceLikelihood) and loglik.has_beta_gradient:
+        sampler = loglik
+
+        def negative(z: np.ndarray) -> tuple[float, np.ndarray]:
+            value, gradient = sampler.value_and_beta_gradient(theta, beta_of(z))
+            if not np.isfinite(value):
+                return 1e300, np.zeros_like(z)
+            return -value, -np.linalg.solve(R.T, gradient)  # d/dz = R^-T d/dbeta
+
+        best = optimize.minimize(negative, start, jac=True, method="L-BFGS-B", options=options)
+        return beta_of(best.x)
+
+    def negative_value(z: np.ndarray) -> float:
+        value = loglik(theta, beta_of(z))
+        return -value if np.isfinite(value) else 1e300
+
+    best = optimize.minimize(negative_value, start, method="L-BFGS-B", options=options)
+    return beta_of(best.x)
 
 
 def beta_hessian(
@@ -574,6 +767,11 @@ def exact_ml(freq: Any) -> ExactML | None:
                 else "one joint integral",
             )
             return None
+    log.info(
+        "exact marginal likelihood (%s): maximising over %d parameters from glmer's estimates",
+        method,
+        theta0.size + beta0.size,
+    )
     theta, beta, value = _maximise(loglik, design, theta0, beta0, polish=scalar)
     if not scalar:
         grown = _enough_draws(design, sampler, theta, beta)
@@ -704,7 +902,13 @@ def integrate_theta(exact: ExactML, bayes: BayesFit, wide: WidePrior) -> ThetaIn
     weights = np.asarray(wide.weights, dtype=float)
     weights = weights / weights.sum()
     beta_exact = exact.beta.to_numpy(float)
-    at_exact = conditional_beta(exact.loglik_fn, exact.theta, beta_exact)
+    design = getattr(exact.loglik_fn, "design", None)
+    scale = (
+        beta_scale(design, exact.theta, beta_exact)
+        if design is not None
+        else np.eye(beta_exact.size)
+    )
+    at_exact = conditional_beta(exact.loglik_fn, exact.theta, beta_exact, scale)
     median: float | None = None
     grid = log_density = np.zeros(0)
     if thetas.shape[1] == 1:
@@ -718,7 +922,7 @@ def integrate_theta(exact: ExactML, bayes: BayesFit, wide: WidePrior) -> ThetaIn
             at = grid[i]
             nearest = min(solved, key=lambda j: abs(grid[j] - at), default=None)
             start = at_exact if nearest is None else solved[nearest]
-            solved[i] = conditional_beta(exact.loglik_fn, np.array([at]), start)
+            solved[i] = conditional_beta(exact.loglik_fn, np.array([at]), start, scale)
         betas = np.array([solved[i] for i in range(grid.size)])
         spline = CubicSpline(grid, betas, axis=0)
         at_draws = spline(np.clip(values, grid[0], grid[-1]))
@@ -735,7 +939,7 @@ def integrate_theta(exact: ExactML, bayes: BayesFit, wide: WidePrior) -> ThetaIn
         n = thetas.shape[0]
         index = np.unique(np.linspace(0, n - 1, min(SUMMARY_DRAWS, n)).round().astype(int))
         w = weights[index] / weights[index].sum()
-        at_draws = np.array([conditional_beta(exact.loglik_fn, thetas[i], at_exact) for i in index])
+        at_draws = _beta_at_draws(exact, thetas[index], at_exact, scale)
         mean = w @ at_draws
         n_points, how = index.size, f"{index.size} evenly spaced posterior draws"
     terms = list(exact.beta.index)
@@ -748,6 +952,40 @@ def integrate_theta(exact: ExactML, bayes: BayesFit, wide: WidePrior) -> ThetaIn
         grid=grid,
         log_density=log_density,
     )
+
+
+def _beta_at_draws(
+    exact: ExactML, thetas: np.ndarray, at_exact: np.ndarray, scale: np.ndarray
+) -> np.ndarray:
+    """``beta_hat`` at each row of ``thetas``, nearest to the exact ML theta first.
+
+    Each solve starts from the solved draw nearest in theta (the answers move
+    smoothly with theta), and says every :data:`PROGRESS_SECONDS` how far it is.
+    """
+    order = np.argsort(np.linalg.norm(thetas - exact.theta[None, :], axis=1))
+    solved: dict[int, np.ndarray] = {}
+    started = last = time.perf_counter()
+    log.info(
+        "summary source: the exact-likelihood beta_hat(theta) at %d posterior draws of theta (%s)",
+        len(thetas),
+        exact.method,
+    )
+    for done, i in enumerate(order):
+        nearest = min(
+            solved, key=lambda j: float(np.linalg.norm(thetas[j] - thetas[i])), default=None
+        )
+        start = at_exact if nearest is None else solved[nearest]
+        solved[int(i)] = conditional_beta(exact.loglik_fn, thetas[i], start, scale)
+        now = time.perf_counter()
+        if now - last > PROGRESS_SECONDS:
+            log.info(
+                "summary source: %d of %d draws of theta done (%.0f s)",
+                done + 1,
+                len(thetas),
+                now - started,
+            )
+            last = now
+    return np.array([solved[i] for i in range(len(thetas))])
 
 
 def log_marginal_theta(
