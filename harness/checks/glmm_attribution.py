@@ -55,7 +55,7 @@ import scipy.sparse as sp
 from scipy import optimize, special
 from scipy.sparse import csgraph
 
-from harness.checks.laplace import _pirls, lambda_matrix, theta_size
+from harness.checks.laplace import _pirls, beta_scale, lambda_matrix, theta_size
 from harness.model.spec import Design
 
 if TYPE_CHECKING:
@@ -520,35 +520,6 @@ def _lower_bounds(design: Design) -> list[float]:
         cols, rows = np.triu_indices(block.n_terms)
         lower.extend(0.0 if r == c else -np.inf for r, c in zip(rows, cols, strict=True))
     return lower
-
-
-def beta_scale(design: Design, theta: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """An upper triangular R with R'R the Laplace information of beta at (theta, beta).
-
-    ``X'WX - X'WM (M'WM + I)^-1 M'WX`` at the conditional modes (the random
-    effects profiled out): the optimisers work in ``z = R (beta - beta0)``,
-    where the likelihood's curvature is about the identity.  In the raw
-    fixed effects a predictor on a large scale (a squared age, up to 2000)
-    makes the first L-BFGS-B step so long that every importance draw's
-    likelihood underflows and the line search gives up at the start.  The
-    identity where the information is not positive definite.
-    """
-    from harness.checks.laplace import _penalised_system, _solve
-
-    X = design.X.to_numpy(dtype=float)
-    M = (design.Z() @ lambda_matrix(design, theta)).tocsc()
-    fixed_eta = X @ np.asarray(beta, dtype=float)
-    if design.offset is not None:
-        fixed_eta = fixed_eta + design.offset
-    u_hat, _ = _pirls(design, M, fixed_eta, np.zeros(M.shape[1]), 1e-8, 200)
-    _, weight = design.family.score_weights(design.y, fixed_eta + M @ u_hat, design.trials)
-    WX = weight[:, None] * X
-    MtWX = np.asarray(M.T @ WX)
-    info = X.T @ WX - MtWX.T @ _solve(_penalised_system(M, weight), MtWX)
-    try:
-        return np.asarray(np.linalg.cholesky(0.5 * (info + info.T)).T)
-    except np.linalg.LinAlgError:
-        return np.eye(X.shape[1])
 
 
 def _maximise(

@@ -24,6 +24,7 @@ in the tests), without a compiled graph per evaluation.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -41,6 +42,7 @@ log = logging.getLogger("harness")
 
 __all__ = [
     "LaplaceResult",
+    "beta_scale",
     "lambda_matrix",
     "laplace_loglik",
     "maximise_laplace",
@@ -379,6 +381,44 @@ def _agq(
     return float(per_group.sum())
 
 
+def beta_scale(design: Design, theta: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """An upper triangular R with R'R the Laplace information of beta at (theta, beta).
+
+    ``X'WX - X'WM (M'WM + I)^-1 M'WX`` at the conditional modes (the random
+    effects profiled out).  Optimisers work in ``z = R (beta - beta0)``, where
+    the log-likelihood's curvature is about the identity and a unit is about
+    one standard error: in the raw fixed effects a predictor on a large scale
+    (a squared age up to 2000) makes a first step so long that the likelihood
+    underflows, and a simplex crawls along the long axes.  The identity where
+    the information is not positive definite.
+    """
+    X = design.X.to_numpy(dtype=float)
+    M = (design.Z() @ lambda_matrix(design, theta)).tocsc()
+    fixed_eta = X @ np.asarray(beta, dtype=float)
+    if design.offset is not None:
+        fixed_eta = fixed_eta + design.offset
+    u_hat, _ = _pirls(design, M, fixed_eta, np.zeros(M.shape[1]), 1e-8, 200)
+    _, weight = design.family.score_weights(design.y, fixed_eta + M @ u_hat, design.trials)
+    WX = weight[:, None] * X
+    MtWX = np.asarray(M.T @ WX)
+    info = X.T @ WX - MtWX.T @ _solve(_penalised_system(M, weight), MtWX)
+    try:
+        return np.asarray(np.linalg.cholesky(0.5 * (info + info.T)).T)
+    except np.linalg.LinAlgError:
+        return np.eye(X.shape[1])
+
+
+#: The polish's stop rule (scaled coordinates: the fixed effects in about standard errors):
+#: the simplex within POLISH_XATOL and its log-likelihoods within POLISH_FATOL, or
+#: POLISH_EVALUATIONS evaluations per parameter.  The same-model check reads the estimates
+#: to 1e-3 SE or 1e-4 relative and the maximum to 1e-4.
+POLISH_XATOL = 1e-7
+POLISH_FATOL = 1e-10
+POLISH_EVALUATIONS = 200
+#: A maximisation that may run longer than this many seconds says every so often how far it is.
+PROGRESS_SECONDS = 30.0
+
+
 def maximise_laplace(
     design: Design,
     theta0: Sequence[float] | np.ndarray | None = None,
@@ -395,6 +435,10 @@ def maximise_laplace(
     and the optimiser's message.  With ``lme4_start`` the objective is lme4's own
     (IRLS from glmer's start, stopped at its tolerance), whose maximiser is what
     glmer reports; without it, the exact Laplace approximation.
+
+    L-BFGS-B (finite differences), then a Nelder-Mead polish with a bounded
+    number of evaluations (:data:`POLISH_EVALUATIONS` per parameter), both with
+    beta in the scaled coordinates of :func:`beta_scale`.
     """
     p = len(design.fixed_terms)
     t = theta_size(design)
@@ -411,15 +455,23 @@ def maximise_laplace(
             beta_start[design.fixed_terms.index("(Intercept)")] = centre
     else:
         beta_start = np.asarray(beta0, dtype=float)
-    state: dict[str, np.ndarray | None] = {"u": None}
+    state: dict[str, Any] = {"u": None, "calls": 0, "best": np.inf}
     Z = design.Z()
+    R = beta_scale(design, theta_start, beta_start)
+
+    def beta_of(z: np.ndarray) -> np.ndarray:
+        return beta_start + np.linalg.solve(R, z)
+
+    started = last = time.perf_counter()
 
     def negative(params: np.ndarray) -> float:
+        nonlocal last
+        beta = beta_of(params[t:])
         if lme4_start is not None:
             result = laplace_loglik(
                 design,
                 params[:t],
-                params[t:],
+                beta,
                 n_agq=n_agq,
                 lme4_start=lme4_start,
                 lme4_tol=lme4_tol,
@@ -427,13 +479,27 @@ def maximise_laplace(
             )
         else:
             result = laplace_loglik(
-                design, params[:t], params[t:], n_agq=n_agq, tol=1e-10, u_start=state["u"], Z=Z
+                design, params[:t], beta, n_agq=n_agq, tol=1e-10, u_start=state["u"], Z=Z
             )
             state["u"] = result.u
+        state["calls"] += 1
+        state["best"] = min(state["best"], -result.loglik)
+        now = time.perf_counter()
+        if now - last > PROGRESS_SECONDS:
+            log.info(
+                "maximising the %s likelihood over %d parameters: %d evaluations, best "
+                "log-likelihood %.6f (%.0f s)",
+                "Laplace" if n_agq <= 1 else f"{n_agq}-point quadrature",
+                t + p,
+                state["calls"],
+                -state["best"],
+                now - started,
+            )
+            last = now
         return -result.loglik
 
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower] + [(None, None)] * p
-    start = np.concatenate([theta_start, beta_start])
+    start = np.concatenate([theta_start, np.zeros(p)])
     best = optimize.minimize(
         negative,
         start,
@@ -446,7 +512,12 @@ def maximise_laplace(
         negative,
         best.x,
         method="Nelder-Mead",
-        options={"xatol": 1e-9, "fatol": 1e-12, "maxiter": 20000, "adaptive": True},
+        options={
+            "xatol": POLISH_XATOL,
+            "fatol": POLISH_FATOL,
+            "maxfev": POLISH_EVALUATIONS * (t + p),
+            "adaptive": True,
+        },
     )
     theta = np.array(best.x[:t])
     for i, lo in enumerate(lower):
@@ -454,7 +525,7 @@ def maximise_laplace(
             theta[i] = abs(theta[i])  # the likelihood is even in a scalar block's diagonal
     return {
         "theta": theta,
-        "beta": pd.Series(best.x[t:], index=design.fixed_terms),
+        "beta": pd.Series(beta_of(best.x[t:]), index=design.fixed_terms),
         "loglik": -float(best.fun),
         "message": str(best.message),
     }
