@@ -29,7 +29,12 @@ here (:mod:`harness.checks.attribution` adds them up with the others):
     ``beta_hat`` at the exact ML ``theta`` (the exact ML ``beta``).  For a
     scalar ``theta`` ``beta_hat`` is computed on a grid of
     :data:`THETA_GRID` points spanning the draws and interpolated (cubic
-    spline); otherwise at :data:`SUMMARY_DRAWS` evenly spaced draws.  What is
+    spline); otherwise at :data:`SUMMARY_DRAWS` evenly spaced draws, each
+    solve starting from the nearest one solved.  ``beta_hat(theta)`` is found
+    by L-BFGS-B with the fixed effects scaled by their Laplace information
+    (:func:`harness.checks.laplace.beta_scale`) and, for the importance
+    sampler with one grouping factor, the estimate's exact gradient in beta
+    (:meth:`ImportanceLikelihood.value_and_beta_gradient`).  What is
     left (``E[beta | theta, y] - beta_hat(theta)``: the skew of the
     conditional posterior, O(1/n)) stays in the remainder, which therefore
     also catches draws that do not come from the model's posterior.
@@ -55,7 +60,13 @@ import scipy.sparse as sp
 from scipy import optimize, special
 from scipy.sparse import csgraph
 
-from harness.checks.laplace import _pirls, beta_scale, lambda_matrix, theta_size
+from harness.checks.laplace import (
+    _pirls,
+    beta_scale,
+    lambda_matrix,
+    one_blas_thread,
+    theta_size,
+)
 from harness.model.spec import Design
 
 if TYPE_CHECKING:
@@ -694,6 +705,11 @@ def exact_ml(freq: Any) -> ExactML | None:
     Returns None for Gaussian models and when importance sampling is not
     trusted (weights' ESS below :data:`IS_MIN_ESS` at the optimum; logged).
     """
+    with one_blas_thread():  # small dense solves, thousands of them
+        return _exact_ml(freq)
+
+
+def _exact_ml(freq: Any) -> ExactML | None:
     design: Design = freq.design
     if not design.family.glm or not design.blocks:
         return None
@@ -864,6 +880,11 @@ def integrate_theta(exact: ExactML, bayes: BayesFit, wide: WidePrior) -> ThetaIn
     -------
     ThetaIntegration
     """
+    with one_blas_thread():  # small dense solves, thousands of them
+        return _integrate_theta(exact, bayes, wide)
+
+
+def _integrate_theta(exact: ExactML, bayes: BayesFit, wide: WidePrior) -> ThetaIntegration:
     from scipy.interpolate import CubicSpline
 
     from harness.checks.attribution import weighted_quantile

@@ -46,6 +46,7 @@ __all__ = [
     "lambda_matrix",
     "laplace_loglik",
     "maximise_laplace",
+    "one_blas_thread",
     "theta_size",
 ]
 
@@ -408,6 +409,19 @@ def beta_scale(design: Design, theta: np.ndarray, beta: np.ndarray) -> np.ndarra
         return np.eye(X.shape[1])
 
 
+def one_blas_thread() -> Any:
+    """A context in which BLAS and LAPACK run on one thread (threadpoolctl).
+
+    The maximisers solve small dense systems (below :data:`SPARSE_FROM` random
+    effects) thousands of times; a threaded BLAS gains nothing there and, on a
+    machine whose cores are busy, loses much: a 120 x 120 solve took 160 ms
+    with OpenBLAS's threads against a few ms on one (Contraception under load).
+    """
+    from threadpoolctl import threadpool_limits  # a dependency of PyMC's
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 #: The polish's stop rule (scaled coordinates: the fixed effects in about standard errors):
 #: the simplex within POLISH_XATOL and its log-likelihoods within POLISH_FATOL, or
 #: POLISH_EVALUATIONS evaluations per parameter.  The same-model check reads the estimates
@@ -500,25 +514,26 @@ def maximise_laplace(
 
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower] + [(None, None)] * p
     start = np.concatenate([theta_start, np.zeros(p)])
-    best = optimize.minimize(
-        negative,
-        start,
-        method="L-BFGS-B",
-        bounds=bounds,
-        options={"ftol": 1e-14, "gtol": 1e-9, "maxiter": 2000},
-    )
-    # A derivative-free polish: L-BFGS-B's finite differences stop short of 1e-6 in beta.
-    best = optimize.minimize(
-        negative,
-        best.x,
-        method="Nelder-Mead",
-        options={
-            "xatol": POLISH_XATOL,
-            "fatol": POLISH_FATOL,
-            "maxfev": POLISH_EVALUATIONS * (t + p),
-            "adaptive": True,
-        },
-    )
+    with one_blas_thread():
+        best = optimize.minimize(
+            negative,
+            start,
+            method="L-BFGS-B",
+            bounds=bounds,
+            options={"ftol": 1e-14, "gtol": 1e-9, "maxiter": 2000},
+        )
+        # A derivative-free polish: L-BFGS-B's finite differences stop short of 1e-6 in beta.
+        best = optimize.minimize(
+            negative,
+            best.x,
+            method="Nelder-Mead",
+            options={
+                "xatol": POLISH_XATOL,
+                "fatol": POLISH_FATOL,
+                "maxfev": POLISH_EVALUATIONS * (t + p),
+                "adaptive": True,
+            },
+        )
     theta = np.array(best.x[:t])
     for i, lo in enumerate(lower):
         if lo == 0.0:
