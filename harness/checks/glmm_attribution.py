@@ -555,8 +555,23 @@ def _maximise(
     def beta_of(z: np.ndarray) -> np.ndarray:
         return beta0 + np.linalg.solve(R, z)
 
+    calls, best_value = 0, -np.inf
+    started = last = time.perf_counter()
+
     def negative(params: np.ndarray) -> float:
+        nonlocal calls, best_value, last
         value = loglik(params[:t], beta_of(params[t:]))
+        calls += 1
+        best_value = max(best_value, value) if np.isfinite(value) else best_value
+        now = time.perf_counter()
+        if now - last > PROGRESS_SECONDS:
+            log.info(
+                "exact marginal likelihood: %d evaluations, best %.6f (%.0f s)",
+                calls,
+                best_value,
+                now - started,
+            )
+            last = now
         return -value if np.isfinite(value) else 1e300
 
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower] + [(None, None)] * len(beta0)
