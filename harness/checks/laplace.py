@@ -535,6 +535,13 @@ def maximise_laplace(
                 "adaptive": True,
             },
         )
+    if not best.success:
+        log.info(
+            "maximising the Laplace likelihood: the polish stopped after %d evaluations "
+            "(its budget) at %.8f",
+            best.nfev,
+            -float(best.fun),
+        )
     theta = np.array(best.x[:t])
     for i, lo in enumerate(lower):
         if lo == 0.0:
