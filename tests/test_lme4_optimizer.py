@@ -386,3 +386,14 @@ def test_a_glmer_start_needs_theta_and_beta(short_glmer):
         refit_lme4(freq, start=[1.0])
     with pytest.raises(ValueError, match="finite"):
         refit_lme4(freq, start=[float("nan")], beta=[0.0, 1.0])
+
+
+@pytest.mark.r
+def test_r_logical_na_reads_as_missing_not_an_error():
+    """A refit that errored has ``singular = NA``: the table reads it as missing (was a crash)."""
+    import rpy2.robjects as ro
+
+    from harness.engines.lme4 import _vector
+
+    assert list(_vector(ro.r("c(TRUE, NA, FALSE)"))) == [True, None, False]
+    assert _vector(ro.r("c(TRUE, FALSE)")).dtype == bool

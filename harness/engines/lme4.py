@@ -412,7 +412,11 @@ def _vector(column: Any) -> np.ndarray:
     if isinstance(column, ro.vectors.StrVector):
         return np.asarray([None if v is ro.NA_Character else str(v) for v in column], dtype=object)
     if isinstance(column, ro.vectors.BoolVector):
-        return np.asarray(list(column), dtype=bool)
+        # R's logical NA (an optimizer that did not report convergence) has no bool.
+        values = [None if v is ro.NA_Logical else bool(v) for v in column]
+        if any(v is None for v in values):
+            return np.asarray(values, dtype=object)
+        return np.asarray(values, dtype=bool)
     if isinstance(column, ro.vectors.IntVector):
         return np.asarray([np.nan if v == ro.NA_Integer else v for v in column], dtype=float)
     return np.asarray(column, dtype=float)
