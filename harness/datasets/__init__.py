@@ -12,6 +12,7 @@ import pandas as pd
 
 from harness.datasets.cafe import simulate_cafe
 from harness.datasets.cbpp import load_cbpp
+from harness.datasets.grouseticks import load_grouseticks
 from harness.datasets.partially_clustered import simulate_partially_clustered
 from harness.datasets.sleepstudy import load_sleepstudy
 from harness.model.spec import ModelSpec
@@ -103,6 +104,23 @@ DATASETS: dict[str, DatasetInfo] = {
             "the same-model check is the Laplace approximation of the PyMC model."
         ),
     ),
+    "grouseticks": DatasetInfo(
+        name="grouseticks",
+        loader=load_grouseticks,
+        spec=ModelSpec(
+            "TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | LOCATION)",
+            family="negbin",
+            name="grouseticks",
+        ),
+        description=(
+            "lme4's grouseticks (Elston et al., 2001): ticks counted on the heads of 403 red "
+            "grouse chicks from 118 broods at 63 locations in Scotland, 1995-97, with the "
+            "location's altitude (cHEIGHT: centred, metres). The counts are overdispersed "
+            "(variance 27 times the mean) even beyond the brood and location effects, so a "
+            "negative binomial (NB2, log link) mixed model with crossed varying intercepts: "
+            "glmer.nb on the lme4 side, its shape theta compared with the posterior's."
+        ),
+    ),
 }
 
 
@@ -113,7 +131,8 @@ def load(name: str, **kwargs: object) -> tuple[pd.DataFrame, ModelSpec]:
     ----------
     name : str
         ``"cafe"``, ``"sleepstudy"``, ``"partially_clustered"``,
-        ``"partially_clustered_hetero"`` or ``"cbpp"`` (binomial).
+        ``"partially_clustered_hetero"``, ``"cbpp"`` (binomial) or ``"grouseticks"``
+        (negative binomial).
     **kwargs
         Passed to the simulator (e.g. ``seed=2``); sleepstudy takes none.
 

@@ -542,6 +542,7 @@ def fit_lme4(
             "lp0": np.asarray(result["lp0"], dtype=float),
             "tol_pwrss": float(result["tol_pwrss"]),
         }
+        design = _with_family_params(design, result, ml, names)
     elif spec.sigma_by:
         pieces = _lme_pieces(names.parsed, spec)
         result = _from_r(
@@ -766,6 +767,7 @@ def refit_lme4(freq: FreqFit, start: Any = None, beta: Any = None) -> FreqFit:
                 _symbols(names),
                 family,
                 link,
+                **design.family.r_args(),
                 **kwargs,
             )
         )
@@ -992,13 +994,16 @@ def _user_tables(result: dict[str, Any], names: RNames, spec: ModelSpec) -> None
                 frame[column] = frame[column].map(names.user).astype(object)
     variance = result.get("variance")
     if variance is not None and len(variance):
+        # A family's own parameter (kind "dispersion") keeps the name its family gave it.
+        given = variance["component"] if "component" in variance else [None] * len(variance)
         variance["component"] = [
-            _component(kind, gf, term, term2, spec.sigma_by)
-            for kind, gf, term, term2 in zip(
+            name if kind == "dispersion" else _component(kind, gf, term, term2, spec.sigma_by)
+            for kind, gf, term, term2, name in zip(
                 variance["kind"],
                 variance["group_factor"],
                 variance["term"],
                 variance["term2"],
+                given,
                 strict=True,
             )
         ]
@@ -1011,6 +1016,41 @@ def _component(kind: str, group: Any, term: Any, term2: Any, sigma_by: str | Non
     if kind == "cor":
         return f"{group}: cor({term},{term2})"
     return f"{group}: sd({term})"
+
+
+def _with_family_params(
+    design: Design, result: dict[str, Any], ml: dict[str, Any], names: RNames
+) -> Design:
+    """The design with the family's own parameters fixed at lme4's estimates (glmer.nb's theta).
+
+    They join the variance table (compared with their posteriors) and ``ml_estimates``;
+    the design lme4's fit carries then computes glmer's likelihood with them fixed.
+    """
+    import dataclasses
+
+    params = result.get("family_params")
+    if not params:
+        return design
+    values = {str(k): float(v) for k, v in params.items()}
+    design = dataclasses.replace(design, family_params=values)
+    ml["family_params"] = values
+    rows = pd.DataFrame(design.family.component_rows())
+    result["variance"] = pd.concat([result["variance"], rows], ignore_index=True)
+    own = result.get("glmer_nb")
+    if own:
+        notes = result.get("notes")
+        result["notes"] = ([] if notes is None else list(np.atleast_1d(notes))) + [
+            f"glmer.nb estimated theta = {values.get('theta', float('nan')):.6g}; the estimates "
+            "shown are glmer's with theta fixed there, from glmer's own start (glmer.nb's "
+            f"final fit restarts from its previous one: its logLik {float(own['loglik']):.6f}, "
+            f"this fit's {float(result['info']['loglik']):.6f})"
+        ]
+        ml["glmer_nb"] = {
+            "loglik": float(own["loglik"]),
+            "beta": _user_keys(own["beta"], names),
+            "theta": _user_keys(own["theta"], names),
+        }
+    return design
 
 
 def _fit_glmer(
@@ -1031,7 +1071,7 @@ def _fit_glmer(
     args = _control_args({k: v for k, v in (control or {}).items() if k != "start"})
     return _from_r(
         _call(
-            "harness_fit_glmer",
+            design.family.r_function,
             frame,
             names.formula,
             _symbols(names),
@@ -1045,12 +1085,8 @@ def _fit_glmer(
 
 
 def _glmer_call_text(design: Design, control: Mapping[str, Any] | None = None) -> str:
-    family, link = design.family.r_family()
     text = _control_text(control or {}).replace("lmerControl(", "glmerControl(")
-    return (
-        f"lme4::glmer({design.spec.formula}, data = data, "
-        f'family = {family}(link = "{link}"), nAGQ = 1{text})'
-    )
+    return str(design.family.r_call(design.spec.formula, text))
 
 
 def fit_glmer_agq(spec: ModelSpec, data: pd.DataFrame, n_agq: int) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +32,7 @@ __all__ = [
     "Family",
     "GlmResponse",
     "Link",
+    "NegativeBinomial",
     "Poisson",
     "fit_glm",
     "get_family",
@@ -285,6 +286,79 @@ class Family:
         """R's family and link names, for ``glmer(family = <name>(link = <link>))``."""
         return self.name, self.link.name
 
+    # -- parameters of the response distribution besides its mean
+    #: Names of the family's own parameters (negative binomial: its shape ``theta``).
+    params: ClassVar[tuple[str, ...]] = ()
+
+    def with_params(self, **values: float) -> Family:
+        """This family with its own parameters fixed (lme4's estimates); itself when it has none.
+
+        Raises
+        ------
+        ValueError
+            For a parameter the family does not have.
+        """
+        unknown = sorted(set(values) - set(self.params))
+        if unknown:
+            raise ValueError(f"family {self.name!r} has no parameter(s) {unknown}")
+        return self
+
+    def fixed_params(self) -> dict[str, float]:
+        """The family's own parameters as fixed by :meth:`with_params` (empty: none)."""
+        return {}
+
+    def posterior_params(self, posterior: Any) -> dict[str, np.ndarray]:
+        """The family's own parameters' draws from a PyMC posterior, flattened (chain, draw)."""
+        return {}
+
+    def model_point(self) -> dict[str, float]:
+        """Values of the PyMC model's value variables that hold the fixed parameters."""
+        return {}
+
+    def prior_rows(self) -> list[dict[str, str]]:
+        """Rows (parameter, prior) for the priors of the family's own parameters."""
+        return []
+
+    #: The R function (r_scripts/glmm.R) that fits the family: glmer, or glmer.nb then glmer.
+    r_function: ClassVar[str] = "harness_fit_glmer"
+
+    def r_args(self) -> dict[str, float]:
+        """Keyword arguments R's ``harness_glm_family`` needs besides family and link."""
+        return {}
+
+    def r_call(self, formula: str, control: str = "") -> str:
+        """The R call a reader can run to reproduce lme4's fit (``control``: ``, control = ...``)."""
+        family, link = self.r_family()
+        return (
+            f'lme4::glmer({formula}, data = data, family = {family}(link = "{link}"), '
+            f"nAGQ = 1{control})"
+        )
+
+    #: Variance-table components of the family's own parameters -> PyMC posterior variables.
+    components: ClassVar[dict[str, str]] = {}
+
+    def component_rows(self) -> list[dict[str, Any]]:
+        """lme4's variance-table rows for the fixed parameters (compared with the posterior)."""
+        return []
+
+    def pmf(self, y: np.ndarray, mu: np.ndarray, trials: np.ndarray | None = None) -> np.ndarray:
+        """p(y | mu) pointwise (broadcasting), at the fixed parameters: for predictive checks."""
+        return np.exp(self.loglik(np.asarray(y, float), np.asarray(mu, float), trials))
+
+    def draw(
+        self,
+        rng: np.random.Generator,
+        mu: np.ndarray,
+        trials: np.ndarray | None = None,
+        params: Mapping[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Draws of y given its mean parameter ``mu`` (the inverse link of eta).
+
+        ``params`` holds the family's own parameters, each broadcasting against
+        ``mu`` (per posterior draw: shape (draws, 1)); the fixed ones when None.
+        """
+        raise NotImplementedError
+
     # -- data
     def read_response(
         self, spec: GlmResponse, frame: pd.DataFrame
@@ -400,6 +474,10 @@ class Binomial(Family):
         p = float(np.clip(np.sum(y) / np.sum(trials), 0.01, 0.99))
         return float(self.link.link(np.array(p))), 1.0
 
+    def draw(self, rng, mu, trials=None, params=None):
+        n = np.broadcast_to(np.ones(1) if trials is None else trials, np.shape(mu))
+        return rng.binomial(n.astype(np.int64), np.clip(mu, 0, 1)).astype(float)
+
 
 class Poisson(Family):
     """Poisson counts, optionally with an exposure offset."""
@@ -433,6 +511,150 @@ class Poisson(Family):
 
     def prior_centre_scale(self, y, trials):
         return float(np.log(max(float(np.mean(y)), 0.01))), 1.0
+
+    def draw(self, rng, mu, trials=None, params=None):
+        return rng.poisson(mu).astype(float)
+
+
+class NegativeBinomial(Family):
+    """Negative binomial counts (NB2): ``Var(y) = mu + mu^2 / theta``, glmer.nb's family.
+
+    ``theta`` is the shape (lme4's ``getME(fit, "glmer.nb.theta")``, MASS's
+    ``theta``, brms's ``shape``, PyMC's ``alpha``); large theta approaches the
+    Poisson.  lme4 estimates it by glmer.nb and fits the other parameters by
+    glmer with theta fixed there, so the Laplace pieces take a fixed theta
+    (:meth:`with_params`).  The PyMC model samples it, with the prior on
+    ``phi = 1 / sqrt(theta)`` (the coefficient of variation of the gamma
+    mixing distribution; 0 is the Poisson): ``phi ~ HalfNormal(1)``, the
+    Stan prior-choice recommendation for the negative binomial, which is
+    weakly informative (theta from about 0.25 up, most mass on moderate
+    overdispersion) where brms's default ``shape ~ gamma(0.01, 0.01)`` is
+    vague with most of its mass near 0.
+    """
+
+    name = "negbin"
+    links = ("log",)
+    default_link = "log"
+    params = ("theta",)
+    #: Prior on phi = 1 / sqrt(theta).
+    PHI_PRIOR_SD = 1.0
+    #: Names of the PyMC variables: the sampled phi and theta as a deterministic.
+    PHI_VAR = "nb_phi"
+    THETA_VAR = "nb_theta"
+
+    def __init__(self, link: str | None = None, theta: float | None = None) -> None:
+        super().__init__(link)
+        if theta is not None and not (np.isfinite(theta) and theta > 0):
+            raise ValueError(f"negative binomial theta must be positive and finite, not {theta!r}")
+        self.theta = None if theta is None else float(theta)
+
+    def __repr__(self) -> str:
+        return f"NegativeBinomial(link={self.link.name!r}, theta={self.theta!r})"
+
+    def with_params(self, **values: float) -> Family:
+        super().with_params(**values)
+        return NegativeBinomial(self.link.name, values.get("theta", self.theta))
+
+    def fixed_params(self) -> dict[str, float]:
+        return {} if self.theta is None else {"theta": self.theta}
+
+    r_function = "harness_fit_glmer_nb"
+    #: The variance table's row for theta (kind "dispersion": no SD, no correlation).
+    THETA_COMPONENT = "theta (negative binomial shape)"
+    components = {THETA_COMPONENT: THETA_VAR}
+
+    def r_args(self):
+        return {"nb_theta": self._theta()}
+
+    def r_call(self, formula, control=""):
+        return (
+            f"fit <- lme4::glmer.nb({formula}, data = data{control}); "
+            f"lme4::glmer({formula}, data = data, family = MASS::negative.binomial(theta = "
+            f'lme4::getME(fit, "glmer.nb.theta"), link = "{self.link.name}"), nAGQ = 1{control})'
+        )
+
+    def component_rows(self):
+        return [
+            {
+                "component": self.THETA_COMPONENT,
+                "group_factor": None,
+                "kind": "dispersion",
+                "term": "theta",
+                "term2": None,
+                "estimate": self._theta(),
+                "lower": np.nan,
+                "upper": np.nan,
+                "ci_method": None,
+            }
+        ]
+
+    def _theta(self) -> float:
+        if self.theta is None:
+            raise ValueError(
+                "the negative binomial's shape theta is not fixed: use "
+                "family.with_params(theta=...) (lme4's estimate) or a posterior draw's"
+            )
+        return self.theta
+
+    def posterior_params(self, posterior):
+        return {"theta": np.asarray(posterior[self.THETA_VAR].values, dtype=float).ravel()}
+
+    def model_point(self):
+        return {f"{self.PHI_VAR}_log__": float(-0.5 * np.log(self._theta()))}
+
+    def prior_rows(self):
+        return [
+            {
+                "parameter": "theta (negative binomial shape)",
+                "prior": f"1/sqrt(theta) ~ HalfNormal(sigma={self.PHI_PRIOR_SD:g})",
+            }
+        ]
+
+    def read_response(self, spec, frame):
+        return _counts(frame, spec.successes, "count response"), None
+
+    def loglik(self, y, mu, trials):
+        # MASS::negative.binomial's aic() term by term (the log-likelihood glmer.nb's logLik
+        # reports), without scipy's argument checks.
+        theta = self._theta()
+        k = np.round(y)
+        return (
+            special.gammaln(k + theta)
+            - special.gammaln(theta)
+            - special.gammaln(k + 1)
+            + theta * (np.log(theta) - np.log(theta + mu))
+            + special.xlogy(k, mu)
+            - k * np.log(theta + mu)
+        )
+
+    def saturated_mu(self, y, trials):
+        return y
+
+    def variance(self, mu, trials):
+        return mu + mu**2 / self._theta()
+
+    def mean(self, eta, trials):
+        return np.exp(eta)
+
+    def score_weights(self, y, eta, trials):
+        theta = self._theta()
+        mu = np.exp(eta)
+        shrink = theta / (theta + mu)
+        # d log p / d eta, and the Fisher weight mu_eta^2 / Var (glmer's IRLS weight).
+        return (y - mu) * shrink, mu * shrink
+
+    def likelihood(self, pm, pt, name, eta, data, **kw):
+        phi = pm.HalfNormal(self.PHI_VAR, sigma=self.PHI_PRIOR_SD)
+        theta = pm.Deterministic(self.THETA_VAR, 1.0 / pt.square(phi))
+        return pm.NegativeBinomial(name, mu=pt.exp(eta), alpha=theta, observed=data["y"], **kw)
+
+    def prior_centre_scale(self, y, trials):
+        return float(np.log(max(float(np.mean(y)), 0.01))), 1.0
+
+    def draw(self, rng, mu, trials=None, params=None):
+        theta = np.asarray(params["theta"] if params else self._theta(), dtype=float)
+        # numpy's negative_binomial(n, p): failures before n successes, mean n (1 - p) / p.
+        return rng.negative_binomial(theta, theta / (theta + mu)).astype(float)
 
 
 def _counts(frame: pd.DataFrame, column: str, what: str) -> np.ndarray:
@@ -495,6 +717,7 @@ FAMILIES: dict[str, type[Family]] = {
     "gaussian": Gaussian,
     "binomial": Binomial,
     "poisson": Poisson,
+    "negbin": NegativeBinomial,
 }
 
 
