@@ -361,6 +361,9 @@ def _posterior_component(bayes: BayesFit, component: str) -> xr.DataArray | None
     posterior = bayes.idata.posterior
     if component == "sigma":
         return posterior["sigma"]
+    own = bayes.design.family.components.get(component)  # the family's own parameters
+    if own is not None:
+        return posterior[own]
     match = _SIGMA_LEVEL.match(component)
     if match:
         return posterior["sigma"].sel(sigma_level=match["level"])

@@ -307,8 +307,8 @@ class Family:
         """The family's own parameters as fixed by :meth:`with_params` (empty: none)."""
         return {}
 
-    def posterior_params(self, posterior: Any) -> dict[str, np.ndarray]:
-        """The family's own parameters' draws from a PyMC posterior, flattened (chain, draw)."""
+    def posterior_params(self, posterior: Any) -> dict[str, Any]:
+        """The family's own parameters' draws: DataArrays (chain, draw) of a PyMC posterior."""
         return {}
 
     def model_point(self) -> dict[str, float]:
@@ -318,6 +318,13 @@ class Family:
     def prior_rows(self) -> list[dict[str, str]]:
         """Rows (parameter, prior) for the priors of the family's own parameters."""
         return []
+
+    #: The report's symbol for the mean parameter (TeX) and the distribution of y_i given it.
+    tex_mean: ClassVar[str] = r"\mu"
+
+    def tex_distribution(self, response: str) -> str:
+        """``y_i ~ Dist(...)`` in TeX, given the mean parameter :attr:`tex_mean` (subscript i)."""
+        raise NotImplementedError
 
     #: The R function (r_scripts/glmm.R) that fits the family: glmer, or glmer.nb then glmer.
     r_function: ClassVar[str] = "harness_fit_glmer"
@@ -474,6 +481,11 @@ class Binomial(Family):
         p = float(np.clip(np.sum(y) / np.sum(trials), 0.01, 0.99))
         return float(self.link.link(np.array(p))), 1.0
 
+    tex_mean = "p"
+
+    def tex_distribution(self, response):
+        return rf"{response}_i \sim \mathrm{{Binomial}}(n_i,\ p_i)"
+
     def draw(self, rng, mu, trials=None, params=None):
         n = np.broadcast_to(np.ones(1) if trials is None else trials, np.shape(mu))
         return rng.binomial(n.astype(np.int64), np.clip(mu, 0, 1)).astype(float)
@@ -511,6 +523,11 @@ class Poisson(Family):
 
     def prior_centre_scale(self, y, trials):
         return float(np.log(max(float(np.mean(y)), 0.01))), 1.0
+
+    tex_mean = r"\lambda"
+
+    def tex_distribution(self, response):
+        return rf"{response}_i \sim \mathrm{{Poisson}}(\lambda_i)"
 
     def draw(self, rng, mu, trials=None, params=None):
         return rng.poisson(mu).astype(float)
@@ -597,7 +614,7 @@ class NegativeBinomial(Family):
         return self.theta
 
     def posterior_params(self, posterior):
-        return {"theta": np.asarray(posterior[self.THETA_VAR].values, dtype=float).ravel()}
+        return {"theta": posterior[self.THETA_VAR]}
 
     def model_point(self):
         return {f"{self.PHI_VAR}_log__": float(-0.5 * np.log(self._theta()))}
@@ -650,6 +667,9 @@ class NegativeBinomial(Family):
 
     def prior_centre_scale(self, y, trials):
         return float(np.log(max(float(np.mean(y)), 0.01))), 1.0
+
+    def tex_distribution(self, response):
+        return rf"{response}_i \sim \mathrm{{NegBinomial}}(\mu_i,\ \theta)"
 
     def draw(self, rng, mu, trials=None, params=None):
         theta = np.asarray(params["theta"] if params else self._theta(), dtype=float)

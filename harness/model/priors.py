@@ -30,6 +30,8 @@ class ResolvedPriors:
     notes: list[str] = field(default_factory=list)
     #: False for binomial / Poisson models (issue 12): no residual SD.
     has_sigma: bool = True
+    #: Priors of the family's own parameters (negative binomial: theta), fixed by the family.
+    family_rows: list[dict[str, str]] = field(default_factory=list)
 
     def structure(self) -> str:
         """Families only (parameter values enter the model as data)."""
@@ -46,7 +48,7 @@ class ResolvedPriors:
         if self.has_sigma:
             rows.append({"parameter": "sigma", "prior": self.sigma.describe()})
         rows.append({"parameter": "correlations", "prior": f"LKJ(eta={self.lkj_eta:g})"})
-        return rows
+        return rows + list(self.family_rows)
 
 
 def _column_scale(values: np.ndarray) -> float:
@@ -151,4 +153,5 @@ def resolve_priors(design: Design) -> ResolvedPriors:
         lkj_eta=eta,
         profile=profile,
         has_sigma=design.family.has_scale,
+        family_rows=design.family.prior_rows(),
     )

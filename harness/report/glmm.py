@@ -50,13 +50,20 @@ def _to_response(design: Design, eta: np.ndarray) -> np.ndarray:
     return design.family.link.inverse(eta)
 
 
-def _draw(design: Design, mean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One posterior predictive draw per entry of ``mean``, on the plotted scale."""
-    if design.family.name == "binomial":
-        assert design.trials is not None  # a binomial design always carries its trials
-        n = np.broadcast_to(design.trials, mean.shape).astype(np.int64)
-        return rng.binomial(n, np.clip(mean, 0, 1)) / np.maximum(n, 1)
-    return rng.poisson(mean).astype(float)
+def _draw(
+    design: Design,
+    mean: np.ndarray,
+    rng: np.random.Generator,
+    params: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """One posterior predictive draw per entry of ``mean``, on the plotted scale.
+
+    ``params``: the family's own parameters per draw (shape (draws, 1)), if it has any.
+    """
+    counts = design.family.draw(rng, mean, design.trials, params or None)
+    if design.trials is None:
+        return np.asarray(counts, dtype=float)
+    return counts / np.maximum(np.broadcast_to(design.trials, mean.shape), 1)
 
 
 def glmm_predictive_table(
@@ -94,7 +101,11 @@ def glmm_predictive_table(
         )
         eta_hat = eta_hat + (hat[block.group_index] * block.values).sum(axis=1)
     mean = _to_response(design, eta)
-    y_rep = _draw(design, mean, rng)
+    params = {
+        name: _stack(draws, max_draws).reshape(-1, 1)
+        for name, draws in design.family.posterior_params(bayes.idata.posterior).items()
+    }
+    y_rep = _draw(design, mean, rng, params)
     factor = panel_factor(design)
     block = next(b for b in design.blocks if b.factor == factor)
     x = x_column(design)
@@ -195,14 +206,11 @@ def glmm_equations(design: Design, equations: dict[str, list[str]]) -> dict[str,
     """
     family = design.family
     link = {"logit": r"\mathrm{logit}", "probit": r"\Phi^{-1}", "log": r"\log"}[family.link.name]
-    mean = "p" if family.name == "binomial" else r"\lambda"
+    mean = family.tex_mean
     response = design.response.replace("_", r"\_")
     offset = r"\mathbf{o} + " if design.offset is not None else ""
     offset_i = r"o_i + " if design.offset is not None else ""
-    if family.name == "binomial":
-        dist_i = rf"{response}_i \sim \mathrm{{Binomial}}(n_i,\ p_i)"
-    else:
-        dist_i = rf"{response}_i \sim \mathrm{{Poisson}}(\lambda_i)"
+    dist_i = family.tex_distribution(response)
     matrix = list(equations["matrix"])
     matrix[0] = rf"${link}(\mathbf{{{mean}}}) = {offset}X\beta + Z\mathbf{{u}}$"
     matrix[1] = (

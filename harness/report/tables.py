@@ -100,7 +100,10 @@ def component_draws(
     from harness.names import corr_var, sd_var, term_b_dim, term_dim
 
     posterior = bayes.idata.posterior
-    if component == "sigma":
+    own = bayes.design.family.components.get(component)  # the family's own parameters
+    if own is not None:
+        array = posterior[own]
+    elif component == "sigma":
         array = posterior["sigma"]
     elif (match := _SIGMA_LEVEL.match(component)) is not None:
         array = posterior["sigma"].sel(sigma_level=match["level"])
