@@ -311,6 +311,14 @@ class Family:
         """The family's own parameters' draws: DataArrays (chain, draw) of a PyMC posterior."""
         return {}
 
+    def at_posterior_median(self, posterior: Any) -> Family:
+        """This family with its own parameters at their posterior medians (itself if none)."""
+        values = {
+            name: float(np.median(np.asarray(draws.values, dtype=float)))
+            for name, draws in self.posterior_params(posterior).items()
+        }
+        return self.with_params(**values) if values else self
+
     def model_point(self) -> dict[str, float]:
         """Values of the PyMC model's value variables that hold the fixed parameters."""
         return {}
@@ -578,7 +586,7 @@ class NegativeBinomial(Family):
     r_function = "harness_fit_glmer_nb"
     #: The variance table's row for theta (kind "dispersion": no SD, no correlation).
     THETA_COMPONENT = "theta (negative binomial shape)"
-    components = {THETA_COMPONENT: THETA_VAR}
+    components: ClassVar[dict[str, str]] = {THETA_COMPONENT: THETA_VAR}
 
     def r_args(self):
         return {"nb_theta": self._theta()}

@@ -310,7 +310,9 @@ def shrinkage(cmp: Comparison, coefs: pd.DataFrame, design: Design) -> list[Shri
                 offset = fixed_rest[mask] + (
                     design.offset[mask] if design.offset is not None else 0.0
                 )
-                estimate = fit_glm(design.family, design.y[mask], Zg, trials, offset)
+                # lme4's family: its own parameters (NB theta) held at lme4's estimates.
+                family = cmp.freq.design.family
+                estimate = fit_glm(family, design.y[mask], Zg, trials, offset)
                 skipped += int(not np.all(np.isfinite(estimate)))
             elif ok:
                 estimate = np.linalg.lstsq(Zg, yg, rcond=None)[0]
