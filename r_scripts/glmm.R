@@ -41,8 +41,11 @@ harness_fit_glmer_nb <- function(data, formula, symbols, family_name = "negbin",
                            nb_theta = nb_theta)
   out$info$fit_seconds <- out$info$fit_seconds + nb_seconds
   out$info$glmer_nb_seconds <- nb_seconds
-  out$notes <- unique(c(fitted$notes, out$notes))
-  out$family_params <- list(theta = nb_theta)
+  out$notes <- unique(c(fitted$notes, out$notes, sprintf(paste(
+    "glmer.nb estimated theta = %.6g; the estimates shown are glmer's with theta fixed there,",
+    "from glmer's own start (glmer.nb's final fit restarts from its previous one: its logLik",
+    "%.6f, this fit's %.6f)"), nb_theta, as.numeric(logLik(nb)), out$info$loglik)))
+  out$family_params <- list(nb_theta = nb_theta)
   out$glmer_nb <- list(
     loglik = as.numeric(logLik(nb)),
     beta = lme4::fixef(nb),

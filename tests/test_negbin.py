@@ -32,7 +32,7 @@ def test_negbin_loglik_is_scipys_nbinom_and_needs_theta():
     mu = np.array([0.3, 1.5, 2.0, 9.0, 25.0])
     with pytest.raises(ValueError, match="theta is not fixed"):
         family.loglik(y, mu, None)
-    fixed = family.with_params(theta=2.5)
+    fixed = family.with_params(nb_theta=2.5)
     expected = stats.nbinom.logpmf(y, 2.5, 2.5 / (2.5 + mu))
     np.testing.assert_allclose(fixed.loglik(y, mu, None), expected, rtol=0, atol=1e-12)
     np.testing.assert_allclose(fixed.pmf(y, mu), np.exp(expected), rtol=1e-12)
@@ -49,13 +49,13 @@ def test_negbin_loglik_is_scipys_nbinom_and_needs_theta():
 
 
 def test_negbin_predictive_draws_have_its_mean_and_variance():
-    family = get_family("negbin").with_params(theta=2.0)
+    family = get_family("negbin").with_params(nb_theta=2.0)
     rng = np.random.default_rng(3)
     draws = family.draw(rng, np.full(200_000, 4.0))
     assert draws.mean() == pytest.approx(4.0, rel=0.02)
     assert draws.var() == pytest.approx(4.0 + 16.0 / 2.0, rel=0.03)
     # Per posterior draw: theta of shape (draws, 1) against means (draws, rows).
-    per_draw = family.draw(rng, np.full((3, 5), 4.0), params={"theta": np.ones((3, 1))})
+    per_draw = family.draw(rng, np.full((3, 5), 4.0), params={"nb_theta": np.ones((3, 1))})
     assert per_draw.shape == (3, 5)
 
 
@@ -85,7 +85,7 @@ def test_pymc_model_likelihood_is_the_family_loglik_at_fixed_theta():
     from harness.checks.same_model_glmm import pymc_conditional_loglik
 
     data, spec = hz.datasets.load("grouseticks")
-    design = dataclasses.replace(build_design(spec, data), family_params={"theta": 3.3})
+    design = dataclasses.replace(build_design(spec, data), family_params={"nb_theta": 3.3})
     rng = np.random.default_rng(1)
     theta = np.array([0.7, 0.6])
     beta = np.array([0.5, 1.1, -1.0, -0.02])
@@ -102,8 +102,8 @@ def test_negbin_prior_on_theta_is_in_the_prior_table():
     data, spec = hz.datasets.load("grouseticks")
     rows = resolve_priors(build_design(spec, data)).table()
     assert {
-        "parameter": "theta (negative binomial shape)",
-        "prior": "1/sqrt(theta) ~ HalfNormal(sigma=1)",
+        "parameter": "nb_theta (negative binomial shape theta)",
+        "prior": "nb_phi = 1/sqrt(nb_theta) ~ HalfNormal(sigma=1)",
     } in rows
     assert not any(r["parameter"] == "sigma" for r in rows)
 
@@ -121,7 +121,7 @@ def grouse_fit():
 def test_glmer_nb_matches_r(grouse_fit):
     freq = grouse_fit
     ref = REFERENCE["glmer_fixed_theta"]
-    assert freq.ml_estimates["family_params"]["theta"] == pytest.approx(
+    assert freq.ml_estimates["family_params"]["nb_theta"] == pytest.approx(
         REFERENCE["nb_theta"], rel=1e-8
     )
     assert freq.ml_estimates["glmer_nb"]["loglik"] == pytest.approx(
@@ -132,7 +132,7 @@ def test_glmer_nb_matches_r(grouse_fit):
     for term, value in ref["fixed"].items():
         assert fixed.loc[term, "estimate"] == pytest.approx(value, rel=1e-6, abs=1e-9)
         assert fixed.loc[term, "se"] == pytest.approx(ref["se"][term], rel=1e-5)
-    row = freq.variance.set_index("component").loc["theta (negative binomial shape)"]
+    row = freq.variance.set_index("component").loc["nb_theta"]
     assert row["kind"] == "dispersion" and row["estimate"] == pytest.approx(REFERENCE["nb_theta"])
     assert "glmer.nb" in freq.r_call and "negative.binomial" in freq.r_call
 
@@ -146,7 +146,7 @@ def test_laplace_identity_reproduces_glmer_logLik_at_fixed_theta(grouse_fit):
     ml = freq.ml_estimates
     theta = np.array(list(ml["theta"].values()))
     beta = np.array([ml["beta"][t] for t in freq.design.fixed_terms])
-    assert freq.design.family.fixed_params() == {"theta": pytest.approx(REFERENCE["nb_theta"])}
+    assert freq.design.family.fixed_params() == {"nb_theta": pytest.approx(REFERENCE["nb_theta"])}
     result = laplace_loglik(
         freq.design, theta, beta, lme4_start=ml["lp0"], lme4_tol=ml["tol_pwrss"]
     )

@@ -1036,15 +1036,8 @@ def _with_family_params(
     ml["family_params"] = values
     rows = pd.DataFrame(design.family.component_rows())
     result["variance"] = pd.concat([result["variance"], rows], ignore_index=True)
-    own = result.get("glmer_nb")
+    own = result.get("glmer_nb")  # the fit that estimated them (r_scripts/glmm.R)
     if own:
-        notes = result.get("notes")
-        result["notes"] = ([] if notes is None else list(np.atleast_1d(notes))) + [
-            f"glmer.nb estimated theta = {values.get('theta', float('nan')):.6g}; the estimates "
-            "shown are glmer's with theta fixed there, from glmer's own start (glmer.nb's "
-            f"final fit restarts from its previous one: its logLik {float(own['loglik']):.6f}, "
-            f"this fit's {float(result['info']['loglik']):.6f})"
-        ]
         ml["glmer_nb"] = {
             "loglik": float(own["loglik"]),
             "beta": _user_keys(own["beta"], names),

@@ -287,8 +287,14 @@ class Family:
         return self.name, self.link.name
 
     # -- parameters of the response distribution besides its mean
-    #: Names of the family's own parameters (negative binomial: its shape ``theta``).
-    params: ClassVar[tuple[str, ...]] = ()
+    #: The response distribution's parameters besides its mean (a negative binomial's
+    #: shape): each is a PyMC posterior variable of that name and a row of that
+    #: ``component`` (kind "dispersion") in the variance table, lme4's estimate against
+    #: the posterior.  They reach :meth:`loglik` & co. fixed (:meth:`with_params`), and
+    #: :meth:`draw` / :meth:`cdf` / :meth:`response_variance` as ``params`` per draw.
+    response_parameters: ClassVar[tuple[str, ...]] = ()
+    #: Whether the response is a count without an upper bound (rootogram, dispersion check).
+    unbounded_counts: ClassVar[bool] = False
 
     def with_params(self, **values: float) -> Family:
         """This family with its own parameters fixed (lme4's estimates); itself when it has none.
@@ -298,7 +304,7 @@ class Family:
         ValueError
             For a parameter the family does not have.
         """
-        unknown = sorted(set(values) - set(self.params))
+        unknown = sorted(set(values) - set(self.response_parameters))
         if unknown:
             raise ValueError(f"family {self.name!r} has no parameter(s) {unknown}")
         return self
@@ -560,12 +566,13 @@ class NegativeBinomial(Family):
     name = "negbin"
     links = ("log",)
     default_link = "log"
-    params = ("theta",)
-    #: Prior on phi = 1 / sqrt(theta).
+    unbounded_counts = True
+    #: theta's name as a parameter, a PyMC variable (deterministic) and a variance-table row.
+    THETA = "nb_theta"
+    response_parameters = (THETA,)
+    #: Prior on phi = 1 / sqrt(theta), the PyMC variable sampled.
     PHI_PRIOR_SD = 1.0
-    #: Names of the PyMC variables: the sampled phi and theta as a deterministic.
     PHI_VAR = "nb_phi"
-    THETA_VAR = "nb_theta"
 
     def __init__(self, link: str | None = None, theta: float | None = None) -> None:
         super().__init__(link)
@@ -578,15 +585,13 @@ class NegativeBinomial(Family):
 
     def with_params(self, **values: float) -> Family:
         super().with_params(**values)
-        return NegativeBinomial(self.link.name, values.get("theta", self.theta))
+        return NegativeBinomial(self.link.name, values.get(self.THETA, self.theta))
 
     def fixed_params(self) -> dict[str, float]:
-        return {} if self.theta is None else {"theta": self.theta}
+        return {} if self.theta is None else {self.THETA: self.theta}
 
     r_function = "harness_fit_glmer_nb"
-    #: The variance table's row for theta (kind "dispersion": no SD, no correlation).
-    THETA_COMPONENT = "theta (negative binomial shape)"
-    components: ClassVar[dict[str, str]] = {THETA_COMPONENT: THETA_VAR}
+    components: ClassVar[dict[str, str]] = {THETA: THETA}
 
     def r_args(self):
         return {"nb_theta": self._theta()}
@@ -601,7 +606,7 @@ class NegativeBinomial(Family):
     def component_rows(self):
         return [
             {
-                "component": self.THETA_COMPONENT,
+                "component": self.THETA,
                 "group_factor": None,
                 "kind": "dispersion",
                 "term": "theta",
@@ -617,12 +622,12 @@ class NegativeBinomial(Family):
         if self.theta is None:
             raise ValueError(
                 "the negative binomial's shape theta is not fixed: use "
-                "family.with_params(theta=...) (lme4's estimate) or a posterior draw's"
+                f"family.with_params({self.THETA}=...) (lme4's estimate) or a posterior draw's"
             )
         return self.theta
 
     def posterior_params(self, posterior):
-        return {"theta": posterior[self.THETA_VAR]}
+        return {self.THETA: posterior[self.THETA]}
 
     def model_point(self):
         return {f"{self.PHI_VAR}_log__": float(-0.5 * np.log(self._theta()))}
@@ -630,8 +635,9 @@ class NegativeBinomial(Family):
     def prior_rows(self):
         return [
             {
-                "parameter": "theta (negative binomial shape)",
-                "prior": f"1/sqrt(theta) ~ HalfNormal(sigma={self.PHI_PRIOR_SD:g})",
+                "parameter": f"{self.THETA} (negative binomial shape theta)",
+                "prior": f"{self.PHI_VAR} = 1/sqrt({self.THETA}) ~ "
+                f"HalfNormal(sigma={self.PHI_PRIOR_SD:g})",
             }
         ]
 
@@ -670,7 +676,7 @@ class NegativeBinomial(Family):
 
     def likelihood(self, pm, pt, name, eta, data, **kw):
         phi = pm.HalfNormal(self.PHI_VAR, sigma=self.PHI_PRIOR_SD)
-        theta = pm.Deterministic(self.THETA_VAR, 1.0 / pt.square(phi))
+        theta = pm.Deterministic(self.THETA, 1.0 / pt.square(phi))
         return pm.NegativeBinomial(name, mu=pt.exp(eta), alpha=theta, observed=data["y"], **kw)
 
     def prior_centre_scale(self, y, trials):
@@ -679,10 +685,22 @@ class NegativeBinomial(Family):
     def tex_distribution(self, response):
         return rf"{response}_i \sim \mathrm{{NegBinomial}}(\mu_i,\ \theta)"
 
+    def _shape(self, params: Mapping[str, np.ndarray] | None) -> np.ndarray:
+        return np.asarray(params[self.THETA] if params else self._theta(), dtype=float)
+
     def draw(self, rng, mu, trials=None, params=None):
-        theta = np.asarray(params["theta"] if params else self._theta(), dtype=float)
+        theta = self._shape(params)
         # numpy's negative_binomial(n, p): failures before n successes, mean n (1 - p) / p.
         return rng.negative_binomial(theta, theta / (theta + mu)).astype(float)
+
+    def cdf(self, k, mu, trials=None, params=None):
+        """P(y <= k | mu, theta), elementwise; k may be negative (probability 0)."""
+        theta = self._shape(params)
+        return stats.nbinom.cdf(k, theta, theta / (theta + mu))
+
+    def response_variance(self, mu, trials=None, params=None):
+        """Var(y | mu, theta) = mu + mu^2 / theta: the denominator of Pearson residuals."""
+        return mu + mu**2 / self._shape(params)
 
 
 def _counts(frame: pd.DataFrame, column: str, what: str) -> np.ndarray:
