@@ -44,6 +44,11 @@ def test_negbin_loglik_is_scipys_nbinom_and_needs_theta():
     score, weight = fixed.score_weights(y, eta, None)
     np.testing.assert_allclose(score, numeric, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(weight, mu**2 / fixed.variance(mu, None), rtol=1e-12)
+    # Newton's weight (log is not NB's canonical link) is -d score / d eta.
+    up, down = fixed.score_weights(y, eta + h, None)[0], fixed.score_weights(y, eta - h, None)[0]
+    np.testing.assert_allclose(
+        fixed.newton_weights(y, eta, None), -(up - down) / (2 * h), rtol=1e-6
+    )
     with pytest.raises(ValueError, match="no parameter"):
         family.with_params(sigma=1.0)
 

@@ -183,8 +183,8 @@ def _pirls(
     current = objective(u)
     for iteration in range(1, max_iter + 1):
         eta = fixed_eta + M @ u
-        score, weight = family.score_weights(y, eta, n)
-        H = _penalised_system(M, weight)
+        score, _ = family.score_weights(y, eta, n)
+        H = _penalised_system(M, family.newton_weights(y, eta, n))  # Newton: the exact mode
         gradient = M.T @ score - u
         step = _solve(H, gradient)
         scale = 1.0

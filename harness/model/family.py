@@ -409,6 +409,16 @@ class Family:
         """d log p / d eta and the Fisher (IRLS) weight -E d2 log p / d eta2, pointwise."""
         raise NotImplementedError
 
+    def newton_weights(
+        self, y: np.ndarray, eta: np.ndarray, trials: np.ndarray | None
+    ) -> np.ndarray:
+        """The observed information -d2 log p / d eta2, pointwise: Newton steps for the modes.
+
+        Equal to the Fisher weight of :meth:`score_weights` for a canonical link; a family
+        with another link overrides it (Fisher scoring alone converges only linearly there).
+        """
+        return self.score_weights(y, eta, trials)[1]
+
     # -- PyMC
     def likelihood(
         self, pm: Any, pt: Any, name: str, eta: Any, data: dict[str, Any], **kw: Any
@@ -673,6 +683,12 @@ class NegativeBinomial(Family):
         shrink = theta / (theta + mu)
         # d log p / d eta, and the Fisher weight mu_eta^2 / Var (glmer's IRLS weight).
         return (y - mu) * shrink, mu * shrink
+
+    def newton_weights(self, y, eta, trials):
+        # The log link is not NB's canonical link: -d2 log p / d eta2 depends on y.
+        theta = self._theta()
+        mu = np.exp(eta)
+        return mu * theta * (theta + y) / (theta + mu) ** 2
 
     def likelihood(self, pm, pt, name, eta, data, **kw):
         phi = pm.HalfNormal(self.PHI_VAR, sigma=self.PHI_PRIOR_SD)
