@@ -26,7 +26,7 @@ json <- function(x) {
 named <- function(v) as.list(setNames(unname(v), names(v)))
 
 csv <- "harness/datasets/grouseticks.csv"
-formula <- TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | LOCATION)
+formula <- TICKS ~ YEAR + cHEIGHT + (1 | BROOD)  # the shipped design's formula
 data <- read.csv(csv)
 for (f in c("BROOD", "LOCATION", "YEAR")) {
   data[[f]] <- factor(data[[f]], levels = as.character(sort(unique(data[[f]]))))
