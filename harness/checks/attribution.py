@@ -988,7 +988,7 @@ def rao_blackwell_offsets(bayes: BayesFit, n_draws: int = RB_DRAWS) -> pd.DataFr
         average over the draws); None for a GLMM or a design without random effects.
     """
     design = bayes.design
-    if design.family.glm or not design.blocks:
+    if design.family.laplace or not design.blocks:
         return None
     posterior = bayes.idata.posterior
     n = posterior.sizes["chain"] * posterior.sizes["draw"]

@@ -266,7 +266,7 @@ def _units(result: DesignResult) -> tuple[dict[str, str], dict[str, str]]:
     for row in result.freq.variance.to_dict("records"):
         if row["kind"] == "sd" and isinstance(row.get("term"), str):
             var_units[row["component"]] = unit_of.get(row["term"], "")
-    if design.family.glm:  # GLMM hook (issue 12): coefficients are on the link scale
+    if design.family.link_scale:  # coefficients on the link scale (log-odds, log rate)
         unit_of = dict.fromkeys(unit_of, design.family.scale_name)
         var_units = dict.fromkeys(var_units, design.family.scale_name)
     return unit_of, var_units
@@ -494,7 +494,7 @@ def _response_note(result: DesignResult) -> str:
     from harness.model.spec import parse_formula
 
     design = getattr(result, "design", None)
-    if design is None or design.family.glm:  # a GLMM's response is counts, never transformed
+    if design is None or design.family.discrete:  # counts are never transformed
         return ""
     parsed = parse_formula(design.spec.formula)
     if not parsed.transformed_response:
