@@ -831,7 +831,7 @@ def integrate_variance_components(
     from harness.checks.marginal import MarginalLikelihood
     from harness.checks.same_model import lme4_ml_values, lme4_reml_values, project
 
-    if bayes.spec.family != "gaussian" or not bayes.design.blocks or freq.fixed.empty:
+    if bayes.design.family.laplace or not bayes.design.blocks or freq.fixed.empty:
         return None
     source = wide.source(bayes)
     design = source.design

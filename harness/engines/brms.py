@@ -286,14 +286,14 @@ def _spec_in_r(design: Design, priors: ResolvedPriors) -> Any:
             "lb": ro.FloatVector(table["lb"].tolist()),
         }
     )
-    link = design.spec.link or design.family.default_link
+    family, link = design.family.r_family()  # R's names; brms.R refuses any other family
     return _r._call(
         "harness_brms_spec",
         ro.StrVector(_fixed_names(design)),
         blocks,
         ro.StrVector(_sigma_names(design)),
-        design.family.name,
-        str(link),
+        family,
+        link,
         design.trials is not None,
         design.offset is not None,
         prior_frame,
@@ -315,7 +315,7 @@ def _user_formula(design: Design) -> str:
     if spec.sigma_by:
         text += f", sigma ~ 0 + {spec.sigma_by}), family = gaussian(link_sigma = 'identity')"
     else:
-        text += f"), family = {design.family.name}()"
+        text += f"), family = {design.family.r_family()[0]}()"
     return text + ", prior = <the harness's resolved priors>, data = data)"
 
 
