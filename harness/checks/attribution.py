@@ -1076,14 +1076,14 @@ def attribute_agreement(
     modes = {}
     no_modes = "the conditional modes could not be computed; no attribution"
     # A GLMM's conditional modes are not a linear function of the data (glmer finds them
-    # by penalised IRLS), so the closed-form chain below is for gaussian models only.
-    glm = bool(getattr(design.family, "glm", False))
-    if glm:
+    # by penalised IRLS), so the closed-form chain below is for lmer's exact model only.
+    laplace = design.family.laplace
+    if laplace:
         no_modes = (
-            "no attribution for a binomial/Poisson model: its conditional modes are not linear "
-            "in the data, so the closed-form split of 1 - r does not apply"
+            f"no attribution for a {design.family.name} model: its conditional modes are not "
+            "linear in the data, so the closed-form split of 1 - r does not apply"
         )
-    for name, vc in () if glm else (("lme4", vc_lme4), ("post", vc_post), ("wide", vc_wide)):
+    for name, vc in () if laplace else (("lme4", vc_lme4), ("post", vc_post), ("wide", vc_wide)):
         try:
             covs = _block_covariances(None, vc, blocks)
             modes[name] = conditional_modes(design, covs, sigma_rows[name]).rename(
