@@ -254,8 +254,9 @@ def glm_response(formula: str, family: str, link: str | None = None) -> GlmRespo
 class Family:
     """A response distribution with a link: everything the harness asks of a family.
 
-    A new family is one subclass registered in :data:`FAMILIES`; nothing
-    outside this module names a family.  It defines:
+    A new family is one subclass registered in :data:`FAMILIES`; callers ask
+    it, never switch on its name (``tests/test_family_stub.py`` takes a family
+    defined in a test through fit, comparison and report).  It defines:
 
     - ``name``, ``links``, ``default_link``: what ``--family`` / ``--link`` accept;
     - ``has_scale``: a residual SD (``sigma``) is estimated (the gaussian family);
@@ -268,8 +269,10 @@ class Family:
       (never a transformed column); ``allows_cbind``: ``cbind(s, f)`` is accepted;
     - :meth:`read_response`: the response checks (valid values, trials);
     - :meth:`loglik`, :meth:`saturated_mu`, :meth:`variance`, :meth:`mean`,
-      :meth:`score_weights`: what the Laplace approximation and the exact
-      likelihood need (not needed when ``laplace`` is False);
+      :meth:`score_weights`: what the Laplace approximation, the exact
+      likelihood and the audit need (``loglik`` and ``mean`` only when
+      ``laplace`` is False); :meth:`fit_unpooled` (one group's own fit, for
+      the shrinkage plot) follows from ``score_weights``;
     - :meth:`likelihood`: the observed node of the PyMC model;
     - :meth:`prior_centre_scale`: the centre and unit scale of the weak priors;
     - :meth:`observed`, :meth:`draw`, :meth:`response_label`: the report's
