@@ -29,7 +29,7 @@ class StubCount(Family):
     name = "stubcount"
     links = ("log",)
     default_link = "log"
-    mean_symbol = r"\nu"
+    tex_mean = r"\nu"
 
     def r_family(self) -> tuple[str, str]:
         return "poisson", self.link.name
@@ -40,7 +40,7 @@ class StubCount(Family):
             raise ValueError(f"stub count {spec.successes!r} must hold non-negative whole numbers")
         return y, None
 
-    def loglik(self, y, mu, trials, scale=None):
+    def loglik(self, y, mu, trials):
         k = np.round(y)
         return special.xlogy(k, mu) - special.gammaln(k + 1) - mu
 
@@ -57,19 +57,19 @@ class StubCount(Family):
         mu = np.exp(eta)
         return y - mu, mu
 
-    def likelihood(self, pm, pt, name, eta, data, scale=None, **kw):
+    def likelihood(self, pm, pt, name, eta, data, **kw):
         return pm.Poisson(name, mu=pt.exp(eta), observed=data["y"], **kw)
 
     def prior_centre_scale(self, y, trials):
         return float(np.log(max(float(np.mean(y)), 0.01))), 1.0
 
-    def draw(self, mean, rng, trials=None, scale=None):
-        return rng.poisson(mean).astype(float)
+    def draw(self, rng, mu, trials=None, params=None):
+        return rng.poisson(mu).astype(float)
 
     def response_label(self, response, trials, unit=""):
         return f"{response} (stub count)"
 
-    def distribution_tex(self, response):
+    def tex_distribution(self, response):
         return rf"{response}_i \sim \mathrm{{StubCount}}(\nu_i)"
 
 

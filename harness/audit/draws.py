@@ -91,13 +91,13 @@ def harness_loglik(design: Design, hdraws: xr.Dataset) -> np.ndarray:
     """The harness's pointwise log-likelihood at the given draws, shape (points, rows)."""
     eta = harness_mu(design, hdraws)
     family = design.family
-    scale = None
-    if family.has_scale:
-        points = eta.shape[0]
-        sigma = hdraws["sigma"].values.reshape(points, -1)
-        if design.sigma_index is not None:
-            scale = sigma[:, design.sigma_index]
-        else:
-            scale = np.broadcast_to(sigma[:, :1], eta.shape)
     mu = family.link.inverse(eta)
+    if not family.has_scale:
+        return np.asarray(family.loglik(design.y[None, :], mu, design.trials))
+    points = eta.shape[0]
+    sigma = hdraws["sigma"].values.reshape(points, -1)
+    if design.sigma_index is not None:
+        scale = sigma[:, design.sigma_index]
+    else:
+        scale = np.broadcast_to(sigma[:, :1], eta.shape)
     return np.asarray(family.loglik(design.y[None, :], mu, design.trials, scale=scale))

@@ -1048,7 +1048,7 @@ def _glmer_call_text(design: Design, control: Mapping[str, Any] | None = None) -
     family, link = design.family.r_family()
     text = _control_text(control or {}).replace("lmerControl(", "glmerControl(")
     return (
-        f"lme4::{design.family.r_function}({design.spec.formula}, data = data, "
+        f"lme4::glmer({design.spec.formula}, data = data, "
         f'family = {family}(link = "{link}"), nAGQ = 1{text})'
     )
 

@@ -485,7 +485,7 @@ def build_model(
                 column = effects[index, k]
                 mu = mu + (column if term == INTERCEPT else data[f"Z_{block.label}"][:, k] * column)
         eta = mu + data["offset"] if "offset" in data else mu
-        sigma_obs = None
+        scale: dict[str, Any] = {}  # the residual SD per row, for a family that has one
         if design.family.has_scale:
             sigma_group = _sigma_group(design, priors)
             sigma_params = {p: data[n] for p, n in sigma_group.data_names("prior_sigma").items()}
@@ -495,8 +495,9 @@ def build_model(
             else:
                 scalar = {p: v[0] for p, v in sigma_params.items()}
                 sigma_obs = getattr(pm, sigma_group.dist)("sigma", **scalar)
+            scale["scale"] = sigma_obs
         # The family's likelihood on the link scale (pm.Normal for the gaussian family).
-        design.family.likelihood(pm, pt, "y_obs", eta, data, scale=sigma_obs, dims="obs")
+        design.family.likelihood(pm, pt, "y_obs", eta, data, dims="obs", **scale)
     return model
 
 

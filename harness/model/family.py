@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -263,8 +263,8 @@ class Family:
     - ``laplace``: lme4 maximises glmer's Laplace approximation (True), or
       lmer's exact marginal likelihood (False); this picks the same-model
       identity (:mod:`harness.checks.same_model`), the Laplace attribution and
-      the R call;
-    - ``r_function`` and :meth:`r_family`: the R call, ``glmer(family = binomial(link = "logit"))``;
+      lme4's fit (glmer rather than lmer);
+    - :meth:`r_family`: R's family, ``glmer(family = binomial(link = "logit"))``;
     - ``discrete``: the response is whole numbers read by :func:`glm_response`
       (never a transformed column); ``allows_cbind``: ``cbind(s, f)`` is accepted;
     - :meth:`read_response`: the response checks (valid values, trials);
@@ -275,9 +275,10 @@ class Family:
       the shrinkage plot) follows from ``score_weights``;
     - :meth:`likelihood`: the observed node of the PyMC model;
     - :meth:`prior_centre_scale`: the centre and unit scale of the weak priors;
-    - :meth:`observed`, :meth:`draw`, :meth:`response_label`: the report's
-      plotted scale and its predictive draw;
-    - ``mean_symbol`` and :meth:`distribution_tex` (or :meth:`equations`): the
+    - :meth:`draw` (and :meth:`posterior_params` when the family has parameters
+      of its own): the predictive draw;
+    - :meth:`observed`, :meth:`response_label`: the report's plotted scale;
+    - ``tex_mean`` and :meth:`tex_distribution` (or :meth:`equations`): the
       report's model equations.
     """
 
@@ -288,13 +289,11 @@ class Family:
     has_scale: ClassVar[bool] = False
     #: Whether lme4's likelihood is glmer's Laplace approximation (False: lmer's exact one).
     laplace: ClassVar[bool] = True
-    #: The lme4 function that fits the family.
-    r_function: ClassVar[str] = "glmer"
     #: Whether the response is whole numbers (counts, successes) read by :func:`glm_response`.
     discrete: ClassVar[bool] = True
     allows_cbind: ClassVar[bool] = False
-    #: The mean's symbol in the report's equations (``p``, ``\lambda``).
-    mean_symbol: ClassVar[str] = r"\mu"
+    #: The report's symbol for the mean parameter (TeX) and the distribution of y_i given it.
+    tex_mean: ClassVar[str] = r"\mu"
 
     def __init__(self, link: str | None = None) -> None:
         link = link or self.default_link
@@ -335,14 +334,11 @@ class Family:
         raise NotImplementedError
 
     # -- likelihood (NumPy, for the Laplace approximation and the audit)
-    def loglik(
-        self,
-        y: np.ndarray,
-        mu: np.ndarray,
-        trials: np.ndarray | None,
-        scale: np.ndarray | float | None = None,
-    ) -> np.ndarray:
-        """Pointwise log p(y | mu), with every constant (as R's ``family$aic``)."""
+    def loglik(self, y: np.ndarray, mu: np.ndarray, trials: np.ndarray | None) -> np.ndarray:
+        """Pointwise log p(y | mu), with every constant (as R's ``family$aic``).
+
+        A family with ``has_scale`` takes the residual SD per row as ``scale=``.
+        """
         raise NotImplementedError
 
     def saturated_mu(self, y: np.ndarray, trials: np.ndarray | None) -> np.ndarray:
@@ -375,18 +371,11 @@ class Family:
 
     # -- PyMC
     def likelihood(
-        self,
-        pm: Any,
-        pt: Any,
-        name: str,
-        eta: Any,
-        data: dict[str, Any],
-        scale: Any = None,
-        **kw: Any,
+        self, pm: Any, pt: Any, name: str, eta: Any, data: dict[str, Any], **kw: Any
     ) -> Any:
         """The observed node of the PyMC model given the linear predictor ``eta``.
 
-        ``scale`` is the residual SD per row for families with ``has_scale``.
+        A family with ``has_scale`` takes the residual SD per row as ``scale=``.
         """
         raise NotImplementedError
 
@@ -399,22 +388,31 @@ class Family:
         """The observed response on the plotted scale (proportions for a binomial)."""
         return np.asarray(y, dtype=float)
 
+    def posterior_params(self, posterior: Any) -> dict[str, Any]:
+        """The family's own parameters' draws: DataArrays (chain, draw) of a PyMC posterior."""
+        return {}
+
     def draw(
         self,
-        mean: np.ndarray,
         rng: np.random.Generator,
+        mu: np.ndarray,
         trials: np.ndarray | None = None,
-        scale: np.ndarray | None = None,
+        params: Mapping[str, np.ndarray] | None = None,
     ) -> np.ndarray:
-        """One predictive draw per entry of ``mean`` (``link.inverse(eta)``), on the plotted scale."""
+        """Draws of y given its mean parameter ``mu`` (the inverse link of eta).
+
+        ``params`` holds the family's own parameters, each broadcasting against
+        ``mu`` (per posterior draw: shape (draws, 1)); the gaussian family's
+        ``sigma`` is the residual SD (per draw and row).
+        """
         raise NotImplementedError
 
     def response_label(self, response: str, trials: np.ndarray | None, unit: str = "") -> str:
         """The plotted response's axis label."""
         return f"{response} ({unit})" if unit else response
 
-    def distribution_tex(self, response: str) -> str:
-        r"""The likelihood line of the equations, e.g. ``y_i \sim \mathrm{Poisson}(\lambda_i)``."""
+    def tex_distribution(self, response: str) -> str:
+        """``y_i ~ Dist(...)`` in TeX, given the mean parameter :attr:`tex_mean` (subscript i)."""
         raise NotImplementedError
 
     def equations(
@@ -426,8 +424,8 @@ class Family:
         linear predictor and priors are kept, the likelihood lines replaced and
         the residual SD dropped.
         """
-        link, mean = self.link.tex, self.mean_symbol
-        dist_i = self.distribution_tex(response.replace("_", r"\_"))
+        link, mean = self.link.tex, self.tex_mean
+        dist_i = self.tex_distribution(response.replace("_", r"\_"))
         offset_m = r"\mathbf{o} + " if offset else ""
         offset_i = r"o_i + " if offset else ""
         matrix = list(equations["matrix"])
@@ -454,7 +452,6 @@ class Gaussian(Family):
     default_link = "identity"
     has_scale = True
     laplace = False
-    r_function = "lmer"
     discrete = False
 
     def loglik(self, y, mu, trials, scale=None):
@@ -476,10 +473,10 @@ class Gaussian(Family):
     def prior_centre_scale(self, y, trials):
         return float(np.mean(y)), float(np.std(y)) or 1.0
 
-    def draw(self, mean, rng, trials=None, scale=None):
-        if scale is None:
-            raise ValueError("a gaussian predictive draw needs the residual SD")
-        return mean + scale * rng.standard_normal(np.shape(mean))
+    def draw(self, rng, mu, trials=None, params=None):
+        if not params or "sigma" not in params:
+            raise ValueError("a gaussian predictive draw needs the residual SD (params['sigma'])")
+        return mu + params["sigma"] * rng.standard_normal(np.shape(mu))
 
     def equations(self, equations, response, offset):
         return equations  # the model forms are written for it
@@ -492,7 +489,7 @@ class Binomial(Family):
     links = ("logit", "probit")
     default_link = "logit"
     allows_cbind = True
-    mean_symbol = "p"
+    tex_mean = "p"
 
     def read_response(
         self, spec: GlmResponse, frame: pd.DataFrame
@@ -516,7 +513,7 @@ class Binomial(Family):
                 )
         return successes, trials
 
-    def loglik(self, y, mu, trials, scale=None):
+    def loglik(self, y, mu, trials):
         # scipy.stats.binom.logpmf's own formula without its argument checks (the exact
         # likelihood calls this on millions of importance draws per evaluation).
         k, n = np.round(y), np.round(trials)
@@ -540,7 +537,7 @@ class Binomial(Family):
         weight = trials * dp**2 / var
         return score, weight
 
-    def likelihood(self, pm, pt, name, eta, data, scale=None, **kw):
+    def likelihood(self, pm, pt, name, eta, data, **kw):
         if self.link.name == "logit":
             return pm.Binomial(name, n=data["trials"], logit_p=eta, observed=data["y"], **kw)
         p = 0.5 * pt.erfc(-eta / math.sqrt(2.0))
@@ -554,16 +551,15 @@ class Binomial(Family):
         assert trials is not None  # a binomial design always carries its trials
         return np.asarray(y, dtype=float) / trials
 
-    def draw(self, mean, rng, trials=None, scale=None):
-        assert trials is not None  # a binomial design always carries its trials
-        n = np.broadcast_to(trials, np.shape(mean)).astype(np.int64)
-        return rng.binomial(n, np.clip(mean, 0, 1)) / np.maximum(n, 1)
+    def draw(self, rng, mu, trials=None, params=None):
+        n = np.broadcast_to(np.ones(1) if trials is None else trials, np.shape(mu))
+        return rng.binomial(n.astype(np.int64), np.clip(mu, 0, 1)).astype(float)
 
     def response_label(self, response, trials, unit=""):
         binary = trials is not None and bool(np.all(trials == 1))
         return f"proportion {response}" + ("" if binary else " / trials")
 
-    def distribution_tex(self, response):
+    def tex_distribution(self, response):
         return rf"{response}_i \sim \mathrm{{Binomial}}(n_i,\ p_i)"
 
 
@@ -573,12 +569,12 @@ class Poisson(Family):
     name = "poisson"
     links = ("log",)
     default_link = "log"
-    mean_symbol = r"\lambda"
+    tex_mean = r"\lambda"
 
     def read_response(self, spec, frame):
         return _counts(frame, spec.successes, "count response"), None
 
-    def loglik(self, y, mu, trials, scale=None):
+    def loglik(self, y, mu, trials):
         k = np.round(y)  # scipy.stats.poisson.logpmf's formula, without its argument checks
         return special.xlogy(k, mu) - special.gammaln(k + 1) - mu
 
@@ -595,19 +591,19 @@ class Poisson(Family):
         mu = np.exp(eta)
         return y - mu, mu
 
-    def likelihood(self, pm, pt, name, eta, data, scale=None, **kw):
+    def likelihood(self, pm, pt, name, eta, data, **kw):
         return pm.Poisson(name, mu=pt.exp(eta), observed=data["y"], **kw)
 
     def prior_centre_scale(self, y, trials):
         return float(np.log(max(float(np.mean(y)), 0.01))), 1.0
 
-    def draw(self, mean, rng, trials=None, scale=None):
-        return rng.poisson(mean).astype(float)
+    def draw(self, rng, mu, trials=None, params=None):
+        return rng.poisson(mu).astype(float)
 
     def response_label(self, response, trials, unit=""):
         return f"{response} (count)"
 
-    def distribution_tex(self, response):
+    def tex_distribution(self, response):
         return rf"{response}_i \sim \mathrm{{Poisson}}(\lambda_i)"
 
 

@@ -304,7 +304,9 @@ def shrinkage(cmp: Comparison, coefs: pd.DataFrame, design: Design) -> list[Shri
                 offset = fixed_rest[mask] + (
                     design.offset[mask] if design.offset is not None else 0.0
                 )
-                estimate = design.family.fit_unpooled(design.y[mask], Zg, trials, offset)
+                # lme4's family: its own parameters (if any) held at lme4's estimates.
+                family = cmp.freq.design.family
+                estimate = family.fit_unpooled(design.y[mask], Zg, trials, offset)
                 skipped += int(not np.all(np.isfinite(estimate)))
             else:
                 skipped += 1
@@ -513,10 +515,19 @@ def predictive_table(
             [[modes.get((block.factor, lvl, t), 0.0) for t in block.terms] for lvl in block.levels]
         )
         eta_hat = eta_hat + (hat[index] * values).sum(axis=1)
-    scale = _sigma_per_row(bayes, design, max_draws)[:, rows] if family.has_scale else None
+    # The family's own parameters per draw (shape (draws, 1)), and the residual SD per row.
+    params = {
+        name: _stack(draws, max_draws).reshape(-1, 1)
+        for name, draws in family.posterior_params(bayes.idata.posterior).items()
+    }
+    if family.has_scale:
+        params["sigma"] = _sigma_per_row(bayes, design, max_draws)[:, rows]
     trials = design.trials[rows] if design.trials is not None else None
     mean = family.link.inverse(eta)
-    y_rep = family.draw(mean, rng, trials, scale)
+    y_rep = family.observed(
+        family.draw(rng, mean, trials, params or None),
+        None if trials is None else np.maximum(trials, 1),  # no trials: plotted as 0, not NaN
+    )
     factor = panel_factor(design)
     block = next(b for b in design.blocks if b.factor == factor)
     index = block.group_index[rows]
@@ -607,7 +618,7 @@ def new_group_table(
         lme4_var = lme4_var + lme4_sigma**2
         sigma = _stack(posterior["sigma"], max_draws)
         sigma = sigma[:, None] if sigma.ndim == 1 else sigma[:, sigma_rows]
-        new = family.draw(new, rng, None, sigma)
+        new = family.draw(rng, new, None, {"sigma": sigma})
     lme4_sd = np.sqrt(lme4_var)
     inverse = family.link.inverse
     return pd.DataFrame(
