@@ -797,7 +797,7 @@ def explain_agreement(
             )
     design = bayes.design
     sigma_rows: dict[str, np.ndarray] = {}
-    if not design.family.glm:  # a GLMM has no residual SD; attribute_agreement says why
+    if design.family.has_scale:  # a GLMM has no residual SD; attribute_agreement says why
         try:
             sigma_rows = {
                 "lme4": _sigma_rows(design, vc_lme4),
@@ -941,7 +941,7 @@ def sampler_diagnostics(bayes: BayesFit) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 def _glmm_attribution(freq: FreqFit, bayes: BayesFit, wide: WidePrior) -> GlmmAttribution | None:
     """A GLMM's exact-likelihood shares (None for Gaussian models or when they fail: logged)."""
-    if not freq.design.family.glm:
+    if not freq.design.family.laplace:
         return None
     from harness.checks.glmm_attribution import glmm_attribution
 
@@ -1009,7 +1009,7 @@ def compare(
             f"{sampler_stats['divergences']} divergent transitions: PyMC summaries are unreliable"
         )
     uncertainty = UNCERTAINTY_SOURCES.copy()
-    if freq.design.family.glm:  # GLMM hook (issue 12): glmer's likelihood is an approximation
+    if freq.design.family.laplace:  # glmer's likelihood is an approximation
         from harness.checks.compare_glmm import GLMM_UNCERTAINTY, explain_glmm_gaps
 
         variance, glmm_notes = explain_glmm_gaps(freq, variance, glmm)

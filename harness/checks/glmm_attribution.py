@@ -531,7 +531,7 @@ def exact_ml(freq: Any) -> ExactML | None:
     trusted (weights' ESS below :data:`IS_MIN_ESS` at the optimum; logged).
     """
     design: Design = freq.design
-    if not design.family.glm or not design.blocks:
+    if not design.family.laplace or not design.blocks:
         return None
     ml = freq.ml_estimates
     theta0 = np.array(list(ml["theta"].values()), dtype=float)
@@ -831,7 +831,7 @@ def glmm_attribution(freq: Any, bayes: BayesFit, wide: WidePrior) -> GlmmAttribu
     computed (logged); the rows then keep the sources without them.
     """
     design: Design = freq.design
-    if not design.family.glm:
+    if not design.family.laplace:
         return None
     exact = exact_ml(freq)
     if exact is None:

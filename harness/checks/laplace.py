@@ -262,7 +262,7 @@ def laplace_loglik(
     Parameters
     ----------
     design : Design
-        A non-gaussian design (``design.family.glm``).
+        A design whose family lme4 fits by glmer's Laplace approximation (``design.family.laplace``).
     theta : mapping or sequence
         lme4's ``getME(fit, "theta")`` (a mapping is read in its own order).
     beta : mapping or sequence
@@ -284,7 +284,7 @@ def laplace_loglik(
     LaplaceResult
     """
     family = design.family
-    if not family.glm:
+    if not family.laplace:
         raise ValueError(
             "the Laplace check is for non-gaussian families; gaussian models have an exact likelihood"
         )

@@ -524,16 +524,16 @@ def fit_lme4(
     control = _check_control(control)
     if control and spec.sigma_by:
         raise ValueError("control applies to lme4 fits (one residual SD) only")
-    if "start" in control and design.family.glm:
+    if "start" in control and design.family.laplace:
         raise ValueError("control: a glmer start is not supported (optimizer and maxfun are)")
-    if "maxfun" in control and "optimizer" not in control and design.family.glm:
+    if "maxfun" in control and "optimizer" not in control and design.family.laplace:
         control["optimizer"] = "bobyqa"  # glmer's default for both stages' cap
     reml = spec.reml if reml is None else reml
     started = time.perf_counter()
     names = r_names(design)
     frame = to_r_frame(design.data, names.columns)
     pieces = None
-    if design.family.glm:  # GLMM hook (issue 12): glmer, see r_scripts/glmm.R
+    if design.family.laplace:  # glmer, see r_scripts/glmm.R
         result = _fit_glmer(design, frame, names, profile=profile, control=control)
         ml = {
             "beta": _user_keys(result["ml_beta"], names),
@@ -612,7 +612,7 @@ def fit_lme4(
         messages=messages,
         versions=versions,
         r_call=_glmer_call_text(design, control)
-        if design.family.glm
+        if design.family.laplace
         else _r_call_text(design, reml, pieces, control),
         fit_seconds=elapsed,
         ml_estimates=ml,
@@ -752,7 +752,7 @@ def refit_lme4(freq: FreqFit, start: Any = None, beta: Any = None) -> FreqFit:
     names = r_names(design)
     frame = to_r_frame(design.data, names.columns)
     kwargs: dict[str, Any] = {}
-    if design.family.glm:
+    if design.family.laplace:
         if (start is None) != (beta is None):
             raise ValueError("a glmer start needs both theta and the fixed effects")
         if start is not None:
@@ -846,7 +846,7 @@ def _original_rows(freq: FreqFit) -> pd.DataFrame:
             }
         )
     else:
-        default = "glmer's default (bobyqa, Nelder_Mead)" if freq.design.family.glm else None
+        default = "glmer's default (bobyqa, Nelder_Mead)" if freq.design.family.laplace else None
         rows.append(
             {
                 "optimizer": freq.optimizer or default or "lmer's default",
@@ -920,9 +920,9 @@ def best_fit_summary(
         "method": own_method,
         "by_method": by_method,
         "improved": bool(own.get("improved", False)),
-        "sentence": optimizer_sentence(by_method, own_method, laplace=freq.design.family.glm),
+        "sentence": optimizer_sentence(by_method, own_method, laplace=freq.design.family.laplace),
         "missing": missing_list,
-        "laplace": bool(freq.design.family.glm),
+        "laplace": bool(freq.design.family.laplace),
     }
 
 
@@ -1089,7 +1089,7 @@ def fit_glmer_agq(spec: ModelSpec, data: pd.DataFrame, n_agq: int) -> dict[str, 
     ``ml_beta``, ``ml_theta``) for the quadrature check of :mod:`harness.checks.laplace`.
     """
     design = build_design(spec, data)
-    if not design.family.glm:
+    if not design.family.laplace:
         raise ValueError(f"nAGQ applies to glmer families, not {spec.family!r}")
     names = r_names(design)
     result = _fit_glmer(design, to_r_frame(design.data, names.columns), names, n_agq)

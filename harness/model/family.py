@@ -4,14 +4,13 @@ A :class:`Family` says everything the rest of the harness asks about a
 response distribution: its links, how the response is read from the
 formula's left-hand side (``cbind(successes, failures)``, a 0/1 column, a
 count), which values are valid, the PyMC likelihood given the linear
-predictor ``eta``, the log-likelihood and IRLS weights the Laplace
-approximation needs (:mod:`harness.checks.laplace`), and what the report calls the
-scale.  A later family (negative binomial, Gamma) is one more subclass
-registered in :data:`FAMILIES`.
-
-Gaussian models keep their own, older path (``pm.Normal`` with a residual
-SD, ``lmer``); :func:`get_family` still returns a :class:`Gaussian` so that
-callers can ask ``family.has_scale``.
+predictor ``eta``, the R call that fits it, the log-likelihood and IRLS
+weights the Laplace approximation needs (:mod:`harness.checks.laplace`), the
+predictive draw and the equations the report shows, and what the report calls
+the scale.  Gaussian is one family like the others (``lmer``, a residual SD);
+a later family (negative binomial, Gamma) is one more subclass registered in
+:data:`FAMILIES`.  Callers ask the family, never its name: an unknown family
+is an error (:func:`get_family`), never drawn or fitted as another one.
 """
 
 from __future__ import annotations
@@ -55,6 +54,7 @@ class Link:
     inverse: Callable[[np.ndarray], np.ndarray]
     mu_eta: Callable[[np.ndarray], np.ndarray]
     formula: str  # how the teaching section writes it, e.g. "logit(p)"
+    tex: str = ""  # the link in the report's equations, e.g. r"\mathrm{logit}"
 
 
 def _probit_mu_eta(eta: np.ndarray) -> np.ndarray:
@@ -68,10 +68,13 @@ LINKS: dict[str, Link] = {
         special.expit,
         lambda e: special.expit(e) * special.expit(-e),
         "logit(p)",
+        r"\mathrm{logit}",
     ),
-    "probit": Link("probit", special.ndtri, special.ndtr, _probit_mu_eta, "probit(p)"),
-    "log": Link("log", np.log, np.exp, np.exp, "log(lambda)"),
-    "identity": Link("identity", lambda m: m, lambda e: e, np.ones_like, "mu"),
+    "probit": Link(
+        "probit", special.ndtri, special.ndtr, _probit_mu_eta, "probit(p)", r"\Phi^{-1}"
+    ),
+    "log": Link("log", np.log, np.exp, np.exp, "log(lambda)", r"\log"),
+    "identity": Link("identity", lambda m: m, lambda e: e, np.ones_like, "mu", ""),
 }
 
 
@@ -172,7 +175,7 @@ def glm_response(formula: str, family: str, link: str | None = None) -> GlmRespo
         not one of the forms above.
     """
     fam = get_family(family, link)
-    if not fam.glm:
+    if not fam.discrete:
         return None
     if not isinstance(formula, str) or "~" not in formula:
         raise ValueError(f"formula {formula!r} is not an lme4 formula: it needs 'response ~ terms'")
@@ -250,16 +253,48 @@ def glm_response(formula: str, family: str, link: str | None = None) -> GlmRespo
 
 
 class Family:
-    """A response distribution with a link (see the module docstring)."""
+    """A response distribution with a link: everything the harness asks of a family.
+
+    A new family is one subclass registered in :data:`FAMILIES`; callers ask
+    it, never switch on its name (``tests/test_family_stub.py`` takes a family
+    defined in a test through fit, comparison and report).  It defines:
+
+    - ``name``, ``links``, ``default_link``: what ``--family`` / ``--link`` accept;
+    - ``has_scale``: a residual SD (``sigma``) is estimated (the gaussian family);
+    - ``laplace``: lme4 maximises glmer's Laplace approximation (True), or
+      lmer's exact marginal likelihood (False); this picks the same-model
+      identity (:mod:`harness.checks.same_model`), the Laplace attribution and
+      lme4's fit (glmer rather than lmer);
+    - :meth:`r_family`: R's family, ``glmer(family = binomial(link = "logit"))``;
+    - ``discrete``: the response is whole numbers read by :func:`glm_response`
+      (never a transformed column); ``allows_cbind``: ``cbind(s, f)`` is accepted;
+    - :meth:`read_response`: the response checks (valid values, trials);
+    - :meth:`loglik`, :meth:`saturated_mu`, :meth:`variance`, :meth:`mean`,
+      :meth:`score_weights`: what the Laplace approximation, the exact
+      likelihood and the audit need (``loglik`` and ``mean`` only when
+      ``laplace`` is False); :meth:`fit_unpooled` (one group's own fit, for
+      the shrinkage plot) follows from ``score_weights``;
+    - :meth:`likelihood`: the observed node of the PyMC model;
+    - :meth:`prior_centre_scale`: the centre and unit scale of the weak priors;
+    - :meth:`draw` (and :meth:`posterior_params` when the family has parameters
+      of its own): the predictive draw;
+    - :meth:`observed`, :meth:`response_label`: the report's plotted scale;
+    - ``tex_mean`` and :meth:`tex_distribution` (or :meth:`equations`): the
+      report's model equations.
+    """
 
     name: ClassVar[str] = ""
     links: ClassVar[tuple[str, ...]] = ()
     default_link: ClassVar[str] = ""
     #: Whether a residual scale (sigma) is estimated.
     has_scale: ClassVar[bool] = False
-    #: Whether the harness fits it with glmer (False: the gaussian lmer path).
-    glm: ClassVar[bool] = True
+    #: Whether lme4's likelihood is glmer's Laplace approximation (False: lmer's exact one).
+    laplace: ClassVar[bool] = True
+    #: Whether the response is whole numbers (counts, successes) read by :func:`glm_response`.
+    discrete: ClassVar[bool] = True
     allows_cbind: ClassVar[bool] = False
+    #: The report's symbol for the mean parameter (TeX) and the distribution of y_i given it.
+    tex_mean: ClassVar[str] = r"\mu"
 
     def __init__(self, link: str | None = None) -> None:
         link = link or self.default_link
@@ -275,8 +310,14 @@ class Family:
 
     @property
     def scale_name(self) -> str:
+        """What the report calls the linear predictor's scale (``log-odds``)."""
         names = {"logit": "log-odds", "probit": "probit units", "log": "log rate"}
         return names.get(self.link.name, "link scale")
+
+    @property
+    def link_scale(self) -> bool:
+        """Whether coefficients are on a link scale rather than the response's units."""
+        return self.link.name != "identity"
 
     @property
     def key(self) -> str:
@@ -313,10 +354,6 @@ class Family:
         """The family's own parameters as fixed by :meth:`with_params` (empty: none)."""
         return {}
 
-    def posterior_params(self, posterior: Any) -> dict[str, Any]:
-        """The family's own parameters' draws: DataArrays (chain, draw) of a PyMC posterior."""
-        return {}
-
     def at_posterior_median(self, posterior: Any) -> Family:
         """This family with its own parameters at their posterior medians (itself if none)."""
         values = {
@@ -332,13 +369,6 @@ class Family:
     def prior_rows(self) -> list[dict[str, str]]:
         """Rows (parameter, prior) for the priors of the family's own parameters."""
         return []
-
-    #: The report's symbol for the mean parameter (TeX) and the distribution of y_i given it.
-    tex_mean: ClassVar[str] = r"\mu"
-
-    def tex_distribution(self, response: str) -> str:
-        """``y_i ~ Dist(...)`` in TeX, given the mean parameter :attr:`tex_mean` (subscript i)."""
-        raise NotImplementedError
 
     #: The R function (r_scripts/glmm.R) that fits the family: glmer, or glmer.nb then glmer.
     r_function: ClassVar[str] = "harness_fit_glmer"
@@ -366,29 +396,19 @@ class Family:
         """p(y | mu) pointwise (broadcasting), at the fixed parameters: for predictive checks."""
         return np.exp(self.loglik(np.asarray(y, float), np.asarray(mu, float), trials))
 
-    def draw(
-        self,
-        rng: np.random.Generator,
-        mu: np.ndarray,
-        trials: np.ndarray | None = None,
-        params: Mapping[str, np.ndarray] | None = None,
-    ) -> np.ndarray:
-        """Draws of y given its mean parameter ``mu`` (the inverse link of eta).
-
-        ``params`` holds the family's own parameters, each broadcasting against
-        ``mu`` (per posterior draw: shape (draws, 1)); the fixed ones when None.
-        """
-        raise NotImplementedError
-
     # -- data
     def read_response(
         self, spec: GlmResponse, frame: pd.DataFrame
     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Validated (y, trials) of a :func:`glm_response`; raises ValueError naming bad values."""
         raise NotImplementedError
 
-    # -- likelihood (NumPy, for the Laplace approximation)
+    # -- likelihood (NumPy, for the Laplace approximation and the audit)
     def loglik(self, y: np.ndarray, mu: np.ndarray, trials: np.ndarray | None) -> np.ndarray:
-        """Pointwise log p(y | mu), with every constant (as R's ``family$aic``)."""
+        """Pointwise log p(y | mu), with every constant (as R's ``family$aic``).
+
+        A family with ``has_scale`` takes the residual SD per row as ``scale=``.
+        """
         raise NotImplementedError
 
     def saturated_mu(self, y: np.ndarray, trials: np.ndarray | None) -> np.ndarray:
@@ -419,26 +439,127 @@ class Family:
         """
         return self.score_weights(y, eta, trials)[1]
 
+    def fit_unpooled(
+        self,
+        y: np.ndarray,
+        X: np.ndarray,
+        trials: np.ndarray | None = None,
+        offset: np.ndarray | float = 0.0,
+    ) -> np.ndarray:
+        """One group's own maximum-likelihood coefficients (NaN where none is finite)."""
+        return fit_glm(self, y, X, trials, offset)
+
     # -- PyMC
     def likelihood(
         self, pm: Any, pt: Any, name: str, eta: Any, data: dict[str, Any], **kw: Any
     ) -> Any:
-        """The observed node of the PyMC model given the linear predictor ``eta``."""
+        """The observed node of the PyMC model given the linear predictor ``eta``.
+
+        A family with ``has_scale`` takes the residual SD per row as ``scale=``.
+        """
         raise NotImplementedError
 
     def prior_centre_scale(self, y: np.ndarray, trials: np.ndarray | None) -> tuple[float, float]:
         """(centre of the intercept prior, unit scale) on the link scale, for weak priors."""
         raise NotImplementedError
 
+    # -- report
+    def observed(self, y: np.ndarray, trials: np.ndarray | None) -> np.ndarray:
+        """The observed response on the plotted scale (proportions for a binomial)."""
+        return np.asarray(y, dtype=float)
+
+    def posterior_params(self, posterior: Any) -> dict[str, Any]:
+        """The family's own parameters' draws: DataArrays (chain, draw) of a PyMC posterior."""
+        return {}
+
+    def draw(
+        self,
+        rng: np.random.Generator,
+        mu: np.ndarray,
+        trials: np.ndarray | None = None,
+        params: Mapping[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Draws of y given its mean parameter ``mu`` (the inverse link of eta).
+
+        ``params`` holds the family's own parameters, each broadcasting against
+        ``mu`` (per posterior draw: shape (draws, 1)); the gaussian family's
+        ``sigma`` is the residual SD (per draw and row).
+        """
+        raise NotImplementedError
+
+    def response_label(self, response: str, trials: np.ndarray | None, unit: str = "") -> str:
+        """The plotted response's axis label."""
+        return f"{response} ({unit})" if unit else response
+
+    def tex_distribution(self, response: str) -> str:
+        """``y_i ~ Dist(...)`` in TeX, given the mean parameter :attr:`tex_mean` (subscript i)."""
+        raise NotImplementedError
+
+    def equations(
+        self, equations: dict[str, list[str]], response: str, offset: bool
+    ) -> dict[str, list[str]]:
+        """The gaussian model forms rewritten for the family: ``logit(p) = X beta + Z u``, ...
+
+        ``equations`` is :func:`harness.report.page.model_equations`'s output; its
+        linear predictor and priors are kept, the likelihood lines replaced and
+        the residual SD dropped.
+        """
+        link, mean = self.link.tex, self.tex_mean
+        dist_i = self.tex_distribution(response.replace("_", r"\_"))
+        offset_m = r"\mathbf{o} + " if offset else ""
+        offset_i = r"o_i + " if offset else ""
+        matrix = list(equations["matrix"])
+        matrix[0] = rf"${link}(\mathbf{{{mean}}}) = {offset_m}X\beta + Z\mathbf{{u}}$"
+        matrix[1] = (
+            rf"$\mathbf{{u}} \sim \mathrm{{Normal}}(\mathbf{{0}},\ G),\quad {dist_i}$ independently given $\mathbf{{u}}$"
+        )
+        varying = list(equations["varying"])
+        varying[0] = f"${dist_i}$"
+        varying[1] = varying[1].replace(r"$\mu_i = ", rf"${link}({mean}_i) = {offset_i}", 1)
+        if not self.has_scale:
+            varying = [
+                re.sub(r",\\quad \\sigma \\sim [^,$]*(?:\([^)]*\))?", "", line) for line in varying
+            ]
+            varying = [re.sub(r"\$\\sigma \\sim [^$]*\$", "", line) for line in varying]
+        return {"matrix": matrix, "varying": [line for line in varying if line.strip("$ ")]}
+
 
 class Gaussian(Family):
-    """The identity-link gaussian model: the harness's original lmer path."""
+    """The gaussian linear mixed model: ``lmer``'s exact likelihood, a residual SD."""
 
     name = "gaussian"
     links = ("identity",)
     default_link = "identity"
     has_scale = True
-    glm = False
+    laplace = False
+    discrete = False
+
+    def loglik(self, y, mu, trials, scale=None):
+        if scale is None:
+            raise ValueError("the gaussian log-likelihood needs the residual SD")
+        return stats.norm.logpdf(y, loc=mu, scale=scale)
+
+    def mean(self, eta, trials):
+        return np.asarray(eta, dtype=float)
+
+    def fit_unpooled(self, y, X, trials=None, offset=0.0):
+        return np.linalg.lstsq(X, y - offset, rcond=None)[0]
+
+    def likelihood(self, pm, pt, name, eta, data, scale=None, **kw):
+        if scale is None:
+            raise ValueError("the gaussian likelihood needs the residual SD")
+        return pm.Normal(name, mu=eta, sigma=scale, observed=data["y"], **kw)
+
+    def prior_centre_scale(self, y, trials):
+        return float(np.mean(y)), float(np.std(y)) or 1.0
+
+    def draw(self, rng, mu, trials=None, params=None):
+        if not params or "sigma" not in params:
+            raise ValueError("a gaussian predictive draw needs the residual SD (params['sigma'])")
+        return mu + params["sigma"] * rng.standard_normal(np.shape(mu))
+
+    def equations(self, equations, response, offset):
+        return equations  # the model forms are written for it
 
 
 class Binomial(Family):
@@ -448,6 +569,7 @@ class Binomial(Family):
     links = ("logit", "probit")
     default_link = "logit"
     allows_cbind = True
+    tex_mean = "p"
 
     def read_response(
         self, spec: GlmResponse, frame: pd.DataFrame
@@ -505,14 +627,20 @@ class Binomial(Family):
         p = float(np.clip(np.sum(y) / np.sum(trials), 0.01, 0.99))
         return float(self.link.link(np.array(p))), 1.0
 
-    tex_mean = "p"
-
-    def tex_distribution(self, response):
-        return rf"{response}_i \sim \mathrm{{Binomial}}(n_i,\ p_i)"
+    def observed(self, y, trials):
+        assert trials is not None  # a binomial design always carries its trials
+        return np.asarray(y, dtype=float) / trials
 
     def draw(self, rng, mu, trials=None, params=None):
         n = np.broadcast_to(np.ones(1) if trials is None else trials, np.shape(mu))
         return rng.binomial(n.astype(np.int64), np.clip(mu, 0, 1)).astype(float)
+
+    def response_label(self, response, trials, unit=""):
+        binary = trials is not None and bool(np.all(trials == 1))
+        return f"proportion {response}" + ("" if binary else " / trials")
+
+    def tex_distribution(self, response):
+        return rf"{response}_i \sim \mathrm{{Binomial}}(n_i,\ p_i)"
 
 
 class Poisson(Family):
@@ -521,6 +649,7 @@ class Poisson(Family):
     name = "poisson"
     links = ("log",)
     default_link = "log"
+    tex_mean = r"\lambda"
 
     def read_response(self, spec, frame):
         return _counts(frame, spec.successes, "count response"), None
@@ -548,13 +677,14 @@ class Poisson(Family):
     def prior_centre_scale(self, y, trials):
         return float(np.log(max(float(np.mean(y)), 0.01))), 1.0
 
-    tex_mean = r"\lambda"
+    def draw(self, rng, mu, trials=None, params=None):
+        return rng.poisson(mu).astype(float)
+
+    def response_label(self, response, trials, unit=""):
+        return f"{response} (count)"
 
     def tex_distribution(self, response):
         return rf"{response}_i \sim \mathrm{{Poisson}}(\lambda_i)"
-
-    def draw(self, rng, mu, trials=None, params=None):
-        return rng.poisson(mu).astype(float)
 
 
 class NegativeBinomial(Family):
@@ -697,6 +827,9 @@ class NegativeBinomial(Family):
 
     def prior_centre_scale(self, y, trials):
         return float(np.log(max(float(np.mean(y)), 0.01))), 1.0
+
+    def response_label(self, response, trials, unit=""):
+        return f"{response} (count)"
 
     def tex_distribution(self, response):
         return rf"{response}_i \sim \mathrm{{NegBinomial}}(\mu_i,\ \theta)"

@@ -70,10 +70,9 @@ def resolve_priors(design: Design) -> ResolvedPriors:
     profile = spec_priors if isinstance(spec_priors, str) else "weak"
     overrides: Mapping[str, Any] = {} if isinstance(spec_priors, str) else spec_priors
     y = design.y
-    sy = float(np.std(y)) or 1.0
-    ybar = float(np.mean(y))
-    if design.family.glm:  # GLMM hook (issue 12): unit scale on the link, centred intercept
-        ybar, sy = design.family.prior_centre_scale(y, design.trials)
+    # The family's centre and unit scale: the response's mean and SD (gaussian), or a
+    # centred intercept and unit scale on the link.
+    ybar, sy = design.family.prior_centre_scale(y, design.trials)
     fixed: dict[str, Prior] = {}
     sd: dict[tuple[str, str], Prior] = {}
     if profile == "weak":
