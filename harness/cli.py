@@ -95,7 +95,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--priors", default="weak", help="prior profile: weak, m14.1 or flat")
     # GLMM hook (issue 12)
     p.add_argument(
-        "--family", default="gaussian", help="response family: gaussian, binomial or poisson"
+        "--family",
+        default="gaussian",
+        help="response family: gaussian, binomial, poisson or negbin (negative binomial, log link)",
     )
     p.add_argument("--link", default=None, help="link (binomial: logit or probit)")
     p.add_argument("--out", type=Path, default=None, help="report file (HTML)")
@@ -128,7 +130,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
         "--formula", required=True, help='lme4 formula, e.g. "y ~ tx + (0 + tx | group)"'
     )
     p.add_argument("--sigma-by", default=None, help="column with one residual SD per level")
-    p.add_argument("--family", default="gaussian", help="gaussian, binomial or poisson")
+    p.add_argument("--family", default="gaussian", help="gaussian, binomial, poisson or negbin")
     p.add_argument("--link", default=None, help="link (binomial: logit or probit)")
     p.add_argument(
         "--priors", default="weak", help="the harness's prior profile: weak, m14.1, flat"

@@ -3,11 +3,56 @@
 # harness_component_name come from there.  Returns plain data.frames / vectors only.
 
 # family_name / link: validated on the Python side against harness.model.family.FAMILIES;
-# they are looked up here in a fixed table, never parsed.
-harness_glm_family <- function(family_name, link) {
-  makers <- list(binomial = stats::binomial, poisson = stats::poisson)
+# they are looked up here in a fixed table, never parsed.  `nb_theta`: the negative
+# binomial's shape (a number), fixed as glmer.nb's final glmer fit fixes it.
+harness_glm_family <- function(family_name, link, nb_theta = NULL) {
+  makers <- list(
+    binomial = stats::binomial,
+    poisson = stats::poisson,
+    negbin = function(link) {
+      if (!is.numeric(nb_theta) || length(nb_theta) != 1L || !is.finite(nb_theta) || nb_theta <= 0)
+        stop("the negative binomial needs a positive shape theta")
+      MASS::negative.binomial(theta = nb_theta, link = link)
+    }
+  )
   if (!family_name %in% names(makers)) stop("unknown family: ", family_name)
   makers[[family_name]](link = link)
+}
+
+# Negative binomial (NB2) GLMM: lme4::glmer.nb estimates the shape theta (alternating
+# glmer fits with theta fixed and a 1-d optimisation of theta), then glmer refits with theta
+# fixed at that estimate, from glmer's own start: the fit reported, whose Laplace logLik the
+# harness reproduces (glmer.nb's own last fit restarts its penalised IRLS from the fit
+# before, so its logLik depends on that path; it is returned as loglik_glmer_nb).
+harness_fit_glmer_nb <- function(data, formula, symbols, family_name = "negbin", link = "log",
+                                 nAGQ = 1L, profile = FALSE, level = 0.95, optimizer = NULL,
+                                 maxfun = NULL) {
+  if (!identical(family_name, "negbin")) stop("glmer.nb fits the negative binomial family only")
+  checked <- harness_formula(formula, symbols)
+  control <- if (is.null(optimizer)) lme4::glmerControl()
+             else harness_glmer_control(optimizer, maxfun)
+  started <- proc.time()[["elapsed"]]
+  fitted <- harness_capture(lme4::glmer.nb(checked, data = data, control = control))
+  nb_seconds <- proc.time()[["elapsed"]] - started
+  nb <- fitted$value
+  nb_theta <- as.numeric(lme4::getME(nb, "glmer.nb.theta"))
+  out <- harness_fit_glmer(data, formula, symbols, "negbin", link, nAGQ = nAGQ, profile = profile,
+                           level = level, optimizer = optimizer, maxfun = maxfun,
+                           nb_theta = nb_theta)
+  out$info$fit_seconds <- out$info$fit_seconds + nb_seconds
+  out$info$glmer_nb_seconds <- nb_seconds
+  out$notes <- unique(c(fitted$notes, out$notes, sprintf(paste(
+    "glmer.nb estimated theta = %.6g; the estimates shown are glmer's with theta fixed there,",
+    "from glmer's own start (glmer.nb's final fit restarts from its previous one: its logLik",
+    "%.6f, this fit's %.6f)"), nb_theta, as.numeric(logLik(nb)), out$info$loglik)))
+  out$family_params <- list(nb_theta = nb_theta)
+  out$glmer_nb <- list(
+    loglik = as.numeric(logLik(nb)),
+    beta = lme4::fixef(nb),
+    theta = lme4::getME(nb, "theta"),
+    evaluations = if (is.null(attr(nb, "nevals"))) NA_integer_ else as.integer(attr(nb, "nevals"))
+  )
+  out
 }
 
 # `formula` is text the Python side rebuilt on internal column names; harness_formula
@@ -15,9 +60,10 @@ harness_glm_family <- function(family_name, link) {
 # `optimizer` (a name of refit.R's fixed table, for both stages) and `maxfun` (an evaluation
 # cap) stand for a user's glmerControl; NULL keeps glmer's defaults.
 harness_fit_glmer <- function(data, formula, symbols, family_name, link, nAGQ = 1L,
-                              profile = FALSE, level = 0.95, optimizer = NULL, maxfun = NULL) {
+                              profile = FALSE, level = 0.95, optimizer = NULL, maxfun = NULL,
+                              nb_theta = NULL) {
   formula <- harness_formula(formula, symbols)
-  fam <- harness_glm_family(family_name, link)
+  fam <- harness_glm_family(family_name, link, nb_theta)
   control <- if (is.null(optimizer)) lme4::glmerControl()
              else harness_glmer_control(optimizer, maxfun)
   started <- proc.time()[["elapsed"]]

@@ -207,9 +207,9 @@ harness_glmer_lp0 <- function(formula, data, fam, name, start = NULL) {
 # and Nelder_Mead (the optimizers of glmer's default two stages) from there.  Returns one row
 # per fit and the estimates of the best fit (lowest deviance = -2 Laplace log-likelihood).
 harness_glmer_refits <- function(data, formula, symbols, family_name, link, theta = NULL,
-                                 fixef = NULL, maxfun = NULL) {
+                                 fixef = NULL, maxfun = NULL, nb_theta = NULL) {
   formula <- harness_formula(formula, symbols)
-  fam <- harness_glm_family(family_name, link)
+  fam <- harness_glm_family(family_name, link, nb_theta)
   starts <- list("glmer's default start" = NULL)
   if (!is.null(theta) && !is.null(fixef)) {
     starts[["the harness's Laplace optimum"]] <- list(theta = as.numeric(theta),

@@ -321,12 +321,13 @@ def test_glmm_equations_typeset_without_sigma(name):
     from matplotlib.mathtext import MathTextParser
 
     from harness.model.priors import resolve_priors
-    from harness.report.glmm import glmm_equations
     from harness.report.page import model_equations
 
     data, spec = load(name)
     design = build_design(spec, data)
-    equations = glmm_equations(design, model_equations(design, resolve_priors(design)))
+    equations = design.family.equations(
+        model_equations(design, resolve_priors(design)), design.response, design.offset is not None
+    )
     parser = MathTextParser("path")
     text = " ".join(line for lines in equations.values() for line in lines)
     for math in re.findall(r"\$[^$]+\$", text):

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-from scipy import stats
 
 from harness.audit.loading import AuditError
 from harness.model.spec import Design
@@ -92,12 +91,13 @@ def harness_loglik(design: Design, hdraws: xr.Dataset) -> np.ndarray:
     """The harness's pointwise log-likelihood at the given draws, shape (points, rows)."""
     eta = harness_mu(design, hdraws)
     family = design.family
-    if family.glm:
-        return np.asarray(family.loglik(design.y[None, :], family.link.inverse(eta), design.trials))
+    mu = family.link.inverse(eta)
+    if not family.has_scale:
+        return np.asarray(family.loglik(design.y[None, :], mu, design.trials))
     points = eta.shape[0]
     sigma = hdraws["sigma"].values.reshape(points, -1)
     if design.sigma_index is not None:
         scale = sigma[:, design.sigma_index]
     else:
         scale = np.broadcast_to(sigma[:, :1], eta.shape)
-    return stats.norm.logpdf(design.y[None, :], loc=eta, scale=scale)
+    return np.asarray(family.loglik(design.y[None, :], mu, design.trials, scale=scale))

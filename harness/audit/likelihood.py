@@ -130,7 +130,7 @@ def moving_parameter(design: Design, hdraws: xr.Dataset, gap: np.ndarray) -> pd.
 
 
 def _scale_mixup(design: Design, hdraws: xr.Dataset, user: np.ndarray) -> str | None:
-    if design.family.glm or "sigma" not in hdraws:
+    if not design.family.has_scale or "sigma" not in hdraws:
         return None
     harness = harness_loglik(design, hdraws)
     for words, change in SCALE_MIXUPS.items():
@@ -239,7 +239,7 @@ def structural_alternatives(design: Design) -> dict[str, Design]:
         out[f"the fixed effect {term!r} is missing"] = replace(design, X=X)
     family = design.family
     for link in getattr(family, "links", ()):
-        if family.glm and link != family.link.name:
+        if link != family.link.name:
             other = replace(design, spec=design.spec.with_(link=link))
             out[f"the {link} link where the formula's family has the {family.link.name} link"] = (
                 other
@@ -312,7 +312,7 @@ def _structural(design: Design, hdraws: xr.Dataset, user: np.ndarray) -> str | N
 
 def _response_words(design: Design, observed: np.ndarray | None) -> str:
     """Words when the observed values are not the response column in the rows' order."""
-    if observed is None or design.family.glm:
+    if observed is None or design.family.discrete:
         return ""
     values = np.asarray(observed, dtype=float).ravel()
     if values.shape != design.y.shape or np.allclose(values, design.y, rtol=1e-12, atol=0):

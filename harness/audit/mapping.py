@@ -53,7 +53,7 @@ def harness_rows(design: Design) -> list[Row]:
             for i, a in enumerate(block.terms):
                 for b in block.terms[i + 1 :]:
                     rows.append(Row(f"{block.label}: cor({a},{b})", "cor", block, a, b))
-    if not design.family.glm:
+    if design.family.has_scale:
         if design.sigma_levels is not None:
             rows += [
                 Row(f"sigma: {design.spec.sigma_by}={lev}", "sigma", level=lev)

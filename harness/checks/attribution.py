@@ -831,7 +831,7 @@ def integrate_variance_components(
     from harness.checks.marginal import MarginalLikelihood
     from harness.checks.same_model import lme4_ml_values, lme4_reml_values, project
 
-    if bayes.spec.family != "gaussian" or not bayes.design.blocks or freq.fixed.empty:
+    if bayes.design.family.laplace or not bayes.design.blocks or freq.fixed.empty:
         return None
     source = wide.source(bayes)
     design = source.design
@@ -988,7 +988,7 @@ def rao_blackwell_offsets(bayes: BayesFit, n_draws: int = RB_DRAWS) -> pd.DataFr
         average over the draws); None for a GLMM or a design without random effects.
     """
     design = bayes.design
-    if design.family.glm or not design.blocks:
+    if design.family.laplace or not design.blocks:
         return None
     posterior = bayes.idata.posterior
     n = posterior.sizes["chain"] * posterior.sizes["draw"]
@@ -1076,14 +1076,14 @@ def attribute_agreement(
     modes = {}
     no_modes = "the conditional modes could not be computed; no attribution"
     # A GLMM's conditional modes are not a linear function of the data (glmer finds them
-    # by penalised IRLS), so the closed-form chain below is for gaussian models only.
-    glm = bool(getattr(design.family, "glm", False))
-    if glm:
+    # by penalised IRLS), so the closed-form chain below is for lmer's exact model only.
+    laplace = design.family.laplace
+    if laplace:
         no_modes = (
-            "no attribution for a binomial/Poisson model: its conditional modes are not linear "
-            "in the data, so the closed-form split of 1 - r does not apply"
+            f"no attribution for a {design.family.name} model: its conditional modes are not "
+            "linear in the data, so the closed-form split of 1 - r does not apply"
         )
-    for name, vc in () if glm else (("lme4", vc_lme4), ("post", vc_post), ("wide", vc_wide)):
+    for name, vc in () if laplace else (("lme4", vc_lme4), ("post", vc_post), ("wide", vc_wide)):
         try:
             covs = _block_covariances(None, vc, blocks)
             modes[name] = conditional_modes(design, covs, sigma_rows[name]).rename(

@@ -361,6 +361,9 @@ def _posterior_component(bayes: BayesFit, component: str) -> xr.DataArray | None
     posterior = bayes.idata.posterior
     if component == "sigma":
         return posterior["sigma"]
+    own = bayes.design.family.components.get(component)  # the family's own parameters
+    if own is not None:
+        return posterior[own]
     match = _SIGMA_LEVEL.match(component)
     if match:
         return posterior["sigma"].sel(sigma_level=match["level"])
@@ -794,7 +797,7 @@ def explain_agreement(
             )
     design = bayes.design
     sigma_rows: dict[str, np.ndarray] = {}
-    if not design.family.glm:  # a GLMM has no residual SD; attribute_agreement says why
+    if design.family.has_scale:  # a GLMM has no residual SD; attribute_agreement says why
         try:
             sigma_rows = {
                 "lme4": _sigma_rows(design, vc_lme4),
@@ -938,7 +941,7 @@ def sampler_diagnostics(bayes: BayesFit) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 def _glmm_attribution(freq: FreqFit, bayes: BayesFit, wide: WidePrior) -> GlmmAttribution | None:
     """A GLMM's exact-likelihood shares (None for Gaussian models or when they fail: logged)."""
-    if not freq.design.family.glm:
+    if not freq.design.family.laplace:
         return None
     from harness.checks.glmm_attribution import glmm_attribution
 
@@ -1006,7 +1009,7 @@ def compare(
             f"{sampler_stats['divergences']} divergent transitions: PyMC summaries are unreliable"
         )
     uncertainty = UNCERTAINTY_SOURCES.copy()
-    if freq.design.family.glm:  # GLMM hook (issue 12): glmer's likelihood is an approximation
+    if freq.design.family.laplace:  # glmer's likelihood is an approximation
         from harness.checks.compare_glmm import GLMM_UNCERTAINTY, explain_glmm_gaps
 
         variance, glmm_notes = explain_glmm_gaps(freq, variance, glmm)

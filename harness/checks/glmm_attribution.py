@@ -222,7 +222,7 @@ class ImportanceLikelihood:
         family = design.family
         u_hat, _ = _pirls(design, M, fixed_eta, u0, 1e-10, 200)
         self._u = u_hat
-        _, weight = family.score_weights(design.y, fixed_eta + M @ u_hat, design.trials)
+        weight = family.newton_weights(design.y, fixed_eta + M @ u_hat, design.trials)
         H = (M.T @ sp.diags(weight) @ M + sp.identity(M.shape[1], format="csc")).tocsc()
         draws = np.repeat(u_hat[None, :], self.n_draws, axis=0)
         log_det_c = np.zeros(self.n_groups)
@@ -237,7 +237,7 @@ class ImportanceLikelihood:
     def _curvature(self, M: sp.csc_matrix, fixed_eta: np.ndarray, u: np.ndarray) -> np.ndarray:
         """``H = M' W M + I`` at ``u``, as its diagonal blocks (one per integral): (g, k, k)."""
         design, g, k = self.design, self.n_groups, self.k
-        _, weight = design.family.score_weights(design.y, fixed_eta + M @ u, design.trials)
+        weight = design.family.newton_weights(design.y, fixed_eta + M @ u, design.trials)
         if g == 1:
             return ((M.T @ M.multiply(weight[:, None])).toarray() + np.eye(k))[None]
         # Row i touches only its level's k columns: W-weighted outer products summed per level.
@@ -501,9 +501,9 @@ class ScalarQuadrature:
         u = self._u.copy()
         current = self._objective(fixed_eta, m, u)
         for _ in range(100):
-            score, weight = family.score_weights(
-                design.y, fixed_eta + m * u[self.group], design.trials
-            )
+            eta = fixed_eta + m * u[self.group]
+            score, _ = family.score_weights(design.y, eta, design.trials)
+            weight = family.newton_weights(design.y, eta, design.trials)
             gradient = np.bincount(self.group, weights=m * score, minlength=self.n_groups) - u
             h = np.bincount(self.group, weights=m**2 * weight, minlength=self.n_groups) + 1.0
             step = gradient / h
@@ -519,7 +519,7 @@ class ScalarQuadrature:
             if np.max(np.abs(scale * step)) < 1e-10:
                 break
         self._u = u
-        _, weight = family.score_weights(design.y, fixed_eta + m * u[self.group], design.trials)
+        weight = family.newton_weights(design.y, fixed_eta + m * u[self.group], design.trials)
         h = np.bincount(self.group, weights=m**2 * weight, minlength=self.n_groups) + 1.0
         M = sp.csc_matrix((m, (np.arange(design.n), self.group)), shape=(design.n, self.n_groups))
         return _agq(design, M, fixed_eta, u, h, self.n_agq)
@@ -726,7 +726,7 @@ def exact_ml(freq: Any) -> ExactML | None:
 
 def _exact_ml(freq: Any) -> ExactML | None:
     design: Design = freq.design
-    if not design.family.glm or not design.blocks:
+    if not design.family.laplace or not design.blocks:
         return None
     ml = freq.ml_estimates
     theta0 = np.array(list(ml["theta"].values()), dtype=float)
@@ -1076,7 +1076,7 @@ def glmm_attribution(freq: Any, bayes: BayesFit, wide: WidePrior) -> GlmmAttribu
     computed (logged); the rows then keep the sources without them.
     """
     design: Design = freq.design
-    if not design.family.glm:
+    if not design.family.laplace:
         return None
     exact = exact_ml(freq)
     if exact is None:

@@ -186,8 +186,8 @@ def _pirls(
     current = objective(u)
     for iteration in range(1, max_iter + 1):
         eta = fixed_eta + M @ u
-        score, weight = family.score_weights(y, eta, n)
-        H = _penalised_system(M, weight)
+        score, _ = family.score_weights(y, eta, n)
+        H = _penalised_system(M, family.newton_weights(y, eta, n))  # Newton: the exact mode
         gradient = M.T @ score - u
         step = _solve(H, gradient)
         scale = 1.0
@@ -265,7 +265,7 @@ def laplace_loglik(
     Parameters
     ----------
     design : Design
-        A non-gaussian design (``design.family.glm``).
+        A design whose family lme4 fits by glmer's Laplace approximation (``design.family.laplace``).
     theta : mapping or sequence
         lme4's ``getME(fit, "theta")`` (a mapping is read in its own order).
     beta : mapping or sequence
@@ -287,7 +287,7 @@ def laplace_loglik(
     LaplaceResult
     """
     family = design.family
-    if not family.glm:
+    if not family.laplace:
         raise ValueError(
             "the Laplace check is for non-gaussian families; gaussian models have an exact likelihood"
         )

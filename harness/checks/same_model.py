@@ -866,7 +866,7 @@ def same_model(
         # estimates comparison below decides.
         notes.append(f"{engine} warned about convergence: {'; '.join(freq.messages)}")
 
-    if lme4_design.family.glm:  # GLMM hook (issue 12): the Laplace identity
+    if lme4_design.family.laplace:  # the Laplace identity, not lmer's exact marginal one
         return _glmm_same_model(freq, pymc_design, engine, reasons, notes, started)
 
     method = choose_method(pymc_design)

@@ -121,7 +121,7 @@ class _Maps:
         design = self.design
         point: dict[str, Any] = {"b": np.asarray(constrained["beta"], dtype=float)}
         jacobian = 0.0
-        if not design.family.glm:
+        if design.family.has_scale:
             sigma = np.asarray(constrained["sigma"], dtype=float)
             if design.sigma_levels is None:
                 point["sigma"] = float(sigma)

@@ -25,6 +25,7 @@ different model: that takes the identity itself failing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -96,6 +97,7 @@ def pymc_conditional_loglik(
         start_u += j * k
         # The log transform of a zero SD is -inf; a singular SD is nudged (offsets z * sd = 0).
         point[f"{sd_var(block)}_log__"] = np.log(np.maximum(sd, 1e-300))
+    point.update(design.family.model_point())  # the family's own parameters at lme4's values
     logp = model.compile_fn(model.logp(vars=[model["y_obs"]], sum=True), inputs=model.value_vars)
     return float(logp({k: point[k] for k in (v.name for v in model.value_vars)}))
 
@@ -111,6 +113,9 @@ def glmm_same_model(
     beta = np.array([ml["beta"][t] for t in design.fixed_terms], dtype=float)
     lp0 = ml.get("lp0")
     tol = float(ml.get("tol_pwrss", 1e-7))
+    if design.family_params and pymc_design is not design:
+        # glmer's likelihood holds the family's own parameters (glmer.nb's theta) fixed.
+        pymc_design = dataclasses.replace(pymc_design, family_params=design.family_params)
     if pymc_design.family.key != design.family.key:
         reasons.append(f"family: lme4 {design.family.key}, PyMC {pymc_design.family.key}")
     if theta.size != theta_size(pymc_design) or pymc_design.fixed_terms != design.fixed_terms:

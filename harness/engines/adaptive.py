@@ -363,7 +363,8 @@ def _row_information(posterior: Any, design: Design) -> np.ndarray:
         eta = eta + np.sum(values * u[np.asarray(block.group_index)], axis=1)
     if design.offset is not None:
         eta = eta + np.asarray(design.offset, dtype=float)
-    _, weight = design.family.score_weights(np.asarray(design.y, float), eta, design.trials)
+    family = design.family.at_posterior_median(posterior)  # its own parameters (NB theta) too
+    _, weight = family.score_weights(np.asarray(design.y, float), eta, design.trials)
     return np.asarray(weight, dtype=float)
 
 

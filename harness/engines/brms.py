@@ -137,7 +137,7 @@ def brms_frame(design: Design) -> pd.DataFrame:
     one 0/1 indicator per residual-SD level.
     """
     columns: dict[str, Any] = {}
-    if design.family.glm:
+    if design.family.discrete:
         columns["yy"] = np.rint(design.y).astype(np.int64)
     else:
         columns["yy"] = np.asarray(design.y, dtype=float)
@@ -234,7 +234,7 @@ def stan_priors(design: Design, priors: ResolvedPriors) -> tuple[pd.DataFrame, n
         if block.correlated and block.n_terms > 1:
             hp.append(float(priors.lkj_eta))
             row(f"lkj_corr_cholesky(hp[{len(hp)}])", "L", group=group)
-    if priors.has_sigma and not design.family.glm:
+    if priors.has_sigma and design.family.has_scale:
         if design.sigma_levels is None:
             row(_stan_prior(priors.sigma, hp, "the residual SD"), "sigma")
         else:
@@ -286,14 +286,14 @@ def _spec_in_r(design: Design, priors: ResolvedPriors) -> Any:
             "lb": ro.FloatVector(table["lb"].tolist()),
         }
     )
-    link = design.spec.link or design.family.default_link
+    family, link = design.family.r_family()  # R's names; brms.R refuses any other family
     return _r._call(
         "harness_brms_spec",
         ro.StrVector(_fixed_names(design)),
         blocks,
         ro.StrVector(_sigma_names(design)),
-        design.family.name,
-        str(link),
+        family,
+        link,
         design.trials is not None,
         design.offset is not None,
         prior_frame,
@@ -315,7 +315,7 @@ def _user_formula(design: Design) -> str:
     if spec.sigma_by:
         text += f", sigma ~ 0 + {spec.sigma_by}), family = gaussian(link_sigma = 'identity')"
     else:
-        text += f"), family = {design.family.name}()"
+        text += f"), family = {design.family.r_family()[0]}()"
     return text + ", prior = <the harness's resolved priors>, data = data)"
 
 
@@ -406,7 +406,7 @@ def compiled_model(
 def _stan_pars(model: BrmsModel) -> list[str]:
     design = model.design
     pars = ["b"]
-    if not design.family.glm:
+    if design.family.has_scale:
         pars.append("b_sigma" if design.sigma_levels is not None else "sigma")
     for block, (group, _) in zip(design.blocks, _block_names(design), strict=True):
         gn, cns = model.groups[group]
@@ -432,7 +432,7 @@ def _posterior(model: BrmsModel, draws: np.ndarray, names: list[str]) -> Any:
         "beta": (("chain", "draw", "fixed_term"), take([f"b[{k}]" for k in range(1, K + 1)]))
     }
     coords: dict[str, Any] = {"fixed_term": design.fixed_terms}
-    if not design.family.glm:
+    if design.family.has_scale:
         if design.sigma_levels is None:
             variables["sigma"] = (("chain", "draw"), take(["sigma"])[:, :, 0])
         else:

@@ -528,16 +528,16 @@ def fit_lme4(
     control = _check_control(control)
     if control and spec.sigma_by:
         raise ValueError("control applies to lme4 fits (one residual SD) only")
-    if "start" in control and design.family.glm:
+    if "start" in control and design.family.laplace:
         raise ValueError("control: a glmer start is not supported (optimizer and maxfun are)")
-    if "maxfun" in control and "optimizer" not in control and design.family.glm:
+    if "maxfun" in control and "optimizer" not in control and design.family.laplace:
         control["optimizer"] = "bobyqa"  # glmer's default for both stages' cap
     reml = spec.reml if reml is None else reml
     started = time.perf_counter()
     names = r_names(design)
     frame = to_r_frame(design.data, names.columns)
     pieces = None
-    if design.family.glm:  # GLMM hook (issue 12): glmer, see r_scripts/glmm.R
+    if design.family.laplace:  # glmer, see r_scripts/glmm.R
         result = _fit_glmer(design, frame, names, profile=profile, control=control)
         ml = {
             "beta": _user_keys(result["ml_beta"], names),
@@ -546,6 +546,7 @@ def fit_lme4(
             "lp0": np.asarray(result["lp0"], dtype=float),
             "tol_pwrss": float(result["tol_pwrss"]),
         }
+        design = _with_family_params(design, result, ml, names)
     elif spec.sigma_by:
         pieces = _lme_pieces(names.parsed, spec)
         result = _from_r(
@@ -615,7 +616,7 @@ def fit_lme4(
         messages=messages,
         versions=versions,
         r_call=_glmer_call_text(design, control)
-        if design.family.glm
+        if design.family.laplace
         else _r_call_text(design, reml, pieces, control),
         fit_seconds=elapsed,
         ml_estimates=ml,
@@ -755,7 +756,7 @@ def refit_lme4(freq: FreqFit, start: Any = None, beta: Any = None) -> FreqFit:
     names = r_names(design)
     frame = to_r_frame(design.data, names.columns)
     kwargs: dict[str, Any] = {}
-    if design.family.glm:
+    if design.family.laplace:
         if (start is None) != (beta is None):
             raise ValueError("a glmer start needs both theta and the fixed effects")
         if start is not None:
@@ -770,6 +771,7 @@ def refit_lme4(freq: FreqFit, start: Any = None, beta: Any = None) -> FreqFit:
                 _symbols(names),
                 family,
                 link,
+                **design.family.r_args(),
                 **kwargs,
             )
         )
@@ -848,7 +850,7 @@ def _original_rows(freq: FreqFit) -> pd.DataFrame:
             }
         )
     else:
-        default = "glmer's default (bobyqa, Nelder_Mead)" if freq.design.family.glm else None
+        default = "glmer's default (bobyqa, Nelder_Mead)" if freq.design.family.laplace else None
         rows.append(
             {
                 "optimizer": freq.optimizer or default or "lmer's default",
@@ -922,9 +924,9 @@ def best_fit_summary(
         "method": own_method,
         "by_method": by_method,
         "improved": bool(own.get("improved", False)),
-        "sentence": optimizer_sentence(by_method, own_method, laplace=freq.design.family.glm),
+        "sentence": optimizer_sentence(by_method, own_method, laplace=freq.design.family.laplace),
         "missing": missing_list,
-        "laplace": bool(freq.design.family.glm),
+        "laplace": bool(freq.design.family.laplace),
     }
 
 
@@ -996,13 +998,16 @@ def _user_tables(result: dict[str, Any], names: RNames, spec: ModelSpec) -> None
                 frame[column] = frame[column].map(names.user).astype(object)
     variance = result.get("variance")
     if variance is not None and len(variance):
+        # A family's own parameter (kind "dispersion") keeps the name its family gave it.
+        given = variance["component"] if "component" in variance else [None] * len(variance)
         variance["component"] = [
-            _component(kind, gf, term, term2, spec.sigma_by)
-            for kind, gf, term, term2 in zip(
+            name if kind == "dispersion" else _component(kind, gf, term, term2, spec.sigma_by)
+            for kind, gf, term, term2, name in zip(
                 variance["kind"],
                 variance["group_factor"],
                 variance["term"],
                 variance["term2"],
+                given,
                 strict=True,
             )
         ]
@@ -1015,6 +1020,34 @@ def _component(kind: str, group: Any, term: Any, term2: Any, sigma_by: str | Non
     if kind == "cor":
         return f"{group}: cor({term},{term2})"
     return f"{group}: sd({term})"
+
+
+def _with_family_params(
+    design: Design, result: dict[str, Any], ml: dict[str, Any], names: RNames
+) -> Design:
+    """The design with the family's own parameters fixed at lme4's estimates (glmer.nb's theta).
+
+    They join the variance table (compared with their posteriors) and ``ml_estimates``;
+    the design lme4's fit carries then computes glmer's likelihood with them fixed.
+    """
+    import dataclasses
+
+    params = result.get("family_params")
+    if not params:
+        return design
+    values = {str(k): float(v) for k, v in params.items()}
+    design = dataclasses.replace(design, family_params=values)
+    ml["family_params"] = values
+    rows = pd.DataFrame(design.family.component_rows())
+    result["variance"] = pd.concat([result["variance"], rows], ignore_index=True)
+    own = result.get("glmer_nb")  # the fit that estimated them (r_scripts/glmm.R)
+    if own:
+        ml["glmer_nb"] = {
+            "loglik": float(own["loglik"]),
+            "beta": _user_keys(own["beta"], names),
+            "theta": _user_keys(own["theta"], names),
+        }
+    return design
 
 
 def _fit_glmer(
@@ -1035,7 +1068,7 @@ def _fit_glmer(
     args = _control_args({k: v for k, v in (control or {}).items() if k != "start"})
     return _from_r(
         _call(
-            "harness_fit_glmer",
+            design.family.r_function,
             frame,
             names.formula,
             _symbols(names),
@@ -1049,12 +1082,8 @@ def _fit_glmer(
 
 
 def _glmer_call_text(design: Design, control: Mapping[str, Any] | None = None) -> str:
-    family, link = design.family.r_family()
     text = _control_text(control or {}).replace("lmerControl(", "glmerControl(")
-    return (
-        f"lme4::glmer({design.spec.formula}, data = data, "
-        f'family = {family}(link = "{link}"), nAGQ = 1{text})'
-    )
+    return str(design.family.r_call(design.spec.formula, text))
 
 
 def fit_glmer_agq(spec: ModelSpec, data: pd.DataFrame, n_agq: int) -> dict[str, Any]:
@@ -1064,7 +1093,7 @@ def fit_glmer_agq(spec: ModelSpec, data: pd.DataFrame, n_agq: int) -> dict[str, 
     ``ml_beta``, ``ml_theta``) for the quadrature check of :mod:`harness.checks.laplace`.
     """
     design = build_design(spec, data)
-    if not design.family.glm:
+    if not design.family.laplace:
         raise ValueError(f"nAGQ applies to glmer families, not {spec.family!r}")
     names = r_names(design)
     result = _fit_glmer(design, to_r_frame(design.data, names.columns), names, n_agq)

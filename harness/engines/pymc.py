@@ -158,8 +158,8 @@ def model_data(design: Design, priors: ResolvedPriors) -> dict[str, np.ndarray]:
         group = _sd_group(block, priors)
         for param, name in group.data_names(f"prior_sd_{block.label}").items():
             values[name] = group.params[param]
-    if design.family.glm:  # GLMM hook (issue 12): trials / offset, no residual SD
-        values.update(_glm_data(design))
+    values.update(_glm_data(design))  # trials, offset: none in a gaussian design
+    if not design.family.has_scale:
         return values
     group = _sigma_group(design, priors)
     for param, name in group.data_names("prior_sigma").items():
@@ -278,7 +278,7 @@ def structure(
         "lkj_eta": repr(float(priors.lkj_eta)),
         "residual SD levels": str(len(design.sigma_levels or [])),
     }
-    if design.family.glm:  # GLMM hook (issue 12); gaussian structures unchanged
+    if not design.family.has_scale:  # gaussian structures' keys stay as they were
         parts["family"] = design.family.key
         parts["offset"] = str(design.offset is not None)
         parts.pop("residual SD prior")
@@ -484,19 +484,20 @@ def build_model(
             for k, term in enumerate(block.terms):
                 column = effects[index, k]
                 mu = mu + (column if term == INTERCEPT else data[f"Z_{block.label}"][:, k] * column)
-        if design.family.glm:  # GLMM hook (issue 12): family likelihood on the link scale
-            eta = mu + data["offset"] if "offset" in data else mu
-            design.family.likelihood(pm, pt, "y_obs", eta, data, dims="obs")
-            return model
-        sigma_group = _sigma_group(design, priors)
-        sigma_params = {p: data[n] for p, n in sigma_group.data_names("prior_sigma").items()}
-        if design.sigma_levels is not None:
-            sigma = getattr(pm, sigma_group.dist)("sigma", **sigma_params, dims="sigma_level")
-            sigma_obs = sigma[data["idx_sigma"]]
-        else:
-            scalar = {p: v[0] for p, v in sigma_params.items()}
-            sigma_obs = getattr(pm, sigma_group.dist)("sigma", **scalar)
-        pm.Normal("y_obs", mu=mu, sigma=sigma_obs, observed=data["y"], dims="obs")
+        eta = mu + data["offset"] if "offset" in data else mu
+        scale: dict[str, Any] = {}  # the residual SD per row, for a family that has one
+        if design.family.has_scale:
+            sigma_group = _sigma_group(design, priors)
+            sigma_params = {p: data[n] for p, n in sigma_group.data_names("prior_sigma").items()}
+            if design.sigma_levels is not None:
+                sigma = getattr(pm, sigma_group.dist)("sigma", **sigma_params, dims="sigma_level")
+                sigma_obs = sigma[data["idx_sigma"]]
+            else:
+                scalar = {p: v[0] for p, v in sigma_params.items()}
+                sigma_obs = getattr(pm, sigma_group.dist)("sigma", **scalar)
+            scale["scale"] = sigma_obs
+        # The family's likelihood on the link scale (pm.Normal for the gaussian family).
+        design.family.likelihood(pm, pt, "y_obs", eta, data, dims="obs", **scale)
     return model
 
 

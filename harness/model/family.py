@@ -4,21 +4,20 @@ A :class:`Family` says everything the rest of the harness asks about a
 response distribution: its links, how the response is read from the
 formula's left-hand side (``cbind(successes, failures)``, a 0/1 column, a
 count), which values are valid, the PyMC likelihood given the linear
-predictor ``eta``, the log-likelihood and IRLS weights the Laplace
-approximation needs (:mod:`harness.checks.laplace`), and what the report calls the
-scale.  A later family (negative binomial, Gamma) is one more subclass
-registered in :data:`FAMILIES`.
-
-Gaussian models keep their own, older path (``pm.Normal`` with a residual
-SD, ``lmer``); :func:`get_family` still returns a :class:`Gaussian` so that
-callers can ask ``family.has_scale``.
+predictor ``eta``, the R call that fits it, the log-likelihood and IRLS
+weights the Laplace approximation needs (:mod:`harness.checks.laplace`), the
+predictive draw and the equations the report shows, and what the report calls
+the scale.  Gaussian is one family like the others (``lmer``, a residual SD);
+a later family (negative binomial, Gamma) is one more subclass registered in
+:data:`FAMILIES`.  Callers ask the family, never its name: an unknown family
+is an error (:func:`get_family`), never drawn or fitted as another one.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,6 +31,7 @@ __all__ = [
     "Family",
     "GlmResponse",
     "Link",
+    "NegativeBinomial",
     "Poisson",
     "fit_glm",
     "get_family",
@@ -54,6 +54,7 @@ class Link:
     inverse: Callable[[np.ndarray], np.ndarray]
     mu_eta: Callable[[np.ndarray], np.ndarray]
     formula: str  # how the teaching section writes it, e.g. "logit(p)"
+    tex: str = ""  # the link in the report's equations, e.g. r"\mathrm{logit}"
 
 
 def _probit_mu_eta(eta: np.ndarray) -> np.ndarray:
@@ -67,10 +68,13 @@ LINKS: dict[str, Link] = {
         special.expit,
         lambda e: special.expit(e) * special.expit(-e),
         "logit(p)",
+        r"\mathrm{logit}",
     ),
-    "probit": Link("probit", special.ndtri, special.ndtr, _probit_mu_eta, "probit(p)"),
-    "log": Link("log", np.log, np.exp, np.exp, "log(lambda)"),
-    "identity": Link("identity", lambda m: m, lambda e: e, np.ones_like, "mu"),
+    "probit": Link(
+        "probit", special.ndtri, special.ndtr, _probit_mu_eta, "probit(p)", r"\Phi^{-1}"
+    ),
+    "log": Link("log", np.log, np.exp, np.exp, "log(lambda)", r"\log"),
+    "identity": Link("identity", lambda m: m, lambda e: e, np.ones_like, "mu", ""),
 }
 
 
@@ -171,7 +175,7 @@ def glm_response(formula: str, family: str, link: str | None = None) -> GlmRespo
         not one of the forms above.
     """
     fam = get_family(family, link)
-    if not fam.glm:
+    if not fam.discrete:
         return None
     if not isinstance(formula, str) or "~" not in formula:
         raise ValueError(f"formula {formula!r} is not an lme4 formula: it needs 'response ~ terms'")
@@ -249,16 +253,48 @@ def glm_response(formula: str, family: str, link: str | None = None) -> GlmRespo
 
 
 class Family:
-    """A response distribution with a link (see the module docstring)."""
+    """A response distribution with a link: everything the harness asks of a family.
+
+    A new family is one subclass registered in :data:`FAMILIES`; callers ask
+    it, never switch on its name (``tests/test_family_stub.py`` takes a family
+    defined in a test through fit, comparison and report).  It defines:
+
+    - ``name``, ``links``, ``default_link``: what ``--family`` / ``--link`` accept;
+    - ``has_scale``: a residual SD (``sigma``) is estimated (the gaussian family);
+    - ``laplace``: lme4 maximises glmer's Laplace approximation (True), or
+      lmer's exact marginal likelihood (False); this picks the same-model
+      identity (:mod:`harness.checks.same_model`), the Laplace attribution and
+      lme4's fit (glmer rather than lmer);
+    - :meth:`r_family`: R's family, ``glmer(family = binomial(link = "logit"))``;
+    - ``discrete``: the response is whole numbers read by :func:`glm_response`
+      (never a transformed column); ``allows_cbind``: ``cbind(s, f)`` is accepted;
+    - :meth:`read_response`: the response checks (valid values, trials);
+    - :meth:`loglik`, :meth:`saturated_mu`, :meth:`variance`, :meth:`mean`,
+      :meth:`score_weights`: what the Laplace approximation, the exact
+      likelihood and the audit need (``loglik`` and ``mean`` only when
+      ``laplace`` is False); :meth:`fit_unpooled` (one group's own fit, for
+      the shrinkage plot) follows from ``score_weights``;
+    - :meth:`likelihood`: the observed node of the PyMC model;
+    - :meth:`prior_centre_scale`: the centre and unit scale of the weak priors;
+    - :meth:`draw` (and :meth:`posterior_params` when the family has parameters
+      of its own): the predictive draw;
+    - :meth:`observed`, :meth:`response_label`: the report's plotted scale;
+    - ``tex_mean`` and :meth:`tex_distribution` (or :meth:`equations`): the
+      report's model equations.
+    """
 
     name: ClassVar[str] = ""
     links: ClassVar[tuple[str, ...]] = ()
     default_link: ClassVar[str] = ""
     #: Whether a residual scale (sigma) is estimated.
     has_scale: ClassVar[bool] = False
-    #: Whether the harness fits it with glmer (False: the gaussian lmer path).
-    glm: ClassVar[bool] = True
+    #: Whether lme4's likelihood is glmer's Laplace approximation (False: lmer's exact one).
+    laplace: ClassVar[bool] = True
+    #: Whether the response is whole numbers (counts, successes) read by :func:`glm_response`.
+    discrete: ClassVar[bool] = True
     allows_cbind: ClassVar[bool] = False
+    #: The report's symbol for the mean parameter (TeX) and the distribution of y_i given it.
+    tex_mean: ClassVar[str] = r"\mu"
 
     def __init__(self, link: str | None = None) -> None:
         link = link or self.default_link
@@ -274,8 +310,14 @@ class Family:
 
     @property
     def scale_name(self) -> str:
+        """What the report calls the linear predictor's scale (``log-odds``)."""
         names = {"logit": "log-odds", "probit": "probit units", "log": "log rate"}
         return names.get(self.link.name, "link scale")
+
+    @property
+    def link_scale(self) -> bool:
+        """Whether coefficients are on a link scale rather than the response's units."""
+        return self.link.name != "identity"
 
     @property
     def key(self) -> str:
@@ -285,15 +327,88 @@ class Family:
         """R's family and link names, for ``glmer(family = <name>(link = <link>))``."""
         return self.name, self.link.name
 
+    # -- parameters of the response distribution besides its mean
+    #: The response distribution's parameters besides its mean (a negative binomial's
+    #: shape): each is a PyMC posterior variable of that name and a row of that
+    #: ``component`` (kind "dispersion") in the variance table, lme4's estimate against
+    #: the posterior.  They reach :meth:`loglik` & co. fixed (:meth:`with_params`), and
+    #: :meth:`draw` / :meth:`cdf` / :meth:`response_variance` as ``params`` per draw.
+    response_parameters: ClassVar[tuple[str, ...]] = ()
+    #: Whether the response is a count without an upper bound (rootogram, dispersion check).
+    unbounded_counts: ClassVar[bool] = False
+
+    def with_params(self, **values: float) -> Family:
+        """This family with its own parameters fixed (lme4's estimates); itself when it has none.
+
+        Raises
+        ------
+        ValueError
+            For a parameter the family does not have.
+        """
+        unknown = sorted(set(values) - set(self.response_parameters))
+        if unknown:
+            raise ValueError(f"family {self.name!r} has no parameter(s) {unknown}")
+        return self
+
+    def fixed_params(self) -> dict[str, float]:
+        """The family's own parameters as fixed by :meth:`with_params` (empty: none)."""
+        return {}
+
+    def at_posterior_median(self, posterior: Any) -> Family:
+        """This family with its own parameters at their posterior medians (itself if none)."""
+        values = {
+            name: float(np.median(np.asarray(draws.values, dtype=float)))
+            for name, draws in self.posterior_params(posterior).items()
+        }
+        return self.with_params(**values) if values else self
+
+    def model_point(self) -> dict[str, float]:
+        """Values of the PyMC model's value variables that hold the fixed parameters."""
+        return {}
+
+    def prior_rows(self) -> list[dict[str, str]]:
+        """Rows (parameter, prior) for the priors of the family's own parameters."""
+        return []
+
+    #: The R function (r_scripts/glmm.R) that fits the family: glmer, or glmer.nb then glmer.
+    r_function: ClassVar[str] = "harness_fit_glmer"
+
+    def r_args(self) -> dict[str, float]:
+        """Keyword arguments R's ``harness_glm_family`` needs besides family and link."""
+        return {}
+
+    def r_call(self, formula: str, control: str = "") -> str:
+        """The R call a reader can run to reproduce lme4's fit (``control``: ``, control = ...``)."""
+        family, link = self.r_family()
+        return (
+            f'lme4::glmer({formula}, data = data, family = {family}(link = "{link}"), '
+            f"nAGQ = 1{control})"
+        )
+
+    #: Variance-table components of the family's own parameters -> PyMC posterior variables.
+    components: ClassVar[dict[str, str]] = {}
+
+    def component_rows(self) -> list[dict[str, Any]]:
+        """lme4's variance-table rows for the fixed parameters (compared with the posterior)."""
+        return []
+
+    def pmf(self, y: np.ndarray, mu: np.ndarray, trials: np.ndarray | None = None) -> np.ndarray:
+        """p(y | mu) pointwise (broadcasting), at the fixed parameters: for predictive checks."""
+        return np.exp(self.loglik(np.asarray(y, float), np.asarray(mu, float), trials))
+
     # -- data
     def read_response(
         self, spec: GlmResponse, frame: pd.DataFrame
     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Validated (y, trials) of a :func:`glm_response`; raises ValueError naming bad values."""
         raise NotImplementedError
 
-    # -- likelihood (NumPy, for the Laplace approximation)
+    # -- likelihood (NumPy, for the Laplace approximation and the audit)
     def loglik(self, y: np.ndarray, mu: np.ndarray, trials: np.ndarray | None) -> np.ndarray:
-        """Pointwise log p(y | mu), with every constant (as R's ``family$aic``)."""
+        """Pointwise log p(y | mu), with every constant (as R's ``family$aic``).
+
+        A family with ``has_scale`` takes the residual SD per row as ``scale=``.
+        """
         raise NotImplementedError
 
     def saturated_mu(self, y: np.ndarray, trials: np.ndarray | None) -> np.ndarray:
@@ -314,26 +429,137 @@ class Family:
         """d log p / d eta and the Fisher (IRLS) weight -E d2 log p / d eta2, pointwise."""
         raise NotImplementedError
 
+    def newton_weights(
+        self, y: np.ndarray, eta: np.ndarray, trials: np.ndarray | None
+    ) -> np.ndarray:
+        """The observed information -d2 log p / d eta2, pointwise: Newton steps for the modes.
+
+        Equal to the Fisher weight of :meth:`score_weights` for a canonical link; a family
+        with another link overrides it (Fisher scoring alone converges only linearly there).
+        """
+        return self.score_weights(y, eta, trials)[1]
+
+    def fit_unpooled(
+        self,
+        y: np.ndarray,
+        X: np.ndarray,
+        trials: np.ndarray | None = None,
+        offset: np.ndarray | float = 0.0,
+    ) -> np.ndarray:
+        """One group's own maximum-likelihood coefficients (NaN where none is finite)."""
+        return fit_glm(self, y, X, trials, offset)
+
     # -- PyMC
     def likelihood(
         self, pm: Any, pt: Any, name: str, eta: Any, data: dict[str, Any], **kw: Any
     ) -> Any:
-        """The observed node of the PyMC model given the linear predictor ``eta``."""
+        """The observed node of the PyMC model given the linear predictor ``eta``.
+
+        A family with ``has_scale`` takes the residual SD per row as ``scale=``.
+        """
         raise NotImplementedError
 
     def prior_centre_scale(self, y: np.ndarray, trials: np.ndarray | None) -> tuple[float, float]:
         """(centre of the intercept prior, unit scale) on the link scale, for weak priors."""
         raise NotImplementedError
 
+    # -- report
+    def observed(self, y: np.ndarray, trials: np.ndarray | None) -> np.ndarray:
+        """The observed response on the plotted scale (proportions for a binomial)."""
+        return np.asarray(y, dtype=float)
+
+    def posterior_params(self, posterior: Any) -> dict[str, Any]:
+        """The family's own parameters' draws: DataArrays (chain, draw) of a PyMC posterior."""
+        return {}
+
+    def draw(
+        self,
+        rng: np.random.Generator,
+        mu: np.ndarray,
+        trials: np.ndarray | None = None,
+        params: Mapping[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Draws of y given its mean parameter ``mu`` (the inverse link of eta).
+
+        ``params`` holds the family's own parameters, each broadcasting against
+        ``mu`` (per posterior draw: shape (draws, 1)); the gaussian family's
+        ``sigma`` is the residual SD (per draw and row).
+        """
+        raise NotImplementedError
+
+    def response_label(self, response: str, trials: np.ndarray | None, unit: str = "") -> str:
+        """The plotted response's axis label."""
+        return f"{response} ({unit})" if unit else response
+
+    def tex_distribution(self, response: str) -> str:
+        """``y_i ~ Dist(...)`` in TeX, given the mean parameter :attr:`tex_mean` (subscript i)."""
+        raise NotImplementedError
+
+    def equations(
+        self, equations: dict[str, list[str]], response: str, offset: bool
+    ) -> dict[str, list[str]]:
+        """The gaussian model forms rewritten for the family: ``logit(p) = X beta + Z u``, ...
+
+        ``equations`` is :func:`harness.report.page.model_equations`'s output; its
+        linear predictor and priors are kept, the likelihood lines replaced and
+        the residual SD dropped.
+        """
+        link, mean = self.link.tex, self.tex_mean
+        dist_i = self.tex_distribution(response.replace("_", r"\_"))
+        offset_m = r"\mathbf{o} + " if offset else ""
+        offset_i = r"o_i + " if offset else ""
+        matrix = list(equations["matrix"])
+        matrix[0] = rf"${link}(\mathbf{{{mean}}}) = {offset_m}X\beta + Z\mathbf{{u}}$"
+        matrix[1] = (
+            rf"$\mathbf{{u}} \sim \mathrm{{Normal}}(\mathbf{{0}},\ G),\quad {dist_i}$ independently given $\mathbf{{u}}$"
+        )
+        varying = list(equations["varying"])
+        varying[0] = f"${dist_i}$"
+        varying[1] = varying[1].replace(r"$\mu_i = ", rf"${link}({mean}_i) = {offset_i}", 1)
+        if not self.has_scale:
+            varying = [
+                re.sub(r",\\quad \\sigma \\sim [^,$]*(?:\([^)]*\))?", "", line) for line in varying
+            ]
+            varying = [re.sub(r"\$\\sigma \\sim [^$]*\$", "", line) for line in varying]
+        return {"matrix": matrix, "varying": [line for line in varying if line.strip("$ ")]}
+
 
 class Gaussian(Family):
-    """The identity-link gaussian model: the harness's original lmer path."""
+    """The gaussian linear mixed model: ``lmer``'s exact likelihood, a residual SD."""
 
     name = "gaussian"
     links = ("identity",)
     default_link = "identity"
     has_scale = True
-    glm = False
+    laplace = False
+    discrete = False
+
+    def loglik(self, y, mu, trials, scale=None):
+        if scale is None:
+            raise ValueError("the gaussian log-likelihood needs the residual SD")
+        return stats.norm.logpdf(y, loc=mu, scale=scale)
+
+    def mean(self, eta, trials):
+        return np.asarray(eta, dtype=float)
+
+    def fit_unpooled(self, y, X, trials=None, offset=0.0):
+        return np.linalg.lstsq(X, y - offset, rcond=None)[0]
+
+    def likelihood(self, pm, pt, name, eta, data, scale=None, **kw):
+        if scale is None:
+            raise ValueError("the gaussian likelihood needs the residual SD")
+        return pm.Normal(name, mu=eta, sigma=scale, observed=data["y"], **kw)
+
+    def prior_centre_scale(self, y, trials):
+        return float(np.mean(y)), float(np.std(y)) or 1.0
+
+    def draw(self, rng, mu, trials=None, params=None):
+        if not params or "sigma" not in params:
+            raise ValueError("a gaussian predictive draw needs the residual SD (params['sigma'])")
+        return mu + params["sigma"] * rng.standard_normal(np.shape(mu))
+
+    def equations(self, equations, response, offset):
+        return equations  # the model forms are written for it
 
 
 class Binomial(Family):
@@ -343,6 +569,7 @@ class Binomial(Family):
     links = ("logit", "probit")
     default_link = "logit"
     allows_cbind = True
+    tex_mean = "p"
 
     def read_response(
         self, spec: GlmResponse, frame: pd.DataFrame
@@ -400,6 +627,21 @@ class Binomial(Family):
         p = float(np.clip(np.sum(y) / np.sum(trials), 0.01, 0.99))
         return float(self.link.link(np.array(p))), 1.0
 
+    def observed(self, y, trials):
+        assert trials is not None  # a binomial design always carries its trials
+        return np.asarray(y, dtype=float) / trials
+
+    def draw(self, rng, mu, trials=None, params=None):
+        n = np.broadcast_to(np.ones(1) if trials is None else trials, np.shape(mu))
+        return rng.binomial(n.astype(np.int64), np.clip(mu, 0, 1)).astype(float)
+
+    def response_label(self, response, trials, unit=""):
+        binary = trials is not None and bool(np.all(trials == 1))
+        return f"proportion {response}" + ("" if binary else " / trials")
+
+    def tex_distribution(self, response):
+        return rf"{response}_i \sim \mathrm{{Binomial}}(n_i,\ p_i)"
+
 
 class Poisson(Family):
     """Poisson counts, optionally with an exposure offset."""
@@ -407,6 +649,7 @@ class Poisson(Family):
     name = "poisson"
     links = ("log",)
     default_link = "log"
+    tex_mean = r"\lambda"
 
     def read_response(self, spec, frame):
         return _counts(frame, spec.successes, "count response"), None
@@ -433,6 +676,180 @@ class Poisson(Family):
 
     def prior_centre_scale(self, y, trials):
         return float(np.log(max(float(np.mean(y)), 0.01))), 1.0
+
+    def draw(self, rng, mu, trials=None, params=None):
+        return rng.poisson(mu).astype(float)
+
+    def response_label(self, response, trials, unit=""):
+        return f"{response} (count)"
+
+    def tex_distribution(self, response):
+        return rf"{response}_i \sim \mathrm{{Poisson}}(\lambda_i)"
+
+
+class NegativeBinomial(Family):
+    """Negative binomial counts (NB2): ``Var(y) = mu + mu^2 / theta``, glmer.nb's family.
+
+    ``theta`` is the shape (lme4's ``getME(fit, "glmer.nb.theta")``, MASS's
+    ``theta``, brms's ``shape``, PyMC's ``alpha``); large theta approaches the
+    Poisson.  lme4 estimates it by glmer.nb and fits the other parameters by
+    glmer with theta fixed there, so the Laplace pieces take a fixed theta
+    (:meth:`with_params`).  The PyMC model samples it, with the prior on
+    ``phi = 1 / sqrt(theta)`` (the coefficient of variation of the gamma
+    mixing distribution; 0 is the Poisson): ``phi ~ HalfNormal(1)``, the
+    Stan prior-choice recommendation for the negative binomial, which is
+    weakly informative (theta from about 0.25 up, most mass on moderate
+    overdispersion) where brms's default ``shape ~ gamma(0.01, 0.01)`` is
+    vague with most of its mass near 0.
+    """
+
+    name = "negbin"
+    links = ("log",)
+    default_link = "log"
+    unbounded_counts = True
+    #: theta's name as a parameter, a PyMC variable (deterministic) and a variance-table row.
+    THETA = "nb_theta"
+    response_parameters = (THETA,)
+    #: Prior on phi = 1 / sqrt(theta), the PyMC variable sampled.
+    PHI_PRIOR_SD = 1.0
+    PHI_VAR = "nb_phi"
+
+    def __init__(self, link: str | None = None, theta: float | None = None) -> None:
+        super().__init__(link)
+        if theta is not None and not (np.isfinite(theta) and theta > 0):
+            raise ValueError(f"negative binomial theta must be positive and finite, not {theta!r}")
+        self.theta = None if theta is None else float(theta)
+
+    def __repr__(self) -> str:
+        return f"NegativeBinomial(link={self.link.name!r}, theta={self.theta!r})"
+
+    def with_params(self, **values: float) -> Family:
+        super().with_params(**values)
+        return NegativeBinomial(self.link.name, values.get(self.THETA, self.theta))
+
+    def fixed_params(self) -> dict[str, float]:
+        return {} if self.theta is None else {self.THETA: self.theta}
+
+    r_function = "harness_fit_glmer_nb"
+    components: ClassVar[dict[str, str]] = {THETA: THETA}
+
+    def r_args(self):
+        return {"nb_theta": self._theta()}
+
+    def r_call(self, formula, control=""):
+        return (
+            f"fit <- lme4::glmer.nb({formula}, data = data{control}); "
+            f"lme4::glmer({formula}, data = data, family = MASS::negative.binomial(theta = "
+            f'lme4::getME(fit, "glmer.nb.theta"), link = "{self.link.name}"), nAGQ = 1{control})'
+        )
+
+    def component_rows(self):
+        return [
+            {
+                "component": self.THETA,
+                "group_factor": None,
+                "kind": "dispersion",
+                "term": "theta",
+                "term2": None,
+                "estimate": self._theta(),
+                "lower": np.nan,
+                "upper": np.nan,
+                "ci_method": None,
+            }
+        ]
+
+    def _theta(self) -> float:
+        if self.theta is None:
+            raise ValueError(
+                "the negative binomial's shape theta is not fixed: use "
+                f"family.with_params({self.THETA}=...) (lme4's estimate) or a posterior draw's"
+            )
+        return self.theta
+
+    def posterior_params(self, posterior):
+        return {self.THETA: posterior[self.THETA]}
+
+    def model_point(self):
+        return {f"{self.PHI_VAR}_log__": float(-0.5 * np.log(self._theta()))}
+
+    def prior_rows(self):
+        return [
+            {
+                "parameter": f"{self.THETA} (negative binomial shape theta)",
+                "prior": f"{self.PHI_VAR} = 1/sqrt({self.THETA}) ~ "
+                f"HalfNormal(sigma={self.PHI_PRIOR_SD:g})",
+            }
+        ]
+
+    def read_response(self, spec, frame):
+        return _counts(frame, spec.successes, "count response"), None
+
+    def loglik(self, y, mu, trials):
+        # MASS::negative.binomial's aic() term by term (the log-likelihood glmer.nb's logLik
+        # reports), without scipy's argument checks.
+        theta = self._theta()
+        k = np.round(y)
+        return (
+            special.gammaln(k + theta)
+            - special.gammaln(theta)
+            - special.gammaln(k + 1)
+            + theta * (np.log(theta) - np.log(theta + mu))
+            + special.xlogy(k, mu)
+            - k * np.log(theta + mu)
+        )
+
+    def saturated_mu(self, y, trials):
+        return y
+
+    def variance(self, mu, trials):
+        return mu + mu**2 / self._theta()
+
+    def mean(self, eta, trials):
+        return np.exp(eta)
+
+    def score_weights(self, y, eta, trials):
+        theta = self._theta()
+        mu = np.exp(eta)
+        shrink = theta / (theta + mu)
+        # d log p / d eta, and the Fisher weight mu_eta^2 / Var (glmer's IRLS weight).
+        return (y - mu) * shrink, mu * shrink
+
+    def newton_weights(self, y, eta, trials):
+        # The log link is not NB's canonical link: -d2 log p / d eta2 depends on y.
+        theta = self._theta()
+        mu = np.exp(eta)
+        return mu * theta * (theta + y) / (theta + mu) ** 2
+
+    def likelihood(self, pm, pt, name, eta, data, **kw):
+        phi = pm.HalfNormal(self.PHI_VAR, sigma=self.PHI_PRIOR_SD)
+        theta = pm.Deterministic(self.THETA, 1.0 / pt.square(phi))
+        return pm.NegativeBinomial(name, mu=pt.exp(eta), alpha=theta, observed=data["y"], **kw)
+
+    def prior_centre_scale(self, y, trials):
+        return float(np.log(max(float(np.mean(y)), 0.01))), 1.0
+
+    def response_label(self, response, trials, unit=""):
+        return f"{response} (count)"
+
+    def tex_distribution(self, response):
+        return rf"{response}_i \sim \mathrm{{NegBinomial}}(\mu_i,\ \theta)"
+
+    def _shape(self, params: Mapping[str, np.ndarray] | None) -> np.ndarray:
+        return np.asarray(params[self.THETA] if params else self._theta(), dtype=float)
+
+    def draw(self, rng, mu, trials=None, params=None):
+        theta = self._shape(params)
+        # numpy's negative_binomial(n, p): failures before n successes, mean n (1 - p) / p.
+        return rng.negative_binomial(theta, theta / (theta + mu)).astype(float)
+
+    def cdf(self, k, mu, trials=None, params=None):
+        """P(y <= k | mu, theta), elementwise; k may be negative (probability 0)."""
+        theta = self._shape(params)
+        return stats.nbinom.cdf(k, theta, theta / (theta + mu))
+
+    def response_variance(self, mu, trials=None, params=None):
+        """Var(y | mu, theta) = mu + mu^2 / theta: the denominator of Pearson residuals."""
+        return mu + mu**2 / self._shape(params)
 
 
 def _counts(frame: pd.DataFrame, column: str, what: str) -> np.ndarray:
@@ -495,6 +912,7 @@ FAMILIES: dict[str, type[Family]] = {
     "gaussian": Gaussian,
     "binomial": Binomial,
     "poisson": Poisson,
+    "negbin": NegativeBinomial,
 }
 
 

@@ -30,6 +30,8 @@ class ResolvedPriors:
     notes: list[str] = field(default_factory=list)
     #: False for binomial / Poisson models (issue 12): no residual SD.
     has_sigma: bool = True
+    #: Priors of the family's own parameters (negative binomial: theta), fixed by the family.
+    family_rows: list[dict[str, str]] = field(default_factory=list)
 
     def structure(self) -> str:
         """Families only (parameter values enter the model as data)."""
@@ -46,7 +48,7 @@ class ResolvedPriors:
         if self.has_sigma:
             rows.append({"parameter": "sigma", "prior": self.sigma.describe()})
         rows.append({"parameter": "correlations", "prior": f"LKJ(eta={self.lkj_eta:g})"})
-        return rows
+        return rows + list(self.family_rows)
 
 
 def _column_scale(values: np.ndarray) -> float:
@@ -68,10 +70,9 @@ def resolve_priors(design: Design) -> ResolvedPriors:
     profile = spec_priors if isinstance(spec_priors, str) else "weak"
     overrides: Mapping[str, Any] = {} if isinstance(spec_priors, str) else spec_priors
     y = design.y
-    sy = float(np.std(y)) or 1.0
-    ybar = float(np.mean(y))
-    if design.family.glm:  # GLMM hook (issue 12): unit scale on the link, centred intercept
-        ybar, sy = design.family.prior_centre_scale(y, design.trials)
+    # The family's centre and unit scale: the response's mean and SD (gaussian), or a
+    # centred intercept and unit scale on the link.
+    ybar, sy = design.family.prior_centre_scale(y, design.trials)
     fixed: dict[str, Prior] = {}
     sd: dict[tuple[str, str], Prior] = {}
     if profile == "weak":
@@ -151,4 +152,5 @@ def resolve_priors(design: Design) -> ResolvedPriors:
         lkj_eta=eta,
         profile=profile,
         has_sigma=design.family.has_scale,
+        family_rows=design.family.prior_rows(),
     )

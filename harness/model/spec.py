@@ -438,13 +438,17 @@ class Design:
     # GLMM hook (issue 12): binomial trials and the linear predictor's offset.
     trials: np.ndarray | None = None
     offset: np.ndarray | None = None
+    #: The family's own parameters where a fit fixed them (glmer.nb's theta on lme4's design);
+    #: None on a design built from a spec (the PyMC model samples them).
+    family_params: dict[str, float] | None = None
 
     @property
     def family(self) -> Any:
-        """The response family (:mod:`harness.model.family`)."""
+        """The response family (:mod:`harness.model.family`), its own parameters fixed if known."""
         from harness.model.family import get_family
 
-        return get_family(self.spec.family, self.spec.link)
+        family = get_family(self.spec.family, self.spec.link)
+        return family.with_params(**self.family_params) if self.family_params else family
 
     @property
     def n(self) -> int:

@@ -90,7 +90,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("harness")
 
 #: The designs ``harness report all`` writes, in index order.
-REPORT_DESIGNS = ("cafe", "sleepstudy", "partially_clustered", "partially_clustered_hetero", "cbpp")
+REPORT_DESIGNS = (
+    "cafe",
+    "sleepstudy",
+    "partially_clustered",
+    "partially_clustered_hetero",
+    "cbpp",
+    "grouseticks",
+)
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # the harness package folder
 

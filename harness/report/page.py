@@ -266,7 +266,7 @@ def _units(result: DesignResult) -> tuple[dict[str, str], dict[str, str]]:
     for row in result.freq.variance.to_dict("records"):
         if row["kind"] == "sd" and isinstance(row.get("term"), str):
             var_units[row["component"]] = unit_of.get(row["term"], "")
-    if design.family.glm:  # GLMM hook (issue 12): coefficients are on the link scale
+    if design.family.link_scale:  # coefficients on the link scale (log-odds, log rate)
         unit_of = dict.fromkeys(unit_of, design.family.scale_name)
         var_units = dict.fromkeys(var_units, design.family.scale_name)
     return unit_of, var_units
@@ -283,9 +283,6 @@ def _draw_figures(result: DesignResult) -> dict[str, Any]:
     from harness.report import tables as rt
 
     cmp, design, bayes = result.comparison, result.design, result.bayes
-    glmm = design.family.glm  # GLMM hook (issue 12)
-    if glmm:
-        from harness.report import glmm as report_glmm
     try:
         unit_of, var_units = _units(result)
     except Exception as err:  # units only label axes: draw without them
@@ -293,8 +290,10 @@ def _draw_figures(result: DesignResult) -> dict[str, Any]:
         unit_of, var_units = {}, {}
     out: dict[str, Any] = {}
     factors = list(dict.fromkeys(b.factor for b in design.blocks))
-    try:  # GLMMs plot proportions or counts (harness/report/glmm.py)
-        y_label = report_glmm.glmm_response_label(design) if glmm else rt.response_label(design)
+    try:  # on the family's plotted scale: the response, a proportion, a count
+        y_label = design.family.response_label(
+            design.response, design.trials, rt.response_unit(design)
+        )
     except Exception as err:  # a label is no reason to lose the figures
         log.warning("figures labelled without units (%s: %s)", type(err).__name__, err)
         y_label = str(design.response)
@@ -387,9 +386,10 @@ def _draw_figures(result: DesignResult) -> dict[str, Any]:
         )
     ]
     try:
-        equations = model_equations(design, bayes.priors)
-        if glmm:  # link-scale forms, see harness/report/glmm.py
-            equations = report_glmm.glmm_equations(design, equations)
+        # The gaussian forms, rewritten by the family (link scale, its likelihood).
+        equations = design.family.equations(
+            model_equations(design, bayes.priors), design.response, design.offset is not None
+        )
     except Exception as err:
         out["eq_matrix"] = [_figure_note("model equations", err)]
         out["eq_varying"] = []
@@ -407,10 +407,11 @@ def _draw_figures(result: DesignResult) -> dict[str, Any]:
     except Exception as err:
         log.warning("no key to the equations' symbols (%s: %s)", type(err).__name__, err)
         out["equation_legend"] = []
-    predictive = report_glmm.glmm_predictive_table if glmm else rt.predictive_table
 
     def predictive_panels() -> Figure:
-        pred = predictive(cmp, bayes, design, seed=result.seed, max_groups=plots.MAX_PANELS)
+        pred = rt.predictive_table(
+            cmp, bayes, design, seed=result.seed, max_groups=plots.MAX_PANELS
+        )
         x = rt.x_column(design)
         return plots.predictive_panels(pred, rt.column_label(x) if x else "observation", y_label)
 
@@ -421,9 +422,8 @@ def _draw_figures(result: DesignResult) -> dict[str, Any]:
             "Observed data per group with both engines' fitted values",
         )
     ]
-    new_group_table = report_glmm.glmm_new_group_table if glmm else rt.new_group_table
     try:
-        new_group = new_group_table(cmp, bayes, design, seed=result.seed)
+        new_group = rt.new_group_table(cmp, bayes, design, seed=result.seed)
     except Exception as err:
         out["new_group"] = [_figure_note("prediction for a new group", err)]
         out["new_group_table"] = []
@@ -494,7 +494,7 @@ def _response_note(result: DesignResult) -> str:
     from harness.model.spec import parse_formula
 
     design = getattr(result, "design", None)
-    if design is None or design.family.glm:  # a GLMM's response is counts, never transformed
+    if design is None or design.family.discrete:  # counts are never transformed
         return ""
     parsed = parse_formula(design.spec.formula)
     if not parsed.transformed_response:
@@ -638,8 +638,8 @@ def report_context(result: DesignResult, figures: Mapping[str, Any]) -> dict[str
         "description": result.description,
         "formula": result.spec.formula,
         "sigma_by": result.spec.sigma_by,
-        # GLMM hook (issue 12): the family and the model form the headings name
-        "family": result.design.family.key if result.design.family.glm else "",
+        # glmer's families: the family and the model form the headings name
+        "family": result.design.family.key if result.design.family.laplace else "",
         "verdict": result.verdict,
         "counts": _verdict_counts(verdict_rows),
         "verdict_rows": verdict_rows,

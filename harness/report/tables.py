@@ -100,7 +100,10 @@ def component_draws(
     from harness.names import corr_var, sd_var, term_b_dim, term_dim
 
     posterior = bayes.idata.posterior
-    if component == "sigma":
+    own = bayes.design.family.components.get(component)  # the family's own parameters
+    if own is not None:
+        array = posterior[own]
+    elif component == "sigma":
         array = posterior["sigma"]
     elif (match := _SIGMA_LEVEL.match(component)) is not None:
         array = posterior["sigma"].sel(sigma_level=match["level"])
@@ -293,24 +296,21 @@ def shrinkage(cmp: Comparison, coefs: pd.DataFrame, design: Design) -> list[Shri
             if rest
             else np.zeros(design.n)
         )
-        y = design.y - fixed_rest
         rows: list[dict[str, Any]] = []
         skipped = 0
         for g, level in enumerate(levels):
             mask = index == g
-            Zg, yg = values[mask], y[mask]
+            Zg = values[mask]
             ok = mask.sum() > len(terms) and np.linalg.matrix_rank(Zg) == len(terms)
-            if ok and design.family.glm:  # GLMM hook (issue 12): per-group GLM, link scale
-                from harness.model.family import fit_glm
-
+            if ok:  # the family's own fit: least squares, or a GLM on the link scale
                 trials = design.trials[mask] if design.trials is not None else None
                 offset = fixed_rest[mask] + (
                     design.offset[mask] if design.offset is not None else 0.0
                 )
-                estimate = fit_glm(design.family, design.y[mask], Zg, trials, offset)
+                # lme4's family: its own parameters (if any) held at lme4's estimates.
+                family = cmp.freq.design.family
+                estimate = family.fit_unpooled(design.y[mask], Zg, trials, offset)
                 skipped += int(not np.all(np.isfinite(estimate)))
-            elif ok:
-                estimate = np.linalg.lstsq(Zg, yg, rcond=None)[0]
             else:
                 skipped += 1
                 estimate = np.full(len(terms), np.nan)
@@ -488,42 +488,66 @@ def predictive_table(
 ) -> pd.DataFrame:
     """Per observation: observed y, lme4's fitted value, PyMC's fitted mean and predictive interval.
 
-    lme4: ``X beta_hat + Z u_hat`` (conditional modes).  PyMC: ``mu`` per
-    draw, and ``y_rep = mu + sigma * e`` for the predictive interval.  With
-    ``max_groups``, only the rows of the groups the panels show
-    (:func:`panel_rows`).
+    On the family's plotted scale (:meth:`~harness.model.family.Family.observed`:
+    the response, a proportion, a count).  lme4: the inverse link of
+    ``offset + X beta_hat + Z u_hat`` (conditional modes).  PyMC: the same per
+    draw, and one draw from the family (:meth:`~harness.model.family.Family.draw`,
+    with the draw's residual SD where the family has one) for the predictive
+    interval.  With ``max_groups``, only the rows of the groups the panels
+    show (:func:`panel_rows`).  Without a numeric predictor, ``x`` is the row's
+    position within its group.
     """
     rng = np.random.default_rng(seed)
+    family = design.family
     rows = panel_rows(design, max_groups)
     X = design.X.to_numpy(float)[rows]
     beta = fixed_draws(bayes, max_draws)[design.fixed_terms].to_numpy()
-    mu = beta @ X.T
+    eta = beta @ X.T
     beta_hat = cmp.fixed.set_index("term").loc[design.fixed_terms, "lme4_estimate"].to_numpy(float)
-    lme4_fit = X @ beta_hat
+    eta_hat = X @ beta_hat
+    if design.offset is not None:
+        eta = eta + design.offset[rows]
+        eta_hat = eta_hat + design.offset[rows]
     modes = cmp.offsets.set_index(["group_factor", "group", "term"])["lme4_mode"]
     offsets = _block_offsets(bayes, max_draws)
     for block in design.blocks:
         index, values = block.group_index[rows], block.values[rows]
         u = offsets[block.label][:, index, :]  # (sample, rows, k)
-        mu = mu + np.einsum("snk,nk->sn", u, values)
+        eta = eta + np.einsum("snk,nk->sn", u, values)
         hat = np.array(
             [[modes.get((block.factor, lvl, t), 0.0) for t in block.terms] for lvl in block.levels]
         )
-        lme4_fit = lme4_fit + (hat[index] * values).sum(axis=1)
-    sigma = _sigma_per_row(bayes, design, max_draws)[:, rows]
-    y_rep = mu + sigma * rng.standard_normal(mu.shape)
+        eta_hat = eta_hat + (hat[index] * values).sum(axis=1)
+    # The family's own parameters per draw (shape (draws, 1)), and the residual SD per row.
+    params = {
+        name: _stack(draws, max_draws).reshape(-1, 1)
+        for name, draws in family.posterior_params(bayes.idata.posterior).items()
+    }
+    if family.has_scale:
+        params["sigma"] = _sigma_per_row(bayes, design, max_draws)[:, rows]
+    trials = design.trials[rows] if design.trials is not None else None
+    mean = family.link.inverse(eta)
+    y_rep = family.observed(
+        family.draw(rng, mean, trials, params or None),
+        None if trials is None else np.maximum(trials, 1),  # no trials: plotted as 0, not NaN
+    )
     factor = panel_factor(design)
     block = next(b for b in design.blocks if b.factor == factor)
+    index = block.group_index[rows]
     x = x_column(design)
     table = pd.DataFrame(
         {
             "row": rows,
             "group_factor": factor,
-            "group": [block.levels[i] for i in block.group_index[rows]],
-            "x": design.data[x].to_numpy(float)[rows] if x else np.zeros(len(rows)),
-            "y": np.asarray(design.y)[rows],
-            "lme4_fit": lme4_fit,
-            "pymc_mu": mu.mean(axis=0),
+            "group": [block.levels[i] for i in index],
+            # Without a numeric predictor: the row's position within its group (the panels
+            # show whole groups, so positions count every row of the group).
+            "x": design.data[x].to_numpy(float)[rows]
+            if x
+            else pd.Series(index).groupby(index).cumcount().to_numpy(float) + 1,
+            "y": family.observed(np.asarray(design.y), design.trials)[rows],
+            "lme4_fit": family.link.inverse(eta_hat),
+            "pymc_mu": mean.mean(axis=0),
             "pymc_lower": np.quantile(y_rep, (1 - prob) / 2, axis=0),
             "pymc_upper": np.quantile(y_rep, (1 + prob) / 2, axis=0),
         }
@@ -540,30 +564,35 @@ def new_group_table(
     max_draws: int = 2000,
     prob: float = 0.95,
 ) -> pd.DataFrame:
-    """Prediction of one observation in a new, unseen group, for each distinct covariate profile.
+    """Prediction in a new, unseen group, for each distinct covariate profile (at most 50).
 
-    lme4 (plug-in): ``x' beta_hat``, variance ``z' G_hat z + sigma_hat^2``,
-    with the estimates' own uncertainty left out.  PyMC: per draw a new
-    group effect from that draw's covariance, plus residual noise.
+    For a family with a residual scale (gaussian): one new observation, lme4's
+    plug-in ``x' beta_hat`` with variance ``z' G_hat z + sigma_hat^2``, PyMC's
+    per-draw new group effect plus residual noise.  For the others: the new
+    group's mean on the response scale (a probability, a rate at offset 0),
+    whose observations' spread depends on trials or exposure: lme4's inverse
+    link of ``x' beta_hat +- 1.96 sqrt(z' G_hat z)`` (median, not mean), PyMC's
+    per-draw new group effect through the inverse link.  The estimates' own
+    uncertainty is left out of lme4's interval.
     """
     from harness.names import corr_var, sd_var
 
     rng = np.random.default_rng(seed)
+    family = design.family
     x = x_column(design)
-    parts = {"x": design.data[x].to_numpy(float) if x else np.zeros(design.n)}
     frame = pd.DataFrame(design.X.to_numpy(float), columns=[f"X:{t}" for t in design.fixed_terms])
     for block in design.blocks:
         for j, term in enumerate(block.terms):
             frame[f"Z:{block.label}:{term}"] = block.values[:, j]
     frame["sigma_row"] = design.sigma_index if design.sigma_index is not None else 0
-    frame["x"] = parts["x"]
+    frame["x"] = design.data[x].to_numpy(float) if x else np.zeros(design.n)
     profiles = (
         frame.drop_duplicates().sort_values(["sigma_row", "x"]).head(50).reset_index(drop=True)
     )
     n_profiles = len(profiles)
     X = profiles[[f"X:{t}" for t in design.fixed_terms]].to_numpy(float)
     beta_hat = cmp.fixed.set_index("term").loc[design.fixed_terms, "lme4_estimate"].to_numpy(float)
-    lme4_mean = X @ beta_hat
+    lme4_eta = X @ beta_hat
     lme4_var = np.zeros(n_profiles)
     beta = fixed_draws(bayes, max_draws)[design.fixed_terms].to_numpy()
     pymc = beta @ X.T
@@ -583,35 +612,59 @@ def new_group_table(
             u = sds * rng.standard_normal(sds.shape)
         pymc = pymc + u @ Zb.T
     sigma_rows = profiles["sigma_row"].to_numpy(int)
-    sigma_hat = _lme4_sigma_per_row(cmp, design)
-    lme4_sigma = np.array(
-        [sigma_hat[np.flatnonzero(frame["sigma_row"].to_numpy() == r)[0]] for r in sigma_rows]
-    )
-    lme4_sd = np.sqrt(lme4_var + lme4_sigma**2)
-    sigma = _stack(posterior["sigma"], max_draws)
-    sigma = sigma[:, None] if sigma.ndim == 1 else sigma[:, sigma_rows]
-    y_new = pymc + sigma * rng.standard_normal(pymc.shape)
-    labels = []
-    for r, xv in zip(sigma_rows, profiles["x"], strict=True):
-        label = f"{x} = {xv:g}" if x else "new group"
-        if design.sigma_levels is not None:
-            label = f"{design.spec.sigma_by} = {design.sigma_levels[r]}, {label}"
-        labels.append(label)
+    new = family.link.inverse(pymc)
+    if family.has_scale:
+        sigma_hat = _lme4_sigma_per_row(cmp, design)
+        lme4_sigma = np.array(
+            [sigma_hat[np.flatnonzero(frame["sigma_row"].to_numpy() == r)[0]] for r in sigma_rows]
+        )
+        lme4_var = lme4_var + lme4_sigma**2
+        sigma = _stack(posterior["sigma"], max_draws)
+        sigma = sigma[:, None] if sigma.ndim == 1 else sigma[:, sigma_rows]
+        new = family.draw(rng, new, None, {"sigma": sigma})
+    lme4_sd = np.sqrt(lme4_var)
+    inverse = family.link.inverse
     return pd.DataFrame(
         {
-            "profile": labels,
-            "x": profiles["x"].to_numpy(float),
+            "profile": _profile_labels(design, X, profiles["x"].to_numpy(float), sigma_rows, x),
+            "x": profiles["x"].to_numpy(float) if x else np.arange(n_profiles, dtype=float),
             "sigma_level": [
                 design.sigma_levels[r] if design.sigma_levels else "" for r in sigma_rows
             ],
-            "lme4_mean": lme4_mean,
-            "lme4_lower": lme4_mean - Z95 * lme4_sd,
-            "lme4_upper": lme4_mean + Z95 * lme4_sd,
-            "pymc_mean": y_new.mean(axis=0),
-            "pymc_lower": np.quantile(y_new, (1 - prob) / 2, axis=0),
-            "pymc_upper": np.quantile(y_new, (1 + prob) / 2, axis=0),
+            "lme4_mean": inverse(lme4_eta),
+            "lme4_lower": inverse(lme4_eta - Z95 * lme4_sd),
+            "lme4_upper": inverse(lme4_eta + Z95 * lme4_sd),
+            "pymc_mean": new.mean(axis=0),
+            "pymc_lower": np.quantile(new, (1 - prob) / 2, axis=0),
+            "pymc_upper": np.quantile(new, (1 + prob) / 2, axis=0),
         }
     )
+
+
+def _profile_labels(
+    design: Design, X: np.ndarray, xs: np.ndarray, sigma_rows: np.ndarray, x: str | None
+) -> list[str]:
+    """``Days = 3`` where the plotted predictor tells the profiles apart, else their covariates."""
+    if len(X) == 1:
+        labels = ["new group"]
+    elif x and len(set(zip(sigma_rows, xs, strict=True))) == len(xs):
+        labels = [f"{x} = {v:g}" for v in xs]
+    else:
+        # The non-zero covariates of each profile (dummy codes read "period2").
+        labels = []
+        for row in X:
+            parts = [
+                t if v == 1 else f"{t}={v:g}"
+                for t, v in zip(design.fixed_terms, row, strict=True)
+                if t != "(Intercept)" and v != 0
+            ]
+            labels.append(", ".join(parts) or "reference")
+    if design.sigma_levels is not None:
+        labels = [
+            f"{design.spec.sigma_by} = {design.sigma_levels[r]}, {label}"
+            for r, label in zip(sigma_rows, labels, strict=True)
+        ]
+    return labels
 
 
 # --------------------------------------------------------------------------- verdicts
