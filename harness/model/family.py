@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -259,6 +259,15 @@ class Family:
     #: Whether the harness fits it with glmer (False: the gaussian lmer path).
     glm: ClassVar[bool] = True
     allows_cbind: ClassVar[bool] = False
+    #: Whether the response is a count without an upper bound, checked by a rootogram and
+    #: a dispersion statistic (:mod:`harness.checks.dispersion`); such a family supplies
+    #: :meth:`cdf`, :meth:`draw` and :meth:`response_variance`.
+    unbounded_counts: ClassVar[bool] = False
+    #: The response distribution's parameters besides its mean (a negative binomial's
+    #: dispersion): each is a PyMC posterior variable of that name and a row of that
+    #: ``component`` in the comparison's variance table (lme4's estimate).  They reach
+    #: :meth:`cdf`, :meth:`draw` and :meth:`response_variance` as ``params``.
+    response_parameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, link: str | None = None) -> None:
         link = link or self.default_link
@@ -313,6 +322,36 @@ class Family:
     ) -> tuple[np.ndarray, np.ndarray]:
         """d log p / d eta and the Fisher (IRLS) weight -E d2 log p / d eta2, pointwise."""
         raise NotImplementedError
+
+    # -- predictive distribution (count checks; ``params`` broadcast against ``mu``)
+    def cdf(
+        self,
+        k: np.ndarray,
+        mu: np.ndarray,
+        trials: np.ndarray | None,
+        params: Mapping[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """P(y <= k | mu, params), elementwise; k may be negative (probability 0)."""
+        raise NotImplementedError
+
+    def draw(
+        self,
+        rng: np.random.Generator,
+        mu: np.ndarray,
+        trials: np.ndarray | None,
+        params: Mapping[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """One replicated response per entry of ``mu`` (the scale :meth:`loglik` reads)."""
+        raise NotImplementedError
+
+    def response_variance(
+        self,
+        mu: np.ndarray,
+        trials: np.ndarray | None,
+        params: Mapping[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Var(y | mu, params): the denominator of Pearson residuals."""
+        return self.variance(mu, trials)
 
     # -- PyMC
     def likelihood(
@@ -407,6 +446,7 @@ class Poisson(Family):
     name = "poisson"
     links = ("log",)
     default_link = "log"
+    unbounded_counts = True
 
     def read_response(self, spec, frame):
         return _counts(frame, spec.successes, "count response"), None
@@ -427,6 +467,12 @@ class Poisson(Family):
     def score_weights(self, y, eta, trials):
         mu = np.exp(eta)
         return y - mu, mu
+
+    def cdf(self, k, mu, trials, params=None):
+        return stats.poisson.cdf(k, mu)
+
+    def draw(self, rng, mu, trials, params=None):
+        return rng.poisson(mu).astype(float)
 
     def likelihood(self, pm, pt, name, eta, data, **kw):
         return pm.Poisson(name, mu=pt.exp(eta), observed=data["y"], **kw)
