@@ -220,6 +220,8 @@ def render_figures(result: DesignResult) -> dict[str, Any]:
                 "equation_legend": [],
                 "new_group_table": [],
                 "dispersion_table": [],
+                # Count checks are a section of count families' pages only.
+                "rootogram": [note] if _counts(result) else [],
             }
 
 
@@ -449,9 +451,15 @@ def _draw_figures(result: DesignResult) -> dict[str, Any]:
     return out
 
 
+def _counts(result: DesignResult) -> bool:
+    """Whether the response is a count family's, checked by a rootogram (issue 23)."""
+    family = getattr(getattr(result, "design", None), "family", None)
+    return bool(getattr(family, "unbounded_counts", False))
+
+
 def _count_checks(result: DesignResult, y_label: str) -> tuple[list[Any], list[dict[str, Any]]]:
     """A count family's rootogram and dispersion rows; nothing for other families."""
-    if not result.design.family.unbounded_counts:
+    if not _counts(result):
         return [], []
     from harness.checks.dispersion import count_check_tables
     from harness.report.rootogram import rootogram_figure
