@@ -215,3 +215,27 @@ def test_poisson_page_shows_the_rootogram_and_the_overdispersion(tmp_path, tmp_p
     page = write_report(result, tmp_path / "overdispersed.html").read_text()
     assert 'id="counts"' in page and "Hanging rootogram" in page
     assert "could not be drawn" not in page
+
+
+@pytest.mark.r
+@pytest.mark.sampling
+def test_lme4_dispersion_is_glmers_own_pearson_statistic(tmp_path_factory):
+    """lme4's row: sum(residuals(m, "pearson")^2) / df.residual(m) of glmer run in R itself."""
+    import rpy2.robjects as ro
+
+    from harness.engines.lme4 import to_r_frame
+
+    result = count_result(tmp_path_factory.getbasetemp() / "harness-cache")
+    assert result.figures is not None
+    lme4 = result.figures["dispersion_table"][0]
+    spec, data = overdispersed_design()
+    in_r = ro.r(
+        """function(d, f) {
+          m <- lme4::glmer(as.formula(f), data = d, family = poisson)
+          chi2 <- sum(residuals(m, type = "pearson")^2)
+          c(chi2 / df.residual(m), pchisq(chi2, df.residual(m), lower.tail = FALSE))
+        }"""
+    )
+    ratio, p_value = np.asarray(in_r(to_r_frame(data), spec.formula), dtype=float)
+    assert lme4["observed"] == pytest.approx(ratio, rel=1e-5)
+    assert lme4["p_value"] == pytest.approx(p_value, rel=1e-3)
