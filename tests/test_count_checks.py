@@ -73,6 +73,12 @@ def test_huge_counts_bin_the_tail():
     assert table["observed"].sum() == y.size
 
 
+def test_a_heap_of_zeros_keeps_its_own_bin_beside_a_sparse_tail():
+    bins = count_bins(np.r_[np.zeros(1000), [50.0, 80.0]], max_bins=30)
+    _assert_cover(bins)
+    assert list(bins["label"][:3]) == ["0", "1–49", "50"]
+
+
 def test_expected_frequencies_are_the_summed_probabilities():
     rng = np.random.default_rng(4)
     mu = rng.gamma(3, 1, size=50)

@@ -87,8 +87,7 @@ def count_bins(y: np.ndarray, max_bins: int = MAX_BINS) -> pd.DataFrame:
     if hi - lo + 1 <= max_bins:
         lowers = list(range(lo, hi + 1))
     else:
-        starts = np.quantile(y, np.linspace(0, 1, max_bins + 1)[:-1])
-        lowers = sorted({int(v) for v in np.floor(starts)})
+        lowers = _quantile_starts(y, max_bins)
     uppers = [b - 1 for b in lowers[1:]] + [hi]
     labels = [str(a) if a == b else f"{a}–{b}" for a, b in zip(lowers, uppers, strict=True)]
     if lo > 0:
@@ -101,6 +100,28 @@ def count_bins(y: np.ndarray, max_bins: int = MAX_BINS) -> pd.DataFrame:
     return pd.DataFrame(
         {"lower": lowers, "upper": [*map(float, uppers), math.inf], "label": labels}
     )
+
+
+def _quantile_starts(y: np.ndarray, max_bins: int) -> list[int]:
+    """Up to ``max_bins`` bin starts at quantiles of ``y`` (the first its minimum).
+
+    Tied quantiles merge, so the number of quantiles grows (by bisection) until
+    the distinct starts fill ``max_bins``: dense counts keep unit bins, a sparse
+    tail gets wide ones.  A count that starts a bin gets a bin of its own when
+    room is left, so a heap of zeros is not merged with the counts above it.
+    """
+    ordered = np.sort(np.floor(y)).astype(np.int64)
+
+    def starts(k: int) -> np.ndarray:
+        return np.unique(ordered[np.linspace(0, ordered.size - 1, k + 1)[:-1].astype(int)])
+
+    low, high = 1, ordered.size  # starts(low) fits; find the most quantiles that fit
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if starts(mid).size <= max_bins else (low, mid - 1)
+    chosen = {int(v) for v in starts(low)}
+    alone = chosen | {v + 1 for v in chosen if v + 1 <= ordered[-1]}
+    return sorted(alone if len(alone) <= max_bins else chosen)
 
 
 def _bin_probabilities(
@@ -195,7 +216,7 @@ def _verdict(p: float, family: Family) -> tuple[str, str]:
     if p < LOOK_BELOW:
         return "look", (
             f"p = {p:.3g} < {LOOK_BELOW:g}: the counts vary more than a {family.name} fit allows "
-            "(overdispersion); the standard errors of both engines are then too small"
+            "(overdispersion); its standard errors and intervals are then likely too narrow"
         )
     if p > 1 - LOOK_BELOW:
         return "look", (
