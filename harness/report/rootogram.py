@@ -63,11 +63,11 @@ def rootogram_figure(table: pd.DataFrame, response: str = "count", engine: str =
     x = np.arange(len(table))
     labels = [str(v) for v in table["label"]]
     step = max(1, int(np.ceil(len(x) / MAX_TICKS)))
-    fig = _fig(min(5.0 + 0.3 * len(x), 12.0), 3.4)
+    fig = _fig(min(max(8.0, 4.0 + 0.3 * len(x)), 12.0), 3.4)
     axes = fig.subplots(1, 2, sharey=True)
     titles = {
-        "lme4": f"{engine}: plug-in, at its conditional modes",
-        "PyMC": "PyMC: posterior predictive expectation",
+        "lme4": f"{engine}: at its conditional modes",
+        "PyMC": "PyMC: posterior predictive",
     }
     for ax, name in zip(axes, ("lme4", "PyMC"), strict=True):
         style, other_style = (LME4, PYMC) if name == "lme4" else (PYMC, LME4)
@@ -106,6 +106,11 @@ def rootogram_figure(table: pd.DataFrame, response: str = "count", engine: str =
         ax.set_xlabel(response, fontsize=LABEL_SIZE)
         ax.set_title(titles[name], fontsize=TITLE_SIZE)
         _finish(ax)
+    # Bars stick to their feet, so autoscaling would cut the lowest foot at the frame.
+    ends = np.concatenate([*expected.values(), *(h - observed for h in expected.values()), [0.0]])
+    ends = ends[np.isfinite(ends)]
+    pad = 0.05 * max(float(ends.max() - ends.min()), 1.0)
+    axes[0].set_ylim(float(ends.min()) - pad, float(ends.max()) + pad)
     axes[0].set_ylabel("√frequency", fontsize=LABEL_SIZE)
     axes[1].legend(fontsize=7, loc="upper right", frameon=False)
     return fig
