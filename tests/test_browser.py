@@ -297,6 +297,21 @@ def test_report_in_chromium(
     assert (tmp_path / f"{report_pair['report'].stem}.png").stat().st_size > 10_000
 
 
+def test_poisson_page_shows_its_rootogram_in_chromium(
+    browser_path: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """A count family's page (issue 23): the rootogram decodes, beside every other image."""
+    from harness.report.page import write_report
+    from tests.test_count_checks import count_result
+
+    result = count_result(tmp_path_factory.getbasetemp() / "harness-cache")
+    page = write_report(result, tmp_path / "overdispersed.html")
+    state = inspect_page(browser_path, page, "verdict-table", tmp_path)
+    _assert_offline_and_decoded(state)
+    rootograms = [i for i in state["images"] if "rootogram" in i["alt"].lower()]
+    assert len(rootograms) == 1 and rootograms[0]["width"] > 400
+
+
 def test_index_in_chromium(browser_path: str, report_pair: dict[str, Path], tmp_path: Path) -> None:
     state = inspect_page(browser_path, report_pair["index"], "index-table", tmp_path)
     _assert_offline_and_decoded(state)

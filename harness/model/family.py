@@ -449,6 +449,26 @@ class Family:
         """One group's own maximum-likelihood coefficients (NaN where none is finite)."""
         return fit_glm(self, y, X, trials, offset)
 
+    # -- predictive distribution (count checks; ``params`` broadcast against ``mu``)
+    def cdf(
+        self,
+        k: np.ndarray,
+        mu: np.ndarray,
+        trials: np.ndarray | None,
+        params: Mapping[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """P(y <= k | mu, params), elementwise; k may be negative (probability 0)."""
+        raise NotImplementedError
+
+    def response_variance(
+        self,
+        mu: np.ndarray,
+        trials: np.ndarray | None,
+        params: Mapping[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Var(y | mu, params): the denominator of Pearson residuals."""
+        return self.variance(mu, trials)
+
     # -- PyMC
     def likelihood(
         self, pm: Any, pt: Any, name: str, eta: Any, data: dict[str, Any], **kw: Any
@@ -650,6 +670,7 @@ class Poisson(Family):
     links = ("log",)
     default_link = "log"
     tex_mean = r"\lambda"
+    unbounded_counts = True
 
     def read_response(self, spec, frame):
         return _counts(frame, spec.successes, "count response"), None
@@ -679,6 +700,9 @@ class Poisson(Family):
 
     def draw(self, rng, mu, trials=None, params=None):
         return rng.poisson(mu).astype(float)
+
+    def cdf(self, k, mu, trials=None, params=None):
+        return stats.poisson.cdf(k, mu)
 
     def response_label(self, response, trials, unit=""):
         return f"{response} (count)"

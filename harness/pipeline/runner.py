@@ -11,7 +11,8 @@ same_model the lme4 key, the PyMC versions, ``harness/checks/same_model.py``
 compare    the keys of the pair's two fits and the checks' code (two Bayesian fits are
            compared by ``compare_bayes.py``, in combined Monte Carlo error)
 same_model_bayes  the keys of the PyMC and brms fits, the model, engines and checks code
-figures    the compare and same-model keys, ``plots.py``, ``report_tables.py``, ``report.py``
+figures    the compare and same-model keys, ``harness/report`` and ``checks/dispersion.py``
+           (the count checks are computed while the figures are drawn)
 ========== ===================================================================
 
 Every key is made by one function (:func:`stage_key`), and an engine's by
@@ -672,7 +673,7 @@ def _figures_key(
     renderer = f"{render.__module__}.{render.__qualname__}" if render is not None else None
     return stage_key(
         "figures",
-        ("report",),
+        ("report", "checks/dispersion.py"),
         compare={k: v for k, v in keys.items() if k.split(":")[0] == "compare"},
         same_model=keys.get("same_model"),
         name=name,

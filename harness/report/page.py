@@ -198,6 +198,7 @@ FIGURES = (
     "eq_varying",
     "z",
     "predictive",
+    "rootogram",
     "new_group",
     "rank",
 )
@@ -218,6 +219,9 @@ def render_figures(result: DesignResult) -> dict[str, Any]:
                 **{key: [note] for key in FIGURES},
                 "equation_legend": [],
                 "new_group_table": [],
+                "dispersion_table": [],
+                # Count checks are a section of count families' pages only.
+                "rootogram": [note] if _counts(result) else [],
             }
 
 
@@ -422,6 +426,7 @@ def _draw_figures(result: DesignResult) -> dict[str, Any]:
             "Observed data per group with both engines' fitted values",
         )
     ]
+    out["rootogram"], out["dispersion_table"] = _count_checks(result, y_label)
     try:
         new_group = rt.new_group_table(cmp, bayes, design, seed=result.seed)
     except Exception as err:
@@ -444,6 +449,35 @@ def _draw_figures(result: DesignResult) -> dict[str, Any]:
         )
     ]
     return out
+
+
+def _counts(result: DesignResult) -> bool:
+    """Whether the response is a count family's, checked by a rootogram (issue 23)."""
+    family = getattr(getattr(result, "design", None), "family", None)
+    return bool(getattr(family, "unbounded_counts", False))
+
+
+def _count_checks(result: DesignResult, y_label: str) -> tuple[list[Any], list[dict[str, Any]]]:
+    """A count family's rootogram and dispersion rows; nothing for other families."""
+    if not _counts(result):
+        return [], []
+    from harness.checks.dispersion import count_check_tables
+    from harness.report.rootogram import rootogram_figure
+
+    try:
+        checks = count_check_tables(
+            result.comparison, result.bayes, result.design, seed=result.seed
+        )
+    except Exception as err:  # the section says why instead
+        return [_figure_note("rootogram and dispersion", err)], []
+    figure = _figure(
+        "rootogram",
+        lambda: rootogram_figure(checks.rootogram, y_label, engine=result.freq.engine),
+        "Hanging rootogram of the observed counts against both engines' expected frequencies",
+        "Bars: √(observed frequency) of each count, hanging from √(expected frequency); a foot "
+        "below zero: more observations of that count than expected, above zero: fewer.",
+    )
+    return [figure], checks.dispersion.to_dict("records")
 
 
 # --------------------------------------------------------------------------- pages
