@@ -203,3 +203,42 @@ def test_small_negbin_fit_through_the_pipeline(tmp_path):
     assert draws.std() > 0 and 0.3 * theta_hat < np.median(draws) < 3 * theta_hat
     assert row["verdict"] in {"pass", "look", "fail", "unreliable"}
     assert result.comparison.verdict in {"pass", "look", "fail", "unreliable"}
+
+
+def test_compare_command_takes_negbin_and_refuses_its_bad_input_before_fitting(tmp_path, capsys):
+    from harness.cli import build_parser, main
+
+    args = build_parser().parse_args(
+        ["compare", "x.csv", "--formula", "y ~ (1 | g)", "--family", "negbin"]
+    )
+    assert args.family == "negbin"
+    data, spec = hz.datasets.load("grouseticks")
+    csv = tmp_path / "ticks.csv"
+    data.assign(TICKS=data["TICKS"] + 0.5).to_csv(csv, index=False)
+    out = tmp_path / "report.html"
+    argv = ["compare", str(csv), "--formula", spec.formula, "--family", "negbin", "--out", str(out)]
+    assert main(argv) == 1
+    assert "must hold whole numbers" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*argv[:-2], "--family", "negbin", "--link", "logit"]) == 1
+    assert "link 'logit' is not available for family 'negbin'" in capsys.readouterr().err
+
+
+@pytest.mark.r
+def test_negbin_with_an_exposure_offset_keeps_the_identity():
+    rng = np.random.default_rng(2)
+    g = np.repeat(np.arange(15), 8)
+    x, exposure = rng.normal(size=g.size), rng.uniform(0.5, 3, g.size)
+    mu = exposure * np.exp(0.5 + 0.4 * x + rng.normal(0, 0.6, 15)[g])
+    data = pd.DataFrame(
+        {
+            "y": rng.negative_binomial(1.5, 1.5 / (1.5 + mu)),
+            "x": x,
+            "expo": exposure,
+            "g": [f"h{i}" for i in g],
+        }
+    )
+    spec = ModelSpec("y ~ x + offset(log(expo)) + (1 | g)", family="negbin")
+    freq = hz.fit_lme4(spec, data, n_sims=0, profile=False)
+    result = hz.same_model(spec, data, freq=freq)
+    assert result.ok and abs(result.difference) < 1e-6, result.reasons
