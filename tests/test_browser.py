@@ -297,15 +297,22 @@ def test_report_in_chromium(
     assert (tmp_path / f"{report_pair['report'].stem}.png").stat().st_size > 10_000
 
 
-def test_poisson_page_shows_its_rootogram_in_chromium(
+def test_shipped_count_design_shows_its_rootogram_in_chromium(
     browser_path: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
-    """A count family's page (issue 23): the rootogram decodes, beside every other image."""
+    """The shipped negative binomial design (issue 23): same model, its rootogram decodes."""
     from harness.report.page import write_report
-    from tests.test_count_checks import count_result
 
-    result = count_result(tmp_path_factory.getbasetemp() / "harness-cache")
-    page = write_report(result, tmp_path / "overdispersed.html")
+    result = fit_design(
+        "grouseticks",
+        seed=1,
+        cache_dir=tmp_path_factory.getbasetemp() / "harness-cache",
+        settings=REPORT_SETTINGS,
+        render=render_figures,
+    )
+    assert result.same_model is not None and result.same_model.ok
+    assert abs(result.same_model.difference) < 1e-6  # glmer's logLik at glmer.nb's theta
+    page = write_report(result, tmp_path / "grouseticks.html")
     state = inspect_page(browser_path, page, "verdict-table", tmp_path)
     _assert_offline_and_decoded(state)
     rootograms = [i for i in state["images"] if "rootogram" in i["alt"].lower()]
