@@ -304,3 +304,17 @@ def test_empty_tables_raise_clear_errors() -> None:
         plots.forest_plot(_fixed([]))
     with pytest.raises(plots.FigureDataError, match="no variance components"):
         plots.variance_density(pd.DataFrame(columns=["component", "value"]), _variance([]))
+
+
+def test_new_group_mean_is_the_mean_through_the_link_not_the_median():
+    """lme4's new-group mean for a log link is exp(eta + sd^2/2), not exp(eta) (the median)."""
+    from scipy import special
+
+    from harness.report.tables import new_group_mean
+
+    eta, sd = np.array([1.0, 2.0, 0.5]), np.array([0.9, 0.0, 0.3])
+    np.testing.assert_allclose(new_group_mean(np.exp, eta, sd), np.exp(eta + sd**2 / 2), rtol=1e-10)
+    np.testing.assert_allclose(new_group_mean(lambda e: e, eta, sd), eta, rtol=1e-13)
+    # logit: the mean moves toward 1/2 as the group effect's SD grows.
+    p = new_group_mean(special.expit, np.array([2.0, 2.0]), np.array([0.0, 2.0]))
+    assert p[0] == pytest.approx(special.expit(2.0)) and 0.5 < p[1] < p[0]

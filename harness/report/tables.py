@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -571,9 +571,12 @@ def new_group_table(
     per-draw new group effect plus residual noise.  For the others: the new
     group's mean on the response scale (a probability, a rate at offset 0),
     whose observations' spread depends on trials or exposure: lme4's inverse
-    link of ``x' beta_hat +- 1.96 sqrt(z' G_hat z)`` (median, not mean), PyMC's
-    per-draw new group effect through the inverse link.  The estimates' own
-    uncertainty is left out of lme4's interval.
+    link of ``x' beta_hat +- 1.96 sqrt(z' G_hat z)`` for the interval and, for
+    the mean, the inverse link averaged over the new group effect ``N(0, z' G_hat z)``
+    (Gauss-Hermite; through a non-linear link the mean is not the inverse link
+    of ``x' beta_hat``, which is the median), PyMC's per-draw new group effect
+    through the inverse link.  The estimates' own uncertainty is left out of
+    lme4's interval.
     """
     from harness.names import corr_var, sd_var
 
@@ -624,6 +627,7 @@ def new_group_table(
         new = family.draw(rng, new, None, {"sigma": sigma})
     lme4_sd = np.sqrt(lme4_var)
     inverse = family.link.inverse
+    lme4_mean = new_group_mean(inverse, lme4_eta, lme4_sd)
     return pd.DataFrame(
         {
             "profile": _profile_labels(design, X, profiles["x"].to_numpy(float), sigma_rows, x),
@@ -631,7 +635,7 @@ def new_group_table(
             "sigma_level": [
                 design.sigma_levels[r] if design.sigma_levels else "" for r in sigma_rows
             ],
-            "lme4_mean": inverse(lme4_eta),
+            "lme4_mean": lme4_mean,
             "lme4_lower": inverse(lme4_eta - Z95 * lme4_sd),
             "lme4_upper": inverse(lme4_eta + Z95 * lme4_sd),
             "pymc_mean": new.mean(axis=0),
@@ -639,6 +643,19 @@ def new_group_table(
             "pymc_upper": np.quantile(new, (1 + prob) / 2, axis=0),
         }
     )
+
+
+def new_group_mean(
+    inverse: Callable[[np.ndarray], np.ndarray], eta: np.ndarray, sd: np.ndarray
+) -> np.ndarray:
+    """``E[inverse(eta + sd Z)]``, ``Z ~ N(0, 1)``, by 40-point Gauss-Hermite quadrature.
+
+    The mean of a new group's response-scale mean under lme4's plug-in law of its
+    effect; equal to ``inverse(eta)`` only for the identity link (or ``sd = 0``).
+    """
+    nodes, weights = np.polynomial.hermite.hermgauss(40)
+    points = np.asarray(eta, float)[:, None] + np.sqrt(2.0) * np.asarray(sd, float)[:, None] * nodes
+    return np.asarray(inverse(points) @ weights / np.sqrt(np.pi), dtype=float)
 
 
 def _profile_labels(
