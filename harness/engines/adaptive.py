@@ -100,6 +100,16 @@ ESS_MARGIN = 1.2
 #: this share of the target's margin (``rhat_max - 1``); beyond it, longer chains.
 RHAT_ROOM = 0.5
 
+#: Extended chains aim at R-hat - 1 of this share of the target's margin.
+RHAT_AIM = 0.8
+
+#: One extension at most multiplies the chains' length by this (then the draws are judged again).
+MAX_EXTENSION = 2.0
+
+#: Extending again needs the last extension to have cut R-hat - 1 by this share at least;
+#: otherwise the chains are not just short, they mix slowly, and the geometry is next.
+EXTENSION_GAIN = 0.25
+
 
 @dataclass(frozen=True)
 class AdaptiveSettings:
@@ -607,6 +617,10 @@ class _Kept:
     tune: int
     draws: int
     low_rank: bool = False  # sampled with nutpie's low-rank mass matrix
+    pooled: bool = False  # chains of several runs: no single run's chains to extend
+
+    def extendable(self) -> bool:
+        return not self.pooled and bool(getattr(self.run, "extendable", False))
 
 
 @dataclass
@@ -621,6 +635,9 @@ class _Plan:
     length: int
     n_chains: int
     add: bool = False  # pooled with the kept chains (else it replaces them)
+    # The kept chains continued from ``start`` to ``length`` draws (no new run, no warm-up).
+    extend: bool = False
+    start: int = 0
     low_rank: bool = False  # nutpie's low-rank modified mass matrix
     # A cheaper plan for the same problem, run instead when this one would pass the budget.
     fallback: _Plan | None = None
@@ -628,10 +645,12 @@ class _Plan:
 
     @property
     def draws(self) -> int:
-        return self.n_chains * self.length
+        return self.n_chains * (self.length - self.start)
 
     @property
     def iterations(self) -> int:
+        if self.extend:
+            return self.draws
         return self.n_chains * (self.warmup + self.length)
 
 
@@ -650,6 +669,8 @@ class _Memory:
     diverged_at: dict[str, float] = field(default_factory=dict)
     # nutpie's low-rank mass matrix is on offer (nutpie only) and not tried yet.
     low_rank_open: bool = False
+    # The last extension of R-hat-failing chains cut R-hat - 1 by less than EXTENSION_GAIN.
+    extension_stalled: bool = False
 
 
 def _same(kept: _Kept, memory: _Memory, **changes: Any) -> dict[str, Any]:
@@ -684,6 +705,73 @@ def _plan_low_rank(kept: _Kept, memory: _Memory, why: str) -> _Plan | None:
         f"{why}: the same run with nutpie's low-rank modified mass matrix, which adapts the "
         "directions in which parameters move together",
         **_same(kept, memory, low_rank=True),
+    )
+
+
+def extension_factor(diag: dict[str, Any], settings: AdaptiveSettings) -> float:
+    """How much longer the chains must be for R-hat and ESS to reach their targets.
+
+    ESS grows with the chains' length; R-hat's excess over 1 comes from the
+    chains' means differing by their Monte Carlo error, so ``R-hat^2 - 1``
+    shrinks as ``1 / length`` (the chains settled, only short).  The factor
+    is the larger of ``ESS_MARGIN * ess_min / ESS`` and the ratio of
+    ``R-hat^2 - 1`` to that of :data:`RHAT_AIM` of the target's margin.
+    """
+    ess = [v for v in (diag["min_ess_bulk"], diag["min_ess_tail"]) if v is not None]
+    factor = ESS_MARGIN * settings.ess_min / max(min(ess), 1.0) if ess else 1.0
+    r_hat = diag["max_r_hat"]
+    if r_hat is not None and r_hat > settings.rhat_max:
+        aim = (1.0 + RHAT_AIM * (settings.rhat_max - 1.0)) ** 2 - 1.0
+        factor = max(factor, (r_hat**2 - 1.0) / aim)
+    return factor
+
+
+def _plan_extend(
+    design: Design,
+    kept: _Kept,
+    memory: _Memory,
+    settings: AdaptiveSettings,
+    problem: str,
+    *,
+    cheaper_than_a_run: bool = False,
+) -> _Plan | None:
+    """Continue the kept chains (no new warm-up, no draw thrown away), when that can cure.
+
+    Only for draws without divergences (extending keeps them), chains that
+    agree (a stray chain needs a new warm-up) and one run's chains (pooled
+    runs cannot be continued), within the chains' capacity.  An extension
+    after one that did not cut R-hat - 1 by :data:`EXTENSION_GAIN` is not
+    planned: the chains mix slowly, and the geometry comes next.  With
+    ``cheaper_than_a_run`` only when it adds fewer draws than a new run of
+    the kept length would sample (then it comes before a re-parameterisation).
+    """
+    diag = kept.diag
+    if diag["divergences"] or not kept.extendable() or memory.extension_stalled:
+        return None
+    evidence: dict[str, Any] = {}
+    r_hat = diag["max_r_hat"]
+    if r_hat is not None and r_hat > settings.rhat_max:
+        disagreement = _disagreement_evidence(kept.idata, design, diag)
+        evidence["chain_disagreement"] = disagreement
+        if max(abs(z) for z in disagreement["chain_z"]) > ODD_CHAIN_Z:
+            return None
+    factor = extension_factor(diag, settings)
+    if cheaper_than_a_run and factor >= MAX_EXTENSION:
+        return None
+    length = max(kept.draws + 1, math.ceil(kept.draws * min(factor, MAX_EXTENSION)))
+    if length > kept.run.capacity:
+        return None
+    evidence["extension_factor"] = round(factor, 3)
+    chains = int(diag["chains"])
+    return _Plan(
+        "extend chains",
+        f"{problem}: the chains agree and need x{factor:.2f} their length for the targets: "
+        f"all {chains} chains continued from {kept.draws} to {length} draws (their warm-up "
+        "and draws kept)",
+        evidence=evidence,
+        extend=True,
+        start=kept.draws,
+        **_same(kept, memory, length=length, n_chains=chains),
     )
 
 
@@ -784,6 +872,9 @@ def _plan_rhat(
     # After longer chains failed (sampled worse, or diverged) the other geometry comes first;
     # longer chains that diverged are retried at a higher target_accept after it.
     failed = "restart with longer chains" in memory.diverged_at or not longer
+    extension = _plan_extend(design, kept, memory, settings, problem)
+    if extension is not None:
+        return extension
     low_rank = _plan_low_rank(kept, memory, f"{problem}: {mixing}")
     if low_rank is not None:
         low_rank.evidence = evidence
@@ -822,8 +913,13 @@ def _plan_rhat(
     return f"no remedy left: {problem}: {mixing}; longer chains sampled worse, {geometry}"
 
 
-def _plan_ess(kept: _Kept, memory: _Memory, settings: AdaptiveSettings, problem: str) -> _Plan:
+def _plan_ess(
+    design: Design, kept: _Kept, memory: _Memory, settings: AdaptiveSettings, problem: str
+) -> _Plan:
     """ESS short with R-hat fine: more draws, by whichever of two sound ways costs less."""
+    extension = _plan_extend(design, kept, memory, settings, problem)
+    if extension is not None:
+        return extension
     ess = min(v for v in (kept.diag["min_ess_bulk"], kept.diag["min_ess_tail"]) if v is not None)
     factor = ESS_MARGIN * settings.ess_min / max(ess, 1.0)
     chains_kept = int(kept.diag["chains"])
@@ -885,6 +981,11 @@ def plan_next(
 ) -> _Plan | str:
     """The next round by the evidence of the kept draws, or why there is none ("no remedy left")."""
     problem = describe(kept.diag)
+    # Chains that only fall short of the targets are continued when that costs less
+    # than any new run; the rule's re-parameterisation is one more run, kept or not.
+    cheap = _plan_extend(design, kept, memory, settings, problem, cheaper_than_a_run=True)
+    if cheap is not None:
+        return cheap
     if not memory.rule_used and design.spec.parameterization == "offsets":
         memory.rule_used = True
         suggestion, evidence = suggest_centering(kept.idata, design)
@@ -903,7 +1004,7 @@ def plan_next(
         return _plan_divergences(design, kept, memory, problem)
     if kept.diag["max_r_hat"] is not None and kept.diag["max_r_hat"] > settings.rhat_max:
         return _plan_rhat(design, kept, memory, settings, problem)
-    return _plan_ess(kept, memory, settings, problem)
+    return _plan_ess(design, kept, memory, settings, problem)
 
 
 def sample_adaptively(
@@ -957,9 +1058,16 @@ def sample_adaptively(
         settings.max_draws if settings.max_draws is not None else DRAWS_FACTOR * chains * draws
     )
     started = clock()
+    opened: list[Run] = []  # runs whose chains may still hold sampler threads
 
-    def run(number: int, plan: _Plan) -> Run:
-        return sample_once(
+    def run(number: int, plan: _Plan, draws_so_far: int) -> Run:
+        extra: dict[str, Any] = {"low_rank": True} if plan.low_rank else {}
+        if sampler == "nutpie":
+            # Room to continue these chains with whatever the draws budget leaves.
+            extra["capacity"] = plan.length + max(
+                0, (max_draws - draws_so_far - plan.draws) // plan.n_chains
+            )
+        new = sample_once(
             design,
             priors,
             seed=round_seed(seed, number),
@@ -970,11 +1078,52 @@ def sample_adaptively(
             target_accept=plan.accept,
             progress=progress,
             centered=plan.blocks,
-            **({"low_rank": True} if plan.low_rank else {}),
+            **extra,
         )
+        opened.append(new)
+        return new
 
+    try:
+        return _rounds(
+            design,
+            seed,
+            draws,
+            tune,
+            chains,
+            target_accept,
+            centered,
+            settings,
+            sampler,
+            max_draws,
+            started,
+            clock,
+            run,
+        )
+    finally:
+        for opened_run in opened:
+            close = getattr(opened_run, "close", None)
+            if close is not None:
+                close()
+
+
+def _rounds(
+    design: Design,
+    seed: int,
+    draws: int,
+    tune: int,
+    chains: int,
+    target_accept: float,
+    centered: Collection[str],
+    settings: AdaptiveSettings,
+    sampler: str,
+    max_draws: int,
+    started: float,
+    clock: Callable[[], float],
+    run: Callable[[int, _Plan, int], Run],
+) -> Outcome:
+    """The rounds of :func:`sample_adaptively` (which closes every run's chains afterwards)."""
     first_plan = _Plan("first run", "", target_accept, frozenset(centered), tune, draws, chains)
-    first = run(1, first_plan)
+    first = run(1, first_plan, 0)
     kept = _Kept(
         first,
         first.idata,
@@ -1032,7 +1181,10 @@ def sample_adaptively(
         number = len(rounds) + 1
         log.info("adaptive round %d: %s (%s)", number, plan.action, plan.why)
         try:
-            new = run(number, plan)
+            if plan.extend:
+                new = kept.run.extend(plan.length)
+            else:
+                new = run(number, plan, draws_sampled)
         except SamplerFailed as err:
             # The run never produced draws (e.g. no valid initial point in the new geometry):
             # it counts as a round that sampled worse, and the loop goes on from the kept draws.
@@ -1069,8 +1221,17 @@ def sample_adaptively(
         memory.tried.add((new.centered, new.target_accept))
         before = kept.diag
         was_kept, note = True, ""
-        if plan.add:
+        if plan.extend:
+            # The same chains, longer: always kept (the draws so far are among them).
+            extended = diagnose(new.idata, design, settings)
+            old_r, new_r = before["max_r_hat"], extended["max_r_hat"]
+            if old_r is not None and new_r is not None and old_r > settings.rhat_max:
+                cut = 1.0 - (new_r - 1.0) / max(old_r - 1.0, 1e-12)
+                memory.extension_stalled = cut < EXTENSION_GAIN
+            kept = _Kept(new, new.idata, extended, kept.tune, plan.length, kept.low_rank)
+        elif plan.add:
             pooled = concat_chains(kept.idata, new.idata)
+            kept.run.close()  # pooled chains are never continued
             kept = candidate = _Kept(
                 new,
                 pooled,
@@ -1078,7 +1239,9 @@ def sample_adaptively(
                 kept.tune,
                 kept.draws,
                 plan.low_rank,
+                pooled=True,
             )
+            new.close()
         else:
             candidate = _Kept(
                 new,
@@ -1100,8 +1263,11 @@ def sample_adaptively(
                 else:
                     memory.not_kept.add(plan.action)
                 was_kept = False
+                new.close()
             else:
+                kept.run.close()
                 kept = candidate
+                memory.extension_stalled = False  # new chains: they may be continued
                 if plan.action == "restart with longer chains":
                     memory.longer_chains_kept += 1
         after = kept.diag if was_kept else candidate.diag

@@ -13,11 +13,12 @@ data of later fits into it; :func:`refit` does so for a given fit.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,6 +28,7 @@ import pandas as pd
 from harness.engines.samplers import (
     COMPILED,
     SAMPLERS,
+    ExtendableChains,
     compiled_nutpie,
     require_sampler,
     sample_nutpie,
@@ -761,6 +763,32 @@ class Run:
     seed: int
     chains: int
     low_rank: bool = False
+    # nutpie chains that can go on sampling (:class:`ExtendableChains`), with what
+    # turns their raw draws into this run's posterior; None for a run that cannot.
+    chains_handle: ExtendableChains | None = None
+    finish: Callable[[Any], Any] | None = None
+
+    @property
+    def extendable(self) -> bool:
+        return self.chains_handle is not None and not self.chains_handle._closed
+
+    @property
+    def capacity(self) -> int:
+        return self.chains_handle.capacity if self.chains_handle is not None else 0
+
+    def extend(self, length: int) -> Run:
+        """This run's chains continued to ``length`` draws each (the same chains, no warm-up)."""
+        if self.chains_handle is None or self.finish is None:
+            raise ValueError("this run's chains cannot be extended")
+        raw, seconds = self.chains_handle.draws_up_to(length)
+        return dataclasses.replace(
+            self, idata=self.finish(raw), compile_seconds=0.0, sample_seconds=seconds
+        )
+
+    def close(self) -> None:
+        """Stop the chains' threads (a run whose chains will not be extended)."""
+        if self.chains_handle is not None:
+            self.chains_handle.close()
 
 
 def sample_once(
@@ -776,12 +804,17 @@ def sample_once(
     progress: bool = False,
     centered: Collection[str] = (),
     low_rank: bool = False,
+    capacity: int | None = None,
 ) -> Run:
     """Sample the model of ``design`` once (nutpie: compile or reuse, swap data, sample).
 
     The posterior holds ``u_<label>`` for every block whatever its
     parameterisation, under lme4's labels.  ``low_rank`` (nutpie only) adapts
-    a low-rank modified mass matrix instead of the diagonal one.
+    a low-rank modified mass matrix instead of the diagonal one.  With
+    ``capacity`` (nutpie only) the chains stay open after their ``draws``
+    and :meth:`Run.extend` continues them up to ``capacity`` draws each; the
+    first ``draws`` are those of a run without it.  Call :meth:`Run.close`
+    when they will not be extended.
     """
     if low_rank and sampler != "nutpie":
         raise ValueError(f"low_rank needs sampler 'nutpie', not {sampler!r}")
@@ -796,17 +829,54 @@ def sample_once(
             pack_data(model_data(design, priors))[0],
             skip=lambda model: set(_offsets_after_sampling(design, centered)),
         )
-        idata, sample_s = sample_nutpie(
-            compiled,
-            draws=draws,
-            tune=tune,
-            chains=chains,
-            seed=seed,
-            target_accept=target_accept,
-            progress=progress,
-            low_rank=low_rank,
+
+        def finish(raw: Any) -> Any:
+            return _relabel(_add_offsets(raw, design, centered), design)
+
+        handle: ExtendableChains | None = None
+        if capacity is not None and capacity > draws:
+            handle = ExtendableChains(
+                compiled,
+                draws=draws,
+                tune=tune,
+                chains=chains,
+                capacity=capacity,
+                seed=seed,
+                target_accept=target_accept,
+                progress=progress,
+                low_rank=low_rank,
+            )
+            try:
+                raw, sample_s = handle.draws_up_to(draws)
+            except BaseException:
+                handle.close()
+                raise
+        else:
+            raw, sample_s = sample_nutpie(
+                compiled,
+                draws=draws,
+                tune=tune,
+                chains=chains,
+                seed=seed,
+                target_accept=target_accept,
+                progress=progress,
+                low_rank=low_rank,
+            )
+        return Run(
+            finish(raw),
+            compile_s,
+            sample_s,
+            cached,
+            key,
+            parts,
+            centered,
+            target_accept,
+            seed,
+            chains,
+            low_rank,
+            handle,
+            finish if handle is not None else None,
         )
-        idata = _relabel(_add_offsets(idata, design, centered), design)
     else:
         idata, sample_s = sample_pymc(
             build_model(design, priors, centered),

@@ -292,3 +292,168 @@ def sample_pymc(
             compute_convergence_checks=False,
         )
     return idata, time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- extendable chains
+
+#: Longest pause between two looks at a running sampler's progress, in seconds.
+POLL_MAX_SECONDS = 2.0
+
+
+def _is_panic(err: BaseException) -> bool:
+    # A Rust panic in nutpie reaches Python as pyo3's PanicException, a BaseException.
+    return type(err).__name__ == "PanicException"
+
+
+class ExtendableChains:
+    """nutpie chains that can be sampled further after their first draws were taken.
+
+    nutpie samples in background threads that can be paused and resumed
+    (``nutpie.sample(..., blocking=False)``).  The chains are started with room
+    for ``capacity`` draws each, paused as soon as every chain has its first
+    ``draws``, and resumed by :meth:`extend` when more are wanted: the longer
+    chains continue where they stopped, with the warm-up's step size and mass
+    matrix, so no warm-up is repeated and no draw is thrown away.
+
+    Each chain's draws depend on the seed alone, not on when it was paused:
+    the first ``n`` draws of a chain are those of a run of ``n`` draws (every
+    chain runs in its own thread, ``cores = chains``, so that none waits for
+    another to finish its capacity), and the returned draws are cut at exactly
+    the requested length.  Draws a chain made beyond it while the others
+    caught up are sampled but never used.
+    """
+
+    def __init__(
+        self,
+        compiled: Any,
+        *,
+        draws: int,
+        tune: int,
+        chains: int,
+        capacity: int,
+        seed: int,
+        target_accept: float,
+        progress: bool,
+        low_rank: bool,
+    ) -> None:
+        import nutpie
+
+        from harness import progress as progress_lines
+
+        self.tune = int(tune)
+        self.chains = int(chains)
+        self.capacity = int(max(capacity, draws))
+        self.length = 0
+        self._closed = False
+        try:
+            self._sampler = nutpie.sample(
+                compiled,
+                draws=self.capacity,
+                tune=self.tune,
+                chains=self.chains,
+                cores=self.chains,
+                seed=seed,
+                progress_bar=progress or progress_lines.is_terminal(),
+                target_accept=target_accept,
+                save_warmup=False,
+                low_rank_modified_mass_matrix=low_rank,
+                blocking=False,
+            )
+        except BaseException as err:
+            if not _is_panic(err):
+                raise
+            raise SamplerFailed(f"nutpie stopped: {err}") from err
+
+    def _rows(self) -> list[int]:
+        """Iterations (warm-up included) each chain has finished so far."""
+        draws, _ = self._sampler._sampler.inspect().get_arrow_trace()
+        return [int(batch.num_rows) for batch in draws]
+
+    def _finished(self) -> bool:
+        try:
+            return bool(self._sampler.is_finished)
+        except TimeoutError:  # nutpie's way of saying "still running"
+            return False
+
+    def _wait_for(self, length: int) -> None:
+        """Run the chains until each has ``length`` draws after warm-up, then pause them."""
+        need = self.tune + length
+        started = time.perf_counter()
+        self._sampler.resume()
+        while True:
+            try:
+                rows = self._rows()
+            except BaseException as err:
+                if not _is_panic(err) and not isinstance(err, Exception):
+                    raise
+                raise SamplerFailed(f"nutpie stopped: {err}") from err
+            done = min(rows) if rows else 0
+            if done >= need:
+                break
+            if self._finished():
+                try:
+                    self._sampler.wait()  # raises what stopped it
+                except BaseException as err:
+                    if not _is_panic(err) and not isinstance(err, Exception):
+                        raise
+                    raise SamplerFailed(f"nutpie stopped: {err}") from err
+                raise SamplerFailed(f"nutpie finished with {done} of {need} iterations per chain")
+            # Look again about when the slowest chain should be done (never busy-wait).
+            elapsed = time.perf_counter() - started
+            rate = done / elapsed if done > 0 and elapsed > 0 else 0.0
+            left = (need - done) / rate if rate > 0 else POLL_MAX_SECONDS
+            time.sleep(min(POLL_MAX_SECONDS, max(0.02, 0.5 * left)))
+        self._sampler.pause()
+
+    def draws_up_to(self, length: int) -> tuple[Any, float]:
+        """The chains' first ``length`` draws after warm-up, sampling on as needed.
+
+        Returns ``(idata, seconds)``: the draws (sample stats too) cut at
+        ``length``, and the seconds spent sampling for this call.
+        """
+        from harness import progress as progress_lines
+
+        if self._closed:
+            raise RuntimeError("these chains were closed")
+        if length > self.capacity:
+            raise ValueError(f"{length} draws per chain exceed the capacity {self.capacity}")
+        label = (
+            f"sampling {self.chains} chains x {self.tune}+{length} draws"
+            if self.length == 0
+            else f"extending {self.chains} chains from {self.length} to {length} draws"
+        )
+        total = self.chains * (length - self.length + (self.tune if self.length == 0 else 0))
+        with progress_lines.stage(label) as stage:
+            started = time.perf_counter()
+            self._wait_for(length)
+            idata = self._sampler.inspect()
+            seconds = time.perf_counter() - started
+            stage.detail = f"{total / max(seconds, 1e-9):.0f} draws/s"
+        self.length = max(self.length, length)
+        return _cut(idata, length), seconds
+
+    def close(self) -> None:
+        """Stop the threads and drop the draws (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._sampler.cancel()
+            except BaseException as err:  # a panicked sampler has nothing left to stop
+                if not _is_panic(err) and not isinstance(err, Exception):
+                    raise
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _cut(idata: Any, length: int) -> Any:
+    """``idata`` with every group that has draws cut to its first ``length``."""
+    import arviz as az
+
+    groups = {}
+    for name in idata.groups():
+        group = getattr(idata, name)
+        if "draw" in group.dims:
+            group = group.isel(draw=slice(0, length))
+        groups[name] = group
+    return az.InferenceData(**groups)
