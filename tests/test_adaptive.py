@@ -753,3 +753,135 @@ def test_a_run_that_cannot_start_is_a_round_not_kept_and_the_loop_goes_on():
     assert failed and not failed[0]["kept"] and failed[0]["iterations"] == 0
     assert _actions(outcome).count("raise target_accept") >= 2
     assert outcome.record["reliable"]
+
+
+# --------------------------------------------------------------------------- continued chains
+
+
+class FakeChains:
+    """``ExtendableChains`` stand-in: one fake run drawn at its capacity, handed out cut."""
+
+    def __init__(self, full, capacity):
+        self.full, self.capacity, self._closed, self.lengths = full, capacity, False, []
+
+    def draws_up_to(self, length):
+        assert not self._closed and length <= self.capacity
+        self.lengths.append(length)
+        return self.full.idata.isel(draw=slice(0, length)), 1.0
+
+    def close(self):
+        self._closed = True
+
+
+class ExtendableFake(FakeSampler):
+    """A :class:`FakeSampler` whose runs can be continued (as nutpie's, given a capacity)."""
+
+    def __init__(self, design, behave):
+        super().__init__(design, behave)
+        self.handles = []
+
+    def __call__(self, design, priors, **kw):
+        import dataclasses
+
+        capacity = kw.pop("capacity", None)
+        if capacity is None:
+            return super().__call__(design, priors, **kw)
+        full = super().__call__(design, priors, **{**kw, "draws": capacity})
+        handle = FakeChains(full, capacity)
+        self.handles.append(handle)
+        raw, _ = handle.draws_up_to(kw["draws"])
+        return dataclasses.replace(full, idata=raw, chains_handle=handle, finish=lambda r: r)
+
+
+def _loop_extendable(behave, **first):
+    from harness.engines.adaptive import sample_adaptively
+
+    design = _fake_design()
+    fake = ExtendableFake(design, behave)
+    args = {"seed": 5, "draws": 300, "tune": 300, "chains": 4, "target_accept": 0.9, **first}
+    outcome = sample_adaptively(
+        design, resolve_priors(design), sampler="nutpie", sample_once=fake, **args
+    )
+    return outcome, fake
+
+
+def test_chains_short_of_ess_are_continued_not_restarted():
+    # The fixed effect's ESS a little short (AR(1) 0.84: ~390 of 4000), R-hat holding:
+    # the same four chains go on (no warm-up, no draw thrown away) for the ESS missing.
+    outcome, fake = _loop_extendable(lambda kw: {"beta_rho": 0.84}, draws=1000, seed=3)
+    rounds = outcome.record["rounds"]
+    assert _actions(outcome) == ["first run", "extend chains"]
+    assert len(fake.calls) == 1  # one sampler run, continued
+    length = rounds[1]["draws"]
+    factor = rounds[1]["evidence"]["extension_factor"]
+    assert 1.0 < factor < 2.0 and abs(length - 1000 * factor) <= 1  # factor rounded to 3 places
+    assert rounds[1]["iterations"] == 4 * (length - 1000)  # no warm-up again
+    assert outcome.record["draws_sampled"] == 4 * length < 2 * 4 * 1000
+    beta = outcome.idata.posterior["beta"].values
+    assert beta.shape[:2] == (4, length)
+    first = fake.handles[0].full.idata.posterior["beta"].values
+    np.testing.assert_array_equal(beta, first[:, :length])  # the first run's chains, longer
+    assert outcome.record["reliable"]
+    assert all(handle._closed for handle in fake.handles)  # no sampler threads left behind
+
+
+def test_slowly_mixing_chains_are_continued_while_rhat_falls():
+    # R-hat over its target from chains that agree (AR(1) 0.9 on beta: ESS ~200 of 4000):
+    # the same chains continued twice (at most doubled each time) reach both targets.
+    outcome, fake = _loop_extendable(lambda kw: {"beta_rho": 0.9}, draws=1000, seed=3)
+    rounds = outcome.record["rounds"]
+    assert rounds[0]["after"]["max_r_hat"] > 1.01 and rounds[0]["after"]["divergences"] == 0
+    assert _actions(outcome) == ["first run", "extend chains", "extend chains"]
+    z = rounds[1]["evidence"]["chain_disagreement"]["chain_z"]
+    assert max(abs(v) for v in z) <= ODD_CHAIN_Z  # no stray chain: only short
+    assert len(fake.calls) == 1
+    lengths = [r["draws"] for r in rounds]
+    assert lengths[0] == 1000 and lengths[1] == 2000 and 2000 < lengths[2] <= 4000
+    r_hats = [r["after"]["max_r_hat"] for r in rounds]
+    assert r_hats[0] > r_hats[1] > r_hats[2]
+    assert outcome.record["draws_sampled"] == 4 * lengths[2]
+    assert outcome.record["reliable"]
+
+
+def test_a_stray_chain_or_divergences_are_never_continued():
+    # A chain settled elsewhere needs a new warm-up; divergent draws are biased: neither is
+    # made longer, even where the chains could be continued.
+    stray, _ = _loop_extendable(lambda kw: {"shift": {} if kw["tune"] >= 600 else {2: 0.6}})
+    assert _actions(stray) == ["first run", "restart with longer warm-up"]
+    diverging, fake = _loop_extendable(
+        lambda kw: {"divergences": 3 if kw["target_accept"] < 0.95 else 0}
+    )
+    assert "extend chains" not in _actions(diverging)
+    assert _actions(diverging)[-1] in ("raise target_accept", "re-parameterise")
+    assert all(handle._closed for handle in fake.handles)
+
+
+@pytest.mark.sampling
+def test_continued_nutpie_chains_are_the_longer_run_draw_for_draw(funnel_fits):
+    # The same seed: 150 draws continued to 300 are a 300-draw run's, and the first 150 a
+    # 150-draw run's (each chain's draws depend on its seed alone, not on the pause).
+    from harness.engines.pymc import sample_once
+
+    data, _ = funnel_fits
+    design = build_design(FUNNEL, data)
+    priors = resolve_priors(design)
+    args = {"seed": 4, "tune": 200, "chains": 2, "sampler": "nutpie", "target_accept": 0.9}
+    args["centered"] = centered_blocks(design, "all")
+    short = sample_once(design, priors, draws=150, capacity=400, **args)
+    assert short.extendable and short.capacity == 400
+    longer = short.extend(300)
+    short.close()
+    assert not longer.extendable
+    once_150 = sample_once(design, priors, draws=150, **args)
+    once_300 = sample_once(design, priors, draws=300, **args)
+    for name in ("beta", "sd_school", "u_school"):
+        np.testing.assert_array_equal(
+            short.idata.posterior[name].values, once_150.idata.posterior[name].values
+        )
+        np.testing.assert_array_equal(
+            longer.idata.posterior[name].values, once_300.idata.posterior[name].values
+        )
+    np.testing.assert_array_equal(
+        longer.idata.sample_stats["diverging"].values,
+        once_300.idata.sample_stats["diverging"].values,
+    )

@@ -108,7 +108,7 @@ MAX_EXTENSION = 2.0
 
 #: Extending again needs the last extension to have cut R-hat - 1 by this share at least;
 #: otherwise the chains are not just short, they mix slowly, and the geometry is next.
-EXTENSION_GAIN = 0.25
+EXTENSION_GAIN = 0.15
 
 
 @dataclass(frozen=True)
@@ -618,6 +618,12 @@ class _Kept:
     draws: int
     low_rank: bool = False  # sampled with nutpie's low-rank mass matrix
     pooled: bool = False  # chains of several runs: no single run's chains to extend
+    # The run's own length before any extension (what a new run like it samples).
+    base_draws: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.base_draws is None:
+            self.base_draws = self.draws
 
     def extendable(self) -> bool:
         return not self.pooled and bool(getattr(self.run, "extendable", False))
@@ -679,7 +685,9 @@ def _same(kept: _Kept, memory: _Memory, **changes: Any) -> dict[str, Any]:
         "accept": kept.run.target_accept,
         "blocks": kept.run.centered,
         "warmup": kept.tune,
-        "length": kept.draws,
+        # A new run is as long as the kept run was before it was continued: it is
+        # continued in turn if it needs to be.
+        "length": kept.base_draws,
         "n_chains": memory.first_chains,
         "low_rank": kept.low_rank,
     }
@@ -847,7 +855,7 @@ def _plan_rhat(
             "with a derived seed, so that one stray chain weighs less in the pooled draws",
             add=True,
             evidence=evidence,
-            **_same(kept, memory),
+            **_same(kept, memory, length=kept.draws),
         )
     # Slow mixing: R-hat over chains of ~n effective draws each carries noise of
     # order 1/n that more chains do not shrink (they make R-hat a stricter test):
@@ -952,7 +960,7 @@ def _plan_ess(
             f"{add_n} more chains with a derived seed",
             add=True,
             evidence=evidence,
-            **_same(kept, memory, n_chains=add_n),
+            **_same(kept, memory, n_chains=add_n, length=kept.draws),
         )
     plan = _Plan(
         "restart with longer chains",
@@ -971,7 +979,7 @@ def _plan_ess(
             "derived seed instead",
             add=True,
             evidence=evidence,
-            **_same(kept, memory, n_chains=add_n),
+            **_same(kept, memory, n_chains=add_n, length=kept.draws),
         )
     return plan
 
@@ -1228,7 +1236,15 @@ def _rounds(
             if old_r is not None and new_r is not None and old_r > settings.rhat_max:
                 cut = 1.0 - (new_r - 1.0) / max(old_r - 1.0, 1e-12)
                 memory.extension_stalled = cut < EXTENSION_GAIN
-            kept = _Kept(new, new.idata, extended, kept.tune, plan.length, kept.low_rank)
+            kept = _Kept(
+                new,
+                new.idata,
+                extended,
+                kept.tune,
+                plan.length,
+                kept.low_rank,
+                base_draws=kept.base_draws,
+            )
         elif plan.add:
             pooled = concat_chains(kept.idata, new.idata)
             kept.run.close()  # pooled chains are never continued
