@@ -41,7 +41,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _adaptive_arguments(parser: argparse.ArgumentParser) -> None:
     """The adaptive-sampling budget (defaults: ``harness.pipeline.runner.FitSettings``)."""
     parser.add_argument(
-        "--max-rounds", type=int, default=None, help="adaptive sampling: runs at most (default 6)"
+        "--max-rounds", type=int, default=None, help="adaptive sampling: runs at most (default 8)"
     )
     parser.add_argument(
         "--max-draws",

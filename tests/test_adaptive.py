@@ -158,7 +158,7 @@ def test_round_seeds_are_derived_deterministically():
 def test_settings_enter_the_cache_key_and_come_from_the_command_line(monkeypatch):
     monkeypatch.delenv("HARNESS_MAX_ROUNDS", raising=False)
     base = FitSettings()
-    assert base.adaptive and base.pymc_part()["max_rounds"] == 6
+    assert base.adaptive and base.pymc_part()["max_rounds"] == 8
     assert base.pymc_part()["max_seconds"] is None  # counted budgets only: one result anywhere
     assert FitSettings(max_seconds=60.0).pymc_part() != base.pymc_part()
     assert FitSettings(max_rounds=2).pymc_part() != base.pymc_part()

@@ -103,6 +103,14 @@ RHAT_ROOM = 0.5
 #: Extended chains aim at R-hat - 1 of this share of the target's margin.
 RHAT_AIM = 0.8
 
+#: A new run after the first (another geometry, target_accept, mass matrix) samples this
+#: share of the first run's draws per chain when its chains can be continued: it is
+#: judged on them, and continued only as far as the targets need.
+NEW_RUN_SHARE = 0.5
+
+#: ... but never fewer draws per chain than this (R-hat and ESS need some length to read).
+NEW_RUN_MIN_DRAWS = 100
+
 #: One extension at most multiplies the chains' length by this (then the draws are judged again).
 MAX_EXTENSION = 2.0
 
@@ -136,7 +144,7 @@ class AdaptiveSettings:
         (restarts double it: x2, x4, ...); 1 turns restarts off.
     """
 
-    max_rounds: int = 6
+    max_rounds: int = 8
     max_draws: int | None = None
     max_seconds: float | None = None
     rhat_max: float = 1.01
@@ -677,6 +685,8 @@ class _Memory:
     low_rank_open: bool = False
     # The last extension of R-hat-failing chains cut R-hat - 1 by less than EXTENSION_GAIN.
     extension_stalled: bool = False
+    # Draws per chain of a new run whose chains can be continued (None: as long as the kept run).
+    new_run_draws: int | None = None
 
 
 def _same(kept: _Kept, memory: _Memory, **changes: Any) -> dict[str, Any]:
@@ -685,9 +695,9 @@ def _same(kept: _Kept, memory: _Memory, **changes: Any) -> dict[str, Any]:
         "accept": kept.run.target_accept,
         "blocks": kept.run.centered,
         "warmup": kept.tune,
-        # A new run is as long as the kept run was before it was continued: it is
-        # continued in turn if it needs to be.
-        "length": kept.base_draws,
+        # A new run whose chains can be continued starts short and is continued as far as
+        # it needs; otherwise it is as long as the kept run was before any continuation.
+        "length": memory.new_run_draws or kept.base_draws,
         "n_chains": memory.first_chains,
         "low_rank": kept.low_rank,
     }
@@ -1141,6 +1151,8 @@ def _rounds(
         bool(getattr(first, "low_rank", False)),  # a caller's opt-in (fit_pymc's low_rank)
     )
     memory = _Memory(first_chains=chains, first_tune=tune, low_rank_open=sampler == "nutpie")
+    if getattr(first, "extendable", False):
+        memory.new_run_draws = min(draws, max(NEW_RUN_MIN_DRAWS, math.ceil(NEW_RUN_SHARE * draws)))
     memory.tried.add((first.centered, first.target_accept))
     compile_s, sample_s = first.compile_seconds, first.sample_seconds
     draws_sampled, iterations = first_plan.draws, first_plan.iterations

@@ -57,7 +57,7 @@ class FitSettings:
     n_sims: int = 1000
     lme4_seed: int = 1
     adaptive: bool = True
-    max_rounds: int = 6
+    max_rounds: int = 8
     max_draws: int | None = None
     max_seconds: float | None = None
 
