@@ -8,6 +8,14 @@ over).  A quantity fails with R-hat > 1.01 or bulk or tail ESS < 400
 (ArviZ's rank-normalised ``rhat`` and ``ess``); any divergence fails the run.
 The next round is chosen by what the kept draws show (:func:`plan_next`):
 
+0. **continue the chains** (nutpie: :class:`harness.engines.samplers.ExtendableChains`)
+   when they agree (no stray chain), did not diverge and only fall short: the
+   same chains sampled further, by the factor R-hat and ESS need
+   (:func:`extension_factor`, at most doubled per round), with no new warm-up
+   and no draw thrown away.  It comes first when it adds fewer draws than a
+   new run; otherwise after the remedies below have changed what they change
+   (a new run after the first samples :data:`NEW_RUN_SHARE` of the first
+   run's draws and is itself continued as far as it needs);
 1. **re-parameterise** (once, after the first round, whatever fails): per
    random-effects block, centred when the groups' data inform their offsets
    more than the prior does in every direction, by the rule of
@@ -27,12 +35,15 @@ The next round is chosen by what the kept draws show (:func:`plan_next`):
    warm-up at its longest, more chains.  Without a stray chain it is **slow
    mixing**: R-hat over chains of ``n`` effective draws each is inflated by
    roughly ``1/n`` whatever the number of chains, so more chains only make
-   the test stricter; the loop **restarts with longer chains** (draws and
-   warm-up doubled) the first time it sees this, and after that tries the
-   **other geometry** of the worst quantity's block;
-4. **ESS short, R-hat holding**: more draws, either **added chains**
-   (independent chains of one posterior pool soundly; nutpie cannot continue
-   a chain) or a **restart with longer chains**, whichever costs fewer
+   the test stricter; the chains are **continued** (0.) while that lowers
+   R-hat, then (nutpie) the **low-rank mass matrix** is tried; a sampler
+   whose chains cannot be continued **restarts with longer chains** (draws
+   and warm-up doubled); after that the **other geometry** of the worst
+   quantity's block;
+4. **ESS short, R-hat holding**: the chains continued (0.); where they cannot
+   be (PyMC's sampler, pooled runs, the budget), either **added chains**
+   (independent chains of one posterior pool soundly) or a **restart with
+   longer chains**, whichever costs fewer
    iterations for the ESS missing; chains are added only while R-hat has
    room to spare (:data:`RHAT_ROOM`), since chains of the same length keep
    its noise.
