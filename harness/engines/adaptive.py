@@ -1019,15 +1019,21 @@ def plan_next(
         memory.rule_used = True
         suggestion, evidence = suggest_centering(kept.idata, design)
         if suggestion != kept.run.centered:
+            # Divergences call for a smaller step whatever the form: both remedies in one
+            # round (when the pair is not kept, the next round raises target_accept alone).
+            accept = kept.run.target_accept
+            step = _next_target_accept(accept) if kept.diag["divergences"] else None
+            also = f"; for the divergences also target_accept {accept} -> {step}" if step else ""
             return _Plan(
                 "re-parameterise",
                 f"{problem}; rule (data/prior precision > 1 -> centred): "
                 + ", ".join(
                     f"{label}: {e['choice']} (smallest eigenvalue {e['min_eigenvalue']:.2g})"
                     for label, e in evidence.items()
-                ),
+                )
+                + also,
                 evidence=evidence,
-                **_same(kept, memory, blocks=suggestion),
+                **_same(kept, memory, blocks=suggestion, accept=step or accept),
             )
     if kept.diag["divergences"]:
         return _plan_divergences(design, kept, memory, problem)
