@@ -885,3 +885,18 @@ def test_continued_nutpie_chains_are_the_longer_run_draw_for_draw(funnel_fits):
         longer.idata.sample_stats["diverging"].values,
         once_300.idata.sample_stats["diverging"].values,
     )
+
+
+def test_divergences_and_the_rules_other_form_share_one_round():
+    # Both blocks centred where the data are weak (the rule says non-centred), and the run
+    # diverges: one round switches the form and takes the next target_accept step.
+    outcome, fake = _loop(
+        lambda kw: {"divergences": 3 if kw["target_accept"] < 0.95 else 0}, centered={"g", "h"}
+    )
+    rounds = outcome.record["rounds"]
+    assert rounds[0]["after"]["divergences"] == 3
+    assert rounds[1]["action"] == "re-parameterise"
+    assert rounds[1]["parameterization"] == {"g": "non-centred", "h": "non-centred"}
+    assert rounds[1]["target_accept"] == 0.95
+    assert "also target_accept 0.9 -> 0.95" in rounds[1]["why"]
+    assert len(rounds) == 2 and outcome.record["reliable"]
