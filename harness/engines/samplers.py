@@ -376,34 +376,37 @@ class ExtendableChains:
             return False
 
     def _wait_for(self, length: int) -> None:
-        """Run the chains until each has ``length`` draws after warm-up, then pause them."""
+        """Run the chains until each has ``length`` draws after warm-up, then pause them.
+
+        Whatever stops nutpie on the way (a panic such as "bad initial gradient",
+        raised by whichever call meets it) is a :class:`SamplerFailed`.
+        """
         need = self.tune + length
         started = time.perf_counter()
-        self._sampler.resume()
-        while True:
-            try:
+        try:
+            self._sampler.resume()
+            while True:
                 rows = self._rows()
-            except BaseException as err:
-                if not _is_panic(err) and not isinstance(err, Exception):
-                    raise
-                raise SamplerFailed(f"nutpie stopped: {err}") from err
-            done = min(rows) if rows else 0
-            if done >= need:
-                break
-            if self._finished():
-                try:
+                done = min(rows) if rows else 0
+                if done >= need:
+                    break
+                if self._finished():
                     self._sampler.wait()  # raises what stopped it
-                except BaseException as err:
-                    if not _is_panic(err) and not isinstance(err, Exception):
-                        raise
-                    raise SamplerFailed(f"nutpie stopped: {err}") from err
-                raise SamplerFailed(f"nutpie finished with {done} of {need} iterations per chain")
-            # Look again about when the slowest chain should be done (never busy-wait).
-            elapsed = time.perf_counter() - started
-            rate = done / elapsed if done > 0 and elapsed > 0 else 0.0
-            left = (need - done) / rate if rate > 0 else POLL_MAX_SECONDS
-            time.sleep(min(POLL_MAX_SECONDS, max(0.02, 0.5 * left)))
-        self._sampler.pause()
+                    raise SamplerFailed(
+                        f"nutpie finished with {done} of {need} iterations per chain"
+                    )
+                # Look again about when the slowest chain should be done (never busy-wait).
+                elapsed = time.perf_counter() - started
+                rate = done / elapsed if done > 0 and elapsed > 0 else 0.0
+                left = (need - done) / rate if rate > 0 else POLL_MAX_SECONDS
+                time.sleep(min(POLL_MAX_SECONDS, max(0.02, 0.5 * left)))
+            self._sampler.pause()
+        except SamplerFailed:
+            raise
+        except BaseException as err:
+            if not _is_panic(err) and not isinstance(err, Exception):
+                raise  # KeyboardInterrupt, SystemExit
+            raise SamplerFailed(f"nutpie stopped: {err}") from err
 
     def draws_up_to(self, length: int) -> tuple[Any, float]:
         """The chains' first ``length`` draws after warm-up, sampling on as needed.
