@@ -596,6 +596,29 @@ def _worse(new: dict[str, Any], old: dict[str, Any]) -> bool:
     return a is not None and b is not None and a < b
 
 
+def _dearer_to_continue(
+    new: dict[str, Any], old: dict[str, Any], settings: AdaptiveSettings
+) -> bool:
+    """Would ``new``'s chains cost more gradients than ``old``'s to reach the ESS target?
+
+    Both can be continued and neither diverged, so the draws to keep are those
+    that reach ``ESS_MARGIN * ess_min`` for fewer further gradient evaluations
+    (ESS per gradient, from what each already holds): a new geometry that is
+    about as efficient does not throw away longer chains.
+    """
+    aim = ESS_MARGIN * settings.ess_min
+
+    def cost(diag: dict[str, Any]) -> float | None:
+        ess = [v for v in (diag["min_ess_bulk"], diag["min_ess_tail"]) if v is not None]
+        rate = diag["ess_per_1k_gradients"]
+        if not ess or not rate:
+            return None
+        return max(aim - min(ess), 0.0) / rate
+
+    a, b = cost(new), cost(old)
+    return a is not None and b is not None and a >= b
+
+
 def _dominated(new: dict[str, Any], old: dict[str, Any]) -> bool:
     """Is ``new`` worse on every count (divergences, else both R-hat and the smallest ESS)?
 
@@ -901,13 +924,16 @@ def _plan_rhat(
     # After longer chains failed (sampled worse, or diverged) the other geometry comes first;
     # longer chains that diverged are retried at a higher target_accept after it.
     failed = "restart with longer chains" in memory.diverged_at or not longer
-    extension = _plan_extend(design, kept, memory, settings, problem)
-    if extension is not None:
-        return extension
+    # Chains that need more than doubling (a cheaper continuation came first in plan_next)
+    # mix slowly per draw: a short run with the low-rank mass matrix costs less to try
+    # than doubling them, and what it keeps is continued in turn.
     low_rank = _plan_low_rank(kept, memory, f"{problem}: {mixing}")
     if low_rank is not None:
         low_rank.evidence = evidence
         return low_rank
+    extension = _plan_extend(design, kept, memory, settings, problem)
+    if extension is not None:
+        return extension
     if other and (memory.longer_chains_kept or failed):
         forms = _labels(design, flipped)
         return _Plan(
@@ -919,6 +945,8 @@ def _plan_rhat(
         )
     if longer:
         warmup = min(2 * kept.tune, settings.max_tune_factor * memory.first_tune)
+        # Twice the run's own length; chains already continued past that are not doubled again.
+        restart_length = max(2 * (kept.base_draws or kept.draws), kept.draws)
         retry = ""
         if longer_accept != kept.run.target_accept:
             retry = (
@@ -928,10 +956,10 @@ def _plan_rhat(
         return _Plan(
             "restart with longer chains",
             f"{problem}: {mixing}, R-hat needs more effective draws per chain: all "
-            f"{kept.diag['chains']} chains replaced by {memory.first_chains} of {2 * kept.draws} "
+            f"{kept.diag['chains']} chains replaced by {memory.first_chains} of {restart_length} "
             f"draws after a warm-up of {warmup}{retry}",
             evidence=evidence,
-            **_same(kept, memory, warmup=warmup, length=2 * kept.draws, accept=longer_accept),
+            **_same(kept, memory, warmup=warmup, length=restart_length, accept=longer_accept),
         )
     # Here longer chains sampled worse, and the other geometry was tried or does not exist.
     geometry = (
@@ -946,9 +974,20 @@ def _plan_ess(
     design: Design, kept: _Kept, memory: _Memory, settings: AdaptiveSettings, problem: str
 ) -> _Plan:
     """ESS short with R-hat fine: more draws, by whichever of two sound ways costs less."""
-    extension = _plan_extend(design, kept, memory, settings, problem)
-    if extension is not None:
-        return extension
+    if kept.extendable() and not kept.diag["divergences"]:
+        # As for slow mixing: ESS short by more than a doubling (a cheaper continuation
+        # came first) is few effective draws per draw, which the low-rank mass matrix
+        # may cure for less than doubling the chains; then the chains are continued.
+        factor = extension_factor(kept.diag, settings)
+        low_rank = _plan_low_rank(
+            kept, memory, f"{problem}: R-hat holds, ESS short by x{factor:.2f}"
+        )
+        if low_rank is not None:
+            low_rank.evidence = {"extension_factor": round(factor, 3)}
+            return low_rank
+        extension = _plan_extend(design, kept, memory, settings, problem)
+        if extension is not None:
+            return extension
     ess = min(v for v in (kept.diag["min_ess_bulk"], kept.diag["min_ess_tail"]) if v is not None)
     factor = ESS_MARGIN * settings.ess_min / max(ess, 1.0)
     chains_kept = int(kept.diag["chains"])
@@ -1299,6 +1338,14 @@ def _rounds(
             restart = plan.action.startswith("restart")
             geometry = plan.action in ("re-parameterise", "other geometry", "low-rank mass matrix")
             worse = (_dominated if restart else _worse)(candidate.diag, kept.diag)
+            both_go_on = (
+                kept.extendable()
+                and candidate.extendable()
+                and not kept.diag["divergences"]
+                and not candidate.diag["divergences"]
+            )
+            if geometry and both_go_on:
+                worse = _dearer_to_continue(candidate.diag, kept.diag, settings)
             if (restart or geometry) and not candidate.diag["ok"] and worse:
                 what = "draws" if restart else "parameterisation and draws"
                 note = f"samples worse than before: the earlier {what} are kept"
