@@ -12,6 +12,10 @@ on any machine), iterations (warm-up included) and sampling seconds.  The
 models are compiled before timing, so compile seconds (a new parameterisation
 compiles once per process) are reported apart.
 
+``--gallery`` adds the real-data gallery's cases (``benchmarks/gallery.py``, data
+exported from the R packages; the few whose sampling alone takes minutes are left
+out), sampled the same way.
+
 Writes ``reports/bench_adaptive.json`` and prints a table.  Acceptance (issue 20):
 the median cost over the cases at most 1.5x a single run.
 """
@@ -61,6 +65,31 @@ def cases() -> dict[str, Any]:
         "pastes": csv("pastes.csv", "strength ~ 1 + (1 | batch/cask)", "pastes"),
         # tests/data/orthodont.R writes it from nlme's Orthodont.
         "orthodont": csv("orthodont.csv", "distance ~ age * Sex + (age | Subject)", "orthodont"),
+    }
+
+
+#: Gallery cases left out of ``--gallery``: minutes of sampling each on two cores.
+SLOW_GALLERY_CASES = ("insteval", "early", "arabidopsis", "contraception", "verbagg", "guimmun")
+
+
+def gallery_cases(skip: tuple[str, ...] = SLOW_GALLERY_CASES) -> dict[str, Any]:
+    """name -> () -> (spec, data) for the real-data gallery's cases (``benchmarks/gallery.py``).
+
+    The data are exported from the R packages once (R needed); ``skip`` leaves out
+    the cases whose sampling alone takes minutes here.
+    """
+    import tempfile
+
+    bench_dir = str(Path(__file__).resolve().parent)
+    if bench_dir not in sys.path:
+        sys.path.insert(0, bench_dir)
+    import gallery
+
+    chosen = [c for c in gallery.CASES if c.name not in skip]
+    folder = Path(tempfile.mkdtemp(prefix="bench-adaptive-"))
+    frames = gallery.export_data(sorted({c.dataset for c in chosen}), folder)
+    return {
+        f"gallery:{c.name}": (lambda c=c: (c.spec(), gallery.case_data(c, frames))) for c in chosen
     }
 
 
@@ -154,12 +183,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", default=None, help="case names (default all)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--gallery",
+        action="store_true",
+        help="also the real-data gallery's cases (sampling only; R exports their data)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     for size in ("draws", "tune", "chains"):
         parser.add_argument(f"--{size}", type=int, default=None, help="per run (default: report's)")
     args = parser.parse_args(argv)
     sizes = {k: getattr(args, k) for k in ("draws", "tune", "chains") if getattr(args, k)}
     available = cases()
+    if args.gallery:
+        available.update(gallery_cases())
     names = args.cases or list(available)
     unknown = sorted(set(names) - set(available))
     if unknown:
