@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from harness.checks.laplace import laplace_loglik, maximise_laplace, theta_size
+from harness.checks.marginal import evaluation_mode
 from harness.engines.lme4 import optimizer_sentence
 from harness.model.spec import Design
 
@@ -76,7 +77,6 @@ def pymc_conditional_loglik(
     if any(b.n_terms > 1 and b.correlated for b in design.blocks):
         return None
     from pymc.model.transform.conditioning import remove_value_transforms
-    from pytensor.compile.mode import Mode
 
     from harness.engines.pymc import build_model
     from harness.names import sd_var
@@ -99,12 +99,10 @@ def pymc_conditional_loglik(
         # The log transform of a zero SD is -inf; a singular SD is nudged (offsets z * sd = 0).
         point[f"{sd_var(block)}_log__"] = np.log(np.maximum(sd, 1e-300))
     point.update(design.family.model_point())  # the family's own parameters at lme4's values
-    # One evaluation: FAST_RUN's rewrites (its numerically stable forms) on NumPy thunks, as
-    # a C compile of every node costs seconds; unfused, since a fused loop would run element
-    # by element in Python.
-    mode = Mode(linker="py", optimizer="fast_run").excluding("fusion")
-    logp = model.compile_fn(
-        model.logp(vars=[model["y_obs"]], sum=True), inputs=model.value_vars, mode=mode
+    logp = model.compile_fn(  # one evaluation: no C compile of every node
+        model.logp(vars=[model["y_obs"]], sum=True),
+        inputs=model.value_vars,
+        mode=evaluation_mode(),
     )
     return float(logp({k: point[k] for k in (v.name for v in model.value_vars)}))
 
