@@ -62,3 +62,25 @@ def sleepstudy_bayes(sleepstudy):
 
     data, spec = sleepstudy
     return hz.fit_pymc(spec, data, seed=1)
+
+
+@pytest.fixture(scope="session")
+def grouseticks_result(tmp_path_factory: pytest.TempPathFactory):
+    """The shipped negative binomial design through the pipeline, small, figures drawn.
+
+    One fit for the browser's count page and the negative binomial pipeline test.
+    Smaller than the report's settings: the page and the engines' agreement are
+    checked, not lme4's intervals.
+    """
+    from harness.pipeline.runner import fit_design
+    from harness.pipeline.settings import FitSettings
+    from harness.report.page import render_figures
+
+    settings = FitSettings(draws=300, tune=300, chains=2, n_sims=0, profile=False, max_rounds=1)
+    return fit_design(
+        "grouseticks",
+        seed=1,
+        cache_dir=tmp_path_factory.getbasetemp() / "harness-cache",
+        settings=settings,
+        render=render_figures,
+    )

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 import harness as hz
+from harness.checks.marginal import compile_mode
 from harness.engines.adaptive import (
     ODD_CHAIN_Z,
     AdaptiveSettings,
@@ -79,7 +80,8 @@ def _jacobian_gap(design, block_value) -> float:
     point = plain.initial_point()
     # Move the SDs / Cholesky factors and z off their initial values.
     point = {k: v + rng.normal(0.0, 0.3, size=np.shape(v)) for k, v in point.items()}
-    nc_logp = plain.compile_logp()(point)
+    # Evaluated at one point: the checks' NumPy mode, not a C compile of every node.
+    nc_logp = plain.compile_logp(mode=compile_mode())(point)
     outputs = [plain[f"u_{label}"] for label in labels]
     u_values = _evaluate(plain, outputs, point)
     c_point = {k: v for k, v in point.items() if not k.startswith("z_")}
@@ -98,7 +100,7 @@ def _jacobian_gap(design, block_value) -> float:
             c_point[f"coef_{block.label}"] = u + shift
         else:
             c_point[f"u_{block.label}"] = u
-    c_logp = centred.compile_logp()(c_point)
+    c_logp = centred.compile_logp(mode=compile_mode())(c_point)
     # u = z * sd (or z L'): log p_c(u) = log p_nc(z) - n_levels * sum(log diag of the scale).
     jacobian = sum(block_value(plain, point, b) for b in design.blocks)
     return float(c_logp - (nc_logp - jacobian))
@@ -108,7 +110,13 @@ def _evaluate(model, outputs, point):
     """Deterministics at a point of the value variables (the RVs replaced by their values)."""
     single = not isinstance(outputs, list)
     graphs = model.replace_rvs_by_values([outputs] if single else outputs)
-    fn = model.compile_fn(graphs, inputs=model.value_vars, on_unused_input="ignore", point_fn=True)
+    fn = model.compile_fn(
+        graphs,
+        inputs=model.value_vars,
+        on_unused_input="ignore",
+        point_fn=True,
+        mode=compile_mode(),
+    )
     values = fn(point)
     return values[0] if single else values
 

@@ -298,20 +298,12 @@ def test_report_in_chromium(
 
 
 def test_shipped_count_design_shows_its_rootogram_in_chromium(
-    browser_path: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+    browser_path: str, grouseticks_result: Any, tmp_path: Path
 ) -> None:
     """The shipped negative binomial design (issue 23): same model, its rootogram decodes."""
     from harness.report.page import write_report
 
-    # Smaller than the report's settings: the page's figures, not lme4's intervals, are checked.
-    settings = FitSettings(draws=300, tune=300, chains=2, n_sims=0, profile=False, max_rounds=1)
-    result = fit_design(
-        "grouseticks",
-        seed=1,
-        cache_dir=tmp_path_factory.getbasetemp() / "harness-cache",
-        settings=settings,
-        render=render_figures,
-    )
+    result = grouseticks_result  # shared with tests/test_negbin.py (tests/conftest.py)
     assert result.same_model is not None and result.same_model.ok
     assert abs(result.same_model.difference) < 1e-6  # glmer's logLik at glmer.nb's theta
     page = write_report(result, tmp_path / "grouseticks.html")

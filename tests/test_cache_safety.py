@@ -38,7 +38,7 @@ from harness.report.page import render_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Few draws: these tests are about the cache, not about the fits.
-TINY = FitSettings(draws=50, tune=50, chains=2, n_sims=50, profile=False)
+TINY = FitSettings(draws=50, tune=50, chains=2, n_sims=50, profile=False, max_rounds=1)
 #: The default test run's one small fit, shared through the session's disk cache
 #: (tests/test_runner.py and tests/test_report.py fit it with the same settings).
 REPORT_SETTINGS = FitSettings(draws=500, tune=500, chains=2, n_sims=200, max_rounds=1)

@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 
 import harness as hz
+from harness.checks.marginal import compile_mode
 from harness.engines.pymc import (
     BayesFit,
     build_model,
@@ -130,13 +131,17 @@ def test_log_density_equals_the_dense_z_formula():
     for name in point:
         point[name] = rng.normal(size=np.shape(point[name])) * 0.5
     outputs = model.replace_rvs_by_values([model[n] for n in ("beta", "u_g", "u_h", "sigma")])
-    deterministic = model.compile_fn(outputs, inputs=model.value_vars, on_unused_input="ignore")
+    # Evaluated at one point: the checks' NumPy mode, not a C compile of every node.
+    mode = compile_mode()
+    deterministic = model.compile_fn(
+        outputs, inputs=model.value_vars, on_unused_input="ignore", mode=mode
+    )
     beta, u_g, u_h, sigma = deterministic(point)
     # lme4's Z puts blocks in decreasing number of levels: g (12) before h (4).
     u = np.concatenate([u_g.ravel(), u_h.ravel()])
     mu = design.X.to_numpy() @ beta + design.Z() @ u
     expected = stats.norm.logpdf(design.y, mu, sigma).sum()
-    logp_obs = model.compile_logp(vars=[model["y_obs"]], sum=True)
+    logp_obs = model.compile_logp(vars=[model["y_obs"]], sum=True, mode=mode)
     assert float(logp_obs(point)) == pytest.approx(expected, rel=1e-10)
 
 

@@ -76,6 +76,19 @@ def compile_mode() -> Any:
     return Mode(linker="py", optimizer="fast_compile")
 
 
+def evaluation_mode() -> Any:
+    """PyTensor mode for a log density evaluated a few times: FAST_RUN's rewrites, NumPy thunks.
+
+    The rewrites keep FAST_RUN's numerically stable forms (``log1p``, ``softplus``, ...),
+    which :func:`compile_mode`'s light pass skips; Python thunks skip the C compile of
+    every node, which costs seconds for a handful of calls.  Unfused: a fused loop would
+    run element by element in Python.
+    """
+    from pytensor.compile.mode import Mode
+
+    return Mode(linker="py", optimizer="fast_run").excluding("fusion")
+
+
 @dataclass
 class MLEstimate:
     """The maximiser of the marginal likelihood, in the PyMC model's parameters.

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harness.checks.marginal import evaluation_mode
 from harness.engines import brms as brms_engine
 from harness.engines.pymc import build_model
 from harness.model.priors import ResolvedPriors, resolve_priors
@@ -229,8 +230,9 @@ def same_model_bayes(
     stan = brms_engine.prepare(design, priors)
     model = build_model(design, priors)
     maps = _Maps(design, stan, model)
-    logp_c = model.compile_logp(jacobian=False)
-    logp_u = model.compile_logp(jacobian=True)
+    # A few points each: no C compile of every node.
+    logp_c = model.compile_logp(jacobian=False, mode=evaluation_mode())
+    logp_u = model.compile_logp(jacobian=True, mode=evaluation_mode())
     lkj_fix = sum(
         lkj_constant_error(float(priors.lkj_eta), block.n_terms)
         for block in design.blocks

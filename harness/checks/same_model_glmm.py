@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from harness.checks.laplace import laplace_loglik, maximise_laplace, theta_size
+from harness.checks.marginal import evaluation_mode
 from harness.engines.lme4 import optimizer_sentence
 from harness.model.spec import Design
 
@@ -98,7 +99,11 @@ def pymc_conditional_loglik(
         # The log transform of a zero SD is -inf; a singular SD is nudged (offsets z * sd = 0).
         point[f"{sd_var(block)}_log__"] = np.log(np.maximum(sd, 1e-300))
     point.update(design.family.model_point())  # the family's own parameters at lme4's values
-    logp = model.compile_fn(model.logp(vars=[model["y_obs"]], sum=True), inputs=model.value_vars)
+    logp = model.compile_fn(  # one evaluation: no C compile of every node
+        model.logp(vars=[model["y_obs"]], sum=True),
+        inputs=model.value_vars,
+        mode=evaluation_mode(),
+    )
     return float(logp({k: point[k] for k in (v.name for v in model.value_vars)}))
 
 
