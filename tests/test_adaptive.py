@@ -849,17 +849,30 @@ def test_slowly_mixing_chains_are_continued_while_rhat_falls():
     assert outcome.record["reliable"]
 
 
-def test_chains_short_by_more_than_a_doubling_try_the_low_rank_run_first():
-    # AR(1) 0.9: ESS ~200 of 4000, more than a doubling short. A short low-rank run costs
-    # less to try; here it is no better per gradient, so the longer chains are kept and
-    # continued (a run about as efficient does not replace draws that go further).
-    outcome, _ = _loop_extendable(lambda kw: {"beta_rho": 0.9}, draws=1000, seed=3)
+def test_chains_short_by_more_than_a_doubling_are_continued_then_judged_again():
+    # AR(1) 0.9: ESS ~200 of 4000, more than a doubling short (so the rule's run came first
+    # where it had one): the chains are doubled, judged again, and continued while R-hat falls.
+    outcome, fake = _loop_extendable(lambda kw: {"beta_rho": 0.9}, draws=1000, seed=3)
     rounds = outcome.record["rounds"]
-    assert rounds[1]["action"] == "low-rank mass matrix" and rounds[1]["draws"] == 500
-    assert not rounds[1]["kept"]
-    assert [r["action"] for r in rounds[2:]] == ["extend chains"] * (len(rounds) - 2)
-    assert rounds[2]["draws"] == 2000  # the first run's chains, doubled
+    assert rounds[1]["evidence"]["extension_factor"] > 2.0
+    assert _actions(outcome) == ["first run", "extend chains", "extend chains"]
+    assert rounds[1]["draws"] == 2000  # at most doubled per round
+    assert len(fake.calls) == 1
     assert outcome.record["reliable"]
+
+
+def test_a_new_geometry_about_as_efficient_does_not_replace_longer_chains():
+    from harness.engines.adaptive import _dearer_to_continue
+
+    def diag(ess, per_1k):
+        return {"min_ess_bulk": ess, "min_ess_tail": ess, "ess_per_1k_gradients": per_1k}
+
+    settings = AdaptiveSettings()
+    # 198 effective draws at 7.1 per 1k gradients vs a short new run with 114 at 8.1:
+    # the old chains reach 480 for fewer further gradients, so they are kept.
+    assert _dearer_to_continue(diag(114, 8.1), diag(198, 7.1), settings)
+    # A geometry three times as efficient is worth its shorter run.
+    assert not _dearer_to_continue(diag(114, 21.3), diag(198, 7.1), settings)
 
 
 def test_a_stray_chain_or_divergences_are_never_continued():

@@ -924,16 +924,15 @@ def _plan_rhat(
     # After longer chains failed (sampled worse, or diverged) the other geometry comes first;
     # longer chains that diverged are retried at a higher target_accept after it.
     failed = "restart with longer chains" in memory.diverged_at or not longer
-    # Chains that need more than doubling (a cheaper continuation came first in plan_next)
-    # mix slowly per draw: a short run with the low-rank mass matrix costs less to try
-    # than doubling them, and what it keeps is continued in turn.
+    # The same chains, longer, while that lowers R-hat (measured: cheaper over the gallery
+    # than trying the low-rank mass matrix first, whose short run is mostly not kept).
+    extension = _plan_extend(design, kept, memory, settings, problem)
+    if extension is not None:
+        return extension
     low_rank = _plan_low_rank(kept, memory, f"{problem}: {mixing}")
     if low_rank is not None:
         low_rank.evidence = evidence
         return low_rank
-    extension = _plan_extend(design, kept, memory, settings, problem)
-    if extension is not None:
-        return extension
     if other and (memory.longer_chains_kept or failed):
         forms = _labels(design, flipped)
         return _Plan(
@@ -974,20 +973,9 @@ def _plan_ess(
     design: Design, kept: _Kept, memory: _Memory, settings: AdaptiveSettings, problem: str
 ) -> _Plan:
     """ESS short with R-hat fine: more draws, by whichever of two sound ways costs less."""
-    if kept.extendable() and not kept.diag["divergences"]:
-        # As for slow mixing: ESS short by more than a doubling (a cheaper continuation
-        # came first) is few effective draws per draw, which the low-rank mass matrix
-        # may cure for less than doubling the chains; then the chains are continued.
-        factor = extension_factor(kept.diag, settings)
-        low_rank = _plan_low_rank(
-            kept, memory, f"{problem}: R-hat holds, ESS short by x{factor:.2f}"
-        )
-        if low_rank is not None:
-            low_rank.evidence = {"extension_factor": round(factor, 3)}
-            return low_rank
-        extension = _plan_extend(design, kept, memory, settings, problem)
-        if extension is not None:
-            return extension
+    extension = _plan_extend(design, kept, memory, settings, problem)
+    if extension is not None:
+        return extension
     ess = min(v for v in (kept.diag["min_ess_bulk"], kept.diag["min_ess_tail"]) if v is not None)
     factor = ESS_MARGIN * settings.ess_min / max(ess, 1.0)
     chains_kept = int(kept.diag["chains"])
