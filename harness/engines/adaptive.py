@@ -125,6 +125,10 @@ NEW_RUN_MIN_DRAWS = 100
 #: One extension at most multiplies the chains' length by this (then the draws are judged again).
 MAX_EXTENSION = 2.0
 
+#: Slowly mixing chains that need this many times their length try the low-rank mass
+#: matrix's short run before being continued.
+LOW_RANK_FIRST = 4.0
+
 #: Extending again needs the last extension to have cut R-hat - 1 by this share at least;
 #: otherwise the chains are not just short, they mix slowly, and the geometry is next.
 EXTENSION_GAIN = 0.15
@@ -924,15 +928,22 @@ def _plan_rhat(
     # After longer chains failed (sampled worse, or diverged) the other geometry comes first;
     # longer chains that diverged are retried at a higher target_accept after it.
     failed = "restart with longer chains" in memory.diverged_at or not longer
-    # The same chains, longer, while that lowers R-hat (measured: cheaper over the gallery
-    # than trying the low-rank mass matrix first, whose short run is mostly not kept).
+    # The same chains, longer, while that lowers R-hat; but chains that would need
+    # LOW_RANK_FIRST times their length (three runs' worth of draws or more) first get
+    # the short low-rank run, which costs a fraction of that (measured over the gallery:
+    # trying it first for every shortfall past a doubling cost more than it saved).
+    factor = extension_factor(kept.diag, settings)
+    if factor < LOW_RANK_FIRST:
+        extension = _plan_extend(design, kept, memory, settings, problem)
+        if extension is not None:
+            return extension
+    low_rank = _plan_low_rank(kept, memory, f"{problem}: {mixing}")
+    if low_rank is not None:
+        low_rank.evidence = {**evidence, "extension_factor": round(factor, 3)}
+        return low_rank
     extension = _plan_extend(design, kept, memory, settings, problem)
     if extension is not None:
         return extension
-    low_rank = _plan_low_rank(kept, memory, f"{problem}: {mixing}")
-    if low_rank is not None:
-        low_rank.evidence = evidence
-        return low_rank
     if other and (memory.longer_chains_kept or failed):
         forms = _labels(design, flipped)
         return _Plan(
