@@ -932,3 +932,16 @@ def test_divergences_and_the_rules_other_form_share_one_round():
     assert rounds[1]["target_accept"] == 0.95
     assert "also target_accept 0.9 -> 0.95" in rounds[1]["why"]
     assert len(rounds) == 2 and outcome.record["reliable"]
+
+
+def test_chains_that_would_need_four_times_their_length_try_the_low_rank_run_first():
+    # AR(1) 0.97 on beta: ESS far short (continuing would cost three runs' worth of draws or
+    # more), so the short low-rank run is tried before the chains are continued.
+    from harness.engines.adaptive import LOW_RANK_FIRST
+
+    outcome, _ = _loop_extendable(lambda kw: {"beta_rho": 0.97}, draws=1000, seed=1)
+    rounds = outcome.record["rounds"]
+    assert rounds[0]["after"]["max_r_hat"] > 1.01 and rounds[0]["after"]["divergences"] == 0
+    assert rounds[1]["action"] == "low-rank mass matrix"
+    assert rounds[1]["evidence"]["extension_factor"] >= LOW_RANK_FIRST
+    assert rounds[1]["draws"] == 500  # a new run: half the first run's draws
