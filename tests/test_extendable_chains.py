@@ -27,7 +27,7 @@ class StubSampler:
 
     def __init__(self, rows: list[list[int]], finished=False, wait_raises=None) -> None:
         self.rows, self.finished, self.wait_raises = list(rows), finished, wait_raises
-        self.paused = self.cancelled = False
+        self.paused = self.cancelled = self.resumed = False
         self._sampler = SimpleNamespace(inspect=self._inspect)
 
     def _inspect(self):
@@ -41,7 +41,7 @@ class StubSampler:
         return self.finished
 
     def resume(self):
-        pass
+        self.resumed = True
 
     def pause(self):
         self.paused = True
@@ -66,7 +66,7 @@ def test_chains_are_paused_once_every_chain_has_its_draws():
     stub = StubSampler([[5, 3], [30, 12], [40, 35]])
     chains = _chains(stub)
     chains._wait_for(25)  # 10 warm-up + 25 draws: the slowest chain decides
-    assert stub.paused and stub.rows == [[40, 35]]
+    assert stub.resumed and stub.paused and stub.rows == [[40, 35]]
 
 
 def test_a_panic_met_while_waiting_is_a_failed_run_not_the_end_of_the_process():

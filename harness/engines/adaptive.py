@@ -664,15 +664,14 @@ class _Kept:
     draws: int
     low_rank: bool = False  # sampled with nutpie's low-rank mass matrix
     pooled: bool = False  # chains of several runs: no single run's chains to extend
-    # The run's own length before any extension (what a new run like it samples).
-    base_draws: int | None = None
+    # The run's own length before any extension (what a new run like it samples); 0: ``draws``.
+    base_draws: int = 0
 
     def __post_init__(self) -> None:
-        if self.base_draws is None:
-            self.base_draws = self.draws
+        self.base_draws = self.base_draws or self.draws
 
     def extendable(self) -> bool:
-        return not self.pooled and bool(getattr(self.run, "extendable", False))
+        return not self.pooled and self.run.extendable
 
 
 @dataclass
@@ -956,7 +955,7 @@ def _plan_rhat(
     if longer:
         warmup = min(2 * kept.tune, settings.max_tune_factor * memory.first_tune)
         # Twice the run's own length; chains already continued past that are not doubled again.
-        restart_length = max(2 * (kept.base_draws or kept.draws), kept.draws)
+        restart_length = max(2 * kept.base_draws, kept.draws)
         retry = ""
         if longer_accept != kept.run.target_accept:
             retry = (
@@ -1174,9 +1173,7 @@ def sample_adaptively(
         )
     finally:
         for opened_run in opened:
-            close = getattr(opened_run, "close", None)
-            if close is not None:
-                close()
+            opened_run.close()
 
 
 def _rounds(
@@ -1206,7 +1203,7 @@ def _rounds(
         bool(getattr(first, "low_rank", False)),  # a caller's opt-in (fit_pymc's low_rank)
     )
     memory = _Memory(first_chains=chains, first_tune=tune, low_rank_open=sampler == "nutpie")
-    if getattr(first, "extendable", False):
+    if first.extendable:
         memory.new_run_draws = min(draws, max(NEW_RUN_MIN_DRAWS, math.ceil(NEW_RUN_SHARE * draws)))
     memory.tried.add((first.centered, first.target_accept))
     compile_s, sample_s = first.compile_seconds, first.sample_seconds

@@ -822,6 +822,8 @@ def sample_once(
     parts = structure(design, priors, centered)
     key = structure_key(design, priors, centered)
     cached = False
+    handle: ExtendableChains | None = None
+    finish: Callable[[Any], Any] | None = None
     if sampler == "nutpie":
         compiled, compile_s, cached = compiled_nutpie(
             key,
@@ -833,7 +835,6 @@ def sample_once(
         def finish(raw: Any) -> Any:
             return _relabel(_add_offsets(raw, design, centered), design)
 
-        handle: ExtendableChains | None = None
         if capacity is not None and capacity > draws:
             handle = ExtendableChains(
                 compiled,
@@ -862,21 +863,7 @@ def sample_once(
                 progress=progress,
                 low_rank=low_rank,
             )
-        return Run(
-            finish(raw),
-            compile_s,
-            sample_s,
-            cached,
-            key,
-            parts,
-            centered,
-            target_accept,
-            seed,
-            chains,
-            low_rank,
-            handle,
-            finish if handle is not None else None,
-        )
+        idata = finish(raw)
     else:
         idata, sample_s = sample_pymc(
             build_model(design, priors, centered),
@@ -901,6 +888,8 @@ def sample_once(
         seed,
         chains,
         low_rank,
+        handle,
+        finish if handle is not None else None,
     )
 
 
