@@ -72,6 +72,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from harness.engines.centring_rule import centring_at_maximum, choose, ratios_at
 from harness.engines.samplers import SamplerFailed
 
 if TYPE_CHECKING:
@@ -418,33 +419,14 @@ def information_ratios(idata: Any, design: Design) -> dict[str, dict[str, Any]]:
     from harness.names import corr_var, sd_var
 
     posterior = idata.posterior
-    row_weight = _row_information(posterior, design)
-    ratios: dict[str, dict[str, Any]] = {}
+    covariances = []
     for block in design.blocks:
-        k = block.n_terms
         sd = np.asarray(posterior[sd_var(block)].median(("chain", "draw")).values, dtype=float)
-        corr = np.eye(k)
-        if block.correlated and k > 1:
+        corr = np.eye(block.n_terms)
+        if block.correlated and block.n_terms > 1:
             corr = np.asarray(posterior[corr_var(block)].median(("chain", "draw")).values, float)
-        cov = corr * np.outer(sd, sd)
-        # Elementwise medians need not make a positive definite matrix: clip its eigenvalues.
-        values, vectors = np.linalg.eigh(cov)
-        root = vectors * np.sqrt(np.clip(values, 0.0, None))  # cov = root root'
-        weighted = np.asarray(block.values, dtype=float) * np.sqrt(row_weight)[:, None]
-        precision = np.zeros((block.n_levels, k, k))
-        np.add.at(precision, block.group_index, weighted[:, :, None] * weighted[:, None, :])
-        informed = np.trace(precision, axis1=1, axis2=2) > 0
-        whitened = np.einsum("ai,gab,bj->gij", root, precision[informed], root)
-        smallest = np.linalg.eigvalsh(whitened)[:, 0] if informed.any() else np.zeros(1)
-        per_term = precision[informed][:, range(k), range(k)] * sd**2
-        ratios[block.label] = {
-            "min_eigenvalue": float(np.median(smallest)),
-            "terms": {
-                term: float(np.median(per_term[:, j])) if informed.any() else 0.0
-                for j, term in enumerate(block.terms)
-            },
-        }
-    return ratios
+        covariances.append(corr * np.outer(sd, sd))
+    return ratios_at(design, covariances, _row_information(posterior, design))
 
 
 def suggest_centering(idata: Any, design: Design) -> tuple[frozenset[str], dict[str, Any]]:
@@ -467,14 +449,7 @@ def suggest_centering(idata: Any, design: Design) -> tuple[frozenset[str], dict[
     """
     if design.spec.parameterization != "offsets":
         return frozenset(), {}
-    chosen = set()
-    evidence: dict[str, Any] = {}
-    for label, ratio in information_ratios(idata, design).items():
-        centred = ratio["min_eigenvalue"] > 1.0
-        if centred:
-            chosen.add(label)
-        evidence[label] = {**ratio, "choice": "centred" if centred else "non-centred"}
-    return frozenset(chosen), evidence
+    return choose(information_ratios(idata, design))
 
 
 # --------------------------------------------------------------------------- divergences
@@ -1090,7 +1065,7 @@ def sample_adaptively(
     sampler: str,
     target_accept: float,
     progress: bool = False,
-    centered: Collection[str] = (),
+    centered: Collection[str] | None = (),
     settings: AdaptiveSettings | None = None,
     sample_once: Callable[..., Run],
     clock: Callable[[], float] = time.perf_counter,
@@ -1103,8 +1078,10 @@ def sample_adaptively(
         The model.
     seed, draws, tune, chains, sampler, target_accept, progress
         Of the first run (as :func:`harness.engines.pymc.fit_pymc` takes them).
-    centered : collection of str
-        Blocks centred in the first run.
+    centered : collection of str or None
+        Blocks centred in the first run; None: those the information rule picks
+        at the likelihood's maximum (:func:`harness.engines.centring_rule.centring_at_maximum`),
+        so that the first run samples in the form the data call for.
     settings : AdaptiveSettings, optional
     sample_once : callable
         One sampler run, :func:`harness.engines.pymc.sample_once` (passed in by
@@ -1183,7 +1160,7 @@ def _rounds(
     tune: int,
     chains: int,
     target_accept: float,
-    centered: Collection[str],
+    centered: Collection[str] | None,
     settings: AdaptiveSettings,
     sampler: str,
     max_draws: int,
@@ -1192,7 +1169,12 @@ def _rounds(
     run: Callable[[int, _Plan, int], Run],
 ) -> Outcome:
     """The rounds of :func:`sample_adaptively` (which closes every run's chains afterwards)."""
-    first_plan = _Plan("first run", "", target_accept, frozenset(centered), tune, draws, chains)
+    why, evidence = "", {}
+    if centered is None:
+        centered, evidence, why = centring_at_maximum(design)
+    first_plan = _Plan(
+        "first run", why, target_accept, frozenset(centered), tune, draws, chains, evidence=evidence
+    )
     first = run(1, first_plan, 0)
     kept = _Kept(
         first,
