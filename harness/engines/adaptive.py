@@ -19,7 +19,9 @@ The next round is chosen by what the kept draws show (:func:`plan_next`):
 1. **re-parameterise** (once, after the first round, whatever fails): per
    random-effects block, centred when the groups' data inform their offsets
    more than the prior does in every direction, by the rule of
-   :func:`suggest_centering`;
+   :func:`suggest_centering` at the draws' medians (the first run's form is
+   the same rule at the likelihood's maximum unless the caller names one:
+   :func:`harness.engines.centring_rule.centring_at_maximum`);
 2. **divergences** (the draws of a divergent run are discarded: they are
    biased): **raise target_accept** along 0.8 -> 0.9 -> 0.95 -> 0.99; at
    0.99, the **other geometry** (centred <-> non-centred) of the block(s)
@@ -57,7 +59,7 @@ timed, so the same seed gives the same rounds, draws and verdict on a fast
 or a busy machine.  ``max_seconds`` is an optional user cap on wall time
 (default none); setting it gives up that reproducibility.  Every round is
 recorded as plain JSON values with its evidence.  Round 1 uses the caller's
-seed (so it equals a non-adaptive fit), round ``r`` a seed derived from
+seed (so it equals a non-adaptive fit in the same form), round ``r`` a seed derived from
 ``(seed, r)``.
 """
 
@@ -1169,7 +1171,8 @@ def _rounds(
     run: Callable[[int, _Plan, int], Run],
 ) -> Outcome:
     """The rounds of :func:`sample_adaptively` (which closes every run's chains afterwards)."""
-    why, evidence = "", {}
+    why = ""
+    evidence: dict[str, Any] = {}
     if centered is None:
         centered, evidence, why = centring_at_maximum(design)
     first_plan = _Plan(
