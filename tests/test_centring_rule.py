@@ -61,7 +61,11 @@ def test_rule_at_the_maximum_matches_the_closed_form(tau, sigma, choice):
     # The maximiser stops at gtol 1e-5 on the deviance: a few digits are what the rule needs.
     assert ratio == pytest.approx(expected, rel=1e-3, abs=1e-4)
     blocks, evidence, text = centring_at_maximum(design)
-    assert evidence["centring_at_maximum"]["g"]["choice"] == choice
+    entry = evidence["centring_at_maximum"]["g"]
+    assert entry["choice"] == choice
+    # Read at the low end of tau's range: chi^2_11's 10% quantile / 11 for 12 groups.
+    assert entry["covariance_scale"] == pytest.approx(5.5778 / 11, rel=1e-4)
+    assert entry["min_eigenvalue"] == pytest.approx(expected * 5.5778 / 11, rel=1e-3, abs=1e-4)
     assert (blocks == {"g"}) == (choice == "centred")
     assert choice in text and "ML maximum" in text
 
@@ -170,3 +174,17 @@ def test_a_block_nested_in_a_fixed_factor_stays_non_centred():
     design = build_design(ModelSpec("y ~ recipe + (1 | replicate)", name="crossed"), data)
     assert group_level_terms(design, design.blocks[0]) == []
     assert centring_at_maximum(design)[0] == {"replicate"}
+
+
+def test_few_groups_need_the_data_to_outweigh_the_prior_at_a_smaller_sd():
+    # Six groups: at the maximum the data outweigh the prior twofold, but tau's
+    # plausible range reaches a third of its estimate, where they no longer do.
+    data = one_way(groups=6, per_group=5, tau=0.6, sigma=1.2, seed=2)
+    design = build_design(SPEC, data)
+    point = maximum_point(design)
+    at_maximum = ratios_at(design, point.covariances, point.row_weight)["g"]["min_eigenvalue"]
+    blocks, evidence, _ = centring_at_maximum(design)
+    entry = evidence["centring_at_maximum"]["g"]
+    assert at_maximum > 1 > entry["min_eigenvalue"]
+    assert entry["covariance_scale"] == pytest.approx(1.6103 / 5, rel=1e-4)
+    assert blocks == frozenset()

@@ -32,6 +32,12 @@ log = logging.getLogger("harness")
 #: (median over groups of the smallest eigenvalue) exceeds this.
 CENTRE_ABOVE = 1.0
 
+#: At the likelihood's maximum the rule reads the block's covariance at the lower end of
+#: its plausible range: scaled by the 10% quantile of chi^2(J - 1) / (J - 1) for J groups,
+#: the sampling spread of a variance estimated from J group means.  The funnel of the
+#: centred form lives at small SDs, which the posterior reaches when J is small.
+LOWER_QUANTILE = 0.10
+
 
 def ratios_at(
     design: Design, covariances: list[np.ndarray], row_weight: np.ndarray
@@ -217,7 +223,9 @@ def group_level_terms(design: Design, block: Any) -> list[str]:
 def centring_at_maximum(design: Design) -> tuple[frozenset[str], dict[str, Any], str]:
     """The rule at the likelihood's maximum: blocks to centre, evidence and a sentence.
 
-    A block the rule would centre stays non-centred when fixed terms other than
+    Each block's covariance enters at the low end of its plausible range
+    (:data:`LOWER_QUANTILE`): a block of few groups is centred only when the data
+    outweigh the prior even at a smaller SD than the maximum's.  A block the rule would centre stays non-centred when fixed terms other than
     its own are constant within its groups (:func:`group_level_terms`): the
     centred form is centred on the block's own terms only, so with data that
     outweigh the prior those fixed effects and the centred offsets move together
@@ -235,7 +243,18 @@ def centring_at_maximum(design: Design) -> tuple[frozenset[str], dict[str, Any],
     if isinstance(point, str):
         log.info("first run non-centred: %s", point)
         return frozenset(), {}, f"first run non-centred: {point}"
-    blocks, evidence = choose(ratios_at(design, point.covariances, point.row_weight))
+    from scipy import stats
+
+    scales = [
+        float(stats.chi2.ppf(LOWER_QUANTILE, b.n_levels - 1) / (b.n_levels - 1))
+        if b.n_levels > 1
+        else 0.0
+        for b in design.blocks
+    ]
+    low = [c * scale for c, scale in zip(point.covariances, scales, strict=True)]
+    blocks, evidence = choose(ratios_at(design, low, point.row_weight))
+    for block, scale in zip(design.blocks, scales, strict=True):
+        evidence[block.label]["covariance_scale"] = scale
     for block in design.blocks:
         tied = group_level_terms(design, block) if block.label in blocks else []
         if tied:
