@@ -19,9 +19,7 @@ The next round is chosen by what the kept draws show (:func:`plan_next`):
 1. **re-parameterise** (once, after the first round, whatever fails): per
    random-effects block, centred when the groups' data inform their offsets
    more than the prior does in every direction, by the rule of
-   :func:`suggest_centering` at the draws' medians (the first run's form is
-   the same rule at the likelihood's maximum unless the caller names one:
-   :func:`harness.engines.centring_rule.centring_at_maximum`);
+   :func:`suggest_centering`;
 2. **divergences** (the draws of a divergent run are discarded: they are
    biased): **raise target_accept** along 0.8 -> 0.9 -> 0.95 -> 0.99; at
    0.99, the **other geometry** (centred <-> non-centred) of the block(s)
@@ -59,7 +57,7 @@ timed, so the same seed gives the same rounds, draws and verdict on a fast
 or a busy machine.  ``max_seconds`` is an optional user cap on wall time
 (default none); setting it gives up that reproducibility.  Every round is
 recorded as plain JSON values with its evidence.  Round 1 uses the caller's
-seed (so it equals a non-adaptive fit in the same form), round ``r`` a seed derived from
+seed (so it equals a non-adaptive fit), round ``r`` a seed derived from
 ``(seed, r)``.
 """
 
@@ -74,7 +72,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from harness.engines.centring_rule import centring_at_maximum, choose, ratios_at
 from harness.engines.samplers import SamplerFailed
 
 if TYPE_CHECKING:
@@ -421,14 +418,33 @@ def information_ratios(idata: Any, design: Design) -> dict[str, dict[str, Any]]:
     from harness.names import corr_var, sd_var
 
     posterior = idata.posterior
-    covariances = []
+    row_weight = _row_information(posterior, design)
+    ratios: dict[str, dict[str, Any]] = {}
     for block in design.blocks:
+        k = block.n_terms
         sd = np.asarray(posterior[sd_var(block)].median(("chain", "draw")).values, dtype=float)
-        corr = np.eye(block.n_terms)
-        if block.correlated and block.n_terms > 1:
+        corr = np.eye(k)
+        if block.correlated and k > 1:
             corr = np.asarray(posterior[corr_var(block)].median(("chain", "draw")).values, float)
-        covariances.append(corr * np.outer(sd, sd))
-    return ratios_at(design, covariances, _row_information(posterior, design))
+        cov = corr * np.outer(sd, sd)
+        # Elementwise medians need not make a positive definite matrix: clip its eigenvalues.
+        values, vectors = np.linalg.eigh(cov)
+        root = vectors * np.sqrt(np.clip(values, 0.0, None))  # cov = root root'
+        weighted = np.asarray(block.values, dtype=float) * np.sqrt(row_weight)[:, None]
+        precision = np.zeros((block.n_levels, k, k))
+        np.add.at(precision, block.group_index, weighted[:, :, None] * weighted[:, None, :])
+        informed = np.trace(precision, axis1=1, axis2=2) > 0
+        whitened = np.einsum("ai,gab,bj->gij", root, precision[informed], root)
+        smallest = np.linalg.eigvalsh(whitened)[:, 0] if informed.any() else np.zeros(1)
+        per_term = precision[informed][:, range(k), range(k)] * sd**2
+        ratios[block.label] = {
+            "min_eigenvalue": float(np.median(smallest)),
+            "terms": {
+                term: float(np.median(per_term[:, j])) if informed.any() else 0.0
+                for j, term in enumerate(block.terms)
+            },
+        }
+    return ratios
 
 
 def suggest_centering(idata: Any, design: Design) -> tuple[frozenset[str], dict[str, Any]]:
@@ -451,7 +467,14 @@ def suggest_centering(idata: Any, design: Design) -> tuple[frozenset[str], dict[
     """
     if design.spec.parameterization != "offsets":
         return frozenset(), {}
-    return choose(information_ratios(idata, design))
+    chosen = set()
+    evidence: dict[str, Any] = {}
+    for label, ratio in information_ratios(idata, design).items():
+        centred = ratio["min_eigenvalue"] > 1.0
+        if centred:
+            chosen.add(label)
+        evidence[label] = {**ratio, "choice": "centred" if centred else "non-centred"}
+    return frozenset(chosen), evidence
 
 
 # --------------------------------------------------------------------------- divergences
@@ -1067,7 +1090,7 @@ def sample_adaptively(
     sampler: str,
     target_accept: float,
     progress: bool = False,
-    centered: Collection[str] | None = (),
+    centered: Collection[str] = (),
     settings: AdaptiveSettings | None = None,
     sample_once: Callable[..., Run],
     clock: Callable[[], float] = time.perf_counter,
@@ -1080,10 +1103,8 @@ def sample_adaptively(
         The model.
     seed, draws, tune, chains, sampler, target_accept, progress
         Of the first run (as :func:`harness.engines.pymc.fit_pymc` takes them).
-    centered : collection of str or None
-        Blocks centred in the first run; None: those the information rule picks
-        at the likelihood's maximum (:func:`harness.engines.centring_rule.centring_at_maximum`),
-        so that the first run samples in the form the data call for.
+    centered : collection of str
+        Blocks centred in the first run.
     settings : AdaptiveSettings, optional
     sample_once : callable
         One sampler run, :func:`harness.engines.pymc.sample_once` (passed in by
@@ -1162,7 +1183,7 @@ def _rounds(
     tune: int,
     chains: int,
     target_accept: float,
-    centered: Collection[str] | None,
+    centered: Collection[str],
     settings: AdaptiveSettings,
     sampler: str,
     max_draws: int,
@@ -1171,13 +1192,7 @@ def _rounds(
     run: Callable[[int, _Plan, int], Run],
 ) -> Outcome:
     """The rounds of :func:`sample_adaptively` (which closes every run's chains afterwards)."""
-    why = ""
-    evidence: dict[str, Any] = {}
-    if centered is None:
-        centered, evidence, why = centring_at_maximum(design)
-    first_plan = _Plan(
-        "first run", why, target_accept, frozenset(centered), tune, draws, chains, evidence=evidence
-    )
+    first_plan = _Plan("first run", "", target_accept, frozenset(centered), tune, draws, chains)
     first = run(1, first_plan, 0)
     kept = _Kept(
         first,

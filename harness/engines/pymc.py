@@ -947,11 +947,7 @@ def fit_pymc(
     adaptive : bool or AdaptiveSettings
         ``True`` (default): adaptive with the default budget; ``False``: one run.
     centered : collection of block labels, "all" or None
-        Blocks of the first run to centre.  None (default): with ``adaptive``,
-        the blocks whose groups' data outweigh the offsets' prior at the
-        likelihood's maximum (the rule the loop applies again to the first
-        run's draws, :mod:`harness.engines.centring_rule`); without, none (all
-        non-centred).  ``[]`` asks for all non-centred in both.
+        Blocks of the first run to centre (default none: all non-centred).
     low_rank : bool
         nutpie only: adapt a low-rank modified mass matrix in every run
         instead of the diagonal one (see ``benchmarks/README.md``, geometry).
@@ -989,7 +985,7 @@ def fit_pymc(
             sampler=sampler,
             target_accept=target_accept,
             progress=progress,
-            centered=None if centered is None else first_centered,
+            centered=first_centered,
             settings=budget,
             sample_once=functools.partial(sample_once, low_rank=low_rank),
         )
