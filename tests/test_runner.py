@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from importlib import import_module
 from pathlib import Path
 
@@ -270,3 +271,20 @@ def test_side_process_fits_lme4_and_is_stopped_when_pymc_fails(
     for child in multiprocessing.active_children():
         child.join(timeout=10)
     assert not [c for c in multiprocessing.active_children() if c.is_alive()]
+
+
+def test_abandon_kills_a_worker_that_ignores_sigterm() -> None:
+    """A worker that does not end on SIGTERM (R starting up) is killed, not left running."""
+    import signal
+
+    from harness.pipeline import side_process
+
+    side = side_process.start(signal.signal, signal.SIGTERM, signal.SIG_IGN)
+    side._future.result(timeout=120)  # the worker now ignores SIGTERM
+    side._future = side._pool.submit(time.sleep, 120)
+    workers = list(side._pool._processes.values())
+    assert workers and all(w.is_alive() for w in workers)
+    started = time.perf_counter()
+    side.abandon()
+    assert not [w for w in workers if w.is_alive()]
+    assert time.perf_counter() - started < 4 * side_process.STOP_SECONDS

@@ -14,6 +14,9 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
+#: Seconds a worker gets to end on SIGTERM before it is killed.
+STOP_SECONDS = 5.0
+
 
 class SideResult(Generic[T]):
     """The pending result of :func:`start`; :meth:`result` waits and re-raises its error."""
@@ -40,8 +43,16 @@ class SideResult(Generic[T]):
         if stop is not None:
             stop()
             return
-        for process in list(getattr(self._pool, "_processes", {}).values()):
+        processes = list(getattr(self._pool, "_processes", {}).values())
+        for process in processes:
             process.terminate()
+        # A worker still starting R may not act on SIGTERM at once (seen in a cold run:
+        # alive 10 s later): give it a moment, then kill it.
+        for process in processes:
+            process.join(timeout=STOP_SECONDS)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=STOP_SECONDS)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
