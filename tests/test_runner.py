@@ -247,6 +247,7 @@ def test_side_process_fits_lme4_and_is_stopped_when_pymc_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import multiprocessing
+    import signal
 
     from harness.engines.samplers import available_cores
 
@@ -260,6 +261,17 @@ def test_side_process_fits_lme4_and_is_stopped_when_pymc_fails(
 
     broken_pymc = dataclasses.replace(registry.ENGINES["pymc"], fit=broken)
     monkeypatch.setitem(registry.ENGINES, "pymc", broken_pymc)
+    from harness.pipeline import side_process
+
+    workers: list[multiprocessing.process.BaseProcess] = []
+    start = side_process.start
+
+    def recording_start(*args: object, **kwargs: object) -> object:
+        side = start(*args, **kwargs)  # type: ignore[arg-type]
+        workers.extend(side._pool._processes.values())
+        return side
+
+    monkeypatch.setattr(side_process, "start", recording_start)
     with pytest.raises(RuntimeError, match="PyMC stage broke"):
         fit_design(
             "partially_clustered",
@@ -267,10 +279,25 @@ def test_side_process_fits_lme4_and_is_stopped_when_pymc_fails(
             settings=REPORT_SETTINGS,
             side_process=True,
         )
-    # The R worker was ended, not left to run on (or to be waited for at exit).
-    for child in multiprocessing.active_children():
-        child.join(timeout=10)
-    assert not [c for c in multiprocessing.active_children() if c.is_alive()]
+    assert workers, "no side process was started"
+    # This test's own R worker was ended, not left to run on (or to be waited for at exit).
+    # Only its own: a worker of an earlier test may still be exiting on a loaded machine.
+    deadline = time.monotonic() + 60.0
+    for worker in workers:
+        worker.join(timeout=max(0.1, deadline - time.monotonic()))
+    left = [(w.pid, _process_state(w.pid)) for w in workers if w.exitcode is None]
+    assert not left, f"side worker(s) still running after abandon: {left}"
+    # Stopped by a signal, not ended on its own after finishing the fit (exit code 0).
+    assert {w.exitcode for w in workers} <= {-signal.SIGTERM, -signal.SIGKILL}
+
+
+def _process_state(pid: int | None) -> str:
+    """The kernel's view of a process (state and threads), for a failure message."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "no such process"
+    return "; ".join(line for line in status if line.startswith(("State", "Threads", "PPid")))
 
 
 def test_abandon_kills_a_worker_that_ignores_sigterm() -> None:

@@ -9,8 +9,11 @@ the caller then loads them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
+
+log = logging.getLogger("harness")
 
 T = TypeVar("T")
 
@@ -53,6 +56,8 @@ class SideResult(Generic[T]):
             if process.is_alive():
                 process.kill()
                 process.join(timeout=STOP_SECONDS)
+            if process.is_alive():
+                log.warning("the side worker %s did not end after SIGKILL", process.pid)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
