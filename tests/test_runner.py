@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -247,7 +248,6 @@ def test_side_process_fits_lme4_and_is_stopped_when_pymc_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import multiprocessing
-    import signal
 
     from harness.engines.samplers import available_cores
 
@@ -280,15 +280,16 @@ def test_side_process_fits_lme4_and_is_stopped_when_pymc_fails(
             side_process=True,
         )
     assert workers, "no side process was started"
-    # This test's own R worker was ended, not left to run on (or to be waited for at exit).
-    # Only its own: a worker of an earlier test may still be exiting on a loaded machine.
-    deadline = time.monotonic() + 60.0
-    for worker in workers:
-        worker.join(timeout=max(0.1, deadline - time.monotonic()))
-    left = [(w.pid, _process_state(w.pid)) for w in workers if w.exitcode is None]
+    # This test's own R worker was ended by abandon, not left to finish its fit (it needs
+    # over 5 s just to start R). Only its own: an earlier test's worker may still be exiting.
+    deadline = time.monotonic() + 2.0
+    while any(side_process.running(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [(w.pid, _process_state(w.pid)) for w in workers if side_process.running(w)]
     assert not left, f"side worker(s) still running after abandon: {left}"
-    # Stopped by a signal, not ended on its own after finishing the fit (exit code 0).
-    assert {w.exitcode for w in workers} <= {-signal.SIGTERM, -signal.SIGKILL}
+    # Where this process could still read its exit code: a signal, not 0 after a finished fit.
+    codes = {w.exitcode for w in workers} - {None}
+    assert codes <= {-signal.SIGTERM, -signal.SIGKILL}, codes
 
 
 def _process_state(pid: int | None) -> str:
@@ -298,6 +299,21 @@ def _process_state(pid: int | None) -> str:
     except OSError:
         return "no such process"
     return "; ".join(line for line in status if line.startswith(("State", "Threads", "PPid")))
+
+
+def test_running_reads_the_kernel_not_only_is_alive() -> None:
+    """A child reaped behind multiprocessing's back reads "alive" from is_alive(), not running()."""
+    import multiprocessing
+
+    from harness.pipeline import side_process
+
+    child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(30,))
+    child.start()
+    assert side_process.running(child)
+    os.kill(child.pid, signal.SIGKILL)
+    os.waitpid(child.pid, 0)  # reaped here, not through the Process object
+    assert child.is_alive()  # what the Process object believes
+    assert not side_process.running(child)
 
 
 def test_abandon_kills_a_worker_that_ignores_sigterm() -> None:

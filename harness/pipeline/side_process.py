@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("harness")
@@ -46,19 +47,40 @@ class SideResult(Generic[T]):
         if stop is not None:
             stop()
             return
-        processes = list(getattr(self._pool, "_processes", {}).values())
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
         for process in processes:
             process.terminate()
         # A worker still starting R may not act on SIGTERM at once (seen in a cold run:
         # alive 10 s later): give it a moment, then kill it.
         for process in processes:
             process.join(timeout=STOP_SECONDS)
-            if process.is_alive():
+            if running(process):
                 process.kill()
                 process.join(timeout=STOP_SECONDS)
-            if process.is_alive():
+            if running(process):
                 log.warning("the side worker %s did not end after SIGKILL", process.pid)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def running(process: Any) -> bool:
+    """Whether a worker process still runs (not ended, not a zombie).
+
+    ``Process.is_alive()`` is not enough: for a child that something else in this
+    process already reaped, ``waitpid`` fails and it says "alive" forever (seen in
+    a cold test run: the worker's pid was gone).  Linux's ``/proc`` decides where
+    there is one.
+    """
+    if process.exitcode is not None:
+        return False
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").is_file():
+        return bool(process.is_alive())
+    try:
+        stat = (proc / str(process.pid) / "stat").read_text()
+    except OSError:  # no such process
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]  # the name in parentheses may hold spaces
+    return state not in ("Z", "X")
 
 
 def start(function: Callable[..., T], *args: Any, **kwargs: Any) -> SideResult[T]:
