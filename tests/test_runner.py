@@ -318,8 +318,6 @@ def test_running_reads_the_kernel_not_only_is_alive() -> None:
 
 def test_abandon_kills_a_worker_that_ignores_sigterm() -> None:
     """A worker that does not end on SIGTERM (R starting up) is killed, not left running."""
-    import signal
-
     from harness.pipeline import side_process
 
     side = side_process.start(signal.signal, signal.SIGTERM, signal.SIG_IGN)
