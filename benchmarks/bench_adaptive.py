@@ -5,7 +5,8 @@ runs it too).  Each case is fitted once with :func:`harness.fit_pymc` at the
 report's settings (:class:`harness.pipeline.runner.FitSettings`: 4 chains x 1000 draws,
 1000 tuning steps, target_accept 0.9, seed 1; ``--draws/--tune/--chains`` for a
 smaller run) and the default adaptive budget.  Round 1 of the adaptive loop
-*is* the single run (same seed, same settings, draw for draw), so "before" is
+*is* the single run (same seed, same settings, draw for draw; where it diverges
+it stops at its first divergent stretch, a prefix of that run), so "before" is
 round 1 and "after" the returned draws.  The cost of the loop relative to one
 run is given three ways: post-warm-up draws (what the budget counts; the same
 on any machine), iterations (warm-up included) and sampling seconds.  The
@@ -147,11 +148,13 @@ def run_case(
     wall = time.perf_counter() - started
     record = fit.settings["adaptive"]
     rounds = record["rounds"]
-    single = rounds[0]["sample_seconds"]
     total = sum(r["sample_seconds"] for r in rounds)
     first = rounds[0]
-    single_draws = first["chains"] * first["draws"]
-    single_iterations = first["chains"] * (first["tune"] + first["draws"])
+    # One run of the settings; a first run stopped at its first divergent stretch holds
+    # fewer draws, and its seconds are scaled up at its own rate per iteration.
+    single_draws = settings.chains * settings.draws
+    single_iterations = settings.chains * (settings.tune + settings.draws)
+    single = first["sample_seconds"] * single_iterations / max(first["iterations"], 1)
     return {
         "case": name,
         "formula": spec.formula,

@@ -23,6 +23,7 @@ from harness.engines.adaptive import (
     chain_disagreement,
     concat_chains,
     diagnose,
+    divergence_check_length,
     information_ratios,
     rhat_only,
     round_seed,
@@ -214,7 +215,12 @@ def test_funnel_reaches_the_targets_by_switching_parameterisation(funnel_fits):
     assert record["reliable"] and not record["budget_spent"]
     rounds = record["rounds"]
     assert rounds[0]["parameterization"] == {"school": "centred"}
-    assert rounds[0]["after"]["divergences"] == single.n_divergent
+    # The first run stopped at its first divergent stretch: a prefix of the single run.
+    first_draws = rounds[0]["draws"]
+    assert first_draws == divergence_check_length(1000) < 1000
+    assert "stopped after 250 of 1000 draws per chain" in rounds[0]["why"]
+    diverging = single.idata.sample_stats["diverging"].values
+    assert rounds[0]["after"]["divergences"] == int(diverging[:, :first_draws].sum()) > 0
     assert rounds[1]["action"] == "re-parameterise"
     assert rounds[1]["parameterization"] == {"school": "non-centred"}
     assert rounds[1]["evidence"]["school"]["min_eigenvalue"] < 1
@@ -791,13 +797,16 @@ class ExtendableFake(FakeSampler):
     def __call__(self, design, priors, **kw):
         import dataclasses
 
+        from harness.engines.pymc import draws_until_divergent
+
         capacity = kw.pop("capacity", None)
+        check_every = kw.pop("check_every", None)
         if capacity is None:
             return super().__call__(design, priors, **kw)
         full = super().__call__(design, priors, **{**kw, "draws": capacity})
         handle = FakeChains(full, capacity)
         self.handles.append(handle)
-        raw, _ = handle.draws_up_to(kw["draws"])
+        raw, _ = draws_until_divergent(handle, kw["draws"], check_every)
         return dataclasses.replace(full, idata=raw, chains_handle=handle, finish=lambda r: r)
 
 
@@ -917,6 +926,97 @@ def test_continued_nutpie_chains_are_the_longer_run_draw_for_draw(funnel_fits):
         longer.idata.sample_stats["diverging"].values,
         once_300.idata.sample_stats["diverging"].values,
     )
+
+
+def test_a_diverging_run_stops_at_its_first_divergent_stretch():
+    # Divergent draws (the first 3 of chain 0) until target_accept 0.95: the first run stops
+    # after its first stretch of a quarter of its draws, and only what was sampled is counted.
+    outcome, fake = _loop_extendable(
+        lambda kw: {"divergences": 3 if kw["target_accept"] < 0.95 else 0}, draws=1000
+    )
+    rounds = outcome.record["rounds"]
+    assert rounds[0]["draws"] == 250 and rounds[0]["after"]["draws"] == 250
+    assert rounds[0]["after"]["divergences"] == 3
+    assert rounds[0]["why"].startswith("stopped after 250 of 1000 draws per chain: 3 divergence")
+    assert rounds[0]["iterations"] == 4 * (300 + 250)
+    assert fake.handles[0].lengths == [250]  # never sampled past the divergent stretch
+    # The next run is clean: sampled stretch by stretch to its full length.
+    assert rounds[1]["target_accept"] == 0.95 and rounds[1]["draws"] == 500
+    assert fake.handles[1].lengths == [125, 250, 375, 500]
+    assert "stopped" not in rounds[1]["why"]
+    # Continued chains count their new draws (their ``iterations``), new runs what they hold.
+    sampled = sum(
+        r["iterations"] if r["action"] == "extend chains" else r["chains"] * r["draws"]
+        for r in rounds
+    )
+    assert outcome.record["draws_sampled"] == sampled < 2 * 4 * 1000
+    assert outcome.record["reliable"]
+
+
+def test_a_run_that_diverges_less_often_is_less_divergent_whatever_its_length():
+    from harness.engines.adaptive import _dominated, _worse
+
+    def diag(divergences, draws):
+        return {
+            "divergences": divergences,
+            "chains": 4,
+            "draws": draws,
+            "max_r_hat": 1.0,
+            "min_ess_bulk": 500.0,
+            "min_ess_tail": 500.0,
+            "ess_per_1k_gradients": 1.0,
+        }
+
+    # 3 divergences in a stopped run of 250 draws per chain are more often than 5 in 1000.
+    assert _worse(diag(3, 250), diag(5, 1000)) and _dominated(diag(3, 250), diag(5, 1000))
+    assert not _worse(diag(5, 1000), diag(3, 250))
+    assert not _worse(diag(0, 250), diag(1, 1000))
+
+
+def test_the_last_round_allowed_is_sampled_whole():
+    # With one round only there is no remedy to stop for: the run keeps all its draws.
+    from harness.engines.adaptive import sample_adaptively
+
+    design = _fake_design()
+    fake = ExtendableFake(design, lambda kw: {"divergences": 3})
+    outcome = sample_adaptively(
+        design,
+        resolve_priors(design),
+        sampler="nutpie",
+        sample_once=fake,
+        seed=5,
+        draws=1000,
+        tune=300,
+        chains=4,
+        target_accept=0.9,
+        settings=AdaptiveSettings(max_rounds=1),
+    )
+    assert outcome.record["rounds"][0]["draws"] == 1000
+    assert "check_every" not in fake.calls[0]
+
+
+@pytest.mark.sampling
+def test_a_checked_nutpie_run_is_a_prefix_of_the_whole_run():
+    # The centred funnel diverges: checked every 50 draws, the run stops at the first stretch
+    # with a divergence, and what it holds is the unchecked run's first draws, draw for draw.
+    from harness.engines.pymc import sample_once
+
+    design = build_design(FUNNEL, funnel_data())
+    priors = resolve_priors(design)
+    args = {"seed": 4, "tune": 200, "chains": 2, "sampler": "nutpie", "target_accept": 0.8}
+    args["centered"] = centered_blocks(design, "all")
+    whole = sample_once(design, priors, draws=400, **args)
+    checked = sample_once(design, priors, draws=400, check_every=50, **args)
+    checked.close()
+    length = checked.idata.posterior.sizes["draw"]
+    diverging = whole.idata.sample_stats["diverging"].values
+    assert diverging.any()
+    first = int(np.flatnonzero(diverging.any(axis=0))[0])  # the first divergent draw
+    assert length == 50 * (first // 50 + 1) < 400
+    for name in ("beta", "sd_school", "u_school"):
+        np.testing.assert_array_equal(
+            checked.idata.posterior[name].values, whole.idata.posterior[name].values[:, :length]
+        )
 
 
 def test_divergences_and_the_rules_other_form_share_one_round():

@@ -67,7 +67,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -121,6 +121,11 @@ NEW_RUN_SHARE = 0.5
 
 #: ... but never fewer draws per chain than this (R-hat and ESS need some length to read).
 NEW_RUN_MIN_DRAWS = 100
+
+#: A new run (nutpie) is sampled in stretches of this share of its draws per chain and
+#: stopped after the first stretch with a divergence: divergent draws call for a remedy
+#: whatever their number, so the rest of such a run would be sampled only to be replaced.
+DIVERGENCE_CHECK_SHARE = 0.25
 
 #: One extension at most multiplies the chains' length by this (then the draws are judged again).
 MAX_EXTENSION = 2.0
@@ -592,10 +597,16 @@ def _next_target_accept(current: float) -> float | None:
     return higher[0] if higher else None
 
 
+def divergence_rate(diag: dict[str, Any]) -> float:
+    """Divergences per draw of a diagnosis (runs stopped early hold fewer draws)."""
+    return diag["divergences"] / max(diag["chains"] * diag["draws"], 1)
+
+
 def _worse(new: dict[str, Any], old: dict[str, Any]) -> bool:
-    """Does ``new`` sample worse than ``old`` (more divergences, else less ESS per gradient)?"""
-    if new["divergences"] != old["divergences"]:
-        return new["divergences"] > old["divergences"]
+    """Does ``new`` sample worse than ``old`` (divergent more often, else less ESS per gradient)?"""
+    if new["divergences"] or old["divergences"]:
+        if divergence_rate(new) != divergence_rate(old):
+            return divergence_rate(new) > divergence_rate(old)
     a, b = new["ess_per_1k_gradients"], old["ess_per_1k_gradients"]
     return a is not None and b is not None and a < b
 
@@ -624,13 +635,14 @@ def _dearer_to_continue(
 
 
 def _dominated(new: dict[str, Any], old: dict[str, Any]) -> bool:
-    """Is ``new`` worse on every count (divergences, else both R-hat and the smallest ESS)?
+    """Is ``new`` worse on every count (divergence rate, else both R-hat and the smallest ESS)?
 
     Used for restarts, whose chains differ in length from the run they
     replace, so ESS per gradient alone would not compare like with like.
     """
-    if new["divergences"] != old["divergences"]:
-        return new["divergences"] > old["divergences"]
+    if new["divergences"] or old["divergences"]:
+        if divergence_rate(new) != divergence_rate(old):
+            return divergence_rate(new) > divergence_rate(old)
     if None in (new["max_r_hat"], old["max_r_hat"]):
         return False
     new_ess = min(new["min_ess_bulk"], new["min_ess_tail"])
@@ -693,6 +705,8 @@ class _Plan:
     # A cheaper plan for the same problem, run instead when this one would pass the budget.
     fallback: _Plan | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
+    # A run stopped at its first divergent stretch: the length it was planned with.
+    planned_length: int = 0
 
     @property
     def draws(self) -> int:
@@ -760,6 +774,29 @@ def _plan_low_rank(kept: _Kept, memory: _Memory, why: str) -> _Plan | None:
         f"{why}: the same run with nutpie's low-rank modified mass matrix, which adapts the "
         "directions in which parameters move together",
         **_same(kept, memory, low_rank=True),
+    )
+
+
+def divergence_check_length(length: int) -> int:
+    """Draws per chain between two looks for divergences in a new run of ``length``."""
+    return min(length, max(NEW_RUN_MIN_DRAWS, math.ceil(DIVERGENCE_CHECK_SHARE * length)))
+
+
+def _as_sampled(plan: _Plan, new: Run) -> _Plan:
+    """``plan`` as the run went: shorter where it stopped at its first divergent stretch."""
+    length = int(new.idata.posterior.sizes["draw"])
+    if plan.extend or plan.add or length >= plan.length:
+        return plan
+    divergences = int(new.idata.sample_stats["diverging"].sum())
+    return replace(
+        plan,
+        length=length,
+        why=(
+            f"{plan.why}; stopped after {length} of {plan.length} draws per chain: "
+            f"{divergences} divergence(s) already, which call for a remedy whatever "
+            "the rest would show"
+        ).lstrip("; "),
+        planned_length=plan.length,
     )
 
 
@@ -1139,6 +1176,10 @@ def sample_adaptively(
             extra["capacity"] = plan.length + max(
                 0, (max_draws - draws_so_far - plan.draws) // plan.n_chains
             )
+            # Added chains are pooled with the kept ones (the same length); the last round
+            # allowed has no remedy to make room for, so it is sampled whole.
+            if not plan.add and number < settings.max_rounds:
+                extra["check_every"] = divergence_check_length(plan.length)
         new = sample_once(
             design,
             priors,
@@ -1194,13 +1235,15 @@ def _rounds(
     """The rounds of :func:`sample_adaptively` (which closes every run's chains afterwards)."""
     first_plan = _Plan("first run", "", target_accept, frozenset(centered), tune, draws, chains)
     first = run(1, first_plan, 0)
+    first_plan = _as_sampled(first_plan, first)
     kept = _Kept(
         first,
         first.idata,
         diagnose(first.idata, design, settings),
         tune,
-        draws,
+        first_plan.length,
         bool(getattr(first, "low_rank", False)),  # a caller's opt-in (fit_pymc's low_rank)
+        base_draws=draws,
     )
     memory = _Memory(first_chains=chains, first_tune=tune, low_rank_open=sampler == "nutpie")
     if first.extendable:
@@ -1257,6 +1300,7 @@ def _rounds(
                 new = kept.run.extend(plan.length)
             else:
                 new = run(number, plan, draws_sampled)
+                plan = _as_sampled(plan, new)
         except SamplerFailed as err:
             # The run never produced draws (e.g. no valid initial point in the new geometry):
             # it counts as a round that sampled worse, and the loop goes on from the kept draws.
@@ -1330,6 +1374,7 @@ def _rounds(
                 plan.warmup,
                 plan.length,
                 plan.low_rank,
+                base_draws=plan.planned_length or plan.length,
             )
             restart = plan.action.startswith("restart")
             geometry = plan.action in ("re-parameterise", "other geometry", "low-rank mass matrix")

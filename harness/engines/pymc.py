@@ -791,6 +791,27 @@ class Run:
             self.chains_handle.close()
 
 
+def draws_until_divergent(handle: Any, draws: int, check_every: int | None) -> tuple[Any, float]:
+    """``handle``'s first ``draws`` per chain, or fewer where a stretch ends with a divergence.
+
+    Stretches of ``check_every`` draws (None: one stretch).  Divergent draws
+    are a remedy's cue whatever their number (a smaller step or another
+    geometry), so the draws after the first divergent stretch would be thrown
+    away: they are not sampled.  Returns ``(idata, seconds)`` as
+    :meth:`ExtendableChains.draws_up_to`.
+    """
+    seconds = 0.0
+    length = draws if not check_every else min(draws, check_every)
+    while True:
+        raw, spent = handle.draws_up_to(length)
+        seconds += spent
+        stats = getattr(raw, "sample_stats", None)
+        diverged = stats is not None and "diverging" in stats and bool(stats["diverging"].any())
+        if length >= draws or diverged:
+            return raw, seconds
+        length = min(draws, length + int(check_every or draws))
+
+
 def sample_once(
     design: Design,
     priors: ResolvedPriors,
@@ -805,6 +826,7 @@ def sample_once(
     centered: Collection[str] = (),
     low_rank: bool = False,
     capacity: int | None = None,
+    check_every: int | None = None,
 ) -> Run:
     """Sample the model of ``design`` once (nutpie: compile or reuse, swap data, sample).
 
@@ -814,7 +836,11 @@ def sample_once(
     ``capacity`` (nutpie only) the chains stay open after their ``draws``
     and :meth:`Run.extend` continues them up to ``capacity`` draws each; the
     first ``draws`` are those of a run without it.  Call :meth:`Run.close`
-    when they will not be extended.
+    when they will not be extended.  With ``check_every`` (nutpie only) the
+    draws are taken in stretches of that many per chain, and the run stops
+    after the first stretch that ends with a divergence: it then holds fewer
+    than ``draws`` (the draws it holds are the same run's, whatever the
+    stretches).
     """
     if low_rank and sampler != "nutpie":
         raise ValueError(f"low_rank needs sampler 'nutpie', not {sampler!r}")
@@ -835,20 +861,23 @@ def sample_once(
         def finish(raw: Any) -> Any:
             return _relabel(_add_offsets(raw, design, centered), design)
 
-        if capacity is not None and capacity > draws:
+        checked = check_every is not None and 0 < check_every < draws
+        if checked or (capacity is not None and capacity > draws):
             handle = ExtendableChains(
                 compiled,
                 draws=draws,
                 tune=tune,
                 chains=chains,
-                capacity=capacity,
+                capacity=max(capacity or draws, draws),
                 seed=seed,
                 target_accept=target_accept,
                 progress=progress,
                 low_rank=low_rank,
             )
             try:
-                raw, sample_s = handle.draws_up_to(draws)
+                raw, sample_s = draws_until_divergent(
+                    handle, draws, check_every if checked else None
+                )
             except BaseException:
                 handle.close()
                 raise
