@@ -953,6 +953,21 @@ def test_a_diverging_run_stops_at_its_first_divergent_stretch():
     assert outcome.record["reliable"]
 
 
+def test_a_loop_that_ends_on_a_stopped_run_completes_it():
+    # Divergent whatever is tried: the loop ends without a remedy, and the run it keeps (one
+    # that stopped at its first stretch) is continued to its planned length for the report.
+    outcome, fake = _loop_extendable(lambda kw: {"divergences": 3}, draws=1000)
+    rounds = outcome.record["rounds"]
+    assert all("stopped after" in r["why"] for r in rounds[:-1])
+    last = rounds[-1]
+    assert last["action"] == "complete the kept run" and last["kept"]
+    assert last["after"]["draws"] == last["draws"] > rounds[-2]["after"]["draws"]
+    assert last["after"]["divergences"] >= 3 and not outcome.record["reliable"]
+    assert outcome.record["reason"].endswith(f"completed to {last['draws']} draws per chain")
+    assert outcome.idata.posterior.sizes["draw"] == last["draws"]
+    assert all(handle._closed for handle in fake.handles)
+
+
 def test_a_run_that_diverges_less_often_is_less_divergent_whatever_its_length():
     from harness.engines.adaptive import _dominated, _worse
 

@@ -800,6 +800,30 @@ def _as_sampled(plan: _Plan, new: Run) -> _Plan:
     )
 
 
+def _plan_completion(kept: _Kept, memory: _Memory) -> _Plan | None:
+    """The kept run sampled to its planned length, when the loop ends on one that stopped early.
+
+    A run stops at its first divergent stretch so that a remedy can follow; when
+    none is left (or the budget is spent) its draws are what the report holds,
+    so they are sampled to the planned length: its divergences stay (the fit is
+    still unreliable), but its Monte Carlo error is that of the run planned.
+    """
+    if kept.diag["ok"] or kept.pooled or kept.draws >= kept.base_draws:
+        return None
+    if not kept.extendable() or kept.base_draws > kept.run.capacity:
+        return None
+    chains = int(kept.diag["chains"])
+    return _Plan(
+        "complete the kept run",
+        f"the loop ends on a run that stopped at {kept.draws} draws per chain: continued to "
+        f"its planned {kept.base_draws} so that the reported posterior has the planned "
+        "precision (its divergences stay)",
+        extend=True,
+        start=kept.draws,
+        **_same(kept, memory, length=kept.base_draws, n_chains=chains),
+    )
+
+
 def extension_factor(diag: dict[str, Any], settings: AdaptiveSettings) -> float:
     """How much longer the chains must be for R-hat and ESS to reach their targets.
 
@@ -1405,6 +1429,39 @@ def _rounds(
                     memory.longer_chains_kept += 1
         after = kept.diag if was_kept else candidate.diag
         rounds.append(_round_entry(number, new, plan, design, before, after, was_kept, note))
+    completion = _plan_completion(kept, memory)
+    if (
+        completion is not None
+        and len(rounds) < settings.max_rounds
+        and draws_sampled + completion.draws <= max_draws
+        and (
+            settings.max_seconds is None
+            or clock() - started + last_seconds_per_iteration * completion.iterations
+            <= settings.max_seconds
+        )
+    ):
+        try:
+            new = kept.run.extend(completion.length)
+        except SamplerFailed as err:
+            log.warning("completing the kept run failed: %s", err)
+        else:
+            before = kept.diag
+            kept = _Kept(
+                new,
+                new.idata,
+                diagnose(new.idata, design, settings),
+                kept.tune,
+                completion.length,
+                kept.low_rank,
+                base_draws=kept.base_draws,
+            )
+            sample_s += new.sample_seconds
+            draws_sampled += completion.draws
+            iterations += completion.iterations
+            reason = f"{reason}; the kept run completed to {completion.length} draws per chain"
+            rounds.append(
+                _round_entry(len(rounds) + 1, new, completion, design, before, kept.diag, True)
+            )
     record = {
         "settings": {**settings.as_dict(), "max_draws": max_draws},
         "rounds": rounds,
