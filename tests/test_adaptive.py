@@ -777,8 +777,9 @@ class FakeChains:
 
     def __init__(self, full, capacity):
         self.full, self.capacity, self._closed, self.lengths = full, capacity, False, []
+        self.chains, self.tune = full.chains, 0
 
-    def draws_up_to(self, length):
+    def draws_up_to(self, length, announce=True):
         assert not self._closed and length <= self.capacity
         self.lengths.append(length)
         return self.full.idata.isel(draw=slice(0, length)), 1.0
@@ -951,6 +952,28 @@ def test_a_diverging_run_stops_at_its_first_divergent_stretch():
     )
     assert outcome.record["draws_sampled"] == sampled < 2 * 4 * 1000
     assert outcome.record["reliable"]
+
+
+def test_a_checked_run_is_one_progress_line_that_says_where_it_stopped(monkeypatch, capsys):
+    from harness import progress
+    from harness.engines.pymc import draws_until_divergent
+
+    monkeypatch.delenv("HARNESS_QUIET", raising=False)
+    monkeypatch.setenv("HARNESS_PROGRESS", "1")
+    progress.set_design("demo")
+    design = _fake_design()
+    fake = FakeSampler(design, lambda kw: {"divergences": 0})
+    full = fake(design, None, seed=1, chains=4, draws=400, target_accept=0.9, centered=())
+    diverging = full.idata.sample_stats["diverging"].values.copy()
+    diverging[2, 130] = True  # one divergence in the second stretch
+    full.idata.sample_stats["diverging"].values[:] = diverging
+    handle = FakeChains(full, 400)
+    raw, _ = draws_until_divergent(handle, 400, 100)
+    assert raw.posterior.sizes["draw"] == 200 and handle.lengths == [100, 200]
+    err = [line for line in capsys.readouterr().err.splitlines() if "done in" in line]
+    assert len(err) == 1
+    assert err[0].startswith("demo: sampling 4 chains x 0+400 draws (checked for divergences")
+    assert "stopped after 200 draws: a divergence" in err[0]
 
 
 def test_a_loop_that_ends_on_a_stopped_run_completes_it():

@@ -800,16 +800,27 @@ def draws_until_divergent(handle: Any, draws: int, check_every: int | None) -> t
     away: they are not sampled.  Returns ``(idata, seconds)`` as
     :meth:`ExtendableChains.draws_up_to`.
     """
-    seconds = 0.0
-    length = draws if not check_every else min(draws, check_every)
-    while True:
-        raw, spent = handle.draws_up_to(length)
-        seconds += spent
-        stats = getattr(raw, "sample_stats", None)
-        diverged = stats is not None and "diverging" in stats and bool(stats["diverging"].any())
-        if length >= draws or diverged:
-            return raw, seconds
-        length = min(draws, length + int(check_every or draws))
+    from harness import progress as progress_lines
+
+    if not check_every or check_every >= draws:
+        return handle.draws_up_to(draws)
+    seconds, length = 0.0, min(draws, check_every)
+    label = (
+        f"sampling {handle.chains} chains x {handle.tune}+{draws} draws "
+        f"(checked for divergences every {check_every})"
+    )
+    with progress_lines.stage(label) as stage:
+        while True:
+            raw, spent = handle.draws_up_to(length, announce=False)
+            seconds += spent
+            stats = getattr(raw, "sample_stats", None)
+            diverged = stats is not None and "diverging" in stats and bool(stats["diverging"].any())
+            if length >= draws or diverged:
+                rate = handle.chains * (handle.tune + length) / max(seconds, 1e-9)
+                stopped = f"stopped after {length} draws: a divergence; " if diverged else ""
+                stage.detail = f"{stopped}{rate:.0f} draws/s"
+                return raw, seconds
+            length = min(draws, length + check_every)
 
 
 def sample_once(

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -408,11 +409,12 @@ class ExtendableChains:
                 raise  # KeyboardInterrupt, SystemExit
             raise SamplerFailed(f"nutpie stopped: {err}") from err
 
-    def draws_up_to(self, length: int) -> tuple[Any, float]:
+    def draws_up_to(self, length: int, *, announce: bool = True) -> tuple[Any, float]:
         """The chains' first ``length`` draws after warm-up, sampling on as needed.
 
         Returns ``(idata, seconds)``: the draws (sample stats too) cut at
-        ``length``, and the seconds spent sampling for this call.
+        ``length``, and the seconds spent sampling for this call.  With
+        ``announce`` False no progress line of its own (the caller reports).
         """
         from harness import progress as progress_lines
 
@@ -426,12 +428,13 @@ class ExtendableChains:
             else f"extending {self.chains} chains from {self.length} to {length} draws"
         )
         total = self.chains * (length - self.length + (self.tune if self.length == 0 else 0))
-        with progress_lines.stage(label) as stage:
+        with progress_lines.stage(label) if announce else nullcontext() as stage:
             started = time.perf_counter()
             self._wait_for(length)
             idata = self._sampler.inspect()
             seconds = time.perf_counter() - started
-            stage.detail = f"{total / max(seconds, 1e-9):.0f} draws/s"
+            if stage is not None:
+                stage.detail = f"{total / max(seconds, 1e-9):.0f} draws/s"
         self.length = max(self.length, length)
         return _cut(idata, length), seconds
 
