@@ -380,8 +380,11 @@ def test_max_tune_factor_must_be_at_least_one():
 def test_centred_and_non_centred_give_the_same_posterior(formula):
     data, spec = hz.datasets.load("sleepstudy")
     spec = spec.with_(formula=formula)
-    plain = fit_pymc(spec, data, seed=3, adaptive=False)
-    centred = fit_pymc(spec, data, seed=4, adaptive=False, centered="all")
+    # The centred form of a correlated slope leaves a stray divergence now and then at 0.9 and
+    # 0.95 (seed 4: one); biased draws would make the comparison below test the sampler, not
+    # the parameterisation, so both forms run at the loop's top step, target_accept 0.99.
+    plain = fit_pymc(spec, data, seed=3, adaptive=False, target_accept=0.99)
+    centred = fit_pymc(spec, data, seed=4, adaptive=False, centered="all", target_accept=0.99)
     assert plain.n_divergent == 0 and centred.n_divergent == 0
     import arviz as az
 
