@@ -602,11 +602,17 @@ def divergence_rate(diag: dict[str, Any]) -> float:
     return diag["divergences"] / max(diag["chains"] * diag["draws"], 1)
 
 
+def _more_divergent(new: dict[str, Any], old: dict[str, Any]) -> bool | None:
+    """Is ``new`` divergent more often than ``old`` (None: equally, e.g. neither diverged)?"""
+    a, b = divergence_rate(new), divergence_rate(old)
+    return None if a == b else a > b
+
+
 def _worse(new: dict[str, Any], old: dict[str, Any]) -> bool:
     """Does ``new`` sample worse than ``old`` (divergent more often, else less ESS per gradient)?"""
-    if new["divergences"] or old["divergences"]:
-        if divergence_rate(new) != divergence_rate(old):
-            return divergence_rate(new) > divergence_rate(old)
+    more = _more_divergent(new, old)
+    if more is not None:
+        return more
     a, b = new["ess_per_1k_gradients"], old["ess_per_1k_gradients"]
     return a is not None and b is not None and a < b
 
@@ -640,9 +646,9 @@ def _dominated(new: dict[str, Any], old: dict[str, Any]) -> bool:
     Used for restarts, whose chains differ in length from the run they
     replace, so ESS per gradient alone would not compare like with like.
     """
-    if new["divergences"] or old["divergences"]:
-        if divergence_rate(new) != divergence_rate(old):
-            return divergence_rate(new) > divergence_rate(old)
+    more = _more_divergent(new, old)
+    if more is not None:
+        return more
     if None in (new["max_r_hat"], old["max_r_hat"]):
         return False
     new_ess = min(new["min_ess_bulk"], new["min_ess_tail"])
@@ -684,6 +690,12 @@ class _Kept:
 
     def extendable(self) -> bool:
         return not self.pooled and self.run.extendable
+
+    def continued(self, run: Run, length: int, diag: dict[str, Any]) -> _Kept:
+        """These chains continued to ``length`` draws (``run``, diagnosed as ``diag``)."""
+        return _Kept(
+            run, run.idata, diag, self.tune, length, self.low_rank, base_draws=self.base_draws
+        )
 
 
 @dataclass
@@ -785,7 +797,7 @@ def divergence_check_length(length: int) -> int:
 def _as_sampled(plan: _Plan, new: Run) -> _Plan:
     """``plan`` as the run went: shorter where it stopped at its first divergent stretch."""
     length = int(new.idata.posterior.sizes["draw"])
-    if plan.extend or plan.add or length >= plan.length:
+    if length >= plan.length:
         return plan
     divergences = int(new.idata.sample_stats["diverging"].sum())
     return replace(
@@ -1368,15 +1380,7 @@ def _rounds(
             if old_r is not None and new_r is not None and old_r > settings.rhat_max:
                 cut = 1.0 - (new_r - 1.0) / max(old_r - 1.0, 1e-12)
                 memory.extension_stalled = cut < EXTENSION_GAIN
-            kept = _Kept(
-                new,
-                new.idata,
-                extended,
-                kept.tune,
-                plan.length,
-                kept.low_rank,
-                base_draws=kept.base_draws,
-            )
+            kept = kept.continued(new, plan.length, extended)
         elif plan.add:
             pooled = concat_chains(kept.idata, new.idata)
             kept.run.close()  # pooled chains are never continued
@@ -1446,15 +1450,7 @@ def _rounds(
             log.warning("completing the kept run failed: %s", err)
         else:
             before = kept.diag
-            kept = _Kept(
-                new,
-                new.idata,
-                diagnose(new.idata, design, settings),
-                kept.tune,
-                completion.length,
-                kept.low_rank,
-                base_draws=kept.base_draws,
-            )
+            kept = kept.continued(new, completion.length, diagnose(new.idata, design, settings))
             sample_s += new.sample_seconds
             draws_sampled += completion.draws
             iterations += completion.iterations
